@@ -1,0 +1,57 @@
+"""The Backend Protocol every scheduler adapter implements, and the values it passes around."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from hpc.spec import ModelSpec
+
+# What the scheduler says of a job, independent of what the registry record says.
+SchedulerState = Literal["pending", "running", "done", "failed", "cancelled", "missing", "unknown"]
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """Enough to find a job again: the backend that runs it, its id there, its nonce."""
+
+    backend: str
+    job_id: str
+    nonce: str
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """The scheduler's view of one job; ``reason`` explains a pending or failed state."""
+
+    state: SchedulerState
+    reason: str = ""
+
+
+class Backend(Protocol):
+    """Submits model jobs to one kind of scheduler.
+
+    ``submit`` writes the job's ``pending`` record only once the scheduler has accepted it,
+    so a failed submit leaves nothing behind. ``status`` takes many handles and asks the
+    scheduler once (one ``squeue`` for 200 jobs, not 200). A ``missing`` job no longer
+    exists; ``unknown`` means the scheduler did not answer in time, which is not failure.
+    """
+
+    name: str
+
+    def submit(self, spec: ModelSpec) -> JobHandle:
+        """Start a job that serves ``spec``; returns once the scheduler has accepted it."""
+        ...
+
+    def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        """The scheduler's state of each job, keyed by job id, in one scheduler call."""
+        ...
+
+    def cancel(self, handle: JobHandle) -> None:
+        """Stop the job; its wrapper drains it and marks the record ``gone``."""
+        ...
+
+    def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
+        """The job's log lines; with ``follow``, keep yielding until the job ends."""
+        ...

@@ -1,0 +1,157 @@
+"""The local backend: the job wrapper as a detached process on this machine.
+
+The embedded default, for a laptop, a workstation or the demo. A job is a wrapper process
+in its own session, its log a file under ``$MT_HOME/logs``, and its pid (with its start
+time, so a recycled pid is not mistaken for it) in ``$MT_HOME/jobs/<key>.pid``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from hpc.backends.base import JobHandle, JobStatus
+from hpc.errors import BackendError
+from hpc.jobplan import JobPlan, write_plan
+from hpc.proctree import alive, create_time, stop_tree, wait_gone
+from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, new_nonce, record_key
+from hpc.site import Site
+from hpc.spec import ModelSpec
+
+
+class LocalBackend:
+    """Runs each job as ``python -m hpc.jobwrap`` in a new session on this machine."""
+
+    name = "local"
+
+    def __init__(self, site: Site, *, stop_timeout_s: float = 30.0) -> None:
+        self.site = site
+        self.registry = Registry(site.registry_dir)
+        self.stop_timeout_s = stop_timeout_s
+
+    def _paths(self, key: str) -> tuple[Path, Path, Path]:
+        jobs = self.site.jobs_dir
+        return jobs / f"{key}.json", jobs / f"{key}.pid", self.site.log_dir / f"{key}.log"
+
+    def submit(self, spec: ModelSpec) -> JobHandle:
+        """Write the plan and the pending record, then start the wrapper detached."""
+        nonce = new_nonce()
+        job_id = nonce
+        key = record_key(self.name, job_id)
+        plan_path, pid_path, log_path = self._paths(key)
+        self.registry.ensure()
+        for directory in (self.site.jobs_dir, self.site.log_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        plan = JobPlan(
+            spec=spec,
+            backend=self.name,
+            job_id=job_id,
+            nonce=nonce,
+            registry_dir=self.site.registry_dir,
+            engine_host=self.site.config.engine_host,
+        )
+        write_plan(plan, plan_path)
+        record = Record(
+            backend=self.name,
+            job_id=job_id,
+            nonce=nonce,
+            model=spec.name,
+            engine=spec.engine,
+            state="pending",
+            api_key=SecretStr(new_api_key()),
+            log_path=str(log_path),
+        )
+        self.registry.write(record)
+        argv = [sys.executable, "-m", "hpc.jobwrap", "--plan", str(plan_path)]
+        try:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            finally:
+                os.close(log_fd)
+        except OSError as exc:
+            self.registry.remove(key)
+            with contextlib.suppress(FileNotFoundError):
+                plan_path.unlink()
+            raise BackendError(
+                f"cannot start the job wrapper: {exc.strerror}",
+                argv=argv,
+                hint="is ModelTainer installed in this Python environment?",
+            ) from exc
+        started = create_time(proc.pid) or time.time()
+        pid_path.write_text(f"{proc.pid} {started}\n", encoding="utf-8")
+        return JobHandle(self.name, job_id, nonce)
+
+    def _pid(self, job_id: str) -> tuple[int, float] | None:
+        _, pid_path, _ = self._paths(record_key(self.name, job_id))
+        try:
+            pid_text, started_text = pid_path.read_text(encoding="utf-8").split()
+            return int(pid_text), float(started_text)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        """Running while the wrapper process lives; ``done`` once it has exited."""
+        out: dict[str, JobStatus] = {}
+        for handle in handles:
+            pid = self._pid(handle.job_id)
+            if pid is None:
+                out[handle.job_id] = JobStatus("missing", "no pid file on this machine")
+            elif alive(*pid):
+                out[handle.job_id] = JobStatus("running")
+            else:
+                out[handle.job_id] = JobStatus("done", "the job wrapper has exited")
+        return out
+
+    def cancel(self, handle: JobHandle) -> None:
+        """TERM the wrapper (it drains and marks the record gone); force it if it hangs."""
+        key = record_key(self.name, handle.job_id)
+        pid = self._pid(handle.job_id)
+        if pid is not None and alive(*pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid[0], signal.SIGTERM)
+            if not wait_gone(pid[0], self.stop_timeout_s):
+                stop_tree(pid[0], grace_s=2.0)
+        record = self.registry.read(key)
+        if record is None:
+            return
+        # A wrapper killed with -9 cannot stop its engine or finish its record: do both here.
+        if record.engine_pid is not None and alive(record.engine_pid):
+            stop_tree(record.engine_pid, grace_s=5.0)
+        if record.state not in FINAL_STATES:
+            self.registry.update(key, state="gone", reason="cancelled", engine_pid=None)
+
+    def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
+        """Lines of the job's log file; with ``follow``, until the wrapper has exited."""
+        _, _, log_path = self._paths(record_key(self.name, handle.job_id))
+        try:
+            f = log_path.open(encoding="utf-8", errors="replace")
+        except FileNotFoundError as exc:
+            raise BackendError(f"no log file {log_path}", hint="was the job started here?") from exc
+        with f:
+            while True:
+                line = f.readline()
+                if line:
+                    yield line.rstrip("\n")
+                    continue
+                pid = self._pid(handle.job_id)
+                if not follow or pid is None or not alive(*pid):
+                    rest = f.read()
+                    yield from rest.splitlines()
+                    return
+                time.sleep(0.2)

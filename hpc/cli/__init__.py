@@ -1,0 +1,78 @@
+"""The `mt` command line: parse, call the library, render. Errors: `error:` + `hint:`, exit 1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hpc import __version__
+from hpc.cli import jobcmds, servecmds
+from hpc.cli.context import CliContext
+from hpc.cli.output import print_error
+from hpc.errors import MTError
+
+app = typer.Typer(
+    name="mt",
+    help="ModelTainer: serve LLMs on Slurm, Kubernetes or this machine, behind one OpenAI URL.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # this CLI handles keys and tokens
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mt {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    site: Annotated[
+        Path | None, typer.Option("--site", help="site.yaml (default $MT_HOME/site.yaml).")
+    ] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(
+            "--models", "-m", help="models.yaml (default ./models.yaml, $MT_HOME/models.yaml)."
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    ctx.obj = CliContext(site_file=site, models_file=models)
+
+
+app.command()(jobcmds.submit)
+app.command()(jobcmds.status)
+app.command()(jobcmds.logs)
+app.command()(jobcmds.cancel)
+app.command()(servecmds.models)
+app.command()(servecmds.gateway)
+app.add_typer(servecmds.keys_app, name="keys")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `mt`; returns the exit code (1 for errors, 2 for usage, 130 for Ctrl-C)."""
+    command = typer.main.get_command(app)
+    try:
+        # Standalone mode: typer prints usage errors itself and exits 2.
+        command.main(args=argv, prog_name="mt", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except MTError as exc:
+        print_error(exc)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

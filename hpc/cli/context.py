@@ -1,0 +1,64 @@
+"""What every command shares: the site and models files named on the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpc.configfile import load_models
+from hpc.errors import ConfigError, ConfigIssue
+from hpc.site import Site, load_site, mt_home
+from hpc.spec import ModelsFile, ModelSpec
+
+
+def models_path(explicit: Path | None) -> Path:
+    """``--models``, else ``$MT_MODELS``, else ./models.yaml, else ``$MT_HOME/models.yaml``."""
+    if explicit is not None:
+        return explicit
+    if os.environ.get("MT_MODELS"):
+        return Path(os.environ["MT_MODELS"])
+    for candidate in (Path("models.yaml"), mt_home() / "models.yaml"):
+        if candidate.is_file():
+            return candidate
+    return mt_home() / "models.yaml"
+
+
+@dataclass
+class CliContext:
+    """Loaded lazily, so `mt status` works without a models.yaml."""
+
+    site_file: Path | None = None
+    models_file: Path | None = None
+    _site: Site | None = field(default=None, init=False)
+    _models: ModelsFile | None = field(default=None, init=False)
+
+    def site(self) -> Site:
+        """The site config (defaults if there is no site.yaml)."""
+        if self._site is None:
+            self._site = load_site(self.site_file)
+        return self._site
+
+    def models_path(self) -> Path:
+        """The models.yaml this command reads."""
+        return models_path(self.models_file)
+
+    def models(self) -> ModelsFile:
+        """The parsed models.yaml."""
+        if self._models is None:
+            self._models = load_models(self.models_path())
+        return self._models
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec called ``name``; a ConfigError listing the known names if there is none."""
+        models = self.models()
+        spec = models.get(name)
+        if spec is None:
+            path = self.models_path()
+            known = ", ".join(m.name for m in models.models) or "none"
+            raise ConfigError(
+                path,
+                [ConfigIssue(path, None, "models", f"no model named {name!r}")],
+                hint=f"models in {path}: {known}",
+            )
+        return spec

@@ -1,0 +1,175 @@
+"""`mt submit`, `mt status`, `mt logs`, `mt cancel`: jobs and their records."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hpc import jobs
+from hpc.backends import JobHandle, JobStatus, get_backend
+from hpc.cli.context import CliContext
+from hpc.cli.output import age, print_json, stderr, stdout
+from hpc.registry import Record
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _progress_line(record: Record | None, status: JobStatus) -> str:
+    state = record.state if record else "submitted"
+    if state == "pending" and status.state == "pending" and status.reason:
+        return f"pending ({status.reason})"
+    if state == "pending" and status.state == "running":
+        return "starting (job running, engine not started yet)"
+    return state
+
+
+def submit(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="A model name from models.yaml.")],
+    backend: Annotated[
+        str | None, typer.Option("--backend", "-b", help="local (default), or a site backend.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until the model is ready.")
+    ] = False,
+    timeout_s: Annotated[
+        float | None, typer.Option("--timeout", help="Give up waiting after this many seconds.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a job that serves MODEL; with --wait, show its progress until it is ready."""
+    cli: CliContext = ctx.obj
+    site = cli.site()
+    spec = cli.spec(model)
+    handle = jobs.submit(site, spec, backend)
+    err = stderr()
+    if not as_json:
+        key = f"{handle.backend}-{handle.job_id}"
+        err.print(f"submitted {spec.name} as job [bold]{key}[/] ({handle.backend})")
+    if not wait:
+        if as_json:
+            print_json(
+                {
+                    "backend": handle.backend,
+                    "job_id": handle.job_id,
+                    "nonce": handle.nonce,
+                    "model": spec.name,
+                    "state": "pending",
+                }
+            )
+        else:
+            err.print(f"follow it with: mt status  ·  mt logs -f {handle.backend}-{handle.job_id}")
+        return
+    record = _wait(cli, handle, quiet=as_json, timeout_s=timeout_s)
+    if as_json:
+        print_json(record.public())
+    else:
+        stdout().print(f"[green]ready[/] {record.model} at {record.base_url}  (job {record.key})")
+
+
+def _wait(cli: CliContext, handle: JobHandle, *, quiet: bool, timeout_s: float | None) -> Record:
+    err = stderr()
+    started = time.monotonic()
+    last_line: list[str] = []
+
+    if quiet or not err.is_terminal:
+
+        def on_poll(record: Record | None, status: JobStatus) -> None:
+            line = _progress_line(record, status)
+            if not quiet and line not in last_line:
+                last_line.append(line)
+                err.print(f"{time.monotonic() - started:6.1f}s  {line}")
+
+        return jobs.wait_ready(cli.site(), handle, timeout_s=timeout_s, on_poll=on_poll)
+
+    with err.status("submitted") as spinner:
+
+        def on_poll_live(record: Record | None, status: JobStatus) -> None:
+            line = _progress_line(record, status)
+            if line not in last_line:
+                last_line.append(line)
+                err.print(f"{time.monotonic() - started:6.1f}s  {line}")
+            spinner.update(f"{line}  [dim]{time.monotonic() - started:.0f}s elapsed[/]")
+
+        try:
+            return jobs.wait_ready(cli.site(), handle, timeout_s=timeout_s, on_poll=on_poll_live)
+        except KeyboardInterrupt:
+            key = f"{handle.backend}-{handle.job_id}"
+            err.print(f"stopped waiting; job {key} keeps running (mt cancel {key} stops it)")
+            raise typer.Exit(130) from None
+
+
+def status(
+    ctx: typer.Context,
+    show_all: Annotated[
+        bool, typer.Option("--all", "-a", help="Include jobs that are gone.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs: model, backend, job, state, endpoint, age."""
+    cli: CliContext = ctx.obj
+    views = jobs.job_views(cli.site())
+    if not show_all:
+        views = [v for v in views if v.record.state != "gone"]
+    if as_json:
+        print_json(
+            [
+                {
+                    **v.record.public(),
+                    "scheduler": {"state": v.scheduler.state, "reason": v.scheduler.reason},
+                }
+                for v in views
+            ]
+        )
+        return
+    if not views:
+        stderr().print("no jobs" + ("" if show_all else " (mt status --all shows ended ones)"))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("MODEL", "BACKEND", "JOB", "STATE", "ENDPOINT", "AGE"):
+        table.add_column(column)
+    now = time.time()
+    for view in views:
+        r = view.record
+        state: str = r.state
+        if r.state == "pending" and view.scheduler.reason:
+            state += f" ({view.scheduler.reason})"
+        if r.state == "failed" and r.reason:
+            state += f": {r.reason}"
+        table.add_row(r.model, r.backend, r.key, state, r.base_url or "-", age(r.created_at, now))
+    stdout().print(table)
+
+
+def logs(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or key (see mt status).")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")
+    ] = False,
+) -> None:
+    """Print a job's log (the engine's output, with its key masked)."""
+    cli: CliContext = ctx.obj
+    record = jobs.find_record(cli.site(), job)
+    backend = get_backend(record.backend, cli.site())
+    try:
+        for line in backend.logs(jobs.handle_of(record), follow=follow):
+            typer.echo(line)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def cancel(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id or key (see mt status).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a job: its engine drains and stops, its record becomes gone."""
+    cli: CliContext = ctx.obj
+    record = jobs.cancel(cli.site(), job)
+    if as_json:
+        print_json(record.public())
+    else:
+        stdout().print(f"{record.key}: {record.state}")

@@ -1,0 +1,141 @@
+"""How each engine is started: argv, environment (the key goes here, never in argv), health.
+
+A pure function of the spec and the place it runs, so the job wrapper under every backend
+starts an engine the same way and tests can read the exact command.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpc.errors import EngineError
+from hpc.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """One engine process: what to run, what to add to its environment, how to probe it."""
+
+    argv: list[str]
+    env: dict[str, str] = field(repr=False)
+    health_path: str
+    health_needs_key: bool
+
+
+def resolve_gguf(spec: ModelSpec) -> str:
+    """The GGUF file to serve: the path itself, or the one file in a directory matching quant.
+
+    The quant filter ignores case: hubs publish both ``…-Q4_K_M.gguf`` and ``…-q4_k_m.gguf``.
+    """
+    source = Path(spec.weights.source).expanduser()
+    if source.is_file():
+        return str(source)
+    if source.is_dir():
+        quant = spec.weights.quant
+        ggufs = sorted(p for p in source.iterdir() if p.suffix.lower() == ".gguf")
+        found = [p for p in ggufs if quant is None or quant.lower() in p.name.lower()]
+        if len(found) == 1:
+            return str(found[0])
+        wanted = f"quant {quant}" if quant else "*.gguf"
+        names = ", ".join(p.name for p in (found or ggufs)) or "none"
+        raise EngineError(
+            f"{spec.name}: {len(found)} GGUF files match {wanted} in {source} (found: {names})",
+            hint="set weights.quant (e.g. Q4_K_M) so exactly one GGUF file matches",
+        )
+    raise EngineError(
+        f"{spec.name}: weights {spec.weights.source!r} not found on this node",
+        hint="llama.cpp needs a local GGUF path; download it to shared storage first",
+    )
+
+
+def _has_flag(args: tuple[str, ...], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in args for n in names)
+
+
+def _llamacpp(spec: ModelSpec, host: str, port: int, api_key: str) -> EngineLaunch:
+    gguf = resolve_gguf(spec)
+    # In a container the server is the image's own, found on the image's PATH; this node's
+    # PATH and Python say nothing about what the image holds.
+    in_image = spec.runtime.kind != "none"
+    server = "llama-server" if in_image else shutil.which("llama-server")
+    if server is not None:
+        argv = [server, "--model", gguf, "--host", host, "--port", str(port), "--alias", spec.name]
+        if spec.resources.gpus and not _has_flag(spec.engine_args, "-ngl", "--n-gpu-layers"):
+            argv += ["--n-gpu-layers", "999"]
+        return EngineLaunch(
+            argv=[*argv, *spec.engine_args],
+            env={"LLAMA_API_KEY": api_key},
+            health_path="/health",
+            health_needs_key=False,
+        )
+    # llama-cpp-python's server reads its settings from the environment (pydantic-settings),
+    # which is how the key reaches it without appearing in argv.
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", host]
+    argv += ["--port", str(port), "--model_alias", spec.name]
+    if spec.resources.gpus and not _has_flag(spec.engine_args, "--n_gpu_layers"):
+        argv += ["--n_gpu_layers", "-1"]
+    return EngineLaunch(
+        argv=[*argv, *spec.engine_args],
+        env={"API_KEY": api_key},
+        health_path="/v1/models",
+        health_needs_key=True,
+    )
+
+
+def _vllm(spec: ModelSpec, host: str, port: int, api_key: str, gpus_granted: int) -> EngineLaunch:
+    argv = ["vllm", "serve", spec.weights.source, "--host", host, "--port", str(port)]
+    argv += ["--served-model-name", spec.name]
+    if spec.weights.revision:
+        argv += ["--revision", spec.weights.revision]
+    if gpus_granted > 1 and not _has_flag(spec.engine_args, "--tensor-parallel-size", "-tp"):
+        argv += ["--tensor-parallel-size", str(gpus_granted)]
+    return EngineLaunch(
+        argv=[*argv, *spec.engine_args],
+        env={"VLLM_API_KEY": api_key},
+        health_path="/health",
+        health_needs_key=False,
+    )
+
+
+def gpus_granted(spec: ModelSpec, environ: Mapping[str, str]) -> int:
+    """GPUs the scheduler gave this job (CUDA_VISIBLE_DEVICES), else what the spec asked for."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES") or environ.get("ROCR_VISIBLE_DEVICES")
+    if visible:
+        return len([d for d in visible.split(",") if d.strip()])
+    return spec.resources.gpus
+
+
+def _in_container(spec: ModelSpec, launch: EngineLaunch) -> EngineLaunch:
+    runtime = spec.runtime
+    if runtime.kind == "none":
+        return launch
+    argv = ["apptainer", "exec"]
+    if runtime.gpu_flag:
+        argv.append(runtime.gpu_flag)
+    for bind in runtime.binds:
+        argv += ["--bind", bind]
+    if runtime.image is None:  # the spec's validator rules this out; say so if it did not
+        raise EngineError(f"{spec.name}: runtime.kind {runtime.kind!r} needs an image")
+    # APPTAINERENV_X reaches the container as X even under --cleanenv.
+    env = {**launch.env, **{f"APPTAINERENV_{k}": v for k, v in launch.env.items()}}
+    return EngineLaunch(
+        argv=[*argv, runtime.image, *launch.argv],
+        env=env,
+        health_path=launch.health_path,
+        health_needs_key=launch.health_needs_key,
+    )
+
+
+def build_launch(
+    spec: ModelSpec, *, host: str, port: int, api_key: str, environ: Mapping[str, str]
+) -> EngineLaunch:
+    """The engine command for ``spec`` listening on ``host:port`` and requiring ``api_key``."""
+    if spec.engine == "llamacpp":
+        launch = _llamacpp(spec, host, port, api_key)
+    else:
+        launch = _vllm(spec, host, port, api_key, gpus_granted(spec, environ))
+    return _in_container(spec, launch)

@@ -1,0 +1,103 @@
+"""One exception tree for ModelTainer; every error carries its context and a hint.
+
+    MTError                       message + hint; the CLI prints both and exits 1
+    ├── ConfigError               a config file is bad: one ConfigIssue per bad field
+    ├── RegistryError             the registry directory or a record cannot be used
+    ├── JobNotFoundError          no record and no job with that id
+    ├── UnknownBackendError       a backend name that is not registered
+    ├── BackendError              a scheduler or process call failed (argv, stderr)
+    └── EngineError               an engine cannot be started (not installed, bad args)
+
+Foreign exceptions (OSError from the filesystem, yaml, pydantic) are translated at the one
+place that calls them, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class MTError(Exception):
+    """Base of every error ModelTainer raises on purpose."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One bad field: where it is and what is wrong with it."""
+
+    path: Path
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path.name}:{self.line}" if self.line is not None else self.path.name
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class ConfigError(MTError):
+    """A config file failed to load; ``issues`` holds one entry per bad field."""
+
+    def __init__(self, path: Path, issues: list[ConfigIssue], *, hint: str | None = None) -> None:
+        lines = "\n".join(str(issue) for issue in issues)
+        super().__init__(lines, hint=hint or f"fix {path} and run the command again")
+        self.path = path
+        self.issues = issues
+
+
+class RegistryError(MTError):
+    """The registry directory or one of its records cannot be used."""
+
+    def __init__(self, message: str, *, path: Path, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class JobNotFoundError(MTError):
+    """A job id that matches no registry record."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"no job {job_id!r} in the registry", hint="`mt status` lists the jobs it knows"
+        )
+        self.job_id = job_id
+
+
+class UnknownBackendError(MTError):
+    """A backend name that is not registered."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"unknown backend {name!r}", hint=f"known backends: {', '.join(sorted(known))}"
+        )
+        self.name = name
+
+
+class BackendError(MTError):
+    """A scheduler or process call failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str] | None = None,
+        returncode: int | None = None,
+        stderr: str = "",
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.argv = argv or []
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class EngineError(MTError):
+    """An engine cannot be started as configured."""

@@ -1,0 +1,42 @@
+"""The job plan: what a backend hands the job wrapper (a JSON file, 0600, no secrets in it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hpc.spec import ModelSpec
+
+
+class JobPlan(BaseModel):
+    """Everything the wrapper needs to serve one model and register it.
+
+    The per-job key is not here: it lives in the job's registry record (0600), which the
+    backend writes before the job starts, or which the wrapper creates for a job that was
+    submitted by hand with ``sbatch``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: ModelSpec
+    backend: str
+    job_id: str | None = Field(default=None, description="None: read from the scheduler's env")
+    nonce: str
+    registry_dir: Path
+    engine_host: str = "127.0.0.1"
+    stop_grace_s: float = Field(default=10, gt=0)
+
+
+def write_plan(plan: JobPlan, path: Path) -> None:
+    """Write the plan 0600 in a 0700 directory."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(plan.model_dump_json(indent=2))
+
+
+def read_plan(path: Path) -> JobPlan:
+    """Read a plan the backend wrote."""
+    return JobPlan.model_validate_json(path.read_text(encoding="utf-8"))

@@ -1,0 +1,79 @@
+"""Site defaults (``site.yaml``): where state lives and what the cluster wants by default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hpc.configfile import load_model
+
+HOME_ENV = "MT_HOME"
+
+
+def mt_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The state directory: ``$MT_HOME`` or ``~/.mt``."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(HOME_ENV) or Path.home() / ".mt").expanduser()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SlurmSite(_Strict):
+    """The cluster's Slurm defaults; a model's own ``slurm:`` block overrides them."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    modules: tuple[str, ...] = Field(default=(), description="`module load` these in every job")
+    image_dir: Path | None = None
+
+
+class GatewaySite(_Strict):
+    """Where ``mt gateway`` listens by default."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, gt=0, lt=65536)
+
+
+class SiteConfig(_Strict):
+    """Everything a site sets once for all its users' models."""
+
+    registry_dir: Path | None = Field(default=None, description="default: $MT_HOME/registry")
+    log_dir: Path | None = Field(default=None, description="default: $MT_HOME/logs")
+    default_backend: str = "local"
+    engine_host: str = Field(
+        default="127.0.0.1",
+        description="address engines bind to; a cluster sets 0.0.0.0 so the login node"
+        " reaches them",
+    )
+    slurm: SlurmSite = Field(default_factory=SlurmSite)
+    gateway: GatewaySite = Field(default_factory=GatewaySite)
+
+
+class Site:
+    """The site config with every path resolved against the state directory."""
+
+    def __init__(self, config: SiteConfig, home: Path) -> None:
+        self.config = config
+        self.home = home
+        # A relative path in site.yaml means under the state directory, not under whatever
+        # directory the command (or the job) happens to run in.
+        self.registry_dir = home / (config.registry_dir or Path("registry")).expanduser()
+        self.log_dir = home / (config.log_dir or Path("logs")).expanduser()
+        self.jobs_dir = home / "jobs"
+
+
+def load_site(path: Path | None, environ: Mapping[str, str] | None = None) -> Site:
+    """The site: ``path``, else ``$MT_SITE``, else ``$MT_HOME/site.yaml``, else defaults."""
+    env = os.environ if environ is None else environ
+    home = mt_home(env)
+    chosen = path or (Path(env["MT_SITE"]) if env.get("MT_SITE") else None)
+    if chosen is None and (home / "site.yaml").is_file():
+        chosen = home / "site.yaml"
+    config = load_model(chosen, SiteConfig) if chosen is not None else SiteConfig()
+    return Site(config, home)

