@@ -1,0 +1,142 @@
+"""A fake LLM engine and a job wrapper that runs it, for the job-wrapper tests.
+
+The engine stands for llama.cpp's ``llama-server`` or vLLM's OpenAI server as the job wrapper
+sees them: a process that takes ``--host``/``--port`` on its command line and its API key
+from the environment (as ``VLLM_API_KEY`` / ``LLAMA_API_KEY`` do), prints log lines while
+it loads, and answers ``GET /health`` and ``GET /v1/models`` with 200 only when the request
+carries ``Authorization: Bearer <key>`` (401 otherwise). It is a stdlib ``http.server``.
+
+    python tests/fake_engine.py serve --host H --port P --mode MODE
+    python tests/fake_engine.py wrap --plan PLAN.json --mode MODE
+
+Modes of the engine:
+    healthy      serve at once
+    never        print loading lines and sleep forever without listening
+    exit         print loading lines and exit with code 3
+    grandchild   start a grandchild (its own session, ignores SIGTERM, sleeps), then serve
+
+Every mode prints the key it was given on purpose: the wrapper must mask it in its log.
+
+``wrap`` runs the real ``hpc.jobwrap.JobWrapper`` with a launcher that returns the
+``EngineLaunch`` of this fake engine, in place of ``hpc.engines.build_launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+KEY_ENV = "FAKE_ENGINE_API_KEY"
+MODES = ("healthy", "never", "exit", "grandchild")
+EXIT_CODE = 3
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _handler(key: str) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path not in ("/health", "/v1/models"):
+                self._answer(404, {"error": {"message": "not found", "type": "not_found"}})
+            elif self.headers.get("Authorization") != f"Bearer {key}":
+                self._answer(401, {"error": {"message": "bad key", "type": "auth"}})
+            else:
+                self._answer(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+        def _answer(self, status: int, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            _say("fake engine: request " + format % args)
+
+    return Handler
+
+
+def _start_grandchild() -> int:
+    """A child that leaves our process group and ignores TERM, as a stray worker might."""
+    code = (
+        "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(3600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    return proc.pid
+
+
+def serve(host: str, port: int, mode: str) -> int:
+    """Run the fake engine in ``mode``; returns its exit code."""
+    key = os.environ.get(KEY_ENV, "")
+    _say(f"fake engine: starting in mode {mode}")
+    _say(f"fake engine: api key is {key}")  # on purpose: the wrapper must mask it
+    if mode in ("never", "exit"):
+        for i in range(3):
+            _say(f"fake engine: loading weights {i + 1}/3")
+        if mode == "exit":
+            _say("fake engine: out of memory, giving up")
+            return EXIT_CODE
+        while True:
+            time.sleep(1)
+    if mode == "grandchild":
+        _say(f"fake engine: grandchild pid {_start_grandchild()}")
+    server = http.server.ThreadingHTTPServer((host, port), _handler(key))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _say(f"fake engine: listening on {host}:{port}")
+    try:
+        server.serve_forever(poll_interval=0.1)
+    finally:
+        server.server_close()
+    return 0
+
+
+def wrap(plan_path: Path, mode: str) -> int:
+    """Run the real job wrapper with this fake engine as its engine."""
+    from hpc.engines import EngineLaunch
+    from hpc.jobplan import read_plan
+    from hpc.jobwrap import JobWrapper
+    from hpc.spec import ModelSpec
+
+    def launcher(
+        spec: ModelSpec, *, host: str, port: int, api_key: str, environ: Mapping[str, str]
+    ) -> EngineLaunch:
+        argv = [sys.executable, "-u", str(Path(__file__).resolve()), "serve"]
+        argv += ["--host", host, "--port", str(port), "--mode", mode]
+        return EngineLaunch(
+            argv=argv, env={KEY_ENV: api_key}, health_path="/v1/models", health_needs_key=True
+        )
+
+    plan = read_plan(plan_path)
+    return JobWrapper(plan, os.environ, sys.stdout, launcher=launcher).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``serve`` (the engine) or ``wrap`` (the job wrapper around it)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve")
+    serve_p.add_argument("--host", default="127.0.0.1")
+    serve_p.add_argument("--port", type=int, required=True)
+    serve_p.add_argument("--mode", choices=MODES, default="healthy")
+    wrap_p = sub.add_parser("wrap")
+    wrap_p.add_argument("--plan", type=Path, required=True)
+    wrap_p.add_argument("--mode", choices=MODES, default="healthy")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args.host, args.port, args.mode)
+    return wrap(args.plan, args.mode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

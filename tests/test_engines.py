@@ -1,0 +1,324 @@
+"""Engine launch commands: exact argv, the key only in the environment, hostile paths intact."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpc.engines import EngineLaunch, build_launch, gpus_granted, resolve_gguf
+from hpc.errors import EngineError
+from hpc.registry import new_api_key
+from hpc.spec import ModelSpec
+
+KEY = new_api_key()
+HOSTILE_NAMES = [
+    "with space",
+    "quote'single",
+    'quote"double',
+    "semi; echo pwned",
+    "new\nline",
+    "$(touch x) `id`",
+]
+
+
+def _spec(engine: str, source: str, **fields: Any) -> ModelSpec:
+    data: dict[str, Any] = {"name": "test-model", "engine": engine, "weights": {"source": source}}
+    return ModelSpec.model_validate(data | fields)
+
+
+def _launch(spec: ModelSpec, environ: dict[str, str] | None = None) -> EngineLaunch:
+    launch = build_launch(spec, host="0.0.0.0", port=8123, api_key=KEY, environ=environ or {})
+    # Whatever the variant: the key is in the environment, never on the command line.
+    assert not any(KEY in arg for arg in launch.argv), launch.argv
+    assert KEY in launch.env.values()
+    assert KEY not in repr(launch)
+    return launch
+
+
+def _after(argv: list[str], flag: str) -> str:
+    assert argv.count(flag) == 1, argv
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "models" / "gemma-3-270m-Q4_K_M.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF")
+    return path
+
+
+@pytest.fixture
+def llama_server_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    server = bin_dir / "llama-server"
+    server.write_text("#!/bin/sh\nexit 0\n")
+    server.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return server
+
+
+@pytest.fixture
+def no_llama_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
+# -- llama.cpp ------------------------------------------------------------------------------
+
+
+def test_llamacpp_uses_llama_server_when_it_is_on_path(
+    gguf: Path, llama_server_on_path: Path
+) -> None:
+    launch = _launch(_spec("llamacpp", str(gguf), engine_args=["--ctx-size", "4096"]))
+    assert launch.argv == [
+        str(llama_server_on_path),
+        "--model",
+        str(gguf),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+        "--alias",
+        "test-model",
+        "--ctx-size",
+        "4096",
+    ]
+    assert launch.env == {"LLAMA_API_KEY": KEY}
+    assert (launch.health_path, launch.health_needs_key) == ("/health", False)
+
+
+def test_llamacpp_offloads_to_gpus_unless_told_otherwise(
+    gguf: Path, llama_server_on_path: Path
+) -> None:
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"gpus": 1}))
+    assert _after(launch.argv, "--n-gpu-layers") == "999"
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"gpus": 1}, engine_args=["-ngl=20"]))
+    assert "--n-gpu-layers" not in launch.argv
+    assert launch.argv[-1] == "-ngl=20"
+
+
+def test_llamacpp_falls_back_to_llama_cpp_python(gguf: Path, no_llama_server: None) -> None:
+    launch = _launch(_spec("llamacpp", str(gguf)))
+    assert launch.argv == [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+        "--model_alias",
+        "test-model",
+    ]
+    assert launch.env == {"API_KEY": KEY}  # llama-cpp-python's settings read API_KEY
+    assert (launch.health_path, launch.health_needs_key) == ("/v1/models", True)
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"gpus": 2}))
+    assert _after(launch.argv, "--n_gpu_layers") == "-1"
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_llamacpp_in_apptainer_runs_the_images_llama_server(
+    gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_host: bool
+) -> None:
+    bin_dir = tmp_path / "host-bin"
+    bin_dir.mkdir()
+    if on_host:
+        (bin_dir / "llama-server").write_text("#!/bin/sh\n")
+        (bin_dir / "llama-server").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    runtime = {"kind": "apptainer", "image": "/images/llamacpp-cpu.sif"}
+    launch = _launch(_spec("llamacpp", str(gguf), runtime=runtime))
+    # Neither this node's llama-server nor its Python exist inside the image.
+    assert launch.argv[:4] == ["apptainer", "exec", "/images/llamacpp-cpu.sif", "llama-server"]
+    assert sys.executable not in launch.argv
+    assert launch.env == {"LLAMA_API_KEY": KEY, "APPTAINERENV_LLAMA_API_KEY": KEY}
+
+
+# -- vLLM -----------------------------------------------------------------------------------
+
+
+def test_vllm_on_two_granted_gpus_gets_tensor_parallel_2() -> None:
+    spec = _spec("vllm", "Qwen/Qwen3-Coder-30B-A3B-Instruct", resources={"gpus": 2})
+    launch = _launch(spec, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert launch.argv == [
+        "vllm",
+        "serve",
+        "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+        "--served-model-name",
+        "test-model",
+        "--tensor-parallel-size",
+        "2",
+    ]
+    assert launch.env == {"VLLM_API_KEY": KEY}
+    assert (launch.health_path, launch.health_needs_key) == ("/health", False)
+
+
+def test_vllm_believes_the_scheduler_over_the_spec() -> None:
+    spec = _spec("vllm", "org/m", resources={"gpus": 4})
+    launch = _launch(spec, {"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert _after(launch.argv, "--tensor-parallel-size") == "2"
+    assert gpus_granted(spec, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
+    assert gpus_granted(spec, {"ROCR_VISIBLE_DEVICES": "0,1,2"}) == 3
+    assert gpus_granted(spec, {"CUDA_VISIBLE_DEVICES": ""}) == 4
+    assert gpus_granted(spec, {}) == 4
+    assert "--tensor-parallel-size" not in _launch(spec, {"CUDA_VISIBLE_DEVICES": "0"}).argv
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [["-tp", "2"], ["--tensor-parallel-size", "2"], ["--tensor-parallel-size=2"], ["-tp=2"]],
+)
+def test_vllm_respects_an_explicit_tensor_parallel_size(engine_args: list[str]) -> None:
+    spec = _spec("vllm", "org/m", resources={"gpus": 4}, engine_args=engine_args)
+    launch = _launch(spec, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert launch.argv[-len(engine_args) :] == engine_args
+    assert "4" not in launch.argv
+    assert sum(a.startswith(("-tp", "--tensor-parallel-size")) for a in launch.argv) == 1
+
+
+def test_vllm_passes_the_revision() -> None:
+    spec = _spec("vllm", "org/m")
+    spec = spec.model_copy(update={"weights": spec.weights.model_copy(update={"revision": "v2"})})
+    assert _after(_launch(spec).argv, "--revision") == "v2"
+
+
+def test_vllm_in_apptainer_with_nv_and_binds() -> None:
+    runtime = {
+        "kind": "apptainer",
+        "image": "/shared/containers/vllm-cuda.sif",
+        "gpu_flag": "--nv",
+        "binds": ["/scratch/hf:/root/.cache/huggingface", "/data"],
+    }
+    spec = _spec("vllm", "org/m", resources={"gpus": 2}, runtime=runtime)
+    launch = _launch(spec, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert launch.argv == [
+        "apptainer",
+        "exec",
+        "--nv",
+        "--bind",
+        "/scratch/hf:/root/.cache/huggingface",
+        "--bind",
+        "/data",
+        "/shared/containers/vllm-cuda.sif",
+        "vllm",
+        "serve",
+        "org/m",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+        "--served-model-name",
+        "test-model",
+        "--tensor-parallel-size",
+        "2",
+    ]
+    # APPTAINERENV_X reaches the container as X even under --cleanenv.
+    assert launch.env == {"VLLM_API_KEY": KEY, "APPTAINERENV_VLLM_API_KEY": KEY}
+
+
+def test_rocm_flag() -> None:
+    runtime = {"kind": "apptainer", "image": "/i.sif", "gpu_flag": "--rocm"}
+    assert _launch(_spec("vllm", "org/m", runtime=runtime)).argv[:3] == [
+        "apptainer",
+        "exec",
+        "--rocm",
+    ]
+
+
+# -- hostile paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weird", HOSTILE_NAMES)
+def test_hostile_paths_stay_single_argv_entries(
+    tmp_path: Path, weird: str, no_llama_server: None
+) -> None:
+    folder = tmp_path / weird
+    folder.mkdir()
+    gguf = folder / f"model {weird}-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    image = str(folder / f"image {weird}.sif")
+    bind = f"{folder}:/models"
+
+    launch = _launch(
+        _spec("llamacpp", str(folder), weights={"source": str(folder), "quant": "Q4_K_M"})
+    )
+    assert _after(launch.argv, "--model") == str(gguf)
+
+    runtime = {"kind": "apptainer", "image": image, "binds": [bind]}
+    launch = _launch(_spec("vllm", str(folder), runtime=runtime, engine_args=[weird]))
+    assert launch.argv[:5] == ["apptainer", "exec", "--bind", bind, image]
+    assert launch.argv[7] == str(folder)
+    assert launch.argv[-1] == weird
+    assert len(launch.argv) == 15
+
+
+# -- resolve_gguf ---------------------------------------------------------------------------
+
+
+def test_resolve_gguf_takes_a_file_as_it_is(gguf: Path) -> None:
+    assert resolve_gguf(_spec("llamacpp", str(gguf), weights={"source": str(gguf)})) == str(gguf)
+
+
+def test_resolve_gguf_picks_the_quant_in_a_directory(tmp_path: Path) -> None:
+    for name in ["m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-q5_k_s.gguf", "README.md"]:
+        (tmp_path / name).write_bytes(b"x")
+    source = str(tmp_path)
+    for quant, expected in [("Q8_0", "m-Q8_0.gguf"), ("Q5_K_S", "m-q5_k_s.gguf")]:
+        spec = _spec("llamacpp", source, weights={"source": source, "quant": quant})
+        assert resolve_gguf(spec) == str(tmp_path / expected)
+
+
+def test_resolve_gguf_alone_in_a_directory_needs_no_quant(tmp_path: Path) -> None:
+    (tmp_path / "only.gguf").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    assert resolve_gguf(_spec("llamacpp", str(tmp_path))) == str(tmp_path / "only.gguf")
+
+
+def test_resolve_gguf_with_two_candidates_names_the_model_and_both(tmp_path: Path) -> None:
+    for name in ["m-Q4_K_M.gguf", "m-Q4_K_S.gguf"]:
+        (tmp_path / name).write_bytes(b"x")
+    source = str(tmp_path)
+    spec = _spec(
+        "llamacpp", source, name="gemma-3-270m", weights={"source": source, "quant": "Q4_K"}
+    )
+    with pytest.raises(EngineError) as caught:
+        resolve_gguf(spec)
+    assert caught.value.message.startswith("gemma-3-270m: 2 GGUF files match quant Q4_K in ")
+    assert "m-Q4_K_M.gguf, m-Q4_K_S.gguf" in caught.value.message
+    assert caught.value.hint is not None
+    assert "weights.quant" in caught.value.hint
+
+
+def test_resolve_gguf_with_no_match_lists_what_is_there(tmp_path: Path) -> None:
+    (tmp_path / "m-Q8_0.gguf").write_bytes(b"x")
+    source = str(tmp_path)
+    spec = _spec(
+        "llamacpp", source, name="gemma-3-270m", weights={"source": source, "quant": "Q2_K"}
+    )
+    with pytest.raises(EngineError) as caught:
+        build_launch(spec, host="127.0.0.1", port=1, api_key=KEY, environ={})
+    assert caught.value.message.startswith("gemma-3-270m: 0 GGUF files match quant Q2_K")
+    assert "m-Q8_0.gguf" in caught.value.message
+    assert caught.value.hint is not None
+
+
+@pytest.mark.parametrize("source", ["google/gemma-3-270m-GGUF", "/no/such/model.gguf"])
+def test_resolve_gguf_of_weights_not_on_this_node(source: str) -> None:
+    spec = _spec("llamacpp", source, name="gemma-3-270m")
+    with pytest.raises(EngineError) as caught:
+        resolve_gguf(spec)
+    assert caught.value.message == f"gemma-3-270m: weights {source!r} not found on this node"
+    assert caught.value.hint is not None
+    assert "GGUF" in caught.value.hint

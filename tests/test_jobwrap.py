@@ -1,0 +1,269 @@
+"""The job wrapper, run for real as a subprocess around a fake engine (tests/fake_engine.py).
+
+Each test starts ``python tests/fake_engine.py wrap``, which runs ``hpc.jobwrap.JobWrapper``
+with the fake engine as its engine, and watches the registry record and the job log the
+way the gateway and ``mt logs`` would. Every process a test starts is stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hpc.jobplan import JobPlan, write_plan
+from hpc.proctree import alive
+from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, record_key
+from hpc.spec import ModelSpec, Weights
+
+FAKE_ENGINE = Path(__file__).with_name("fake_engine.py").resolve()
+WAIT_S = 30.0  # generous bounds for waits; no test asserts how long anything took
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@dataclass
+class Job:
+    """One wrapper process, its log file and the record it keeps."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    registry: Registry
+    key: str
+    extra_pids: list[int] = field(default_factory=list)
+
+    def record(self) -> Record | None:
+        return self.registry.read(self.key)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait_state(self, *states: str) -> Record:
+        """Poll the record until it is in one of ``states``; fail with the log if it never is."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            record = self.record()
+            if record is not None and record.state in states:
+                return record
+            if self.proc.poll() is not None and (record is None or record.state in FINAL_STATES):
+                break
+            time.sleep(0.1)
+        pytest.fail(
+            f"record never reached {states}: {self.record()!r}\n--- job log ---\n{self.output()}"
+        )
+
+    def wait_exit(self) -> int:
+        try:
+            return self.proc.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"wrapper did not exit\n--- job log ---\n{self.output()}")
+
+    def grandchild_pid(self) -> int:
+        found = re.search(r"grandchild pid (\d+)", self.output())
+        assert found, self.output()
+        return int(found.group(1))
+
+
+def _kill_by_pid(pids: list[int]) -> None:
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=5)
+
+
+def _engine_processes(port: int) -> list[psutil.Process]:
+    """Live fake-engine processes serving ``port`` (found by command line, zombies excluded)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        ours = str(FAKE_ENGINE) in cmdline and "serve" in cmdline and str(port) in cmdline
+        if ours and alive(proc.pid):
+            found.append(proc)
+    return found
+
+
+def _get(url: str, key: str | None) -> int:
+    request = urllib.request.Request(url)  # noqa: S310 - an http URL from the record
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.fixture
+def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
+    """Start wrappers around the fake engine; stop every one (and what it started) by pid."""
+    jobs: list[Job] = []
+    registry = Registry(tmp_path / "registry")
+
+    def start(mode: str, *, job_id: str = "42", startup_timeout_s: float = 30) -> Job:
+        spec = ModelSpec(
+            name="fake-model",
+            engine="vllm",
+            weights=Weights(source="org/fake-model"),
+            startup_timeout_s=startup_timeout_s,
+        )
+        plan = JobPlan(
+            spec=spec,
+            backend="local",
+            job_id=job_id,
+            nonce="n0nce",
+            registry_dir=registry.path,
+            stop_grace_s=1,
+        )
+        plan_path = tmp_path / f"plan-{job_id}.json"
+        write_plan(plan, plan_path)
+        log = tmp_path / f"job-{job_id}.log"
+        with log.open("wb") as out:
+            argv = [sys.executable, "-u", str(FAKE_ENGINE), "wrap", "--plan", str(plan_path)]
+            proc = subprocess.Popen(
+                [*argv, "--mode", mode],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # signals sent to pytest's group do not reach it
+            )
+        job = Job(proc, log, registry, record_key("local", job_id))
+        jobs.append(job)
+        return job
+
+    yield start
+    for job in jobs:
+        pids = [job.proc.pid]
+        with contextlib.suppress(AssertionError):
+            pids.append(job.grandchild_pid())
+        record = job.record()
+        if record is not None and record.engine_pid:
+            pids.append(record.engine_pid)
+        _kill_by_pid(pids)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            job.proc.wait(timeout=5)
+
+
+def test_engine_never_healthy_is_stopped_at_the_deadline(start_job: Callable[..., Job]) -> None:
+    job = start_job("never", startup_timeout_s=2)
+    assert job.wait_exit() == 1
+    record = job.wait_state("failed")
+    assert record.reason == "engine not healthy within startup_timeout_s=2"
+    assert "fake engine: loading weights 3/3" in record.log_tail
+    assert record.base_url is None
+    assert record.port is not None
+    assert _engine_processes(record.port) == []
+
+
+def test_engine_that_exits_early_is_recorded_failed_with_code_and_tail(
+    start_job: Callable[..., Job],
+) -> None:
+    job = start_job("exit")
+    assert job.wait_exit() == 1
+    record = job.wait_state("failed")
+    assert record.reason == "engine exited with code 3 before it was healthy"
+    assert record.log_tail[-1] == "fake engine: out of memory, giving up"
+    assert "fake engine: loading weights 1/3" in record.log_tail
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
+def test_healthy_engine_is_ready_then_drained_and_its_whole_tree_stopped(
+    start_job: Callable[..., Job], stop_signal: signal.Signals
+) -> None:
+    job = start_job("grandchild")
+    record = job.wait_state("ready")
+    assert record.port is not None
+    assert record.base_url == f"http://127.0.0.1:{record.port}/v1"
+    assert record.engine_pid is not None
+    engine_pid, grandchild_pid = record.engine_pid, job.grandchild_pid()
+    assert alive(engine_pid)
+    assert alive(grandchild_pid)
+    # The grandchild left the engine's process group: only a tree walk finds it.
+    assert psutil.Process(grandchild_pid).ppid() == engine_pid
+    key = record.api_key.get_secret_value()
+    assert _get(f"{record.base_url}/models", key) == 200
+
+    job.proc.send_signal(stop_signal)
+    assert job.wait_exit() == 0
+    record = job.wait_state("gone")
+    assert record.reason == f"stopped by {stop_signal.name}"
+    assert record.engine_pid is None
+    out = job.output()
+    draining = out.index(f"record {job.key} -> draining")
+    assert draining < out.index(f"record {job.key} -> gone")
+    assert not alive(engine_pid)
+    assert not alive(grandchild_pid)
+    assert _engine_processes(record.port or 0) == []
+
+
+def test_the_key_is_masked_in_the_log_and_never_in_argv(
+    start_job: Callable[..., Job], tmp_path: Path
+) -> None:
+    # The backend wrote the pending record (and the key) before the job started.
+    key = new_api_key()
+    registry = Registry(tmp_path / "registry")
+    registry.write(
+        Record(
+            backend="local",
+            job_id="7",
+            nonce="n0nce",
+            model="fake-model",
+            engine="vllm",
+            state="pending",
+            api_key=key,
+        )
+    )
+    job = start_job("healthy", job_id="7")
+    record = job.wait_state("ready")
+    assert record.api_key.get_secret_value() == key  # the backend's key, not a new one
+    assert record.engine_pid is not None
+    # The engine got the key through its environment: it accepts it and nothing else.
+    assert _get(f"{record.base_url}/models", key) == 200
+    assert _get(f"{record.base_url}/models", None) == 401
+    assert _get(f"{record.base_url}/models", new_api_key()) == 401
+    engine_argv = psutil.Process(record.engine_pid).cmdline()
+    wrapper_argv = psutil.Process(job.proc.pid).cmdline()
+    assert not any(key in arg for arg in engine_argv + wrapper_argv)
+
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit() == 0
+    out = job.output()
+    assert "fake engine: api key is ***" in out  # the engine printed it; the wrapper masked it
+    assert key not in out
+
+
+def test_a_job_submitted_by_hand_creates_its_own_record_with_a_fresh_key(
+    start_job: Callable[..., Job], tmp_path: Path
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    assert registry.records() == []
+    job = start_job("healthy", job_id="hand-1")
+    record = job.wait_state("ready")
+    assert record.job_id == "hand-1"
+    assert record.nonce == "n0nce"
+    assert record.model == "fake-model"
+    key = record.api_key.get_secret_value()
+    assert key.startswith("mtj-")
+    assert len(key) > 30
+    assert _get(f"{record.base_url}/models", key) == 200
+    assert [r.key for r in registry.records()] == [job.key]
+
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit() == 0
+    assert key not in job.output()
+    assert job.wait_state("gone").api_key.get_secret_value() == key
