@@ -6,6 +6,7 @@
     ├── JobNotFoundError          no record and no job with that id
     ├── UnknownBackendError       a backend name that is not registered
     ├── BackendError              a scheduler or process call failed (argv, stderr)
+    │   └── SlurmError            a Slurm command failed: argv, return code, stderr, hint
     └── EngineError               an engine cannot be started (not installed, bad args)
 
 Foreign exceptions (OSError from the filesystem, yaml, pydantic) are translated at the one
@@ -101,3 +102,7 @@ class BackendError(MTError):
 
 class EngineError(MTError):
     """An engine cannot be started as configured."""
+
+
+class SlurmError(BackendError):
+    """A Slurm command exited non-zero (or could not run); carries argv, code, stderr, hint."""

@@ -279,9 +279,14 @@ class JobWrapper:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m hpc.jobwrap``."""
     parser = argparse.ArgumentParser(prog="python -m hpc.jobwrap", description=__doc__)
-    parser.add_argument("--plan", type=Path, required=True, help="the job plan JSON file")
+    parser.add_argument(
+        "--plan", required=True, help="the job plan JSON file, or - to read it from stdin"
+    )
     args = parser.parse_args(argv)
-    plan = read_plan(args.plan)
+    if args.plan == "-":
+        plan = JobPlan.model_validate_json(sys.stdin.read())
+    else:
+        plan = read_plan(Path(args.plan))
     return JobWrapper(plan, os.environ, sys.stdout).run()
 
 

@@ -112,10 +112,22 @@ class Registry:
 
     def write(self, record: Record) -> None:
         """Replace the record atomically: tmp + fsync + rename + fsync of the directory."""
+        self._publish(record, replace=True)
+
+    def create(self, record: Record) -> bool:
+        """Write the record only if none exists under its key; False if one already did.
+
+        ``link`` fails on an existing name atomically (NFS included), so a backend's
+        ``pending`` record never overwrites what a job that started early has written.
+        """
+        return self._publish(record, replace=False)
+
+    def _publish(self, record: Record, *, replace: bool) -> bool:
         self.ensure()
         record.updated_at = time.time()
         data = record.model_dump_json(indent=2).encode()
         tmp = self.path / f".{record.key}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
+        created = True
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -125,7 +137,14 @@ class Registry:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self._file(record.key))
+            if replace:
+                os.replace(tmp, self._file(record.key))
+            else:
+                try:
+                    os.link(tmp, self._file(record.key))
+                except FileExistsError:
+                    created = False
+                tmp.unlink()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -137,6 +156,7 @@ class Registry:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return created
 
     def read(self, key: str) -> Record | None:
         """The record stored under ``key``, or None if there is none (or it is unreadable)."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
+from hpc.spec import SlurmName
 
 HOME_ENV = "MT_HOME"
 
@@ -19,6 +21,9 @@ def mt_home(environ: Mapping[str, str] | None = None) -> Path:
     return Path(env.get(HOME_ENV) or Path.home() / ".mt").expanduser()
 
 
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+/@-]+$", max_length=256)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,11 +31,20 @@ class _Strict(BaseModel):
 class SlurmSite(_Strict):
     """The cluster's Slurm defaults; a model's own ``slurm:`` block overrides them."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    modules: tuple[str, ...] = Field(default=(), description="`module load` these in every job")
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    modules: tuple[ModuleName, ...] = Field(
+        default=(), description="`module load` these in every job"
+    )
     image_dir: Path | None = None
+    python: str | None = Field(
+        default=None,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="the Python with ModelTainer installed, as compute nodes see it "
+        "(default: the one running mt)",
+    )
+    command_timeout_s: float = Field(default=60, gt=0, description="for each Slurm command")
 
 
 class GatewaySite(_Strict):

@@ -13,6 +13,15 @@ ModelName = Annotated[
 ]
 
 
+# Values that end up in #SBATCH lines: a newline there would start a new directive or
+# a shell line, so the patterns admit only what Slurm names and lists are made of.
+SlurmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]+$", max_length=256)]
+SlurmConstraint = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,&|\[\]*()!:-]+$", max_length=512)]
+SbatchFlag = Annotated[
+    str, Field(pattern=r"^--[a-z][a-z0-9-]*(=[^\x00-\x1f\x7f]+)?$", max_length=512)
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,11 +65,17 @@ class Runtime(_Strict):
 class SlurmOptions(_Strict):
     """Per-model Slurm settings; anything unset falls back to site.yaml."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    extra_directives: tuple[str, ...] = ()
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    constraint: SlurmConstraint | None = None
+    requeue: bool = Field(default=False, description="let Slurm requeue the job on preemption")
+    signal_grace_s: int = Field(
+        default=120, ge=10, le=3600, description="USR1 this long before the time limit"
+    )
+    extra_directives: tuple[SbatchFlag, ...] = Field(
+        default=(), description="more sbatch flags, e.g. --exclusive or --mail-type=END"
+    )
 
 
 class KubernetesOptions(_Strict):

@@ -329,3 +329,15 @@ def test_an_unusable_directory_is_a_registry_error(tmp_path: Path) -> None:
         registry.write(_record("1"))
     assert caught.value.hint is not None
     assert "registry_dir" in caught.value.hint
+
+
+def test_create_never_overwrites_an_existing_record(tmp_path: Path) -> None:
+    """A backend's late `pending` write must not clobber what the job wrapper already wrote."""
+    registry = Registry(tmp_path / "reg")
+    first = _record("77", state="starting")
+    assert registry.create(first) is True
+    late = _record("77", state="pending")
+    assert registry.create(late) is False
+    stored = registry.read(first.key)
+    assert stored is not None and stored.state == "starting"
+    assert [p.name for p in (tmp_path / "reg").iterdir()] == [f"{first.key}.json"]

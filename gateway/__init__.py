@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway that routes by model name to healthy endpoints."""

@@ -1,0 +1,147 @@
+"""The composition root: ``create_app(config)`` wires settings, state, middleware and routes.
+
+Nothing here does I/O when imported or when the app is created; the first snapshot is
+loaded, and the upstream ``ClientSession`` opened, when the app starts (``cleanup_ctx``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.config import GatewayConfig
+from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
+from gateway.logs import LOGGER_NAME, fields
+from gateway.proxy import PROXIED_PATHS, proxy
+from gateway.reload import CleanupContext, reload_context
+from gateway.state import CONFIG, LIVE, REQUEST_INFO, SESSION, RequestInfo
+
+access_log = logging.getLogger(f"{LOGGER_NAME}.access")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# A caller's request id is echoed and logged, so only a short, plain one is taken.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BEARER = "bearer "
+_PUBLIC_PATHS = frozenset({"/healthz"})
+# nginx's convention for "the client closed the connection before the answer was done".
+_CLIENT_CLOSED = 499
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id and write its one access-log line, however it ends."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    info = RequestInfo(request_id=given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
+    request[REQUEST_INFO] = info
+    status = _CLIENT_CLOSED
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        access_log.info(
+            "request",
+            extra=fields(
+                request_id=info.request_id,
+                method=request.method,
+                path=request.path,
+                model=info.model,
+                status=status,
+                upstream=info.upstream,
+                client=info.client,
+                outcome=info.outcome,
+                duration_ms=round((time.monotonic() - info.started) * 1000, 1),
+            ),
+        )
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare runs for every response, streams included, before headers go out.
+    info = request.get(REQUEST_INFO)
+    if info is not None:
+        response.headers[REQUEST_ID_HEADER] = info.request_id
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a keys file, every request but ``/healthz`` needs ``Authorization: Bearer <key>``.
+
+    Deny by default: an allow-list of public paths cannot be dodged by spelling a
+    ``/v1/*`` path another way.
+    """
+    keys = request.app[LIVE].snapshot.keys
+    if keys is None or request.path in _PUBLIC_PATHS:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    token = header[len(_BEARER) :].strip() if header.lower().startswith(_BEARER) else ""
+    name = keys.check(token) if token else None
+    if name is None:
+        message = "invalid API key" if token else "missing API key (Authorization: Bearer <key>)"
+        return openai_error(
+            401,
+            message,
+            INVALID_REQUEST,
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    request[REQUEST_INFO].client = name
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: alive, and how many model names it can route."""
+    routes = request.app[LIVE].snapshot.routes
+    return web.json_response({"status": "ok", "models": len(routes.names())})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: every routable name, in OpenAI's list shape."""
+    routes = request.app[LIVE].snapshot.routes
+    data = []
+    for name in routes.names():
+        created = min((u.created for u in routes.upstreams(name) if u.created), default=0)
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "modeltainer"})
+    return web.json_response({"object": "list", "data": data})
+
+
+def _session_context(config: GatewayConfig) -> CleanupContext:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        # No total timeout: a long, healthy stream must never be cut. sock_read bounds the
+        # silence between two reads instead.
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=config.idle_timeout_s
+        )
+        # No pool limit: every client request holds one upstream connection for as long as
+        # it streams, and a limit would queue streams behind each other.
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            app[SESSION] = session
+            yield
+
+    return context
+
+
+def create_app(config: GatewayConfig, *, env: Mapping[str, str] | None = None) -> web.Application:
+    """The gateway app; ``env`` supplies static backends' keys (default: ``os.environ``)."""
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[request_middleware, error_middleware, auth_middleware],
+    )
+    app[CONFIG] = config
+    # Reload first: if the config is bad, startup fails before a session is opened.
+    app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
+    app.cleanup_ctx.append(_session_context(config))
+    app.on_response_prepare.append(_echo_request_id)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/models", list_models)
+    for path in PROXIED_PATHS:
+        app.router.add_post(path, proxy)
+    return app

@@ -1,0 +1,39 @@
+"""The gateway's settings: where it listens, what it reads, how long it waits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MIB = 1024 * 1024
+
+
+class GatewayConfig(BaseModel):
+    """Everything ``mt gateway`` needs; built by the CLI and passed to ``create_app``/``run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8081, ge=0, lt=65536, description="0 binds an ephemeral port")
+    registry_dir: Path = Field(description="the registry directory of job records")
+    models_file: Path | None = Field(
+        default=None, description="models.yaml: configured names and static backends"
+    )
+    keys_file: Path | None = Field(
+        default=None, description="keys.yaml with hashed client keys; None turns auth off"
+    )
+    max_body_bytes: int = Field(default=4 * MIB, gt=0, description="larger request bodies: 413")
+    connect_timeout_s: float = Field(default=10, gt=0, description="to reach an upstream")
+    idle_timeout_s: float = Field(
+        default=600,
+        gt=0,
+        description="longest silence between upstream bytes; there is no total timeout, so a "
+        "long healthy stream is never cut",
+    )
+    reload_interval_s: float = Field(
+        default=1.0, gt=0, description="how often the registry and config files are stat()ed"
+    )
+    retry_after_s: int = Field(
+        default=5, gt=0, description="Retry-After sent with a 503 when no upstream can answer"
+    )

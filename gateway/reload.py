@@ -1,0 +1,216 @@
+"""Hot reload: watch the registry directory, ``models.yaml`` and ``keys.yaml`` by ``stat()``.
+
+Requests never touch the filesystem: they read the ``Snapshot`` in ``Live``, which the
+reload task replaces whole. Every ``reload_interval_s`` the task stats the three sources (in
+a worker thread, so a slow NFS server never blocks the event loop) and rebuilds what
+changed. An mtime that is very recent, or ten seconds without a rebuild, also triggers one:
+an mtime has coarse granularity, and NFS attribute caches lag, so a second write can hide
+behind the first.
+
+A bad ``models.yaml`` or ``keys.yaml`` is logged once (file:line: field) and the last good
+version stays in use: a typo never drops every route, and never turns auth off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.keys import KeyStore, load_keys
+from gateway.logs import LOGGER_NAME, fields
+from gateway.routes import RouteTable, build_routes
+from hpc.configfile import load_models
+from hpc.errors import ConfigError, RegistryError
+from hpc.registry import Registry
+from hpc.spec import ModelsFile
+
+log = logging.getLogger(f"{LOGGER_NAME}.reload")
+
+FULL_RELOAD_EVERY_S = 10.0
+# A source changed this recently may change again within the same mtime tick, unseen.
+_RACY_WINDOW_NS = 2_000_000_000
+
+Signature = tuple[int, int, int] | None  # (mtime_ns, size, inode), None if missing
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What requests read: the route table and, when auth is on, the key store."""
+
+    routes: RouteTable
+    keys: KeyStore | None
+
+
+@dataclass
+class Live:
+    """The current snapshot; replaced whole, never changed in place."""
+
+    snapshot: Snapshot
+
+
+def _signature(path: Path) -> Signature:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _racy(sig: Signature, now_ns: int) -> bool:
+    return sig is not None and sig[0] >= now_ns - _RACY_WINDOW_NS
+
+
+@dataclass
+class Reloader:
+    """Loads the three sources and rebuilds the snapshot when one of them changes."""
+
+    config: GatewayConfig
+    env: Mapping[str, str]
+    _models: ModelsFile | None = field(default=None, init=False)
+    _keys: KeyStore | None = field(default=None, init=False)
+    _routes: RouteTable | None = field(default=None, init=False)
+    _sigs: dict[str, Signature] = field(default_factory=dict, init=False)
+    _racy_sources: set[str] = field(default_factory=set, init=False)
+    _errors: dict[str, str] = field(default_factory=dict, init=False)
+    _warned: set[str] = field(default_factory=set, init=False)
+    _last_full: float = field(default_factory=time.monotonic, init=False)
+
+    def load_initial(self) -> Snapshot:
+        """The first snapshot; a bad models.yaml or keys.yaml raises ConfigError."""
+        now_ns = time.time_ns()
+        sigs = self._stat_all()
+        if self.config.models_file is not None:
+            self._models = load_models(self.config.models_file)
+        if self.config.keys_file is not None:
+            self._keys = load_keys(self.config.keys_file)
+        self._routes = self._build_routes()
+        self._remember(sigs, now_ns)
+        return Snapshot(routes=self._routes, keys=self._keys)
+
+    def poll(self, now: float | None = None) -> Snapshot | None:
+        """A new snapshot if a source changed (or a full reload is due), else None.
+
+        Blocking (stat, and reads when something changed): run it in a worker thread.
+        ``now`` is a ``time.monotonic()`` reading (tests pass their own).
+        """
+        now_ns = time.time_ns()
+        monotonic = time.monotonic() if now is None else now
+        sigs = self._stat_all()
+        full = monotonic - self._last_full >= FULL_RELOAD_EVERY_S
+        changed = {name for name, sig in sigs.items() if full or self._stale(name, sig)}
+        if not changed:
+            return None
+        if "models" in changed and self.config.models_file is not None:
+            try:
+                self._models = load_models(self.config.models_file)
+                self._accepted("models")
+            except ConfigError as exc:
+                self._rejected("models", exc)
+        if "keys" in changed and self.config.keys_file is not None:
+            try:
+                self._keys = load_keys(self.config.keys_file)
+                self._accepted("keys")
+            except ConfigError as exc:
+                self._rejected("keys", exc)
+        if self._routes is None or changed & {"registry", "models"}:
+            try:
+                self._routes = self._build_routes()
+            except RegistryError as exc:
+                log.error(
+                    "registry unreadable; keeping the last routes",
+                    extra=fields(path=str(exc.path), error=exc.message),
+                )
+                return None
+        self._remember(sigs, now_ns)
+        if full:
+            self._last_full = monotonic
+        return Snapshot(routes=self._routes, keys=self._keys)
+
+    def _stale(self, name: str, sig: Signature) -> bool:
+        if name not in self._sigs or self._sigs[name] != sig:
+            return True
+        return name in self._racy_sources
+
+    def _stat_all(self) -> dict[str, Signature]:
+        sigs = {"registry": _signature(self.config.registry_dir)}
+        if self.config.models_file is not None:
+            sigs["models"] = _signature(self.config.models_file)
+        if self.config.keys_file is not None:
+            sigs["keys"] = _signature(self.config.keys_file)
+        return sigs
+
+    def _remember(self, sigs: dict[str, Signature], now_ns: int) -> None:
+        self._sigs = dict(sigs)
+        self._racy_sources = {name for name, sig in sigs.items() if _racy(sig, now_ns)}
+
+    def _build_routes(self) -> RouteTable:
+        records = Registry(self.config.registry_dir).records()
+        routes = build_routes(records, self._models, self.env)
+        for warning in routes.warnings:
+            if warning not in self._warned:
+                self._warned.add(warning)
+                log.warning(warning)
+        return routes
+
+    def _accepted(self, source: str) -> None:
+        if self._errors.pop(source, None) is not None:
+            log.info("config accepted", extra=fields(file=str(self._path(source))))
+
+    def _rejected(self, source: str, exc: ConfigError) -> None:
+        # Logged when the problem changes, not on every full reload of the same bad file.
+        if self._errors.get(source) == exc.message:
+            return
+        self._errors[source] = exc.message
+        log.error(
+            f"config rejected, keeping the last good one: {exc.message}",
+            extra=fields(file=str(exc.path), issues=[str(issue) for issue in exc.issues]),
+        )
+
+    def _path(self, source: str) -> Path | None:
+        return self.config.models_file if source == "models" else self.config.keys_file
+
+
+async def run_reloader(reloader: Reloader, live: Live, interval_s: float) -> None:
+    """Poll forever, swapping in each new snapshot; cancelled when the app stops."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            snapshot = await asyncio.to_thread(reloader.poll)
+        except Exception:
+            # A bug in one round must not stop reloading for good, leaving the routes
+            # frozen; the traceback goes to the log and the last snapshot stays.
+            log.exception("reload failed; keeping the last snapshot")
+            continue
+        if snapshot is not None:
+            live.snapshot = snapshot
+
+
+def reload_context(
+    config: GatewayConfig, env: Mapping[str, str], live_key: web.AppKey[Live]
+) -> CleanupContext:
+    """A ``cleanup_ctx`` entry: load the first snapshot (or fail startup), then keep reloading."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        reloader = Reloader(config=config, env=env)
+        snapshot = await asyncio.to_thread(reloader.load_initial)
+        app[live_key] = Live(snapshot)
+        task = asyncio.create_task(
+            run_reloader(reloader, app[live_key], config.reload_interval_s),
+            name="mt-gateway-reload",
+        )
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return context

@@ -1,0 +1,135 @@
+"""The route table: which upstreams serve which model name, as one immutable snapshot.
+
+The reloader builds a new table whenever the registry or ``models.yaml`` changes and swaps
+it in whole; requests only read the table they picked up, so they never see half an update.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from hpc.registry import FINAL_STATES, Record
+from hpc.spec import ModelsFile
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One OpenAI-compatible endpoint and the key the gateway sends it.
+
+    ``base_url`` is the endpoint's OpenAI root (ending in ``/v1``); ``source`` says where it
+    came from (a registry record key, or ``static:<name>``) for logs.
+    """
+
+    model: str
+    base_url: str
+    api_key: str | None = field(repr=False)
+    source: str
+    created: int = 0
+
+    def url(self, suffix: str) -> str:
+        """``http://node:port/v1`` + ``/chat/completions``."""
+        return self.base_url.rstrip("/") + suffix
+
+
+class RouteTable:
+    """Routable names with their upstreams, plus names that are known but not ready."""
+
+    def __init__(
+        self,
+        routes: Mapping[str, tuple[Upstream, ...]],
+        configured: Iterable[str] = (),
+        starting: Iterable[str] = (),
+        warnings: Iterable[str] = (),
+    ) -> None:
+        self._routes = dict(routes)
+        self._configured = frozenset(configured)
+        self._starting = frozenset(starting)
+        self.warnings = tuple(warnings)
+        # The only mutable part: where each name's round robin stands. It restarts with
+        # every new table, which only shifts which replica goes first.
+        self._turns = {name: itertools.count() for name in self._routes}
+
+    def names(self) -> list[str]:
+        """Every routable name, sorted."""
+        return sorted(self._routes)
+
+    def upstreams(self, model: str) -> tuple[Upstream, ...]:
+        """The upstreams of ``model`` in a stable order (empty if none is ready)."""
+        return self._routes.get(model, ())
+
+    def pick(self, model: str) -> tuple[Upstream, ...]:
+        """The upstreams of ``model``, rotated one step per call (round robin).
+
+        The first is the one to use; the rest are the fallbacks, in order, when it cannot
+        be reached.
+        """
+        candidates = self._routes.get(model, ())
+        if len(candidates) <= 1:
+            return candidates
+        start = next(self._turns[model]) % len(candidates)
+        return candidates[start:] + candidates[:start]
+
+    def is_known(self, model: str) -> bool:
+        """True for a name in ``models.yaml`` or with a job on its way, routable or not."""
+        return model in self._configured or model in self._starting or model in self._routes
+
+    def is_starting(self, model: str) -> bool:
+        """True if a job for ``model`` exists but is not ready (pending, starting, draining)."""
+        return model in self._starting
+
+
+def build_routes(
+    records: Iterable[Record],
+    models: ModelsFile | None,
+    env: Mapping[str, str],
+) -> RouteTable:
+    """A table from the registry's records and the static backends of ``models.yaml``.
+
+    Only ``ready`` records with a base URL route; other live records make their name known,
+    so a request gets 503 (retry later) rather than 404. A static backend's key comes from
+    the environment variable it names.
+    """
+    routes: dict[str, list[Upstream]] = {}
+    starting: set[str] = set()
+    warnings: list[str] = []
+    for record in records:
+        if record.state == "ready" and record.base_url:
+            routes.setdefault(record.model, []).append(
+                Upstream(
+                    model=record.model,
+                    base_url=record.base_url,
+                    api_key=record.api_key.get_secret_value(),
+                    source=record.key,
+                    created=int(record.created_at),
+                )
+            )
+        elif record.state not in FINAL_STATES:
+            starting.add(record.model)
+    configured: list[str] = []
+    if models is not None:
+        configured = [spec.name for spec in models.models]
+        for static in models.static:
+            key: str | None = None
+            if static.api_key_env is not None:
+                key = env.get(static.api_key_env)
+                if not key:
+                    warnings.append(
+                        f"static backend {static.name!r}: environment variable "
+                        f"{static.api_key_env} is not set; sending no key"
+                    )
+            routes.setdefault(static.name, []).append(
+                Upstream(
+                    model=static.name,
+                    base_url=static.base_url,
+                    api_key=key or None,
+                    source=f"static:{static.name}",
+                )
+            )
+    return RouteTable(
+        {name: tuple(ups) for name, ups in routes.items()},
+        configured=configured,
+        starting=starting - routes.keys(),
+        warnings=warnings,
+    )

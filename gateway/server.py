@@ -1,0 +1,108 @@
+"""Run the gateway: ``start`` for tests and embedding, ``run`` for ``mt gateway``."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Callable, Mapping
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from gateway.logs import LOGGER_NAME, configure_logging, fields
+from hpc.errors import MTError
+
+log = logging.getLogger(f"{LOGGER_NAME}.server")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1; False for names and every other address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(config: GatewayConfig) -> None:
+    """Refuse to listen beyond loopback without auth (anyone on the network could use it)."""
+    if config.keys_file is None and not is_loopback(config.host):
+        raise MTError(
+            f"refusing to listen on {config.host} without API keys: anyone who can reach it "
+            "could use every model",
+            hint="pass --keys FILE or bind 127.0.0.1",
+        )
+
+
+async def start(
+    config: GatewayConfig, *, env: Mapping[str, str] | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start listening; returns the runner (``await runner.cleanup()`` stops it) and the port.
+
+    Raises MTError for a refused bind or a port that cannot be had, and ConfigError when a
+    config file is bad at startup.
+    """
+    check_bind(config)
+    app = create_app(config, env=env)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    try:
+        await runner.setup()
+    except BaseException:
+        # Close whatever cleanup_ctx entries had started before the failing one.
+        await app.cleanup()
+        raise
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise MTError(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            hint="is another gateway running? pass --port, or --port 0 for any free port",
+        ) from exc
+    port = int(runner.addresses[0][1])
+    return runner, port
+
+
+def listening_line(host: str, port: int) -> str:
+    """The line scripts wait for: ``mt gateway listening on http://HOST:PORT``."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"mt gateway listening on http://{shown}:{port}"
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+async def serve(config: GatewayConfig, announce: Callable[[str], None] = _announce) -> None:
+    """Listen until SIGINT or SIGTERM, then stop cleanly."""
+    runner, port = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        line = listening_line(config.host, port)
+        log.info(line, extra=fields(host=config.host, port=port))
+        announce(line)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def run(config: GatewayConfig) -> None:
+    """The blocking entry of ``mt gateway``: JSON logs on stderr, the listening line on stdout.
+
+    Raises MTError (ConfigError included) when it cannot start; the CLI prints it.
+    """
+    configure_logging(sys.stderr)
+    asyncio.run(serve(config))
