@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hpc.backends import Backend, JobHandle, JobStatus, get_backend
+from hpc.backends import Backend, JobHandle, JobStatus, ScriptBackend, get_backend
 from hpc.errors import JobNotFoundError, MTError
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.site import Site
@@ -42,6 +42,18 @@ def submit(site: Site, spec: ModelSpec, backend_name: str | None = None) -> JobH
     """Submit ``spec`` to the named backend (the site's default if None)."""
     backend = get_backend(backend_name or site.config.default_backend, site)
     return backend.submit(spec)
+
+
+def render_script(site: Site, spec: ModelSpec, backend_name: str | None = None) -> str:
+    """The job script the backend would submit for ``spec`` (Slurm's sbatch script)."""
+    name = backend_name or site.config.default_backend
+    backend = get_backend(name, site)
+    if not isinstance(backend, ScriptBackend):
+        raise MTError(
+            f"the {name} backend has no job script to show",
+            hint="--dry-run and mt render work with --backend slurm",
+        )
+    return backend.render_script(spec)
 
 
 class WaitFailed(MTError):

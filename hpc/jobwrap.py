@@ -137,7 +137,8 @@ class JobWrapper:
             update={
                 "generation": self.generation,
                 "state": "starting",
-                "node": socket.gethostname(),
+                # Slurm's node name (gpu1) is what users see in squeue; else the host name.
+                "node": self.environ.get("SLURMD_NODENAME") or socket.gethostname(),
                 "pid": os.getpid(),
                 "base_url": None,
                 "reason": None,
@@ -149,6 +150,11 @@ class JobWrapper:
 
     def _set(self, record: Record, state: State, **fields: object) -> Record:
         record = record.model_copy(update={"state": state, **fields})
+        current = self.registry.read(self.key)
+        if current is not None and current.generation > self.generation:
+            # The job was requeued and a newer run owns the record: leave it alone.
+            self._say(f"record {self.key} belongs to generation {current.generation}; not writing")
+            return record
         self.registry.write(record)
         self._say(f"record {self.key} -> {state}")
         return record
@@ -244,6 +250,10 @@ class JobWrapper:
         record = self._set(record, "ready", base_url=base_url, engine_pid=proc.pid)
         while self.stop_signal is None and proc.poll() is None:
             time.sleep(0.2)
+        if self.stop_signal is None:
+            # scancel signals the engine and this wrapper at once: give our own signal a
+            # moment to arrive before calling the engine's exit a failure.
+            time.sleep(1.0)
         if self.stop_signal is not None:
             return self._drain(record, proc)
         tail = pump.join()

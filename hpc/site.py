@@ -60,10 +60,11 @@ class SiteConfig(_Strict):
     registry_dir: Path | None = Field(default=None, description="default: $MT_HOME/registry")
     log_dir: Path | None = Field(default=None, description="default: $MT_HOME/logs")
     default_backend: str = "local"
-    engine_host: str = Field(
-        default="127.0.0.1",
-        description="address engines bind to; a cluster sets 0.0.0.0 so the login node"
-        " reaches them",
+    engine_host: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9.:_-]+$",
+        description="address engines bind to; default 127.0.0.1 for local jobs and 0.0.0.0 "
+        "for cluster jobs, which the login node's gateway must reach (the per-job key guards them)",
     )
     slurm: SlurmSite = Field(default_factory=SlurmSite)
     gateway: GatewaySite = Field(default_factory=GatewaySite)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import slurm_cluster  # noqa: F401 - the session's private Slurm cluster
 
 _CLEARED_PREFIXES = ("MT_", "SLURM_", "OPENAI_")
 _CLEARED_NAMES = ("KUBECONFIG",)

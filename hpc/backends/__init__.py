@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hpc.backends.base import Backend, JobHandle, JobStatus, SchedulerState
+from hpc.backends.base import Backend, JobHandle, JobStatus, SchedulerState, ScriptBackend
 from hpc.backends.local import LocalBackend
+from hpc.backends.slurm import SlurmBackend
 from hpc.errors import UnknownBackendError
 from hpc.site import Site
 
@@ -13,6 +14,7 @@ BackendFactory = Callable[[Site], Backend]
 
 BACKENDS: dict[str, BackendFactory] = {
     "local": LocalBackend,
+    "slurm": SlurmBackend,
 }
 
 
@@ -25,4 +27,12 @@ def get_backend(name: str, site: Site) -> Backend:
     return factory(site)
 
 
-__all__ = ["BACKENDS", "Backend", "JobHandle", "JobStatus", "SchedulerState", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "JobHandle",
+    "JobStatus",
+    "SchedulerState",
+    "ScriptBackend",
+    "get_backend",
+]

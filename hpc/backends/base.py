@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from hpc.spec import ModelSpec
 
@@ -54,4 +54,13 @@ class Backend(Protocol):
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """The job's log lines; with ``follow``, keep yielding until the job ends."""
+        ...
+
+
+@runtime_checkable
+class ScriptBackend(Protocol):
+    """A backend whose jobs are scripts users can read and submit themselves (Slurm)."""
+
+    def render_script(self, spec: ModelSpec) -> str:
+        """The exact script ``submit`` would hand the scheduler (with a fresh nonce)."""
         ...

@@ -56,7 +56,7 @@ class LocalBackend:
             job_id=job_id,
             nonce=nonce,
             registry_dir=self.site.registry_dir,
-            engine_host=self.site.config.engine_host,
+            engine_host=self.site.config.engine_host or "127.0.0.1",
         )
         write_plan(plan, plan_path)
         record = Record(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -38,12 +39,18 @@ def submit(
     timeout_s: Annotated[
         float | None, typer.Option("--timeout", help="Give up waiting after this many seconds.")
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the job script instead of submitting it.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a job that serves MODEL; with --wait, show its progress until it is ready."""
     cli: CliContext = ctx.obj
     site = cli.site()
     spec = cli.spec(model)
+    if dry_run:
+        typer.echo(jobs.render_script(site, spec, backend), nl=False)
+        return
     handle = jobs.submit(site, spec, backend)
     err = stderr()
     if not as_json:
@@ -173,3 +180,22 @@ def cancel(
         print_json(record.public())
     else:
         stdout().print(f"{record.key}: {record.state}")
+
+
+def render(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="A model name from models.yaml.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (default: MODEL.sbatch).")
+    ] = None,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="slurm (default).")] = "slurm",
+) -> None:
+    """Write MODEL's job script to a file you can read, edit and `sbatch` yourself."""
+    cli: CliContext = ctx.obj
+    spec = cli.spec(model)
+    script = jobs.render_script(cli.site(), spec, backend)
+    path = output or Path(f"{spec.name}.sbatch")
+    path.write_text(script, encoding="utf-8")
+    stderr().print(
+        f"wrote {path}; submit it with `sbatch {path}` — the job registers its endpoint itself"
+    )

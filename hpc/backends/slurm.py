@@ -1,0 +1,205 @@
+"""The Slurm backend: a model spec becomes an sbatch script that runs the job wrapper.
+
+Submit renders the script (hpc.sbatch), runs ``sbatch --parsable`` and then creates the
+job's ``pending`` record unless the job, already running, has written its own. If sbatch
+times out, the job is looked up by its nonce (``--comment=mt:<nonce>``) before anything is
+resubmitted, so one submit never makes two jobs. Status asks squeue once for all jobs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from hpc.backends.base import JobHandle, JobStatus
+from hpc.errors import BackendError
+from hpc.jobplan import JobPlan
+from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, new_nonce, record_key
+from hpc.sbatch import SbatchJob, render
+from hpc.site import Site
+from hpc.slurm import (
+    CANCELLED_STATES,
+    DONE_STATES,
+    PENDING_STATES,
+    RUNNING_STATES,
+    SlurmClient,
+    SlurmJob,
+)
+from hpc.spec import ModelSpec
+from hpc.transport import CommandTimeout, LocalTransport
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job ready for sbatch: its script, plan and name. Nothing has been written yet."""
+
+    script: str
+    plan: JobPlan
+    job: SbatchJob
+
+
+def scheduler_status(job: SlurmJob) -> JobStatus:
+    """Slurm's word for a job, as a backend-neutral status with Slurm's reason."""
+    reason = "" if job.reason in ("None", "") else job.reason
+    if job.state in PENDING_STATES:
+        return JobStatus("pending", reason or job.state.lower())
+    if job.state in RUNNING_STATES:
+        return JobStatus("running", job.nodes)
+    if job.state in DONE_STATES:
+        return JobStatus("done", job.state)
+    if job.state in CANCELLED_STATES:
+        return JobStatus("cancelled", job.state)
+    return JobStatus("failed", f"{job.state} {reason}".strip())
+
+
+class SlurmBackend:
+    """Submits model jobs with sbatch; the job wrapper does the rest on the node."""
+
+    name = "slurm"
+
+    def __init__(
+        self,
+        site: Site,
+        *,
+        client: SlurmClient | None = None,
+        cancel_wait_s: float = 60.0,
+    ) -> None:
+        self.site = site
+        slurm = site.config.slurm
+        self.client = client or SlurmClient(LocalTransport(), timeout_s=slurm.command_timeout_s)
+        self.registry = Registry(site.registry_dir)
+        self.python = slurm.python or sys.executable
+        self.cancel_wait_s = cancel_wait_s
+
+    def prepare(self, spec: ModelSpec, *, nonce: str | None = None) -> PreparedJob:
+        """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
+        plan = JobPlan(
+            spec=spec,
+            backend=self.name,
+            nonce=nonce or new_nonce(),
+            registry_dir=self.site.registry_dir,
+            engine_host=self.site.config.engine_host or "0.0.0.0",  # noqa: S104 - the gateway is elsewhere
+        )
+        script, job = render(
+            spec, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
+        )
+        return PreparedJob(script, plan, job)
+
+    def render_script(self, spec: ModelSpec) -> str:
+        """The sbatch script for ``spec``; sbatch'd by hand, it still registers its endpoint."""
+        return self.prepare(spec).script
+
+    def submit(self, spec: ModelSpec) -> JobHandle:
+        """sbatch the job, then create its pending record (unless the job already did)."""
+        prepared = self.prepare(spec)
+        nonce = prepared.plan.nonce
+        self.site.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.registry.ensure()
+        try:
+            job_id = self.client.sbatch(prepared.script)
+        except CommandTimeout as exc:
+            # sbatch may have queued the job before timing out: find it before retrying.
+            found = self._find_after_timeout(f"mt:{nonce}")
+            if found is None:
+                raise BackendError(
+                    f"sbatch did not answer within {exc.timeout_s:g}s and no job with nonce "
+                    f"{nonce} is queued: nothing was submitted",
+                    argv=exc.argv,
+                    hint="the scheduler is slow or down; try again in a minute (`squeue --me`)",
+                ) from exc
+            job_id = found
+        record = Record(
+            backend=self.name,
+            job_id=job_id,
+            nonce=nonce,
+            model=spec.name,
+            engine=spec.engine,
+            state="pending",
+            api_key=SecretStr(new_api_key()),
+            log_path=prepared.job.log_path(job_id),
+        )
+        self.registry.create(record)
+        return JobHandle(self.name, job_id, nonce)
+
+    def _find_after_timeout(self, comment: str) -> str | None:
+        for _ in range(3):
+            try:
+                job = self.client.find_by_comment(comment)
+            except CommandTimeout:
+                job = None
+            if job is not None:
+                return job.job_id
+            time.sleep(2)
+        return None
+
+    def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        """One squeue for every job; sacct (if the cluster has it) for those squeue forgot."""
+        ids = [h.job_id for h in handles]
+        try:
+            jobs = self.client.jobs(ids)
+        except CommandTimeout:
+            return {i: JobStatus("unknown", "squeue did not answer in time") for i in ids}
+        out = {i: scheduler_status(job) for i, job in jobs.items()}
+        missing = [i for i in ids if i not in out]
+        if missing:
+            accounted = self.client.accounting(missing) or {}
+            for job_id in missing:
+                job = accounted.get(job_id)
+                out[job_id] = (
+                    scheduler_status(job)
+                    if job
+                    else JobStatus("missing", "squeue no longer shows it")
+                )
+        return out
+
+    def cancel(self, handle: JobHandle) -> None:
+        """scancel: Slurm TERMs the wrapper, which drains, stops the engine and marks it gone."""
+        self.client.scancel(handle.job_id)
+        key = record_key(self.name, handle.job_id)
+        deadline = time.monotonic() + self.cancel_wait_s
+        while time.monotonic() < deadline:
+            record = self.registry.read(key)
+            if record is None or record.state in FINAL_STATES:
+                return
+            if not self._active(handle.job_id):
+                break  # the job ended but never finished its record (killed, or never ran)
+            time.sleep(0.5)
+        record = self.registry.read(key)
+        if record is not None and record.state not in FINAL_STATES:
+            self.registry.update(key, state="gone", reason="cancelled")
+
+    def _active(self, job_id: str) -> bool:
+        """Pending or running (squeue keeps listing ended jobs until it purges them)."""
+        job = self.client.jobs([job_id]).get(job_id)
+        return job is not None and job.state in PENDING_STATES | RUNNING_STATES
+
+    def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
+        """The job's output file (on the shared filesystem); with ``follow``, until it ends."""
+        record = self.registry.read(record_key(self.name, handle.job_id))
+        if record is None or not record.log_path:
+            raise BackendError(f"no log path known for job {handle.job_id}")
+        path = Path(record.log_path)
+        deadline = time.monotonic() + 600
+        while not path.exists():
+            if not follow or not self._active(handle.job_id):
+                raise BackendError(
+                    f"no log file {path} yet", hint="a pending job has no log until it starts"
+                )
+            if time.monotonic() > deadline:
+                return
+            time.sleep(1)
+        with path.open(encoding="utf-8", errors="replace") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    yield line.rstrip("\n")
+                    continue
+                if not follow or not self._active(handle.job_id):
+                    yield from f.read().splitlines()
+                    return
+                time.sleep(1)

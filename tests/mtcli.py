@@ -1,0 +1,75 @@
+"""Helpers for tests that drive the real `mt` CLI and gateway as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+GEMMA = "gemma-3-270m"
+
+
+def mt(*args: str, check: bool = True, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI with the test's environment (MT_HOME, MT_MODELS, SLURM_CONF)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"mt {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+    return done
+
+
+def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
+    """A models.yaml serving the real Gemma GGUF (alpaca format suits this base model)."""
+    path.write_text(
+        "models:\n"
+        f"  - name: {GEMMA}\n"
+        "    engine: llamacpp\n"
+        f"    weights: {{source: {json.dumps(str(gguf))}}}\n"
+        '    engine_args: ["--chat_format", "alpaca", "--n_ctx", "1024"]\n'
+        "    startup_timeout_s: 120\n"
+        "    resources: {cpus: 1, mem_gb: 1, time_limit_min: 30}\n" + extra,
+        encoding="utf-8",
+    )
+    return path
+
+
+@contextmanager
+def running_gateway(*args: str) -> Iterator[str]:
+    """`mt gateway --port 0` in the background; yields its URL; stops it (whole group)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpc.cli", "gateway", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + (proc.stderr.read() if proc.stderr else "")
+        yield line.split("listening on", 1)[1].strip()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def engine_processes(port: int) -> list[psutil.Process]:
+    """The llama.cpp server listening on ``port`` (a job's engine), if it runs."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "llama_cpp.server" in cmdline and str(port) in cmdline:
+            out.append(proc)
+    return out

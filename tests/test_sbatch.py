@@ -1,0 +1,178 @@
+"""Rendered sbatch scripts: golden files, sorted quoted flags, hostile values that cannot inject."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from hpc.jobplan import JobPlan
+from hpc.sbatch import render
+from hpc.site import SlurmSite
+from hpc.spec import ModelSpec
+
+GOLDEN = Path(__file__).parent / "golden" / "sbatch"
+UPDATE = os.environ.get("MT_UPDATE_GOLDEN") == "1"  # read before the env is cleaned
+
+VLLM: dict[str, Any] = {
+    "name": "Qwen3-Coder-30B-A3B",
+    "engine": "vllm",
+    "weights": {"source": "Qwen/Qwen3-Coder-30B-A3B-Instruct"},
+    "engine_args": ["--max-model-len", "32768"],
+    "resources": {"gpus": 2, "gpu_type": "a100", "cpus": 16, "mem_gb": 128, "time_limit_min": 480},
+    "runtime": {
+        "kind": "apptainer",
+        "image": "/shared/containers/vllm-cuda.sif",
+        "gpu_flag": "--nv",
+        "binds": ["/scratch/hf:/root/.cache/huggingface"],
+    },
+    "slurm": {"partition": "gpu-a100", "account": "nlp-lab", "qos": "normal"},
+}
+
+CASES: dict[str, dict[str, Any]] = {
+    "vllm_apptainer_nv": VLLM,
+    "vllm_rocm": {
+        **VLLM,
+        "name": "Llama-3.1-8B-Instruct",
+        "weights": {"source": "meta-llama/Llama-3.1-8B-Instruct"},
+        "engine_args": [],
+        "resources": {"gpus": 1, "gpu_type": "mi250", "cpus": 8, "mem_gb": 64},
+        "runtime": {"kind": "apptainer", "image": "/shared/vllm-rocm.sif", "gpu_flag": "--rocm"},
+        "slurm": {"partition": "amd", "constraint": "mi250&ib", "requeue": True},
+    },
+    "llamacpp_cpu": {
+        "name": "gemma-3-270m",
+        "engine": "llamacpp",
+        "weights": {"source": "/shared/models/gemma", "quant": "Q4_K_M"},
+        "engine_args": ["--chat_format", "alpaca"],
+        "resources": {"cpus": 4, "mem_gb": 8, "time_limit_min": 60},
+        "slurm": {"partition": "cpu", "signal_grace_s": 30},
+    },
+    "vllm_multinode": {
+        **VLLM,
+        "name": "Llama-3.1-405B-Instruct",
+        "weights": {"source": "meta-llama/Llama-3.1-405B-Instruct"},
+        "resources": {"gpus": 8, "gpu_type": "h100", "cpus": 64, "mem_gb": 900, "nodes": 2},
+        "slurm": {"partition": "gpu-h100", "extra_directives": ["--exclusive"]},
+    },
+}
+
+SITE = SlurmSite(account="default-acct", modules=("cuda/12.4", "apptainer/1.3"))
+
+
+def rendered(
+    spec_data: dict[str, Any],
+    *,
+    log_dir: Path = Path("/home/ada/.mt/logs"),
+    python: str = "/opt/mt/venv/bin/python",
+    site: SlurmSite = SITE,
+) -> str:
+    spec = ModelSpec.model_validate(spec_data)
+    plan = JobPlan(
+        spec=spec,
+        backend="slurm",
+        nonce="0123abcd",
+        registry_dir=Path("/home/ada/.mt/registry"),
+        engine_host="0.0.0.0",
+    )
+    script, _ = render(spec, plan, site, log_dir=log_dir, python=python)
+    return script
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    script = rendered(CASES[case])
+    path = GOLDEN / f"{case}.sbatch"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script, encoding="utf-8")
+    assert script == path.read_text(encoding="utf-8"), f"regenerate with MT_UPDATE_GOLDEN=1: {path}"
+
+
+def directives(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_directives_sorted_and_complete() -> None:
+    lines = directives(rendered(VLLM))
+    flags = [line.split()[1].split("=")[0] for line in lines]
+    assert flags == sorted(flags)
+    assert "#SBATCH --gres=gpu:a100:2" in lines
+    assert "#SBATCH --signal=B:USR1@120" in lines
+    assert "#SBATCH --account=nlp-lab" in lines  # the model's own account beats the site's
+    assert "#SBATCH --job-name=mt-Qwen3-Coder-30B-A3B-0123abcd" in lines
+
+
+def test_site_defaults_fill_in() -> None:
+    spec = {**CASES["llamacpp_cpu"], "slurm": {}}
+    lines = directives(rendered(spec, site=SlurmSite(partition="batch", account="lab", qos="low")))
+    assert {"#SBATCH --partition=batch", "#SBATCH --account=lab", "#SBATCH --qos=low"} <= set(lines)
+
+
+def test_no_secret_in_script() -> None:
+    script = rendered(VLLM)
+    assert "api_key" not in script and "mtj-" not in script
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("partition", "gpu\n#SBATCH --account=evil"),
+        ("account", "lab$(touch /tmp/pwned)"),
+        ("qos", "normal --exclusive"),
+        ("constraint", "a100\necho pwned"),
+        ("extra_directives", ["--comment=x\n#SBATCH --account=evil"]),
+        ("extra_directives", ["#SBATCH --account=evil"]),
+    ],
+)
+def test_hostile_slurm_values_are_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        ModelSpec.model_validate({**VLLM, "slurm": {field: value}})
+    assert field in str(info.value)
+
+
+def test_hostile_model_name_is_rejected() -> None:
+    with pytest.raises(ValidationError):
+        ModelSpec.model_validate({**VLLM, "name": "x\n#SBATCH --account=evil"})
+
+
+HOSTILE = "a b'c\"d; echo INJECTED $(echo INJECTED) `echo INJECTED`\nMT_PLAN\necho INJECTED"
+
+
+def test_hostile_values_in_the_plan_stay_data(tmp_path: Path) -> None:
+    """Run the script's shell part for real: nothing injected runs, the plan arrives intact."""
+    capture = tmp_path / "plan.json"
+    fake_python = tmp_path / "fake python"  # a path with a space, quoted by the renderer
+    fake_python.write_text(f"#!/bin/sh\ncat > '{capture}'\n", encoding="utf-8")
+    fake_python.chmod(fake_python.stat().st_mode | stat.S_IXUSR)
+    spec = {
+        **CASES["llamacpp_cpu"],
+        "weights": {"source": f"/models/{HOSTILE}"},
+        "engine_args": [HOSTILE, "--flag=$(echo INJECTED)"],
+    }
+    log_dir = tmp_path / "logs with 'quotes' and spaces"
+    script = rendered(spec, log_dir=log_dir, python=str(fake_python), site=SlurmSite())
+    done = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "INJECTED" not in done.stdout + done.stderr
+    plan = json.loads(capture.read_text(encoding="utf-8"))
+    assert plan["spec"]["weights"]["source"] == f"/models/{HOSTILE}"
+    assert plan["spec"]["engine_args"] == [HOSTILE, "--flag=$(echo INJECTED)"]
+    output = next(line for line in directives(script) if line.startswith("#SBATCH --output="))
+    assert (
+        output
+        == f"#SBATCH --output='{tmp_path}/logs with '\"'\"'quotes'\"'\"' and spaces/%x-%j.log'"
+    )
