@@ -198,8 +198,10 @@ def run(home: Path, max_tokens: int) -> int:
             rate = statistics.median(s.tokens_per_s for s in stats)
             print(f"    {label:18}{ttft:8.1f}ms{rate:10.1f}{stats[0].chunks:8d}")
         print(
-            f"\n    try it yourself while it runs: curl -N {gateway_url}/v1/chat/completions "
-            "-H 'Content-Type: application/json' -d '{\"model\": \"" + MODEL + '", "stream": true, '
+            "\n    by hand: `mt submit gemma-3-270m --wait` and `mt gateway` (with MT_HOME and "
+            "MT_MODELS\n    pointing at a models.yaml like this demo's), then\n"
+            "    curl -N http://127.0.0.1:8081/v1/chat/completions -H 'Content-Type: "
+            'application/json\' \\\n      -d \'{"model": "' + MODEL + '", "stream": true, '
             '"messages": [{"role": "user", "content": "Name a planet."}]}\''
         )
         return 0 if answer.chunks > 0 else 1

@@ -74,21 +74,28 @@ def wait_ready(
     handle: JobHandle,
     *,
     timeout_s: float | None = None,
-    poll_s: float = 0.5,
+    poll_s: float = 0.2,
+    scheduler_every_s: float = 3.0,
     on_poll: Callable[[Record | None, JobStatus], None] | None = None,
 ) -> Record:
     """Block until the job's record is ``ready``; raise WaitFailed if it ends first.
 
-    ``on_poll`` is called with the record and scheduler status at every poll, so a CLI can
+    The record (a small local file) is read every ``poll_s``; the scheduler is asked only
+    every ``scheduler_every_s``, since squeue every fraction of a second loads a busy
+    controller. ``on_poll`` gets the record and scheduler status at every poll, so a CLI can
     show progress and elapsed time; the library itself prints nothing.
     """
     registry = Registry(site.registry_dir)
     backend = get_backend(handle.backend, site)
     key = record_key(handle.backend, handle.job_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    status = JobStatus("unknown")
+    asked_at: float | None = None
     while True:
         record = registry.read(key)
-        status = backend.status([handle]).get(handle.job_id, JobStatus("unknown"))
+        if asked_at is None or time.monotonic() - asked_at >= scheduler_every_s:
+            status = backend.status([handle]).get(handle.job_id, JobStatus("unknown"))
+            asked_at = time.monotonic()
         if on_poll is not None:
             on_poll(record, status)
         if record is not None and record.state == "ready":

@@ -268,6 +268,9 @@ class JobWrapper:
         """'healthy', 'exited', 'stopped' (a signal came) or 'timeout'."""
         deadline = time.monotonic() + timeout_s
         key = self._secret if needs_key else None
+        # Small models answer within a second or two, large ones take minutes: probe often
+        # at first (a refused loopback connect costs microseconds), then back off to 2 s.
+        interval = 0.05
         while time.monotonic() < deadline:
             if self.stop_signal is not None:
                 return "stopped"
@@ -275,7 +278,8 @@ class JobWrapper:
                 return "exited"
             if probe(url, key):
                 return "healthy"
-            time.sleep(0.25)
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.25, 2.0)
         return "timeout"
 
     def _drain(self, record: Record, proc: subprocess.Popen[bytes]) -> int:

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from hpc.errors import SlurmError
 from hpc.transport import CommandResult, CommandTimeout, Transport
@@ -78,6 +79,30 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+class SlurmAPI(Protocol):
+    """What the Slurm backend needs from Slurm: the CLI client, or the pyslurm adapter."""
+
+    def sbatch(self, script: str) -> str:
+        """Submit a batch script; returns the job id."""
+        ...
+
+    def scancel(self, job_id: str, *, signal: str | None = None, batch_only: bool = False) -> None:
+        """Cancel a job, or only send it ``signal`` (to the batch shell with ``batch_only``)."""
+        ...
+
+    def jobs(self, job_ids: Iterable[str] | None = None) -> dict[str, SlurmJob]:
+        """The jobs the controller still knows, keyed by id (all of them, or ``job_ids``)."""
+        ...
+
+    def find_by_comment(self, comment: str) -> SlurmJob | None:
+        """The job whose comment is ``comment``, if any."""
+        ...
+
+    def accounting(self, job_ids: Sequence[str]) -> dict[str, SlurmJob] | None:
+        """Final states from accounting; None where the cluster keeps none."""
+        ...
+
+
 class SlurmClient:
     """Slurm's command-line tools, run through a transport (local or SSH)."""
 
@@ -85,6 +110,7 @@ class SlurmClient:
         self.transport = transport
         self.timeout_s = timeout_s
         self._json: bool | None = None  # does this squeue speak --json? learnt on first use
+        self._has_accounting: bool | None = None  # learnt from the first sacct call
 
     def run(
         self, argv: list[str], *, stdin: str | None = None, check: bool = True
@@ -161,6 +187,8 @@ class SlurmClient:
         """Final states from sacct, or None when the cluster has no accounting storage."""
         if not job_ids:
             return {}
+        if self._has_accounting is False:
+            return None
         try:
             result = self.run(
                 [
@@ -176,7 +204,9 @@ class SlurmClient:
         except CommandTimeout:
             return None
         if result.returncode != 0:
-            return None  # "Slurm accounting storage is disabled": nothing to learn there
+            if "accounting storage is disabled" in result.stderr:
+                self._has_accounting = False  # never ask again
+            return None
         out: dict[str, SlurmJob] = {}
         for line in result.stdout.splitlines():
             parts = line.split("|")

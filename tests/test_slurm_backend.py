@@ -277,3 +277,31 @@ def test_render_then_sbatch_by_hand_registers(
     logs = list((home / "logs").glob(f"*-{job_id}.log"))
     assert len(logs) == 1 and "record slurm-" in logs[0].read_text()
     assert json.loads(mt("cancel", str(job_id), "--json").stdout)["state"] == "gone"
+
+
+def test_time_limit_warning_drains_and_ends_the_job(cluster: SlurmCluster, models: Path) -> None:
+    """--signal=B:USR1@grace makes Slurm send USR1 to the batch shell before the time limit;
+    Slurm delivers that same signal here, now, instead of in `time_limit - grace` seconds."""
+    record = submit_ready(GEMMA)
+    stored = registry().find(record["key"])
+    assert stored is not None and stored.engine_pid is not None
+    engine = psutil.Process(stored.engine_pid)
+    SlurmClient(LocalTransport()).scancel(record["job_id"], signal="USR1", batch_only=True)
+    deadline = time.monotonic() + 60
+    while (current := registry().find(record["key"])) is not None and current.state != "gone":
+        assert time.monotonic() < deadline, current
+        time.sleep(0.2)
+    assert current is not None and current.reason == "stopped by SIGUSR1"
+    assert cluster.wait_job(int(record["job_id"]), timeout=60) in (None, "COMPLETED")
+    assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+
+
+def test_unsatisfiable_gpu_request_is_rejected_with_a_hint(
+    cluster: SlurmCluster, models: Path
+) -> None:
+    add_model(models, "gemma-8gpu", resources={"gpus": 8})
+    done = mt("submit", "gemma-8gpu", "--backend", "slurm", check=False)
+    assert done.returncode == 1
+    assert "Requested node configuration is not available" in done.stderr
+    assert "hint: " in done.stderr and "sinfo" in done.stderr
+    assert registry().records() == []

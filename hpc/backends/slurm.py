@@ -27,6 +27,7 @@ from hpc.slurm import (
     DONE_STATES,
     PENDING_STATES,
     RUNNING_STATES,
+    SlurmAPI,
     SlurmClient,
     SlurmJob,
 )
@@ -66,7 +67,7 @@ class SlurmBackend:
         self,
         site: Site,
         *,
-        client: SlurmClient | None = None,
+        client: SlurmAPI | None = None,
         cancel_wait_s: float = 60.0,
     ) -> None:
         self.site = site
