@@ -11,10 +11,8 @@ and constant-time comparisons, without a slow KDF on every request.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hpc.configfile import Loc, load_model
 from hpc.errors import MTError
+from hpc.privatefile import write_private
 
 KEY_PREFIX = "mt-"
-_TMP_SUFFIX = ".tmp"
 
 
 class KeyEntry(BaseModel):
@@ -134,27 +132,9 @@ def _render(keys: KeysFile) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise MTError(
             f"cannot write {path}: {exc.strerror}",
             hint="pass --keys with a path in a directory you own",

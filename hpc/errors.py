@@ -6,11 +6,15 @@
     ├── JobNotFoundError          no record and no job with that id
     ├── UnknownBackendError       a backend name that is not registered
     ├── BackendError              a scheduler or process call failed (argv, stderr)
-    │   └── SlurmError            a Slurm command failed: argv, return code, stderr, hint
+    │   ├── SlurmError            a Slurm command failed: argv, return code, stderr, hint
+    │   └── SSHError              the SSH connection to the login node failed: host, port
+    │       ├── UnknownHostKeyError   its host key is not in known_hosts: the fingerprint
+    │       ├── ChangedHostKeyError   known_hosts holds another key: the file and line
+    │       └── SSHAuthError          no key was accepted: the user and host
     └── EngineError               an engine cannot be started (not installed, bad args)
 
-Foreign exceptions (OSError from the filesystem, yaml, pydantic) are translated at the one
-place that calls them, with ``raise ... from exc``.
+Foreign exceptions (OSError from the filesystem, yaml, pydantic, paramiko) are translated at
+the one place that calls them, with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -106,3 +110,59 @@ class EngineError(MTError):
 
 class SlurmError(BackendError):
     """A Slurm command exited non-zero (or could not run); carries argv, code, stderr, hint."""
+
+
+class SSHError(BackendError):
+    """The SSH connection to the login node could not be made or used; names host and port."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        port: int | None = None,
+        hint: str | None = None,
+        argv: list[str] | None = None,
+    ) -> None:
+        super().__init__(message, argv=argv, hint=hint)
+        self.host = host
+        self.port = port
+
+
+class UnknownHostKeyError(SSHError):
+    """The server's host key is not in known_hosts: refused, and never added."""
+
+    def __init__(
+        self, message: str, *, host: str, port: int, fingerprint: str, known_hosts: Path, hint: str
+    ) -> None:
+        super().__init__(message, host=host, port=port, hint=hint)
+        self.fingerprint = fingerprint
+        self.known_hosts = known_hosts
+
+
+class ChangedHostKeyError(SSHError):
+    """known_hosts holds another key for this host: a hard failure, never overridden."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        port: int,
+        fingerprint: str,
+        known_hosts: Path,
+        line: int | None,
+        hint: str,
+    ) -> None:
+        super().__init__(message, host=host, port=port, hint=hint)
+        self.fingerprint = fingerprint
+        self.known_hosts = known_hosts
+        self.line = line
+
+
+class SSHAuthError(SSHError):
+    """The server accepted none of our keys (agent, identity files)."""
+
+    def __init__(self, message: str, *, host: str, port: int, user: str, hint: str) -> None:
+        super().__init__(message, host=host, port=port, hint=hint)
+        self.user = user

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpc.privatefile import write_private
 from hpc.spec import ModelSpec
 
 
@@ -31,10 +31,7 @@ class JobPlan(BaseModel):
 
 def write_plan(plan: JobPlan, path: Path) -> None:
     """Write the plan 0600 in a 0700 directory."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(plan.model_dump_json(indent=2))
+    write_private(path, plan.model_dump_json(indent=2).encode())
 
 
 def read_plan(path: Path) -> JobPlan:

@@ -22,12 +22,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
 
 from hpc.errors import RegistryError
+from hpc.privatefile import TMP_SUFFIX, write_private
 
 State = Literal["pending", "starting", "ready", "draining", "gone", "failed"]
 STATES: tuple[State, ...] = ("pending", "starting", "ready", "draining", "gone", "failed")
 FINAL_STATES: frozenset[State] = frozenset({"gone", "failed"})
 
-_TMP_SUFFIX = ".tmp"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -82,6 +82,22 @@ class Record(BaseModel):
         return data
 
 
+def pending_record(
+    backend: str, job_id: str, nonce: str, *, model: str, engine: str, log_path: str | None
+) -> Record:
+    """A new job's first record: ``pending``, with a fresh per-job key."""
+    return Record(
+        backend=backend,
+        job_id=job_id,
+        nonce=nonce,
+        model=model,
+        engine=engine,
+        state="pending",
+        api_key=SecretStr(new_api_key()),
+        log_path=log_path,
+    )
+
+
 def record_key(backend: str, job_id: str) -> str:
     """``slurm`` + ``1234`` → ``slurm-1234`` (safe as a file name)."""
     return _SAFE.sub("_", f"{backend}-{job_id}")
@@ -126,37 +142,12 @@ class Registry:
         self.ensure()
         record.updated_at = time.time()
         data = record.model_dump_json(indent=2).encode()
-        tmp = self.path / f".{record.key}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
-        created = True
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if replace:
-                os.replace(tmp, self._file(record.key))
-            else:
-                try:
-                    os.link(tmp, self._file(record.key))
-                except FileExistsError:
-                    created = False
-                tmp.unlink()
+            return write_private(self._file(record.key), data, replace=replace)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise RegistryError(
                 f"cannot write record {record.key}: {exc.strerror}", path=self.path
             ) from exc
-        dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return created
 
     def read(self, key: str) -> Record | None:
         """The record stored under ``key``, or None if there is none (or it is unreadable)."""
@@ -227,7 +218,7 @@ class Registry:
         except FileNotFoundError:
             return 0
         for entry in entries:
-            if entry.name.endswith(_TMP_SUFFIX):
+            if entry.name.endswith(TMP_SUFFIX):
                 with contextlib.suppress(OSError):
                     if entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)

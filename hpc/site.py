@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
 from hpc.spec import SlurmName
+from hpc.transport import LocalTransport, Transport
+
+if TYPE_CHECKING:
+    from hpc.sshexec import SSHTransport
 
 HOME_ENV = "MT_HOME"
 
@@ -22,6 +26,10 @@ def mt_home(environ: Mapping[str, str] | None = None) -> Path:
 
 
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+/@-]+$", max_length=256)]
+# An ssh destination, `[user@]host` or an ~/.ssh/config alias: never a shell word, but no
+# spaces or control characters either.
+SSHHost = Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]+$", max_length=255)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 
 
 class _Strict(BaseModel):
@@ -45,6 +53,33 @@ class SlurmSite(_Strict):
         "(default: the one running mt)",
     )
     command_timeout_s: float = Field(default=60, gt=0, description="for each Slurm command")
+    use_pyslurm: bool = Field(
+        default=False,
+        description="talk to Slurm through pyslurm when it is built for this cluster's Slurm "
+        "(else, and over SSH, the command-line tools)",
+    )
+    ssh_host: SSHHost | None = Field(
+        default=None,
+        description="run Slurm commands on this login node over SSH (`[user@]host` or an "
+        "~/.ssh/config alias); `mt --host` overrides it",
+    )
+    ssh_user: str | None = Field(default=None, pattern=r"^[^\s\x00-\x1f\x7f@]+$", max_length=64)
+    ssh_port: int | None = Field(default=None, gt=0, lt=65536)
+    ssh_identity: Path | None = Field(
+        default=None,
+        description="private key file (default: the agent, ~/.ssh/config, ~/.ssh/id_*)",
+    )
+    ssh_config: Path | None = Field(default=None, description="default ~/.ssh/config")
+    ssh_known_hosts: Path | None = Field(
+        default=None,
+        description="default: the ssh config's UserKnownHostsFile, else ~/.ssh/known_hosts",
+    )
+    ssh_connect_timeout_s: float = Field(default=15, gt=0)
+    ssh_env: dict[EnvName, str] = Field(
+        default_factory=dict,
+        description="environment of remote Slurm commands (e.g. SLURM_CONF, PATH), "
+        "sent as an `env NAME=value` prefix",
+    )
 
 
 class GatewaySite(_Strict):
@@ -81,6 +116,27 @@ class Site:
         self.registry_dir = home / (config.registry_dir or Path("registry")).expanduser()
         self.log_dir = home / (config.log_dir or Path("logs")).expanduser()
         self.jobs_dir = home / "jobs"
+        self._ssh: SSHTransport | None = None
+
+    def slurm_transport(self) -> Transport:
+        """Where Slurm commands run: the login node over SSH if ``slurm.ssh_host`` is set.
+
+        The SSH transport is made once per site, so one `mt` command keeps one connection
+        (opened by its first Slurm command, closed by :meth:`close`); without ``ssh_host``,
+        commands run here.
+        """
+        if not self.config.slurm.ssh_host:
+            return LocalTransport()
+        if self._ssh is None:
+            from hpc.sshexec import ssh_transport  # paramiko loads only when SSH is used
+
+            self._ssh = ssh_transport(self.config.slurm)
+        return self._ssh
+
+    def close(self) -> None:
+        """Close the SSH connection to the login node, if one was opened. Safe to call twice."""
+        if self._ssh is not None:
+            self._ssh.close()
 
 
 def load_site(path: Path | None, environ: Mapping[str, str] | None = None) -> Site:

@@ -7,25 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurm_fixtures import slurm_cluster  # noqa: F401 - the session's private Slurm cluster
+from realparts import missing_part
+from slurm_fixtures import cluster, slurm_cluster  # noqa: F401 - the private Slurm cluster
+from ssh_fixtures import sshd  # noqa: F401 - the session's sshd on loopback
 
 _CLEARED_PREFIXES = ("MT_", "SLURM_", "OPENAI_")
 _CLEARED_NAMES = ("KUBECONFIG",)
-
-
-def required_parts() -> set[str]:
-    """Parts named in MT_TEST_REQUIRE (read once, before the autouse fixture clears MT_*)."""
-    return {p.strip() for p in os.environ.get("MT_TEST_REQUIRE", "").split(",") if p.strip()}
-
-
-_REQUIRED = required_parts()
-
-
-def missing_part(part: str, why: str) -> None:
-    """Skip the test because ``part`` is not here, or fail if CI said it must be."""
-    if part in _REQUIRED:
-        pytest.fail(f"{part} is required (MT_TEST_REQUIRE) but missing: {why}")
-    pytest.skip(f"{part} not available: {why}")
 
 
 @pytest.fixture(autouse=True)

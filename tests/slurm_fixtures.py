@@ -13,19 +13,11 @@ imported, before tests/conftest.py's autouse fixture clears ``MT_*`` from the en
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
+from realparts import missing_part
 from slurmcluster import SlurmCluster, SlurmClusterError
-
-_REQUIRED = {p.strip() for p in os.environ.get("MT_TEST_REQUIRE", "").split(",") if p.strip()}
-
-
-def _missing_slurm(why: str) -> None:
-    if "slurm" in _REQUIRED:
-        pytest.fail(f"slurm is required (MT_TEST_REQUIRE) but missing: {why}")
-    pytest.skip(f"slurm not available: {why}")
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +30,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     """
     reason = SlurmCluster.available()
     if reason is not None:
-        _missing_slurm(reason)
+        missing_part("slurm", reason)
     try:
         cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
     except SlurmClusterError as exc:
@@ -47,3 +39,13 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def cluster(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlurmCluster]:
+    """The session's cluster, reachable through SLURM_CONF; every job cancelled afterwards."""
+    for name, value in slurm_cluster.env.items():
+        if name.startswith("SLURM"):
+            monkeypatch.setenv(name, value)
+    yield slurm_cluster
+    slurm_cluster.cancel_all()

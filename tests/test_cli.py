@@ -106,3 +106,15 @@ def test_models_lists_configured_models(capsys: pytest.CaptureFixture[str], tmp_
     rows = {row["name"]: row for row in json.loads(out)}
     assert rows["tiny"]["endpoints"] == []
     assert rows["shared"]["source"] == "static"
+
+
+def test_logs_show_the_wrappers_account(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write_models(tmp_path, GOOD)
+    run(capsys, "--models", str(path), "submit", "tiny", "--wait", "--timeout", "60")
+    [record] = Registry(Path(os.environ["MT_HOME"]) / "registry").records()
+    code, out, _ = run(capsys, "logs", record.key)
+    assert code == 0
+    assert f"[mt jobwrap] record {record.key} -> failed" in out
+    assert "not found on this node" in out
+    code, followed, _ = run(capsys, "logs", "-f", record.job_id)  # ends: the job has exited
+    assert code == 0 and followed == out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ from hpc.slurm import SlurmClient
 from hpc.transport import CommandResult, CommandTimeout, LocalTransport
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llamacpp, pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def cluster(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlurmCluster]:
-    """The session's cluster, reachable through SLURM_CONF; every job cancelled afterwards."""
-    for name, value in slurm_cluster.env.items():
-        if name.startswith("SLURM"):
-            monkeypatch.setenv(name, value)
-    yield slurm_cluster
-    slurm_cluster.cancel_all()
 
 
 @pytest.fixture

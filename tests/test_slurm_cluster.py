@@ -238,7 +238,9 @@ def test_scancel_cancels_a_running_job(cluster: SlurmCluster) -> None:
     assert cluster.wait_job(job_id, timeout=30) == "CANCELLED"
     job = _job(cluster, job_id)
     assert job["job_state"] == "CANCELLED"
-    assert job["exit_code"] == 15  # SIGTERM (9 if cancelled before the script ran)
+    # SIGTERM; SIGKILL (9) when the script was not yet running or outlived KillWait (2 s)
+    # on a loaded machine: both are Slurm's own word for "cancelled".
+    assert job["exit_code"] in (15, 9)
     unknown = cluster.run(["scancel", "99999"])
     assert (unknown.returncode, unknown.stderr) == (0, "")
 

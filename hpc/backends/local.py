@@ -16,13 +16,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from hpc.backends.base import JobHandle, JobStatus
 from hpc.errors import BackendError
 from hpc.jobplan import JobPlan, write_plan
 from hpc.proctree import alive, create_time, stop_tree, wait_gone
-from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, new_nonce, record_key
+from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
 from hpc.site import Site
 from hpc.spec import ModelSpec
 
@@ -59,15 +57,8 @@ class LocalBackend:
             engine_host=self.site.config.engine_host or "127.0.0.1",
         )
         write_plan(plan, plan_path)
-        record = Record(
-            backend=self.name,
-            job_id=job_id,
-            nonce=nonce,
-            model=spec.name,
-            engine=spec.engine,
-            state="pending",
-            api_key=SecretStr(new_api_key()),
-            log_path=str(log_path),
+        record = pending_record(
+            self.name, job_id, nonce, model=spec.name, engine=spec.engine, log_path=str(log_path)
         )
         self.registry.write(record)
         argv = [sys.executable, "-m", "hpc.jobwrap", "--plan", str(plan_path)]

@@ -14,12 +14,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from hpc.backends.base import JobHandle, JobStatus
-from hpc.errors import BackendError
+from hpc.errors import BackendError, MTError
 from hpc.jobplan import JobPlan
-from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, new_nonce, record_key
+from hpc.pyslurm_api import pyslurm_api_for
+from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
 from hpc.sbatch import SbatchJob, render
 from hpc.site import Site
 from hpc.slurm import (
@@ -32,7 +31,7 @@ from hpc.slurm import (
     SlurmJob,
 )
 from hpc.spec import ModelSpec
-from hpc.transport import CommandTimeout, LocalTransport
+from hpc.transport import CommandTimeout
 
 
 @dataclass(frozen=True)
@@ -72,13 +71,22 @@ class SlurmBackend:
     ) -> None:
         self.site = site
         slurm = site.config.slurm
-        self.client = client or SlurmClient(LocalTransport(), timeout_s=slurm.command_timeout_s)
+        if client is None:
+            client = SlurmClient(site.slurm_transport(), timeout_s=slurm.command_timeout_s)
+            if slurm.use_pyslurm and not slurm.ssh_host:  # libslurm reaches no remote cluster
+                client = pyslurm_api_for(client) or client
+        self.client = client
         self.registry = Registry(site.registry_dir)
         self.python = slurm.python or sys.executable
         self.cancel_wait_s = cancel_wait_s
 
     def prepare(self, spec: ModelSpec, *, nonce: str | None = None) -> PreparedJob:
         """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
+        if self.site.config.slurm.ssh_host and not self.site.config.slurm.python:
+            raise MTError(  # this machine's Python means nothing on the cluster's nodes
+                "slurm.python is not set, and jobs submitted over SSH cannot use this machine's",
+                hint="set slurm.python in site.yaml to the Python with ModelTainer on the cluster",
+            )
         plan = JobPlan(
             spec=spec,
             backend=self.name,
@@ -114,14 +122,12 @@ class SlurmBackend:
                     hint="the scheduler is slow or down; try again in a minute (`squeue --me`)",
                 ) from exc
             job_id = found
-        record = Record(
-            backend=self.name,
-            job_id=job_id,
-            nonce=nonce,
+        record = pending_record(
+            self.name,
+            job_id,
+            nonce,
             model=spec.name,
             engine=spec.engine,
-            state="pending",
-            api_key=SecretStr(new_api_key()),
             log_path=prepared.job.log_path(job_id),
         )
         self.registry.create(record)

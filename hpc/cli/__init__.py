@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from hpc import __version__
-from hpc.cli import jobcmds, servecmds
+from hpc.cli import doctorcmd, jobcmds, servecmds
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_error
 from hpc.errors import MTError
@@ -29,6 +29,14 @@ def _version(value: bool) -> None:
         raise typer.Exit
 
 
+def _ssh_host(value: str | None) -> str | None:
+    # Never a shell word (paramiko takes it as a host name), but a space or control
+    # character is a typo, not a host.
+    if value is not None and (not value or any(c.isspace() or not c.isprintable() for c in value)):
+        raise typer.BadParameter("expected [user@]host[:port] or an ~/.ssh/config alias")
+    return value
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -41,11 +49,26 @@ def _root(
             "--models", "-m", help="models.yaml (default ./models.yaml, $MT_HOME/models.yaml)."
         ),
     ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            callback=_ssh_host,
+            help="Run Slurm commands on this login node over SSH: \\[user@]host[:port] or an "
+            "~/.ssh/config alias (default: slurm.ssh_host in site.yaml, else here).",
+        ),
+    ] = None,
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", help="SSH private key for --host (default: agent, ssh config)."),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    ctx.obj = CliContext(site_file=site, models_file=models)
+    cli = CliContext(site_file=site, models_file=models, host=host, identity=identity)
+    ctx.obj = cli
+    ctx.call_on_close(cli.close)  # one SSH connection per command, closed when it ends
 
 
 app.command()(jobcmds.submit)
@@ -55,6 +78,7 @@ app.command()(jobcmds.cancel)
 app.command()(jobcmds.render)
 app.command()(servecmds.models)
 app.command()(servecmds.gateway)
+app.command()(doctorcmd.doctor)
 app.add_typer(servecmds.keys_app, name="keys")
 
 

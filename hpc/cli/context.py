@@ -1,4 +1,5 @@
-"""What every command shares: the site and models files named on the command line."""
+"""What every command shares: the site and models files, and the login node, named on the
+command line."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, ConfigIssue
-from hpc.site import Site, load_site, mt_home
+from hpc.site import Site, SiteConfig, load_site, mt_home
 from hpc.spec import ModelsFile, ModelSpec
 
 
@@ -30,14 +31,30 @@ class CliContext:
 
     site_file: Path | None = None
     models_file: Path | None = None
+    host: str | None = None  # `mt --host`: Slurm commands run there over SSH
+    identity: Path | None = None  # `mt --identity`: the SSH key for it
     _site: Site | None = field(default=None, init=False)
     _models: ModelsFile | None = field(default=None, init=False)
 
     def site(self) -> Site:
         """The site config (defaults if there is no site.yaml)."""
         if self._site is None:
-            self._site = load_site(self.site_file)
+            site = load_site(self.site_file)
+            if self.host is not None or self.identity is not None:
+                site = Site(self._ssh_override(site.config), site.home)
+            self._site = site
         return self._site
+
+    def _ssh_override(self, config: SiteConfig) -> SiteConfig:
+        """site.yaml's ``slurm:`` with ``ssh_host``/``ssh_identity`` from the command line."""
+        given = {"ssh_host": self.host, "ssh_identity": self.identity}
+        slurm = config.slurm.model_copy(update={k: v for k, v in given.items() if v is not None})
+        return config.model_copy(update={"slurm": slurm})
+
+    def close(self) -> None:
+        """Close what the command opened (the SSH connection to the login node)."""
+        if self._site is not None:
+            self._site.close()
 
     def models_path(self) -> Path:
         """The models.yaml this command reads."""

@@ -1,0 +1,5 @@
+"""pyslurm.db: jobs from the accounting database (slurmdbd)."""
+
+from pyslurm.db.job import Job, JobFilter, Jobs, JobSearchFilter
+
+__all__ = ["Job", "JobFilter", "JobSearchFilter", "Jobs"]

@@ -1,0 +1,275 @@
+"""`mt doctor`: local checks here, and the submitit probe on the real private Slurm cluster.
+
+The cluster has no accounting (sacct fails), so these tests also show that the probe
+does not depend on sacct: its result arrives, and a held job is seen and cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+from mtcli import mt
+from slurmcluster import SlurmCluster
+
+from hpc.doctor import diagnose, local_checks
+from hpc.nodeprobe import node_probe
+from hpc.probejob import run_probe
+from hpc.registry import Registry
+from hpc.site import Site, load_site
+
+HOSTILE = "we ird'\"; echo x"
+
+
+def active_jobs(cluster: SlurmCluster) -> list[dict[str, object]]:
+    return [j for j in cluster.jobs() if j["job_state"] in ("PENDING", "RUNNING", "CONFIGURING")]
+
+
+def by_name(checks: list[dict[str, object]]) -> dict[object, dict[str, object]]:
+    return {c["name"]: c for c in checks}
+
+
+# ---------------------------------------------------------------- without Slurm
+
+
+def empty_path(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "empty-bin"
+    bin_dir.mkdir(exist_ok=True)
+    return {"PATH": str(bin_dir)}
+
+
+def test_without_apptainer_or_slurm_checks_say_what_to_do(tmp_path: Path) -> None:
+    site = load_site(None)
+    checks = {c.name: c for c in local_checks(site, environ=empty_path(tmp_path))}
+    apptainer = checks["apptainer"]
+    assert apptainer.ok is None
+    assert apptainer.hint is not None
+    assert "ask your admin" in apptainer.hint
+    assert "module load apptainer" in apptainer.hint
+    assert checks["slurm commands"].ok is False
+    assert "sbatch" in checks["slurm commands"].detail
+    assert checks["squeue --json"].ok is None
+    # The job Python is found by its path, not PATH: it is this one, and it imports hpc.
+    assert checks["job python"].ok is True, checks["job python"]
+
+
+def test_without_slurm_the_probe_is_skipped_not_crashed(tmp_path: Path) -> None:
+    diagnosis = diagnose(load_site(None), probe=True, environ=empty_path(tmp_path))
+    assert diagnosis.probe is None
+    assert not diagnosis.ok  # no sbatch is a failure on a machine meant to submit
+    probe = next(c for c in diagnosis.checks if c.name == "probe job")
+    assert probe.ok is None
+    assert "skipped" in probe.detail
+
+
+def test_apptainer_version_is_reported(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "apptainer"
+    # Stands for Apptainer (not packaged for Debian 12): answers --version as 1.3 does.
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "apptainer version 1.3.4"\n')
+    fake.chmod(0o755)
+    checks = {c.name: c for c in local_checks(load_site(None), environ={"PATH": str(bin_dir)})}
+    assert checks["apptainer"].ok is True
+    assert "apptainer version 1.3.4" in checks["apptainer"].detail
+
+
+def test_registry_readable_by_others_fails(tmp_path: Path) -> None:
+    site = load_site(None)
+    site.registry_dir.mkdir(parents=True, mode=0o755)
+    site.registry_dir.chmod(0o755)
+    check = next(
+        c for c in local_checks(site, environ=empty_path(tmp_path)) if "registry" in c.name
+    )
+    assert check.ok is False
+    assert check.hint is not None
+    assert "chmod 700" in check.hint
+    site.registry_dir.chmod(0o700)
+    check = next(
+        c for c in local_checks(site, environ=empty_path(tmp_path)) if "registry" in c.name
+    )
+    assert check.ok is True
+
+
+def test_job_python_without_modeltainer_fails(tmp_path: Path) -> None:
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text("slurm:\n  python: /nonexistent/bin/python3\n", encoding="utf-8")
+    site = load_site(site_file)
+    check = next(
+        c for c in local_checks(site, environ=empty_path(tmp_path)) if c.name == "job python"
+    )
+    assert check.ok is False
+    assert check.hint is not None
+    assert "slurm.python" in check.hint
+
+
+def test_node_probe_reports_plain_data_here() -> None:
+    report = node_probe(registry_dir=None)
+    assert report["hostname"] == socket.gethostname()
+    assert report["slurmd_nodename"] is None  # not in a Slurm job
+    assert report["cpus_allowed"] == len(os.sched_getaffinity(0))
+    assert report["bind"]["ok"] is True
+    assert report["bind"]["port"] > 0
+    assert report["apptainer"]["found"] in (True, False)
+    assert "out of scope" in report["login_reachability"]
+    json.dumps(report)  # travels as a pickle, printed as JSON
+
+
+def test_cli_no_probe_json_without_slurm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hpc.cli import main
+
+    monkeypatch.setenv("PATH", empty_path(tmp_path)["PATH"])
+    code = main(["doctor", "--no-probe", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    data = json.loads(out)
+    assert data["ok"] is False
+    assert data["probe"] is None
+    assert by_name(data["checks"])["apptainer"]["ok"] is None
+
+
+# ---------------------------------------------------------------- on the real cluster
+
+
+def probe_site(home: Path, monkeypatch: pytest.MonkeyPatch) -> Site:
+    monkeypatch.setenv("MT_HOME", str(home))
+    return load_site(None)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("home_name", ["mt-home", HOSTILE], ids=["plain", "hostile-path"])
+def test_probe_sees_two_gpus_without_sacct(
+    cluster: SlurmCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    home_name: str,
+) -> None:
+    sacct = cluster.run(["sacct", "--parsable2"], timeout=30)
+    assert "accounting storage is disabled" in sacct.stderr  # the case this test is about
+    site = probe_site(tmp_path / home_name, monkeypatch)
+    folder = site.log_dir / "doctor"
+
+    result = run_probe(site, gpus=2, partition=None, timeout_s=60, folder=folder)
+
+    assert result.outcome == "ok", result
+    report = result.report
+    assert report is not None
+    assert report["hostname"] == socket.gethostname()
+    assert report["slurmd_nodename"] in {"gpu1", "gpu2"}
+    assert report["cuda_visible_devices"] == "0,1"
+    assert report["slurm_job_id"] == result.job_id
+    assert report["bind"]["ok"] is True
+    assert 0 < report["bind"]["port"] < 65536
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert result.log_path is not None
+    assert Path(result.log_path).is_file()
+    # The result came without asking submitit for a state (which would call sacct).
+    assert "Bypassing sacct error" not in caplog.text
+    assert not active_jobs(cluster)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_held_probe_is_reported_pending_and_cancelled(
+    cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    site = probe_site(tmp_path / "mt-home", monkeypatch)
+
+    result = run_probe(
+        site,
+        gpus=1,
+        partition="debug",
+        timeout_s=4,
+        folder=site.log_dir / "doctor",
+        sbatch_extra={"hold": True},
+    )
+
+    assert result.outcome == "pending", result
+    assert result.reason == "JobHeldUser"
+    assert result.hint is not None
+    assert "held" in result.hint
+    assert result.cancelled
+    assert result.waited_s >= 4
+    assert result.partition == "debug"
+    assert not active_jobs(cluster)
+    seen = {str(j["job_id"]): j["job_state"] for j in cluster.jobs()}
+    assert seen.get(result.job_id, "CANCELLED") == "CANCELLED"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_probe_that_dies_without_result_is_failed_not_awaited_forever(
+    cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Without sacct, submitit would call this job UNKNOWN and wait for its result forever.
+    home = tmp_path / "mt-home"
+    home.mkdir()
+    (home / "site.yaml").write_text("slurm:\n  python: /nonexistent/bin/python3\n")
+    site = probe_site(home, monkeypatch)
+
+    result = run_probe(site, gpus=0, partition=None, timeout_s=60, folder=site.log_dir / "doctor")
+
+    assert result.outcome == "failed", result
+    assert result.state == "FAILED"
+    assert "/nonexistent/bin/python3" in result.reason
+    assert result.hint is not None
+    assert "slurm.python" in result.hint
+    assert result.waited_s < 60  # noticed when the job ended, not at the timeout
+    assert not active_jobs(cluster)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_cli_doctor_json_with_one_gpu(cluster: SlurmCluster, tmp_path: Path) -> None:
+    home = Path(os.environ["MT_HOME"])
+    Registry(home / "registry").ensure()  # so the probe checks the node sees it too
+
+    done = mt("doctor", "--json", "--gpus", "1", "--timeout", "60")
+
+    data = json.loads(done.stdout)
+    assert data["ok"] is True, done.stdout
+    probe = data["probe"]
+    assert probe["outcome"] == "ok"
+    assert probe["gpus"] == 1
+    assert probe["report"]["cuda_visible_devices"] == "0"
+    assert probe["report"]["slurmd_nodename"] in {"gpu1", "gpu2"}
+    checks = by_name(data["checks"])
+    assert checks["probe job"]["ok"] is True
+    assert checks["job python (node)"]["ok"] is True
+    assert checks["gpus"]["ok"] is True
+    assert checks["bind 0.0.0.0"]["ok"] is True
+    assert checks["registry (node)"]["ok"] is True
+    assert checks["gateway → node"]["ok"] is None
+    assert checks["accounting"]["ok"] is None  # sacct-less: noted, not failed
+    assert not active_jobs(cluster)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_cli_doctor_unschedulable_probe_is_reported_with_hint(cluster: SlurmCluster) -> None:
+    more_than_any_node = str(cluster.gpus_per_node * len(cluster.nodes) * 2)
+
+    done = mt("doctor", "--gpus", more_than_any_node, "--timeout", "20", check=False)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    text = " ".join(done.stdout.split())  # rich wraps the table at 80 columns in a pipe
+    assert "✗ probe job sbatch refused the probe" in text
+    assert "Requested node configuration is not available" in text
+    assert "hint: no node has all you asked for: `sinfo" in text
+
+    done = mt("doctor", "--json", "--gpus", more_than_any_node, "--timeout", "20", check=False)
+    assert done.returncode == 1
+    data = json.loads(done.stdout)
+    assert data["probe"]["outcome"] == "rejected"
+    assert data["probe"]["job_id"] is None
+    assert "sinfo" in by_name(data["checks"])["probe job"]["hint"]
+    assert not active_jobs(cluster)
