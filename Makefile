@@ -12,12 +12,13 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 WHEELHOUSE := $(HOME)/.cache/modeltainer/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx2
 
-.PHONY: help demo test lint fmt clean deps
+.PHONY: help demo test lint fmt clean deps bench
 
 help:
 	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
 	@echo "make test   lint (ruff + mypy) and the whole test suite"
 	@echo "make lint   ruff + mypy only"
+	@echo "make bench  gateway overhead: direct vs. a bare aiohttp proxy vs. mt gateway vs. LiteLLM's proxy (docs/benchmarks.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,15 @@ deps: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 
 demo: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 	$(BIN)/python -m hpc.demo
+
+# LiteLLM's proxy is the peer of the overhead table, never a dependency of ModelTainer:
+# installed into .venv here only (without it, the run skips that column and says so).
+$(VENV)/.litellm-stamp: $(VENV)/.dev-stamp
+	$(BIN)/pip install --quiet 'litellm[proxy]'
+	touch $@
+
+bench: $(VENV)/.dev-stamp $(VENV)/.litellm-stamp
+	$(BIN)/python -m bench.overhead --concurrency 1,64 --requests 256 --max-tokens 64 --paths direct,bare,mt,litellm --rss-after 10000 --out bench-results/overhead
 
 lint: $(VENV)/.dev-stamp
 	$(BIN)/ruff check .

@@ -1,1 +1,2 @@
-"""Load generation and benchmark reports (issue 6: not built yet)."""
+"""Load generation and benchmark reports: `mt bench` sweeps, the gateway-overhead run, and
+the Slurm start-up / status benchmarks (see docs/benchmarks.md)."""

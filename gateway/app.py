@@ -6,23 +6,40 @@ loaded, and the upstream ``ClientSession`` opened, when the app starts (``cleanu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timezone
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.admission import Admission
+from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
 from gateway.logs import LOGGER_NAME, fields
+from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.openapi import document
 from gateway.proxy import PROXIED_PATHS, proxy
+from gateway.ratelimit import Limiter
 from gateway.reload import CleanupContext, reload_context
-from gateway.state import CONFIG, LIVE, REQUEST_INFO, SESSION, RequestInfo
+from gateway.state import (
+    ADMISSION,
+    BALANCER,
+    CONFIG,
+    LIMITER,
+    LIVE,
+    METRICS,
+    REQUEST_INFO,
+    SESSION,
+    RequestInfo,
+)
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
@@ -30,7 +47,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 # A caller's request id is echoed and logged, so only a short, plain one is taken.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BEARER = "bearer "
-_PUBLIC_PATHS = frozenset({"/healthz"})
+_PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 # nginx's convention for "the client closed the connection before the answer was done".
 _CLIENT_CLOSED = 499
 
@@ -41,12 +58,17 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     given = request.headers.get(REQUEST_ID_HEADER, "")
     info = RequestInfo(request_id=given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
     request[REQUEST_INFO] = info
+    metrics = request.app[METRICS]
+    metrics.in_flight += 1
     status = _CLIENT_CLOSED
     try:
         response = await handler(request)
         status = response.status
         return response
     finally:
+        metrics.in_flight -= 1
+        duration_s = time.monotonic() - info.started
+        metrics.finished(info.model if info.routed and info.model else "-", status, duration_s)
         access_log.info(
             "request",
             extra=fields(
@@ -58,7 +80,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 upstream=info.upstream,
                 client=info.client,
                 outcome=info.outcome,
-                duration_ms=round((time.monotonic() - info.started) * 1000, 1),
+                prompt_tokens=info.prompt_tokens,
+                completion_tokens=info.completion_tokens,
+                duration_ms=round(duration_s * 1000, 1),
             ),
         )
 
@@ -68,11 +92,14 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
     info = request.get(REQUEST_INFO)
     if info is not None:
         response.headers[REQUEST_ID_HEADER] = info.request_id
+        if info.ratelimit_headers:
+            response.headers.update(info.ratelimit_headers)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a keys file, every request but ``/healthz`` needs ``Authorization: Bearer <key>``.
+    """With a keys file, every request but ``/healthz`` and ``/openapi.json`` needs
+    ``Authorization: Bearer <key>``.
 
     Deny by default: an allow-list of public paths cannot be dodged by spelling a
     ``/v1/*`` path another way.
@@ -82,9 +109,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     header = request.headers.get("Authorization", "")
     token = header[len(_BEARER) :].strip() if header.lower().startswith(_BEARER) else ""
-    name = keys.check(token) if token else None
-    if name is None:
-        message = "invalid API key" if token else "missing API key (Authorization: Bearer <key>)"
+    client = keys.find(token) if token else None
+    if client is None or (
+        client.entry.expires_at is not None and client.entry.expired(datetime.now(timezone.utc))
+    ):
+        if client is not None:
+            message = "API key expired"
+        elif token:
+            message = "invalid API key"
+        else:
+            message = "missing API key (Authorization: Bearer <key>)"
         return openai_error(
             401,
             message,
@@ -92,7 +126,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    request[REQUEST_INFO].client = name
+    info = request[REQUEST_INFO]
+    info.client = client.name
+    info.client_entry = client
     return await handler(request)
 
 
@@ -112,12 +148,19 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format (behind the key like every path but /healthz)."""
+    text = request.app[METRICS].render(request.app[BALANCER].snapshot())
+    return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+
+
 def _session_context(config: GatewayConfig) -> CleanupContext:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        # No total timeout: a long, healthy stream must never be cut. sock_read bounds the
-        # silence between two reads instead.
+        # Only the connect limit is aiohttp's; the proxy keeps its own clocks for the first
+        # byte and for the silence between chunks, and no total limit: a long, healthy
+        # stream must never be cut.
         timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=config.idle_timeout_s
+            total=None, connect=config.connect_timeout_s, sock_read=None
         )
         # No pool limit: every client request holds one upstream connection for as long as
         # it streams, and a limit would queue streams behind each other.
@@ -136,12 +179,24 @@ def create_app(config: GatewayConfig, *, env: Mapping[str, str] | None = None) -
         middlewares=[request_middleware, error_middleware, auth_middleware],
     )
     app[CONFIG] = config
+    app[LIMITER] = Limiter()
+    app[METRICS] = Metrics()
+    app[BALANCER] = Balancer()
+    app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     # Reload first: if the config is bad, startup fails before a session is opened.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
     app.cleanup_ctx.append(_session_context(config))
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/metrics", metrics)
+    openapi = json.dumps(document()).encode("utf-8")
+
+    async def openapi_json(_request: web.Request) -> web.Response:
+        """GET /openapi.json: the static OpenAPI document (needs no key)."""
+        return web.Response(body=openapi, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_json)
     for path in PROXIED_PATHS:
         app.router.add_post(path, proxy)
     return app

@@ -24,12 +24,29 @@ class GatewayConfig(BaseModel):
         default=None, description="keys.yaml with hashed client keys; None turns auth off"
     )
     max_body_bytes: int = Field(default=4 * MIB, gt=0, description="larger request bodies: 413")
-    connect_timeout_s: float = Field(default=10, gt=0, description="to reach an upstream")
-    idle_timeout_s: float = Field(
+    connect_timeout_s: float = Field(
+        default=10, gt=0, description="to open a connection to an upstream (504 after it)"
+    )
+    first_token_timeout_s: float = Field(
         default=600,
         gt=0,
-        description="longest silence between upstream bytes; there is no total timeout, so a "
-        "long healthy stream is never cut",
+        description="from sending the request to the first byte of the upstream's body; a "
+        "non-streaming answer arrives whole, so for it this bounds the whole generation",
+    )
+    idle_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        description="longest silence between two upstream chunks after the first; there is "
+        "no total timeout, so a long healthy stream is never cut",
+    )
+    max_in_flight: int | None = Field(
+        default=None, gt=0, description="proxied requests at once, all models; beyond: 503"
+    )
+    max_in_flight_per_model: int | None = Field(
+        default=None, gt=0, description="proxied requests at once for one model; beyond: 503"
+    )
+    shutdown_grace_s: float = Field(
+        default=30, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )
     reload_interval_s: float = Field(
         default=1.0, gt=0, description="how often the registry and config files are stat()ed"

@@ -9,13 +9,17 @@ any exception a handler let escape (500, logged with its traceback).
     status  type                    code
     400     invalid_request_error   invalid_json · invalid_body · missing_model
     401     invalid_request_error   invalid_api_key
+    403     invalid_request_error   model_not_allowed
     404     invalid_request_error   model_not_found · not_found (path)
     405     invalid_request_error   method_not_allowed
     413     invalid_request_error   request_too_large
+    429     invalid_request_error   rate_limit_requests · rate_limit_tokens (+ Retry-After)
     500     server_error            internal_error
     502     server_error            upstream_error
-    503     server_error            no_ready_endpoint · upstream_unavailable (+ Retry-After)
-    504     server_error            upstream_timeout
+    503     server_error            no_ready_endpoint · upstream_unavailable ·
+                                    model_at_capacity · gateway_at_capacity (+ Retry-After)
+    504     server_error            upstream_connect_timeout · upstream_first_token_timeout ·
+                                    upstream_idle_timeout
 
 The types are OpenAI's own (``invalid_request_error`` for 4xx, ``server_error`` for 5xx) so
 clients that branch on them keep working; ``code`` says what happened.

@@ -2,7 +2,11 @@
 
     keys:
       - name: alice
-        sha256: 3f0a…  # hex of sha256(key)
+        sha256: 3f0a…            # hex of sha256(key)
+        models: ["gemma-*"]      # fnmatch globs; omitted: every model
+        requests_per_min: 60     # omitted: no limit
+        tokens_per_min: 100000   # prompt + completion tokens; omitted: no limit
+        expires_at: 2027-01-01T00:00:00Z   # omitted: never
 
 A key is ``mt-`` + 32 random bytes (url-safe base64), so one unsalted SHA-256 is enough:
 nobody can guess such a key from its hash, and the gateway can check a key with one hash
@@ -11,10 +15,13 @@ and constant-time comparisons, without a slow KDF on every request.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -28,12 +35,46 @@ KEY_PREFIX = "mt-"
 
 
 class KeyEntry(BaseModel):
-    """One client: a name for logs and the hash of its key."""
+    """One client: a name for logs, the hash of its key, what it may use and how much."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex of sha256(key)")
+    models: tuple[str, ...] | None = Field(
+        default=None, description="fnmatch globs of the model names allowed; None: all"
+    )
+    requests_per_min: int | None = Field(default=None, gt=0, description="None: no limit")
+    tokens_per_min: int | None = Field(default=None, gt=0, description="None: no limit")
+    expires_at: datetime | None = Field(default=None, description="None: never expires")
+
+    def expired(self, now: datetime) -> bool:
+        """True once ``expires_at`` has passed (a naive time counts as UTC)."""
+        if self.expires_at is None:
+            return False
+        expires = self.expires_at
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=timezone.utc)
+        return now >= expires
+
+
+class Client:
+    """A key as the gateway uses it on each request: its entry plus a compiled allow-list."""
+
+    __slots__ = ("_allowed", "entry", "name")
+
+    def __init__(self, entry: KeyEntry) -> None:
+        self.entry = entry
+        self.name = entry.name
+        self._allowed: re.Pattern[str] | None = None
+        if entry.models is not None:
+            # One regex for all the globs: a single match call per request.
+            pattern = "|".join(fnmatch.translate(glob) for glob in entry.models) or "(?!)"
+            self._allowed = re.compile(pattern)
+
+    def allows(self, model: str) -> bool:
+        """True if ``model`` matches one of the key's globs (case-sensitive), or it has none."""
+        return self._allowed is None or self._allowed.match(model) is not None
 
 
 class KeysFile(BaseModel):
@@ -53,23 +94,28 @@ class KeyStore:
     """The known key hashes; answers who a bearer token belongs to."""
 
     def __init__(self, entries: tuple[KeyEntry, ...]) -> None:
-        self._entries = tuple((entry.name, entry.sha256.encode("ascii")) for entry in entries)
+        self._entries = tuple((Client(entry), entry.sha256.encode("ascii")) for entry in entries)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def check(self, bearer: str) -> str | None:
-        """The name of the client whose key is ``bearer``, or None.
+    def find(self, bearer: str) -> Client | None:
+        """The client whose key is ``bearer`` (expired or not), or None.
 
         Every entry is compared, with ``hmac.compare_digest``, so the time taken does not
         tell which entry (or how much of one) matched.
         """
         digest = hash_key(bearer).encode("ascii")
-        found: str | None = None
-        for name, expected in self._entries:
+        found: Client | None = None
+        for client, expected in self._entries:
             if hmac.compare_digest(digest, expected) and found is None:
-                found = name
+                found = client
         return found
+
+    def check(self, bearer: str) -> str | None:
+        """The name of the client whose key is ``bearer``, or None."""
+        client = self.find(bearer)
+        return None if client is None else client.name
 
 
 def _unique_names(keys: KeysFile, _line_of: Callable[[Loc], int | None]) -> list[tuple[Loc, str]]:
@@ -98,7 +144,15 @@ def load_keys(path: Path) -> KeyStore:
     return KeyStore(read_keys_file(path).keys)
 
 
-def create_key(path: Path, name: str) -> str:
+def create_key(
+    path: Path,
+    name: str,
+    *,
+    models: tuple[str, ...] | None = None,
+    requests_per_min: int | None = None,
+    tokens_per_min: int | None = None,
+    expires_at: datetime | None = None,
+) -> str:
     """Add a client called ``name`` to ``keys.yaml`` and return its new key (shown once).
 
     The file is created if needed (its directory 0700 when this creates it) and always
@@ -106,11 +160,27 @@ def create_key(path: Path, name: str) -> str:
     Comments in an existing file are not kept.
     """
     try:
-        entry = KeyEntry(name=name, sha256="0" * 64)  # checks the name before any I/O
+        # Checks the name and limits before any I/O.
+        entry = KeyEntry(
+            name=name,
+            sha256="0" * 64,
+            models=models,
+            requests_per_min=requests_per_min,
+            tokens_per_min=tokens_per_min,
+            expires_at=expires_at,
+        )
     except ValidationError as exc:
+        if any(error["loc"] == ("name",) for error in exc.errors()):
+            raise MTError(
+                f"bad key name {name!r}",
+                hint="use 1-64 letters, digits and . _ @ + - (starting with a letter or digit)",
+            ) from exc
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
         raise MTError(
-            f"bad key name {name!r}",
-            hint="use 1-64 letters, digits and . _ @ + - (starting with a letter or digit)",
+            f"bad settings for key {name!r}: {problems}",
+            hint="limits are positive integers; expiry is an ISO 8601 time",
         ) from exc
     current = read_keys_file(path) if path.exists() else KeysFile()
     if any(existing.name == name for existing in current.keys):
@@ -125,8 +195,23 @@ def create_key(path: Path, name: str) -> str:
     return key
 
 
+def list_keys(path: Path) -> tuple[KeyEntry, ...]:
+    """The entries of ``keys.yaml`` (ConfigError if it is missing or bad)."""
+    return read_keys_file(path).keys
+
+
+def revoke_key(path: Path, name: str) -> None:
+    """Remove the key called ``name``; a running gateway drops it on its next reload."""
+    current = read_keys_file(path)
+    kept = tuple(entry for entry in current.keys if entry.name != name)
+    if len(kept) == len(current.keys):
+        known = ", ".join(entry.name for entry in current.keys) or "none"
+        raise MTError(f"{path} has no key named {name!r}", hint=f"known names: {known}")
+    _write_atomic(path, _render(KeysFile(keys=kept)))
+
+
 def _render(keys: KeysFile) -> bytes:
-    body = yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False)
+    body = yaml.safe_dump(keys.model_dump(mode="json", exclude_none=True), sort_keys=False)
     header = "# ModelTainer gateway keys: only hashes (sha256 of each key), never a key.\n"
     return (header + body).encode("utf-8")
 

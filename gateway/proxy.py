@@ -3,10 +3,23 @@
 The body is read once (``client_max_size`` caps it), parsed once for ``model`` and
 ``stream``, and the original bytes go upstream with the upstream's own key; the client's
 key never leaves the gateway. A connection failure before any byte reached the client moves
-on to the next replica. A stream is relayed chunk by chunk as it arrives: no buffering, no
-per-chunk parsing; only the last few bytes are kept, to see whether ``data: [DONE]`` came.
-A stream that breaks, or ends without ``[DONE]``, gets an in-band ``data: {"error": …}``
-event and no ``[DONE]``, so a client can tell a cut answer from a whole one.
+on to the next replica (least outstanding requests first, see ``balancer``). A stream is
+relayed event by event as it arrives: no per-chunk JSON parsing; only the last few bytes are
+kept, to see whether ``data: [DONE]`` came, and an incomplete trailing event waits for its
+end. A stream that breaks, or ends without ``[DONE]``, gets an in-band ``data: {"error": …}``
+event and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
+engine's own in-band error event (found by a bytes search for ``{"error"``).
+
+Three clocks, each with its own 504 code: connecting (aiohttp's ``connect`` timeout), the
+first byte of the body (``first_token_timeout_s``, from sending), and the silence between
+chunks after it (``idle_timeout_s``). None is a total timeout, and none runs while the
+gateway waits for a slow client. Admission control (``admission``) is checked before any
+upstream is tried.
+
+Token usage: a stream is sent upstream with ``stream_options.include_usage`` forced on (the
+body is re-serialized for that); the one event carrying ``"usage": {…}`` (found with a
+bytes search, then parsed alone) is counted, and dropped again if the client did not ask for
+it. A JSON answer's ``usage`` is found from its end and parsed alone too.
 """
 
 from __future__ import annotations
@@ -14,14 +27,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
+import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, SERVER_ERROR, error_body, openai_error
+from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
 from gateway.routes import RouteTable, Upstream
-from gateway.state import CONFIG, LIVE, REQUEST_INFO, SESSION, RequestInfo
+from gateway.state import (
+    ADMISSION,
+    BALANCER,
+    CONFIG,
+    LIMITER,
+    LIVE,
+    METRICS,
+    REQUEST_INFO,
+    SESSION,
+    RequestInfo,
+)
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout_at
+else:  # aiohttp itself depends on async-timeout before Python 3.11
+    from async_timeout import timeout_at  # type: ignore[import-not-found,unused-ignore]
 
 log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 
@@ -30,6 +63,13 @@ PROXIED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 _DONE = b"data: [DONE]"
 _TAIL_BYTES = 32
+# An event that waits for its end is sent anyway past this size (bounded memory).
+_MAX_CARRY_BYTES = 64 * 1024
+# A "usage" key with an object value; a string "usage" in content cannot be followed by ":{".
+_USAGE_MARKS = (b'"usage":{', b'"usage": {')
+# An engine's in-band error event starts with this after "data: " (vLLM, llama.cpp).
+_ERROR_KEY = b'{"error"'
+_decoder = json.JSONDecoder()
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -58,6 +98,73 @@ def _no_route(routes: RouteTable, model: str, retry_after_s: int) -> web.Respons
         param="model",
         headers={"Retry-After": str(retry_after_s)},
     )
+
+
+def _rate_limit(request: web.Request, client: Client, info: RequestInfo) -> web.Response | None:
+    """A 429 if the client's buckets are empty, else None (and one request taken)."""
+    entry = client.entry
+    buckets = request.app[LIMITER].buckets(
+        client.name, entry.requests_per_min, entry.tokens_per_min
+    )
+    if buckets is None:
+        return None
+    verdict = buckets.admit()
+    info.buckets = buckets
+    info.ratelimit_headers = verdict.headers
+    if verdict.allowed:
+        return None
+    per_min = "requests" if verdict.limited == "requests" else "tokens"
+    return openai_error(
+        429,
+        f"rate limit reached: {per_min} per minute for key {client.name!r}; "
+        f"retry in {verdict.retry_after_s} s",
+        INVALID_REQUEST,
+        f"rate_limit_{per_min}",
+        headers={"Retry-After": str(verdict.retry_after_s)},
+    )
+
+
+def _with_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
+    """The body with ``stream_options.include_usage`` on; True if the client had it off."""
+    options = payload.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict):
+        return body, False  # the engine will say what is wrong with it
+    if options.get("include_usage") is True:
+        return body, False
+    payload["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(payload).encode("utf-8"), True
+
+
+def _read_usage(data: bytes, at: int) -> dict[str, Any] | None:
+    """The JSON object after the ``"usage"`` key starting at ``at``, or None."""
+    colon = data.find(b":", at)
+    if colon < 0:
+        return None
+    try:
+        value, _ = _decoder.raw_decode(data[colon + 1 :].decode("utf-8", "replace").lstrip())
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _note_usage(info: RequestInfo, usage: dict[str, Any]) -> None:
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int):
+        info.prompt_tokens = prompt
+    if isinstance(completion, int):
+        info.completion_tokens = completion
+
+
+def _charge(request: web.Request, info: RequestInfo) -> None:
+    """Count the request's tokens in the metrics and its key's token bucket."""
+    prompt, completion = info.prompt_tokens, info.completion_tokens
+    if prompt is None and completion is None:
+        return
+    request.app[METRICS].count_tokens(info.model or "-", prompt, completion)
+    if info.buckets is not None:
+        info.buckets.spend_tokens((prompt or 0) + (completion or 0))
 
 
 def _upstream_headers(upstream: Upstream, request_id: str) -> dict[str, str]:
@@ -97,39 +204,122 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     info.model = model[:200]
     stream = payload.get("stream") is True
 
+    client = info.client_entry
+    if client is not None and not client.allows(model):
+        return openai_error(
+            403,
+            f"this key may not use model {model[:200]!r}",
+            INVALID_REQUEST,
+            "model_not_allowed",
+            param="model",
+        )
+    if client is not None:
+        limited = _rate_limit(request, client, info)
+        if limited is not None:
+            return limited
+
     config = request.app[CONFIG]
     routes = request.app[LIVE].snapshot.routes
     candidates = routes.pick(model)
     if not candidates:
+        info.routed = routes.is_known(model)
         return _no_route(routes, model[:200], config.retry_after_s)
+    info.routed = True
 
-    session = request.app[SESSION]
-    suffix = request.path[len(API_PREFIX) :]
-    for upstream in candidates:
-        info.upstream = upstream.source
-        try:
-            response = await _send(session, upstream, suffix, body, info.request_id)
-        except aiohttp.SocketTimeoutError:
-            return _timeout_error(upstream, config.idle_timeout_s)
-        except aiohttp.ClientError as exc:
-            return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
-        if response is None:
-            continue
-        try:
-            return await _relay(request, response, upstream, stream, info)
-        finally:
-            # A response read to its end goes back to the pool; anything else (a cut
-            # stream, a client that left, a cancelled handler) closes the connection, which
-            # is what tells the engine to stop generating.
-            if response.content.at_eof():
-                response.release()
-            else:
-                response.close()
+    strip_usage = False
+    if stream and not request.path.endswith("/embeddings"):
+        body, strip_usage = _with_usage(payload, body)
 
-    info.upstream = None
+    admission = request.app[ADMISSION]
+    full = admission.enter(model)
+    if full is not None:
+        return _at_capacity(model[:200], full, config.retry_after_s)
+    try:
+        return await _forward(request, candidates, body, stream, strip_usage, info)
+    finally:
+        admission.leave(model)
+
+
+def _at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
+    if full == "model":
+        message = f"model {model!r} has as many requests in flight as it may; retry shortly"
+    else:
+        message = "the gateway has as many requests in flight as it may; retry shortly"
     return openai_error(
         503,
-        f"no upstream for model {model[:200]!r} could be reached ({len(candidates)} tried)",
+        message,
+        SERVER_ERROR,
+        f"{full}_at_capacity",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+async def _forward(
+    request: web.Request,
+    candidates: tuple[Upstream, ...],
+    body: bytes,
+    stream: bool,
+    strip_usage: bool,
+    info: RequestInfo,
+) -> web.StreamResponse:
+    """Send to the best replica; on to the next only if one cannot be reached at all."""
+    config = request.app[CONFIG]
+    session = request.app[SESSION]
+    balancer = request.app[BALANCER]
+    metrics = request.app[METRICS]
+    suffix = request.path[len(API_PREFIX) :]
+    loop = asyncio.get_running_loop()
+    unreachable = "upstream_unavailable"
+    for upstream in balancer.order(candidates):
+        info.upstream = upstream.source
+        balancer.started(upstream)
+        try:
+            sent_at = time.monotonic()
+            # The time-to-first-token clock runs from here to the first byte of the body.
+            first_byte_by = loop.time() + config.first_token_timeout_s
+            try:
+                async with timeout_at(first_byte_by):
+                    response = await _send(session, upstream, suffix, body, info.request_id)
+            except asyncio.TimeoutError:
+                return _timeout_error(upstream, "upstream_first_token_timeout", config)
+            except aiohttp.ClientError as exc:
+                return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
+            if isinstance(response, str):
+                unreachable = response
+                balancer.failed(upstream)
+                metrics.upstream_failures[upstream.source] += 1
+                continue
+            balancer.succeeded(upstream)
+            metrics.upstream_latency.observe(info.model or "-", time.monotonic() - sent_at)
+            try:
+                return await _relay(
+                    request, response, upstream, stream, strip_usage, info, first_byte_by
+                )
+            finally:
+                # A response read to its end goes back to the pool; anything else (a cut
+                # stream, a client that left, a cancelled handler) closes the connection,
+                # which is what tells the engine to stop generating.
+                if response.content.at_eof():
+                    response.release()
+                else:
+                    response.close()
+                _charge(request, info)
+        finally:
+            balancer.finished(upstream)
+
+    info.upstream = None
+    tried = f"{len(candidates)} tried"
+    if unreachable == "upstream_connect_timeout":
+        return openai_error(
+            504,
+            f"no upstream for model {info.model!r} accepted a connection within "
+            f"{config.connect_timeout_s:g} s ({tried})",
+            SERVER_ERROR,
+            unreachable,
+        )
+    return openai_error(
+        503,
+        f"no upstream for model {info.model!r} could be reached ({tried})",
         SERVER_ERROR,
         "upstream_unavailable",
         headers={"Retry-After": str(config.retry_after_s)},
@@ -138,8 +328,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 async def _send(
     session: aiohttp.ClientSession, upstream: Upstream, suffix: str, body: bytes, request_id: str
-) -> aiohttp.ClientResponse | None:
-    """The upstream's response (headers read), or None if it cannot be reached."""
+) -> aiohttp.ClientResponse | str:
+    """The upstream's response (headers read), or the error code if it cannot be reached:
+    ``upstream_connect_timeout`` or ``upstream_unavailable``."""
     headers = _upstream_headers(upstream, request_id)
     error: aiohttp.ClientError | None = None
     for _ in range(2):
@@ -162,16 +353,22 @@ async def _send(
             error=f"{type(error).__name__}: {error}",
         ),
     )
-    return None
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return "upstream_connect_timeout"
+    return "upstream_unavailable"
 
 
-def _timeout_error(upstream: Upstream, idle_timeout_s: float) -> web.Response:
-    return openai_error(
-        504,
-        f"upstream {upstream.source} sent nothing for {idle_timeout_s:g} s",
-        SERVER_ERROR,
-        "upstream_timeout",
-    )
+def _timeout_message(upstream: Upstream, code: str, config: GatewayConfig) -> str:
+    if code == "upstream_first_token_timeout":
+        return (
+            f"upstream {upstream.source} sent no first token within "
+            f"{config.first_token_timeout_s:g} s"
+        )
+    return f"upstream {upstream.source} sent nothing for {config.idle_timeout_s:g} s"
+
+
+def _timeout_error(upstream: Upstream, code: str, config: GatewayConfig) -> web.Response:
+    return openai_error(504, _timeout_message(upstream, code, config), SERVER_ERROR, code)
 
 
 def _bad_upstream(upstream: Upstream, what: str) -> web.Response:
@@ -185,7 +382,9 @@ async def _relay(
     response: aiohttp.ClientResponse,
     upstream: Upstream,
     stream: bool,
+    strip_usage: bool,
     info: RequestInfo,
+    first_byte_by: float,
 ) -> web.StreamResponse:
     if response.status in (401, 403):
         # The upstream refused the gateway's key, not the client's: passing the status on
@@ -193,18 +392,109 @@ async def _relay(
         return _bad_upstream(
             upstream, f"it answered {response.status} to the gateway's key (stale record?)"
         )
+    config = request.app[CONFIG]
     if stream and response.status == 200 and response.content_type == "text/event-stream":
-        return await _relay_stream(request, response, upstream, info)
+        return await _relay_stream(request, response, upstream, strip_usage, info, first_byte_by)
     try:
-        body = await response.read()
-    except aiohttp.SocketTimeoutError:
-        return _timeout_error(upstream, request.app[CONFIG].idle_timeout_s)
+        body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
+    except _UpstreamTimeout as exc:
+        return _timeout_error(upstream, exc.code, config)
     except aiohttp.ClientError as exc:
         return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
-    content_type = response.headers.get("Content-Type", "application/json")
-    if response.status >= 400 and not _is_json_object(body):
-        return _bad_upstream(upstream, f"it answered {response.status} without a JSON error")
-    return web.Response(status=response.status, body=body, headers={"Content-Type": content_type})
+    headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
+    if response.status >= 400:
+        if not _is_json_object(body):
+            return _bad_upstream(upstream, f"it answered {response.status} without a JSON error")
+        retry_after = response.headers.get("Retry-After")
+        if retry_after is not None and response.status in (429, 503):
+            headers["Retry-After"] = retry_after
+    if response.status == 200:
+        at = body.rfind(b'"usage"')
+        usage = _read_usage(body, at) if at >= 0 else None
+        if usage is not None:
+            _note_usage(info, usage)
+    return web.Response(status=response.status, body=body, headers=headers)
+
+
+class _UpstreamTimeout(Exception):
+    """The upstream was silent too long; ``code`` says in which phase."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+async def _read_body(content: aiohttp.StreamReader, first_byte_by: float, idle_s: float) -> bytes:
+    """The whole body: its first byte by ``first_byte_by``, no gap after it over ``idle_s``."""
+    parts: list[bytes] = []
+    code = "upstream_first_token_timeout"
+    deadline = first_byte_by
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            async with timeout_at(deadline):
+                chunk = await content.readany()
+        except asyncio.TimeoutError:
+            raise _UpstreamTimeout(code) from None
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        code = "upstream_idle_timeout"
+        deadline = loop.time() + idle_s
+
+
+class _Watch:
+    """Bounds the upstream's silence in a stream while the gateway waits for it.
+
+    One timer per stream that wakes up about once per limit, instead of a timer armed and
+    cancelled around every read (a few microseconds per chunk): a read only notes when it
+    started waiting. When a wait passes its limit, the upstream's stream is failed with
+    ``_UpstreamTimeout``, which the pending read raises. Until the first byte the limit is
+    the fixed time-to-first-token deadline; after it, ``idle_s`` from the start of each wait.
+    """
+
+    __slots__ = (
+        "_content",
+        "_first_byte_by",
+        "_handle",
+        "_idle_s",
+        "_loop",
+        "started",
+        "waiting_since",
+    )
+
+    def __init__(self, content: aiohttp.StreamReader, first_byte_by: float, idle_s: float) -> None:
+        self._content = content
+        self._first_byte_by = first_byte_by
+        self._idle_s = idle_s
+        self._loop = asyncio.get_running_loop()
+        self.started = False  # the first byte came (see ``first_byte``)
+        self.waiting_since: float | None = None
+        self._handle = self._loop.call_at(first_byte_by, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.waiting_since
+        if since is None:
+            # Not waiting for the upstream (writing to a slow client, say): no silence yet.
+            self._handle = self._loop.call_at(now + self._idle_s, self._check)
+            return
+        limit_at = since + self._idle_s if self.started else self._first_byte_by
+        if now < limit_at:
+            self._handle = self._loop.call_at(limit_at, self._check)
+            return
+        code = "upstream_idle_timeout" if self.started else "upstream_first_token_timeout"
+        self._content.set_exception(_UpstreamTimeout(code))
+
+    def first_byte(self) -> None:
+        """The first byte came: from now on each wait may last ``idle_s``."""
+        self.started = True
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self._loop.time() + self._idle_s, self._check)
+
+    def close(self) -> None:
+        """Stop the timer."""
+        self._handle.cancel()
 
 
 def _is_json_object(body: bytes) -> bool:
@@ -214,28 +504,77 @@ def _is_json_object(body: bytes) -> bool:
         return False
 
 
+def _engine_error_at(chunk: bytes) -> int:
+    """Where an engine's in-band error event (``data: {"error": …}``) starts, or -1.
+
+    One bytes search per chunk; only a hit is looked at more closely.
+    """
+    at = chunk.find(_ERROR_KEY)
+    while at >= 0:
+        start = at - 6 if chunk[at - 6 : at] == b"data: " else at - 5
+        if (
+            start >= 0
+            and chunk[start : start + 5] == b"data:"
+            and (start == 0 or chunk[start - 1 : start] == b"\n")
+        ):
+            return start
+        at = chunk.find(_ERROR_KEY, at + 1)
+    return -1
+
+
+def _engine_error_message(event: bytes) -> str:
+    """The engine's message from its error event (parsed: this is not the hot path)."""
+    data = event.strip()[len(b"data:") :]
+    try:
+        error = json.loads(data)["error"]
+    except (ValueError, KeyError, TypeError):
+        return data[:500].decode("utf-8", "replace")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])[:2000]
+    return str(error)[:2000]
+
+
 async def _relay_stream(
     request: web.Request,
     response: aiohttp.ClientResponse,
     upstream: Upstream,
+    strip_usage: bool,
     info: RequestInfo,
+    first_byte_by: float,
 ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
     await out.prepare(request)
+    config = request.app[CONFIG]
     content = response.content
+    watch = _Watch(content, first_byte_by, config.idle_timeout_s)
+    try:
+        return await _relay_events(out, content, watch, upstream, strip_usage, info, config)
+    finally:
+        watch.close()
+
+
+async def _relay_events(
+    out: web.StreamResponse,
+    content: aiohttp.StreamReader,
+    watch: _Watch,
+    upstream: Upstream,
+    strip_usage: bool,
+    info: RequestInfo,
+    config: GatewayConfig,
+) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
     tail = b""
+    carry = b""
     failure: tuple[str, str] | None = None
     while True:
         # readany() is what iter_any() loops over; calling it here keeps the upstream's
-        # errors (reads) apart from the client's (writes).
+        # errors (reads) apart from the client's (writes), and the watch times the wait
+        # for the upstream only: a slow client pauses the upstream, not the clock.
+        watch.waiting_since = loop.time()
         try:
             chunk = await content.readany()
-        except (aiohttp.SocketTimeoutError, asyncio.TimeoutError):
-            idle = request.app[CONFIG].idle_timeout_s
-            failure = (
-                f"upstream {upstream.source} sent nothing for {idle:g} s",
-                "upstream_timeout",
-            )
+        except _UpstreamTimeout as exc:
+            failure = (_timeout_message(upstream, exc.code, config), exc.code)
             break
         except aiohttp.ClientError as exc:
             failure = (
@@ -243,14 +582,50 @@ async def _relay_stream(
                 "upstream_error",
             )
             break
+        watch.waiting_since = None
         if not chunk:
             break
+        if not watch.started:
+            watch.first_byte()
+        if carry:
+            chunk, carry = carry + chunk, b""
+        if not chunk.endswith(b"\n\n"):
+            # Hold back an incomplete last event until its end comes: a client cannot use
+            # half an event, and the usage event must be whole to be read.
+            cut = max(chunk.rfind(b"\n\n"), chunk.rfind(b"\n\r\n"))
+            if cut < 0 and len(chunk) < _MAX_CARRY_BYTES:
+                carry = chunk
+                continue
+            if cut >= 0:
+                end = cut + (2 if chunk[cut + 1 : cut + 2] == b"\n" else 3)
+                chunk, carry = chunk[:end], chunk[end:]
+        if _ERROR_KEY in chunk:
+            at = _engine_error_at(chunk)
+            if at >= 0:
+                # The engine reports its own failure in-band: what came before it is
+                # relayed, the error is passed on in the gateway's shape, and the stream
+                # ends there without [DONE], whatever the engine sends after it.
+                message = _engine_error_message(chunk[at:].split(b"\n\n", 1)[0])
+                failure = (f"upstream {upstream.source} reported: {message}", "upstream_error")
+                chunk, carry = chunk[:at], b""
+        if _USAGE_MARKS[0] in chunk or _USAGE_MARKS[1] in chunk:
+            chunk = _take_usage(chunk, strip_usage, info)
+        if chunk:
+            try:
+                await out.write(chunk)
+            except ConnectionResetError:
+                info.outcome = "client_disconnected"
+                return out
+            tail = (tail + chunk[-_TAIL_BYTES:])[-_TAIL_BYTES:]
+        if failure is not None:
+            break
+    if carry and failure is None:
         try:
-            await out.write(chunk)
+            await out.write(carry)
         except ConnectionResetError:
             info.outcome = "client_disconnected"
             return out
-        tail = (tail + chunk[-_TAIL_BYTES:])[-_TAIL_BYTES:]
+        tail = (tail + carry[-_TAIL_BYTES:])[-_TAIL_BYTES:]
     if failure is None and not tail.rstrip().endswith(_DONE):
         failure = (
             f"upstream {upstream.source} ended the stream without [DONE]",
@@ -270,6 +645,32 @@ async def _relay_stream(
     except ConnectionResetError:
         info.outcome = "client_disconnected"
     return out
+
+
+def _take_usage(events: bytes, strip: bool, info: RequestInfo) -> bytes:
+    """Note the usage in ``events`` (whole SSE events); drop its event if ``strip`` and it
+    carries nothing else (``"choices": []``, as OpenAI's usage chunk does)."""
+    at = events.find(_USAGE_MARKS[0])
+    if at < 0:
+        at = events.find(_USAGE_MARKS[1])
+    start = events.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = events.find(b"\n\n", at)
+    end = len(events) if end < 0 else end + 2
+    event = events[start:end]
+    data = event.strip()
+    if not data.startswith(b"data:"):
+        return events
+    try:
+        chunk = json.loads(data[len(b"data:") :])
+    except ValueError:
+        return events
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
+        return events
+    _note_usage(info, chunk["usage"])
+    if strip and not chunk.get("choices"):
+        return events[:start] + events[end:]
+    return events
 
 
 def _event_separator(tail: bytes) -> bytes:

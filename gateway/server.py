@@ -49,7 +49,11 @@ async def start(
     """
     check_bind(config)
     app = create_app(config, env=env)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # On cleanup aiohttp stops listening first, then waits up to shutdown_timeout for the
+    # requests in flight (streams included) before it cancels them: the graceful drain.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace_s
+    )
     try:
         await runner.setup()
     except BaseException:
@@ -80,7 +84,8 @@ def _announce(line: str) -> None:
 
 
 async def serve(config: GatewayConfig, announce: Callable[[str], None] = _announce) -> None:
-    """Listen until SIGINT or SIGTERM, then stop cleanly."""
+    """Listen until SIGINT or SIGTERM; then stop accepting, let the requests in flight
+    finish within ``shutdown_grace_s``, cancel the rest, and return."""
     runner, port = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,7 +97,7 @@ async def serve(config: GatewayConfig, announce: Callable[[str], None] = _announ
         log.info(line, extra=fields(host=config.host, port=port))
         announce(line)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down", extra=fields(grace_s=config.shutdown_grace_s))
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

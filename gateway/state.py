@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import Admission
+from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
+from gateway.keys import Client
+from gateway.metrics import Metrics
+from gateway.ratelimit import KeyBuckets, Limiter
 from gateway.reload import Live
 
 
@@ -19,12 +24,22 @@ class RequestInfo:
     request_id: str
     started: float = field(default_factory=time.monotonic)
     client: str | None = None
+    client_entry: Client | None = None
     model: str | None = None
     upstream: str | None = None
     outcome: str | None = None
+    routed: bool = False  # the model is one the gateway knows (bounds metric labels)
+    buckets: KeyBuckets | None = None  # the client's rate-limit buckets, if it has limits
+    ratelimit_headers: dict[str, str] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 CONFIG = web.AppKey("config", GatewayConfig)
 LIVE = web.AppKey("live", Live)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+LIMITER = web.AppKey("limiter", Limiter)
+METRICS = web.AppKey("metrics", Metrics)
+BALANCER = web.AppKey("balancer", Balancer)
+ADMISSION = web.AppKey("admission", Admission)
 REQUEST_INFO = web.RequestKey("request_info", RequestInfo)

@@ -11,7 +11,8 @@
     │       ├── UnknownHostKeyError   its host key is not in known_hosts: the fingerprint
     │       ├── ChangedHostKeyError   known_hosts holds another key: the file and line
     │       └── SSHAuthError          no key was accepted: the user and host
-    └── EngineError               an engine cannot be started (not installed, bad args)
+    ├── EngineError               an engine cannot be started (not installed, bad args)
+    └── ImageError                a recipe or image is unusable, or `apptainer build` failed
 
 Foreign exceptions (OSError from the filesystem, yaml, pydantic, paramiko) are translated at
 the one place that calls them, with ``raise ... from exc``.
@@ -166,3 +167,7 @@ class SSHAuthError(SSHError):
     def __init__(self, message: str, *, host: str, port: int, user: str, hint: str) -> None:
         super().__init__(message, host=host, port=port, hint=hint)
         self.user = user
+
+
+class ImageError(MTError):
+    """A recipe or an image cannot be used, or ``apptainer build`` failed or cannot run."""

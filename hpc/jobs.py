@@ -141,9 +141,11 @@ def job_views(site: Site, *, include_final: bool = True) -> list[JobView]:
         except MTError:
             backend = None
         statuses = backend.status([handle_of(r) for r in group]) if backend else {}
-        for stored in group:
+        for listed in group:
             unknown = JobStatus("unknown", f"backend {name} unavailable")
-            status = statuses.get(stored.job_id, unknown)
+            status = statuses.get(listed.job_id, unknown)
+            # A backend whose jobs run no wrapper (Kubernetes) moves records on in status().
+            stored = registry.read(listed.key) or listed
             record = stored
             if stored.state not in FINAL_STATES and status.state in _ENDED:
                 reason = f"stale: scheduler says {status.state}"

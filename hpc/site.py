@@ -46,6 +46,13 @@ class SlurmSite(_Strict):
         default=(), description="`module load` these in every job"
     )
     image_dir: Path | None = None
+    apptainer_cachedir: Path | None = Field(
+        default=None,
+        description="APPTAINER_CACHEDIR for `mt image build` (put it on scratch: images are large)",
+    )
+    apptainer_tmpdir: Path | None = Field(
+        default=None, description="APPTAINER_TMPDIR for `mt image build` (scratch, not /tmp)"
+    )
     python: str | None = Field(
         default=None,
         pattern=r"^[^\x00-\x1f\x7f]+$",

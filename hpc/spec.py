@@ -78,13 +78,47 @@ class SlurmOptions(_Strict):
     )
 
 
-class KubernetesOptions(_Strict):
-    """Per-model Kubernetes settings (used by the Kubernetes backend)."""
+# Kubernetes object names and label values (DNS-1123 label; label values up to 63 chars).
+K8sName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+K8sLabelValue = Annotated[
+    str, Field(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$", max_length=63)
+]
+K8sLabelKey = Annotated[
+    str, Field(pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", max_length=253)
+]
 
-    namespace: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    gpu_resource: str = "nvidia.com/gpu"
-    pvc: str | None = None
+
+class KubernetesOptions(_Strict):
+    """Per-model Kubernetes settings (used by the Kubernetes backend and `mt render`)."""
+
+    namespace: K8sName | None = Field(default=None, description="default: the kubeconfig's")
+    node_selector: dict[K8sLabelKey, K8sLabelValue] = Field(default_factory=dict)
+    gpu_resource: Literal["nvidia.com/gpu", "amd.com/gpu"] = "nvidia.com/gpu"
+    pvc: K8sName | None = Field(
+        default=None, description="an existing PVC for the weights (default: one per model)"
+    )
+    role: K8sLabelValue | None = Field(
+        default=None, description="required node affinity: only nodes with role_label=role"
+    )
+    role_label: K8sLabelKey = "ai.llm.role"
+    image: str | None = Field(
+        default=None,
+        pattern=r"^[^\s]+$",
+        description="engine container image (default: the engine's official server image)",
+    )
+    fetch_image: str = Field(
+        default="docker.io/library/python:3.12-slim",
+        pattern=r"^[^\s]+$",
+        description="init container that downloads the weights into the PVC",
+    )
+    port: int = Field(default=8000, gt=0, lt=65536)
+    storage_gb: int = Field(default=100, gt=0, description="size of the weights PVC")
+    storage_class: K8sName | None = None
+    run_as_user: int | None = Field(
+        default=1000, ge=1, description="null on OpenShift, whose SCC assigns the UID"
+    )
+    route: bool = Field(default=False, description="OpenShift: expose it by a Route (edge TLS)")
+    route_host: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 class ModelSpec(_Strict):

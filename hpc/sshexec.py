@@ -16,7 +16,9 @@ keyboard-interactive (2FA) logins; for those, run `mt` on the login node itself.
 
 Host keys are checked against one known_hosts file and nothing else: an unknown key is
 refused, showing its SHA256 fingerprint, and never added (``StrictHostKeyChecking`` in the
-config is ignored); a changed key is a hard failure naming the known_hosts line.
+config is ignored) unless the caller opts in with ``accept_new=True`` (OpenSSH's
+``accept-new``: the key is appended to that file, and from then on pinned); a changed key
+is a hard failure naming the known_hosts line, with or without ``accept_new``.
 
 Every paramiko and socket error is translated here, and only here, into hpc.errors.SSHError.
 """
@@ -220,6 +222,30 @@ class _RefuseUnknownHosts(paramiko.RejectPolicy):
         raise _UnknownHost(hostname, key)
 
 
+class _AcceptNewHosts(paramiko.MissingHostKeyPolicy):
+    """OpenSSH's ``StrictHostKeyChecking accept-new``: append an unknown key, then pin it.
+
+    Only reached for a host with no key at all in known_hosts; paramiko raises
+    BadHostKeyException for a changed key before asking the policy.
+    """
+
+    def __init__(self, target: SSHTarget) -> None:
+        self.target = target
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        path = self.target.known_hosts
+        line = f"{self.target.known_hosts_name} {key.get_name()} {key.get_base64()}\n"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode("ascii"))
+        finally:
+            os.close(fd)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
 def _key_type(key: paramiko.PKey) -> str:
     name = key.get_name()
     return name.removeprefix("ssh-") if name.startswith("ssh-") else name.split("-")[0]
@@ -239,6 +265,9 @@ class SSHTransport:
         ssh_config: Path | None = None,
         connect_timeout_s: float = 15.0,
         remote_env: Mapping[str, str] | None = None,
+        proxy_jump: str | None = None,
+        accept_new: bool = False,
+        keepalive_s: int = _KEEPALIVE_S,
     ) -> None:
         bad = [name for name in (remote_env or {}) if not _ENV_NAME.match(name)]
         if bad:
@@ -251,6 +280,9 @@ class SSHTransport:
         self.ssh_config = ssh_config
         self.connect_timeout_s = connect_timeout_s
         self.remote_env = dict(remote_env or {})
+        self.proxy_jump = proxy_jump  # overrides the config's ProxyJump (`-J`), comma-separated
+        self.accept_new = accept_new
+        self.keepalive_s = keepalive_s
         self.connections = 0  # connections made so far: one per `mt` command, unless one dropped
         self._lock = threading.Lock()
         self._clients: list[paramiko.SSHClient] = []  # jump hosts first, the login node last
@@ -290,7 +322,8 @@ class SSHTransport:
     def _hops(self) -> list[SSHTarget]:
         target = self.target
         hops: list[SSHTarget] = []
-        for spec in target.proxy_jump:
+        jumps = tuple(self.proxy_jump.split(",")) if self.proxy_jump else target.proxy_jump
+        for spec in jumps:
             hop = spec.strip()
             if not hop or any(c.isspace() for c in hop):
                 raise SSHError(
@@ -305,6 +338,10 @@ class SSHTransport:
                 )
             )
         return hops
+
+    def connection(self) -> paramiko.Transport:
+        """The live, host-key-checked connection to the login node (made now if needed)."""
+        return self._transport()
 
     def _transport(self) -> paramiko.Transport:
         """The live connection to the login node: made on first use, and again if it dropped."""
@@ -327,7 +364,7 @@ class SSHTransport:
                 self._close_clients()
                 raise
             transport = _live(self._clients[-1], self.target)
-            transport.set_keepalive(_KEEPALIVE_S)
+            transport.set_keepalive(self.keepalive_s)
             self.connections += 1
             return transport
 
@@ -338,7 +375,8 @@ class SSHTransport:
         for item in known:
             for name in item.entry.hostnames:
                 host_keys.add(name, item.entry.key.get_name(), item.entry.key)
-        client.set_missing_host_key_policy(_RefuseUnknownHosts())
+        policy = _AcceptNewHosts(target) if self.accept_new else _RefuseUnknownHosts()
+        client.set_missing_host_key_policy(policy)
         timeout = self.connect_timeout_s
         try:
             client.connect(

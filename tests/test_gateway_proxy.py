@@ -345,16 +345,16 @@ async def test_upstream_rejecting_the_job_key_is_502_not_401(tmp_path: Path) -> 
             assert_openai_error(await resp.json(), "upstream_error")
 
 
-async def test_silent_upstream_is_504_upstream_timeout(tmp_path: Path) -> None:
+async def test_silent_upstream_is_504_upstream_first_token_timeout(tmp_path: Path) -> None:
     async with FakeUpstream(Knobs(ttft_s=10)) as fake:
         add_record(tmp_path / "registry", "m", fake.base_url)
         async with (
-            gateway(tmp_path, idle_timeout_s=0.2) as url,
+            gateway(tmp_path, first_token_timeout_s=0.2) as url,
             aiohttp.ClientSession() as client,
             client.post(url + CHAT, json=chat("m")) as resp,
         ):
             assert resp.status == 504
-            assert_openai_error(await resp.json(), "upstream_timeout")
+            assert_openai_error(await resp.json(), "upstream_first_token_timeout")
 
 
 async def _read_stream(resp: aiohttp.ClientResponse) -> tuple[bytes, list[float]]:
@@ -426,18 +426,20 @@ async def test_stream_ending_without_done_gets_an_error_event(tmp_path: Path) ->
     assert "without [DONE]" in error["error"]["message"]
 
 
-async def test_stream_silent_past_the_idle_timeout_gets_a_timeout_event(tmp_path: Path) -> None:
+async def test_stream_without_a_first_token_in_time_gets_a_timeout_event(
+    tmp_path: Path,
+) -> None:
     async with FakeUpstream(Knobs(ttft_s=10)) as fake:
         add_record(tmp_path / "registry", "m", fake.base_url)
         async with (
-            gateway(tmp_path, idle_timeout_s=0.2) as url,
+            gateway(tmp_path, first_token_timeout_s=0.2) as url,
             aiohttp.ClientSession() as client,
             client.post(url + CHAT, json=chat("m", stream=True)) as resp,
         ):
             assert resp.status == 200  # the upstream's headers came at once
             data, _ = await _read_stream(resp)
     error = json.loads(data.strip()[len(b"data: ") :])
-    assert_openai_error(error, "upstream_timeout")
+    assert_openai_error(error, "upstream_first_token_timeout")
     assert b"[DONE]" not in data
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -105,3 +107,65 @@ def test_run_prints_the_listening_line_and_stops_on_sigterm(tmp_path: Path) -> N
     assert proc.returncode == 0, stderr
     # The log on stderr is JSON lines, and says where it listens.
     assert '"msg": "mt gateway listening on http://127.0.0.1:' in stderr
+
+
+@pytest.mark.parametrize("grace_s", [10.0, 0.3])
+async def test_sigterm_stops_accepting_and_drains_streams_within_the_grace(
+    tmp_path: Path, grace_s: float
+) -> None:
+    from fake_upstream import FakeUpstream, Knobs
+    from test_gateway_proxy import CHAT, add_record, chat
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gateway.config import GatewayConfig\n"
+        "from gateway.server import run\n"
+        "run(GatewayConfig(port=0, registry_dir=Path(sys.argv[1]), "
+        "shutdown_grace_s=float(sys.argv[2])))\n"
+    )
+    # A 1.5 s stream: it outlives a 0.3 s grace, not a 10 s one.
+    async with FakeUpstream(Knobs(tokens=15, tokens_per_s=10)) as fake:
+        add_record(tmp_path / "registry", "m", fake.base_url)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "registry"),
+            str(grace_s),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+        )
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().strip()
+            port = int(line.rsplit(":", 1)[1])
+            url = f"http://127.0.0.1:{port}"
+            async with (
+                aiohttp.ClientSession() as client,
+                client.post(url + CHAT, json=chat("m", stream=True)) as resp,
+            ):
+                assert b"tok0" in await resp.content.readany()
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                with pytest.raises(ConnectionRefusedError):
+                    await asyncio.open_connection("127.0.0.1", port)
+                data = b""
+                # Past the grace the connection is closed mid-stream: an incomplete body.
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    async for chunk in resp.content.iter_any():
+                        data += chunk
+            _, stderr = await asyncio.wait_for(proc.communicate(), 15)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, stderr
+    if grace_s > 1.5:
+        assert data.endswith(b"data: [DONE]\n\n")
+        assert fake.seen.completed == 1
+    else:
+        assert b"[DONE]" not in data
+        assert fake.seen.completed == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hpc.backends.base import Backend, JobHandle, JobStatus, SchedulerState, ScriptBackend
+from hpc.backends.kubernetes import KubernetesBackend
 from hpc.backends.local import LocalBackend
 from hpc.backends.slurm import SlurmBackend
 from hpc.errors import UnknownBackendError
@@ -15,6 +16,7 @@ BackendFactory = Callable[[Site], Backend]
 BACKENDS: dict[str, BackendFactory] = {
     "local": LocalBackend,
     "slurm": SlurmBackend,
+    "kubernetes": KubernetesBackend,
 }
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from hpc import __version__
-from hpc.cli import doctorcmd, jobcmds, servecmds
+from hpc.cli import benchcmd, doctorcmd, exportcmd, imagecmd, jobcmds, servecmds, tunnelcmd
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_error
 from hpc.errors import MTError
@@ -79,7 +79,11 @@ app.command()(jobcmds.render)
 app.command()(servecmds.models)
 app.command()(servecmds.gateway)
 app.command()(doctorcmd.doctor)
+app.command()(benchcmd.bench)
+app.command()(exportcmd.export)
 app.add_typer(servecmds.keys_app, name="keys")
+app.add_typer(tunnelcmd.app, name="tunnel")
+app.add_typer(imagecmd.image_app, name="image")
 
 
 def main(argv: list[str] | None = None) -> int:

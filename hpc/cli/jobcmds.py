@@ -184,15 +184,42 @@ def cancel(
 
 def render(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="A model name from models.yaml.")],
+    models: Annotated[
+        list[str], typer.Argument(help="Model name(s) from models.yaml (several: kubernetes).")
+    ],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write here (default: MODEL.sbatch).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write here (default: MODEL.sbatch, or MODEL-k8s/ for kubernetes).",
+        ),
     ] = None,
-    backend: Annotated[str, typer.Option("--backend", "-b", help="slurm (default).")] = "slurm",
+    backend: Annotated[
+        str, typer.Option("--backend", "-b", help="slurm (default) or kubernetes.")
+    ] = "slurm",
 ) -> None:
-    """Write MODEL's job script to a file you can read, edit and `sbatch` yourself."""
+    """Write MODEL's job script (slurm) or kustomize directory (kubernetes) to review and apply."""
     cli: CliContext = ctx.obj
-    spec = cli.spec(model)
+    specs = [cli.spec(name) for name in models]
+    if backend == "kubernetes":
+        from hpc.k8s.kustomize import layout_tree, model_tree, write_tree
+        from hpc.registry import new_api_key
+
+        if len(specs) == 1:
+            files = model_tree(specs[0], api_key=new_api_key())
+        else:
+            files = layout_tree(specs, api_keys={s.name: new_api_key() for s in specs})
+        directory = output or Path(f"{specs[0].name}-k8s" if len(specs) == 1 else "k8s")
+        write_tree(directory, files)
+        stderr().print(
+            f"wrote {len(files)} files to {directory}/; apply them with "
+            f"`kubectl apply -k {directory}` (secret.yaml holds the API key and is gitignored)"
+        )
+        return
+    if len(specs) != 1:
+        raise typer.BadParameter("the slurm backend renders one model at a time")
+    spec = specs[0]
     script = jobs.render_script(cli.site(), spec, backend)
     path = output or Path(f"{spec.name}.sbatch")
     path.write_text(script, encoding="utf-8")

@@ -2,52 +2,46 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from hpc.catalog import ServedModel, served_models
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
 from hpc.errors import ConfigError
 from hpc.registry import Registry
+from hpc.spec import ModelsFile
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def served(cli: CliContext) -> list[ServedModel]:
+    """What the gateway would serve now; without a models.yaml, the ready jobs alone."""
+    try:
+        configured: ModelsFile | None = cli.models()
+    except ConfigError:
+        if cli.models_path().exists():
+            raise
+        configured = None
+    return served_models(configured, Registry(cli.site().registry_dir).records())
 
 
 def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """What the gateway would serve: configured models, static backends, ready jobs."""
     cli: CliContext = ctx.obj
-    try:
-        configured = cli.models()
-    except ConfigError:
-        if cli.models_path().exists():
-            raise
-        configured = None
-    ready: dict[str, list[str]] = {}
-    for record in Registry(cli.site().registry_dir).records():
-        if record.state == "ready" and record.base_url:
-            ready.setdefault(record.model, []).append(record.base_url)
-    rows: dict[str, dict[str, object]] = {}
-    if configured is not None:
-        for spec in configured.models:
-            rows[spec.name] = {
-                "name": spec.name,
-                "source": "models.yaml",
-                "engine": spec.engine,
-                "endpoints": [],
-            }
-        for static in configured.static:
-            rows[static.name] = {
-                "name": static.name,
-                "source": "static",
-                "engine": "-",
-                "endpoints": [static.base_url],
-            }
-    for name, urls in ready.items():
-        row = rows.setdefault(name, {"name": name, "source": "job", "engine": "-", "endpoints": []})
-        row["endpoints"] = [*row["endpoints"], *urls]  # type: ignore[misc]
+    rows: dict[str, dict[str, object]] = {
+        model.name: {
+            "name": model.name,
+            "source": model.source,
+            "engine": model.engine,
+            "endpoints": [endpoint.base_url for endpoint in model.endpoints],
+        }
+        for model in served(cli)
+    }
     if as_json:
         print_json(list(rows.values()))
         return
@@ -82,6 +76,42 @@ def gateway(
         Path | None,
         typer.Option("--keys", help="keys.yaml: require these API keys (mt keys create)."),
     ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option("--connect-timeout", min=0.001, help="Seconds to connect upstream.")
+    ] = 10,
+    first_token_timeout: Annotated[
+        float,
+        typer.Option(
+            "--first-token-timeout",
+            min=0.001,
+            help="Seconds to the upstream's first byte (a whole non-streaming answer).",
+        ),
+    ] = 600,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--idle-timeout", min=0.001, help="Longest upstream silence between chunks (s)."
+        ),
+    ] = 120,
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option("--max-in-flight", min=1, help="Requests at once in all; beyond: 503."),
+    ] = None,
+    max_in_flight_per_model: Annotated[
+        int | None,
+        typer.Option(
+            "--max-in-flight-per-model", min=1, help="Requests at once per model; beyond: 503."
+        ),
+    ] = None,
+    retry_after: Annotated[
+        int, typer.Option("--retry-after", min=1, help="Retry-After (s) sent with a 503.")
+    ] = 5,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-grace", min=0, help="On SIGTERM, seconds in-flight requests may finish."
+        ),
+    ] = 30,
 ) -> None:
     """Run the OpenAI-compatible gateway in the foreground."""
     from gateway.config import GatewayConfig
@@ -96,6 +126,13 @@ def gateway(
         registry_dir=site.registry_dir,
         models_file=models_file if models_file.exists() else None,
         keys_file=keys,
+        connect_timeout_s=connect_timeout,
+        first_token_timeout_s=first_token_timeout,
+        idle_timeout_s=idle_timeout,
+        max_in_flight=max_in_flight,
+        max_in_flight_per_model=max_in_flight_per_model,
+        shutdown_grace_s=shutdown_grace,
+        retry_after_s=retry_after,
     )
     run(config)
 
@@ -110,12 +147,25 @@ def default_keys_file(cli: CliContext) -> Path:
     return cli.site().home / "keys.yaml"
 
 
+KeysOpt = Annotated[
+    Path | None, typer.Option("--keys", help="keys.yaml (default $MT_HOME/keys.yaml).")
+]
+
+
 @keys_app.command("create")
 def keys_create(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Who the key is for (e.g. alice).")],
-    keys: Annotated[
-        Path | None, typer.Option("--keys", help="keys.yaml (default $MT_HOME/keys.yaml).")
+    keys: KeysOpt = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Allow only models matching this glob (repeatable)."),
+    ] = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")] = None,
+    expires: Annotated[
+        datetime | None,
+        typer.Option("--expires", help="Expiry (ISO 8601, UTC unless a zone is given)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -124,7 +174,14 @@ def keys_create(
 
     cli: CliContext = ctx.obj
     path = keys or default_keys_file(cli)
-    key = create_key(path, name)
+    key = create_key(
+        path,
+        name,
+        models=tuple(models) if models else None,
+        requests_per_min=rpm,
+        tokens_per_min=tpm,
+        expires_at=expires,
+    )
     if as_json:
         print_json({"name": name, "key": key, "keys_file": str(path)})
         return
@@ -133,3 +190,46 @@ def keys_create(
         f"created key {name!r} in {path}; it is shown only this once. "
         f"Start the gateway with: mt gateway --keys {path}"
     )
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, keys: KeysOpt = None, as_json: JsonOpt = False) -> None:
+    """List keys: names, allowed models, limits, expiry (never a key, nor its hash)."""
+    from gateway.keys import list_keys
+
+    cli: CliContext = ctx.obj
+    path = keys or default_keys_file(cli)
+    entries = list_keys(path)
+    if as_json:
+        print_json([entry.model_dump(mode="json", exclude={"sha256"}) for entry in entries])
+        return
+    if not entries:
+        stderr().print(f"no keys in {path} (mt keys create NAME)")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "MODELS", "REQ/MIN", "TOKENS/MIN", "EXPIRES"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(
+            entry.name,
+            ", ".join(entry.models) if entry.models is not None else "*",
+            str(entry.requests_per_min or "-"),
+            str(entry.tokens_per_min or "-"),
+            entry.expires_at.isoformat() if entry.expires_at else "never",
+        )
+    stdout().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The key's name.")],
+    keys: KeysOpt = None,
+) -> None:
+    """Remove a key; a running gateway stops accepting it on its next reload (about 1 s)."""
+    from gateway.keys import revoke_key
+
+    cli: CliContext = ctx.obj
+    path = keys or default_keys_file(cli)
+    revoke_key(path, name)
+    stderr().print(f"revoked key {name!r} in {path}")

@@ -1,0 +1,343 @@
+"""A fake inference engine: for the gateway tests, and the bench's gateway-overhead run.
+
+It stands for the OpenAI-compatible server of vLLM (``vllm serve``) or llama.cpp
+(``llama-server`` / ``llama_cpp.server``) that a ModelTainer job runs, and speaks the same
+wire format: ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``,
+JSON answers, and for ``"stream": true`` Server-Sent Events ``data: {...}\\n\\n`` ending
+with ``data: [DONE]\\n\\n``; it requires ``Authorization: Bearer <job key>`` as the real
+engines do when started with an API key.
+
+It is a real aiohttp app on 127.0.0.1, port 0. Its behaviour is set by ``Knobs`` when it
+is made (no module globals), and ``Seen`` counts what it received, including requests
+whose client went away before the answer was done (a real engine aborts those): each is
+logged (logger ``bench.fakeengine``, on stderr when run alone) and kept in ``Seen.aborted``
+with its ``X-Request-Id`` and the phase it was in: before the first byte of the body,
+mid-stream, or a non-streaming answer.
+
+``python -m bench.fakeengine [--tokens N] [--tokens-per-s R] [--ttft-ms T]`` runs it alone
+(in its own process, so that it does not share a core with the load generator) and prints
+``fake engine listening on http://127.0.0.1:PORT/v1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """How the fake behaves."""
+
+    ttft_s: float = 0.0  # before the first token (non-streaming: before the answer)
+    tokens_per_s: float = 0.0  # 0 = as fast as possible
+    tokens: int = 3
+    cut_after: int | None = None  # streaming: abort the connection after this many chunks
+    omit_done: bool = False  # streaming: end cleanly but without ``data: [DONE]``
+    status: int = 200  # anything else: answer an OpenAI-shaped error with this status
+    raw_error: bytes | None = None  # with ``status``: answer these bytes instead (text/plain)
+    require_key: str | None = None  # 401 unless ``Authorization: Bearer <require_key>``
+    drop_requests: int = 0  # close the connection unanswered on the first N requests
+    use_max_tokens: bool = False  # answer min(tokens, the request's max_tokens) tokens
+    # streaming: after this many chunks an in-band ``data: {"error": …}`` event, then the
+    # usage chunk and ``[DONE]`` as vLLM sends them after an error
+    error_after: int | None = None
+    pad_bytes: int = 0  # streaming: each chunk's text is this many bytes longer
+    status_first: int | None = None  # with ``status``: only the first N requests get it
+    retry_after: str | None = None  # with ``status``: the error's ``Retry-After`` header
+
+
+AbortPhase = Literal["before first byte", "mid-stream", "non-stream"]
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Abort:
+    """A request whose client went away before its answer was done."""
+
+    request_id: str | None  # its X-Request-Id header
+    phase: AbortPhase
+
+
+@dataclass
+class _Exchange:
+    """How far one answer got, for the abort log."""
+
+    streaming: bool = False
+    chunks: int = 0
+    cut: bool = False  # the fake aborted the connection itself (``Knobs.cut_after``)
+
+
+@dataclass
+class Seen:
+    """What the fake received and did."""
+
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0  # len(aborted)
+    aborted: list[Abort] = field(default_factory=list)
+    authorization: list[str | None] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    first_chunk_at: float | None = None  # time.monotonic() of the first streamed chunk
+    last_chunk_at: float | None = None  # ... and of the last one
+    chunks_sent: int = 0  # streamed chunks written, over all requests
+    cancelled_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeUpstream:
+    """An OpenAI-compatible engine on 127.0.0.1:<ephemeral port>; use ``async with``."""
+
+    def __init__(
+        self, knobs: Knobs | None = None, model: str = "fake-model", port: int = 0
+    ) -> None:
+        self.knobs = knobs or Knobs()
+        self.model = model
+        self.seen = Seen()
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI root, as a registry record holds it."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def __aenter__(self) -> FakeUpstream:
+        app = web.Application()
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            app.router.add_post(path, self._handle)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        # handler_cancellation: like the real engines, notice a client that left at once.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, _request: web.Request) -> web.Response:
+        entry = {"id": self.model, "object": "model", "owned_by": "fake"}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.requests += 1
+        self.seen.authorization.append(request.headers.get("Authorization"))
+        self.seen.request_ids.append(request.headers.get("X-Request-Id"))
+        body = await request.read()
+        self.seen.bodies.append(body)
+        knobs = self.knobs
+        if self.seen.requests <= knobs.drop_requests:
+            # Like an engine that crashed or closed an idle keep-alive connection.
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
+        if knobs.require_key is not None and (
+            request.headers.get("Authorization") != f"Bearer {knobs.require_key}"
+        ):
+            return _error(401, "invalid api key", "authentication_error")
+        if knobs.status != 200 and (
+            knobs.status_first is None or self.seen.requests <= knobs.status_first
+        ):
+            if knobs.raw_error is not None:
+                return web.Response(status=knobs.status, body=knobs.raw_error)
+            error = _error(knobs.status, f"fake engine answers {knobs.status}", "server_error")
+            if knobs.retry_after is not None:
+                error.headers["Retry-After"] = knobs.retry_after
+            return error
+        payload = json.loads(body)
+        exchange = _Exchange()
+        try:
+            if payload.get("stream") is True and not request.path.endswith("/embeddings"):
+                exchange.streaming = True
+                return await self._stream(request, payload, exchange)
+            tokens = self._tokens(payload)
+            await asyncio.sleep(knobs.ttft_s + self._generation_s(tokens))
+            self.seen.completed += 1
+            return web.json_response(self._answer(request.path, payload, tokens))
+        except (asyncio.CancelledError, ConnectionResetError):
+            # A deliberate cut aborts our own transport; only count clients that left.
+            if not exchange.cut:
+                self._aborted(request.headers.get("X-Request-Id"), exchange)
+            raise
+
+    def _aborted(self, request_id: str | None, exchange: _Exchange) -> None:
+        phase: AbortPhase = "non-stream"
+        if exchange.streaming:
+            phase = "mid-stream" if exchange.chunks else "before first byte"
+        self.seen.aborted.append(Abort(request_id, phase))
+        self.seen.cancelled += 1
+        self.seen.cancelled_event.set()
+        _log.warning(
+            "aborted request_id=%s phase=%s chunks_sent=%d",
+            request_id or "-",
+            phase,
+            exchange.chunks,
+        )
+
+    def _tokens(self, payload: dict[str, Any]) -> int:
+        asked = payload.get("max_tokens")
+        if self.knobs.use_max_tokens and isinstance(asked, int) and asked > 0:
+            return min(asked, self.knobs.tokens)
+        return self.knobs.tokens
+
+    def _generation_s(self, tokens: int) -> float:
+        rate = self.knobs.tokens_per_s
+        return tokens / rate if rate > 0 else 0.0
+
+    async def _stream(
+        self, request: web.Request, payload: dict[str, Any], exchange: _Exchange
+    ) -> web.StreamResponse:
+        knobs = self.knobs
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)  # headers go out at once, as vLLM's do
+        await asyncio.sleep(knobs.ttft_s)
+        gap = 1 / knobs.tokens_per_s if knobs.tokens_per_s > 0 else 0.0
+        chat = request.path.endswith("/chat/completions")
+        tokens = self._tokens(payload)
+        for index in range(tokens):
+            if index:
+                await asyncio.sleep(gap)
+            if knobs.cut_after is not None and index >= knobs.cut_after:
+                exchange.cut = True
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            if knobs.error_after is not None and index >= knobs.error_after:
+                failed = {"error": {"message": "fake engine failed", "type": "server_error"}}
+                await response.write(b"data: " + json.dumps(failed).encode() + b"\n\n")
+                break
+            last = index == tokens - 1
+            text = f"tok{index} " + "x" * knobs.pad_bytes
+            chunk = _chunk(self.model, chat, text, "stop" if last else None)
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            exchange.chunks += 1
+            self.seen.chunks_sent += 1
+            now = time.monotonic()
+            if self.seen.first_chunk_at is None:
+                self.seen.first_chunk_at = now
+            self.seen.last_chunk_at = now
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            # OpenAI's last chunk for include_usage: no choices, the usage of the whole answer.
+            final = _chunk(self.model, chat, "", None)
+            final["choices"] = []
+            final["usage"] = _usage(payload, tokens)
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        if not knobs.omit_done:
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        self.seen.completed += 1
+        return response
+
+    def _answer(self, path: str, payload: dict[str, Any], tokens: int) -> dict[str, Any]:
+        created = int(time.time())
+        text = "".join(f"tok{i} " for i in range(tokens))
+        usage = _usage(payload, tokens)
+        if path.endswith("/embeddings"):
+            return {
+                "object": "list",
+                "model": self.model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        if path.endswith("/chat/completions"):
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop"}
+            kind = "text_completion"
+        return {
+            "id": "cmpl-fake",
+            "object": kind,
+            "created": created,
+            "model": payload.get("model", self.model),
+            "choices": [choice],
+            "usage": usage,
+        }
+
+
+def _usage(payload: dict[str, Any], tokens: int) -> dict[str, int]:
+    # One "token" per word of the prompt: enough for the bench's tokens-in column.
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    else:
+        text = str(payload.get("prompt", ""))
+    prompt = max(1, len(text.split()))
+    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+
+
+def _chunk(model: str, chat: bool, text: str, finish: str | None) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        kind = "text_completion"
+    return {
+        "id": "cmpl-fake",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def _error(status: int, message: str, type_: str) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+async def _serve(knobs: Knobs, model: str, port: int) -> None:
+    async with FakeUpstream(knobs, model=model, port=port) as fake:
+        sys.stdout.write(f"fake engine listening on {fake.base_url}\n")
+        sys.stdout.flush()
+        await asyncio.Event().wait()  # until the process is terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.fakeengine``: serve the fake engine until terminated."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per answer (at most)")
+    parser.add_argument("--tokens-per-s", type=float, default=0.0, help="0: as fast as it can")
+    parser.add_argument("--ttft-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    # The abort log goes to stderr (the bench keeps it in engine.log); stdout has one line.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
+    knobs = Knobs(
+        ttft_s=args.ttft_ms / 1000,
+        tokens_per_s=args.tokens_per_s,
+        tokens=args.tokens,
+        use_max_tokens=True,
+    )
+    try:
+        asyncio.run(_serve(knobs, args.model, args.port))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""``GET /metrics``: counters kept in memory, rendered in Prometheus' text format on demand.
+
+Recording is a dict update or a ``bisect`` per request, no I/O and no locks (one event
+loop). Label values are bounded: the model label is a name the gateway routes (anything
+else is counted as ``-``), so clients cannot grow the series without limit.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds: from a cache hit on a local engine to a long prefill on a busy one.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Histogram:
+    """Cumulative-bucket histogram per label value."""
+
+    __slots__ = ("_counts", "_sums")
+
+    def __init__(self) -> None:
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = defaultdict(float)
+
+    def observe(self, label: str, value: float) -> None:
+        """Count one observation of ``value`` for ``label``."""
+        counts = self._counts.get(label)
+        if counts is None:
+            counts = self._counts[label] = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        counts[bisect.bisect_left(LATENCY_BUCKETS_S, value)] += 1
+        self._sums[label] += value
+
+    def render(self, name: str, label_name: str) -> list[str]:
+        """The ``_bucket``, ``_sum`` and ``_count`` lines."""
+        lines = []
+        for label, counts in sorted(self._counts.items()):
+            running = 0
+            for bound, count in zip((*LATENCY_BUCKETS_S, "+Inf"), counts, strict=True):
+                running += count
+                lines.append(f'{name}_bucket{{{label_name}="{label}",le="{bound}"}} {running}')
+            lines.append(f'{name}_sum{{{label_name}="{label}"}} {self._sums[label]:.6f}')
+            lines.append(f'{name}_count{{{label_name}="{label}"}} {running}')
+        return lines
+
+
+class Metrics:
+    """The gateway's counters; one per app."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self.in_flight = 0
+        self.upstream_latency = Histogram()
+        self.duration = Histogram()
+        self.upstream_failures: dict[str, int] = defaultdict(int)
+
+    def finished(self, model: str, status: int, duration_s: float) -> None:
+        """Count one request, whatever its path, by model and status."""
+        self.requests[(model, status)] += 1
+        self.duration.observe(model, duration_s)
+
+    def count_tokens(self, model: str, prompt: int | None, completion: int | None) -> None:
+        """Add the tokens an upstream reported for one request."""
+        if prompt:
+            self.tokens[(model, "prompt")] += prompt
+        if completion:
+            self.tokens[(model, "completion")] += completion
+
+    def render(self, replicas: dict[str, tuple[int, bool]] | None = None) -> str:
+        """Everything, in Prometheus' text exposition format.
+
+        ``replicas`` maps an upstream's source to (outstanding requests, healthy).
+        """
+        out = [
+            "# HELP mt_gateway_requests_total Requests answered, by model and HTTP status.",
+            "# TYPE mt_gateway_requests_total counter",
+        ]
+        for (model, status), count in sorted(self.requests.items()):
+            out.append(f'mt_gateway_requests_total{{model="{model}",status="{status}"}} {count}')
+        out += [
+            "# HELP mt_gateway_in_flight Requests being answered now.",
+            "# TYPE mt_gateway_in_flight gauge",
+            f"mt_gateway_in_flight {self.in_flight}",
+            "# HELP mt_gateway_tokens_total Tokens reported by upstreams, by model and kind.",
+            "# TYPE mt_gateway_tokens_total counter",
+        ]
+        for (model, kind), count in sorted(self.tokens.items()):
+            out.append(f'mt_gateway_tokens_total{{model="{model}",kind="{kind}"}} {count}')
+        out += [
+            "# HELP mt_gateway_upstream_latency_seconds Time until the upstream's response "
+            "headers.",
+            "# TYPE mt_gateway_upstream_latency_seconds histogram",
+            *self.upstream_latency.render("mt_gateway_upstream_latency_seconds", "model"),
+            "# HELP mt_gateway_request_duration_seconds Whole request, as the client saw it.",
+            "# TYPE mt_gateway_request_duration_seconds histogram",
+            *self.duration.render("mt_gateway_request_duration_seconds", "model"),
+            "# HELP mt_gateway_upstream_failures_total Connection failures, by replica.",
+            "# TYPE mt_gateway_upstream_failures_total counter",
+        ]
+        for source, count in sorted(self.upstream_failures.items()):
+            out.append(f'mt_gateway_upstream_failures_total{{replica="{_escape(source)}"}} {count}')
+        if replicas is not None:
+            out += [
+                "# HELP mt_gateway_replica_outstanding Requests in flight per replica.",
+                "# TYPE mt_gateway_replica_outstanding gauge",
+            ]
+            for source, (outstanding, _) in sorted(replicas.items()):
+                out.append(
+                    f'mt_gateway_replica_outstanding{{replica="{_escape(source)}"}} {outstanding}'
+                )
+            out += [
+                "# HELP mt_gateway_replica_healthy 1 unless passive failure counting skips it.",
+                "# TYPE mt_gateway_replica_healthy gauge",
+            ]
+            for source, (_, healthy) in sorted(replicas.items()):
+                out.append(
+                    f'mt_gateway_replica_healthy{{replica="{_escape(source)}"}} {int(healthy)}'
+                )
+        return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

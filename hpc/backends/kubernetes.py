@@ -1,0 +1,454 @@
+"""The Kubernetes backend: a model spec becomes a Deployment and a Service (plus its Secret,
+ConfigMap, PVC and, on OpenShift, a Route), through the official ``kubernetes`` client.
+
+No job wrapper runs inside the pod (the engine is the container), so the transitions the
+wrapper writes under Slurm happen here instead, in :meth:`KubernetesBackend.status`: when
+the Deployment's ``Available`` condition is true, the record becomes ``ready`` with the
+Service's DNS name and URL; while the pod runs but is not yet available it is ``starting``.
+``mt status`` and ``mt submit --wait`` call ``status``, so whoever asks moves the record on.
+Since the Service's DNS name resolves only inside the cluster, a gateway that routes to it
+runs in the cluster (or on a machine that reaches cluster DNS).
+
+The client is imported and configured on first use: ``mt render`` and ``mt status`` of
+other backends work without it. API errors are translated in :func:`api_error`, the one
+place that sees ``ApiException``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hpc.backends.base import JobHandle, JobStatus
+from hpc.errors import BackendError
+from hpc.k8s.kustomize import to_yaml
+from hpc.k8s.manifests import (
+    ENGINE_CONTAINER,
+    INSTANCE_LABEL,
+    MANAGED_SELECTOR,
+    Manifest,
+    Names,
+    model_objects,
+    names_for,
+)
+from hpc.registry import FINAL_STATES, Record, Registry, new_nonce, pending_record, record_key
+from hpc.site import Site
+from hpc.spec import ModelSpec
+
+_TIMEOUT_S = 30
+_IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class KubernetesError(BackendError):
+    """The Kubernetes API refused or failed a call; ``status`` is its HTTP status (or None)."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+def _api_message(body: object) -> str:
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body.strip()
+        if isinstance(data, dict) and data.get("message"):
+            return str(data["message"])
+        return body.strip()
+    return ""
+
+
+def api_error(exc: Exception, *, action: str, namespace: str) -> KubernetesError:
+    """A Kubernetes client exception as a KubernetesError with a hint (the one boundary)."""
+    from kubernetes.client.exceptions import ApiException
+
+    if not isinstance(exc, ApiException):  # urllib3: the API server did not answer
+        return KubernetesError(
+            f"cannot reach the Kubernetes API server to {action}: {exc}",
+            hint="check the cluster address in your kubeconfig (`kubectl cluster-info`)",
+        )
+    status = int(exc.status or 0)
+    detail = _api_message(exc.body) or str(exc.reason or "")
+    where = f"in namespace {namespace}"
+    if status == 401:
+        hint = "your kubeconfig's credentials were refused: log in again (`oc login`, `kubectl`)"
+        return KubernetesError(f"cannot {action}: unauthorized", status=status, hint=hint)
+    if status == 403 and "exceeded quota" in detail:
+        return KubernetesError(
+            f"cannot {action} {where}: quota exceeded: {detail}",
+            status=status,
+            hint=f"`kubectl describe resourcequota -n {namespace}` shows what is left; ask for "
+            "fewer GPUs, CPUs or memory in resources:, or for a larger quota",
+        )
+    if status == 403:
+        return KubernetesError(
+            f"cannot {action} {where}: forbidden: {detail}",
+            status=status,
+            hint="your account needs a Role there that allows deployments, services, secrets, "
+            "configmaps, persistentvolumeclaims, pods and pods/log "
+            f"(`kubectl auth can-i create deployments -n {namespace}`)",
+        )
+    if status == 404 and "namespace" in detail.lower():
+        return KubernetesError(
+            f"cannot {action}: {detail}",
+            status=status,
+            hint="set kubernetes.namespace in models.yaml to a namespace you can use",
+        )
+    if status == 422:
+        return KubernetesError(
+            f"the API server rejected the manifests ({action}): {detail}",
+            status=status,
+            hint="`mt submit --dry-run --backend kubernetes MODEL` shows what was sent",
+        )
+    return KubernetesError(f"cannot {action} {where}: HTTP {status}: {detail}", status=status)
+
+
+def unschedulable_hint(spec_role: tuple[str, str] | None, message: str) -> str:
+    """Why a pod waits for a node, and what to do about it."""
+    if "affinity" in message or "selector" in message:
+        if spec_role:
+            label, role = spec_role
+            return (
+                f"no node matches {label}={role}: label a GPU node "
+                f"(`kubectl label node NODE {label}={role}`) or change kubernetes.role"
+            )
+        return "no node matches kubernetes.node_selector: check the node labels"
+    if "Insufficient" in message:
+        return "no node has enough free GPUs, CPUs or memory: wait, or ask for less"
+    return "`kubectl describe pod` shows the scheduler's events"
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return None
+
+
+def _required_role(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """The (label, value) the pod's required node affinity asks for, if any."""
+    affinity = ((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    for term in required.get("nodeSelectorTerms") or []:
+        for expr in term.get("matchExpressions") or []:
+            if expr.get("values"):
+                return str(expr["key"]), str(expr["values"][0])
+    return None
+
+
+class KubernetesBackend:
+    """Creates each model's objects with the official client; status lists them in bulk."""
+
+    name = "kubernetes"
+
+    def __init__(self, site: Site, *, kubeconfig: Path | None = None) -> None:
+        self.site = site
+        self.registry = Registry(site.registry_dir)
+        self.kubeconfig = kubeconfig
+        self._api: Any = None
+        self._default_ns: str | None = None
+
+    # --- the client ----------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        """The configured ApiClient, made on first use from the kubeconfig or the pod."""
+        if self._api is not None:
+            return self._api
+        try:
+            from kubernetes import client, config
+        except ImportError as exc:
+            raise KubernetesError(
+                "the kubernetes backend needs the official kubernetes client",
+                hint="pip install 'modeltainer[kubernetes]'",
+            ) from exc
+        cfg = client.Configuration()
+        # KUBECONFIG is read here, not by the client at import, so a changed one counts.
+        paths = [Path(p) for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+        path = self.kubeconfig or next((p for p in paths if p.is_file()), None)
+        path = path or Path.home() / ".kube" / "config"
+        try:
+            if path.is_file():
+                config.load_kube_config(config_file=str(path), client_configuration=cfg)  # type: ignore[no-untyped-call]
+                _, active = config.list_kube_config_contexts(config_file=str(path))  # type: ignore[no-untyped-call]
+                self._default_ns = (active.get("context") or {}).get("namespace") or "default"
+            else:
+                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+                self._default_ns = _IN_CLUSTER_NS.read_text(encoding="utf-8").strip()
+        except (config.ConfigException, OSError) as exc:
+            raise KubernetesError(
+                f"no usable Kubernetes configuration: {exc}",
+                hint="set KUBECONFIG (or ~/.kube/config) to your cluster's kubeconfig",
+            ) from exc
+        self._api = client.ApiClient(cfg)
+        return self._api
+
+    def _namespace(self, spec: ModelSpec) -> str:
+        if spec.kubernetes.namespace:
+            return spec.kubernetes.namespace
+        self._client()
+        return self._default_ns or "default"
+
+    def _call(
+        self, action: str, namespace: str, fn: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            # Raw responses: nothing here needs the client's models, and their validation
+            # varies between client versions; a non-2xx answer still raises ApiException.
+            return fn(*args, _request_timeout=_TIMEOUT_S, _preload_content=False, **kw)
+        except (ApiException, HTTPError) as exc:
+            raise api_error(exc, action=action, namespace=namespace) from exc
+
+    def _apis(self) -> tuple[Any, Any, Any]:
+        from kubernetes import client
+
+        api = self._client()
+        return client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+
+    # --- manifests -----------------------------------------------------------------------
+
+    def render_script(self, spec: ModelSpec) -> str:
+        """The objects ``submit`` would create, as one multi-document YAML (key masked)."""
+        namespace = spec.kubernetes.namespace or "default"
+        nonce = new_nonce()
+        names = names_for(spec, namespace=namespace, nonce=nonce)
+        objects = model_objects(spec, names, api_key="<per-job key, made at submit>", nonce=nonce)
+        return "---\n".join(to_yaml(obj) for obj in objects)
+
+    # --- the Protocol --------------------------------------------------------------------
+
+    def submit(self, spec: ModelSpec) -> JobHandle:
+        """Create the objects; write the pending record only once the API accepted them all."""
+        namespace = self._namespace(spec)
+        nonce = new_nonce()
+        names = names_for(spec, namespace=namespace, nonce=nonce)
+        record = pending_record(
+            self.name, names.instance, nonce, model=spec.name, engine=spec.engine, log_path=None
+        )
+        record.node = names.service_host  # where it will listen; routable only once ready
+        record.port = spec.kubernetes.port
+        self.registry.ensure()
+        objects = model_objects(spec, names, api_key=record.api_key.get_secret_value(), nonce=nonce)
+        created: list[Manifest] = []
+        try:
+            for obj in objects:
+                if self._create(obj, namespace):
+                    created.append(obj)
+        except KubernetesError:
+            for obj in reversed(created):
+                self._delete(obj["kind"], obj["metadata"]["name"], namespace, quiet=True)
+            raise
+        self.registry.create(record)
+        return JobHandle(self.name, names.instance, nonce)
+
+    def _create(self, obj: Manifest, namespace: str) -> bool:
+        """Create one object; False if it is a PVC that already exists (weights are kept)."""
+        core, apps, custom = self._apis()
+        kind = obj["kind"]
+        action = f"create {kind} {obj['metadata']['name']}"
+        creators: dict[str, Callable[..., Any]] = {
+            "Secret": core.create_namespaced_secret,
+            "ConfigMap": core.create_namespaced_config_map,
+            "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
+            "Service": core.create_namespaced_service,
+            "Deployment": apps.create_namespaced_deployment,
+        }
+        try:
+            if kind == "Route":
+                self._call(
+                    action,
+                    namespace,
+                    custom.create_namespaced_custom_object,
+                    "route.openshift.io",
+                    "v1",
+                    namespace,
+                    "routes",
+                    obj,
+                )
+            else:
+                self._call(action, namespace, creators[kind], namespace, obj)
+        except KubernetesError as exc:
+            if kind == "PersistentVolumeClaim" and exc.status == 409:
+                return False
+            raise
+        return True
+
+    def _delete(self, kind: str, name: str, namespace: str, *, quiet: bool = False) -> None:
+        core, apps, custom = self._apis()
+        deleters: dict[str, Callable[..., Any]] = {
+            "Secret": core.delete_namespaced_secret,
+            "ConfigMap": core.delete_namespaced_config_map,
+            "PersistentVolumeClaim": core.delete_namespaced_persistent_volume_claim,
+            "Service": core.delete_namespaced_service,
+            "Deployment": apps.delete_namespaced_deployment,
+        }
+        try:
+            if kind == "Route":
+                args: tuple[Any, ...] = ("route.openshift.io", "v1", namespace, "routes", name)
+                self._call(
+                    f"delete Route {name}", namespace, custom.delete_namespaced_custom_object, *args
+                )
+            else:
+                self._call(f"delete {kind} {name}", namespace, deleters[kind], name, namespace)
+        except KubernetesError as exc:
+            if exc.status == 404 or quiet:
+                return
+            raise
+
+    def _record(self, job_id: str) -> Record | None:
+        return self.registry.read(record_key(self.name, job_id))
+
+    def _ns_of(self, record: Record | None) -> str:
+        # The record's node is the Service's DNS name, <service>.<namespace>.svc.
+        if record is not None and record.node and record.node.count(".") >= 2:
+            return record.node.split(".")[1]
+        self._client()
+        return self._default_ns or "default"
+
+    def _list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        core, apps, _ = self._apis()
+        fn = apps.list_namespaced_deployment if kind == "deployments" else core.list_namespaced_pod
+        resp = self._call(
+            f"list {kind}",
+            namespace,
+            fn,
+            namespace,
+            label_selector=selector,
+        )
+        items = json.loads(resp.data).get("items") or []
+        return [dict(item) for item in items]
+
+    def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        """One list of deployments (and of pods, if any waits) per namespace.
+
+        Also moves the records on, since no wrapper runs in the pod: Available → ``ready``
+        with the Service's DNS name; a running pod → ``starting``.
+        """
+        by_ns: dict[str, list[tuple[JobHandle, Record | None]]] = {}
+        for handle in handles:
+            record = self._record(handle.job_id)
+            by_ns.setdefault(self._ns_of(record), []).append((handle, record))
+        out: dict[str, JobStatus] = {}
+        for namespace, group in by_ns.items():
+            try:
+                deployments = self._list("deployments", namespace, MANAGED_SELECTOR)
+            except KubernetesError as exc:
+                out |= {h.job_id: JobStatus("unknown", exc.message) for h, _ in group}
+                continue
+            found = {d["metadata"]["name"]: d for d in deployments}
+            pods: list[dict[str, Any]] | None = None
+            for handle, record in group:
+                dep = found.get(handle.job_id)
+                if dep is None:
+                    out[handle.job_id] = JobStatus("missing", "no such Deployment")
+                    continue
+                available = _condition(dep, "Available")
+                if available and available.get("status") == "True":
+                    out[handle.job_id] = JobStatus(
+                        "running", f"available at {record and record.node}"
+                    )
+                    self._mark(record, "ready")
+                    continue
+                progressing = _condition(dep, "Progressing")
+                if progressing and progressing.get("reason") == "ProgressDeadlineExceeded":
+                    out[handle.job_id] = JobStatus("failed", progressing.get("message", ""))
+                    continue
+                failure = _condition(dep, "ReplicaFailure")
+                if failure and failure.get("status") == "True":
+                    msg = str(failure.get("message", ""))
+                    if "exceeded quota" in msg:  # the pod, not the Deployment, hit the quota
+                        msg += f" (hint: `kubectl describe resourcequota -n {namespace}`)"
+                    out[handle.job_id] = JobStatus("pending", f"replica failure: {msg}")
+                    continue
+                if pods is None:
+                    try:
+                        pods = self._list("pods", namespace, MANAGED_SELECTOR)
+                    except KubernetesError:
+                        pods = []
+                out[handle.job_id] = self._pod_status(handle.job_id, pods, record)
+        return out
+
+    def _pod_status(
+        self, job_id: str, pods: list[dict[str, Any]], record: Record | None
+    ) -> JobStatus:
+        mine = [
+            p for p in pods if (p["metadata"].get("labels") or {}).get(INSTANCE_LABEL) == job_id
+        ]
+        if not mine:
+            return JobStatus("pending", "no pod yet")
+        pod = mine[-1]
+        scheduled = _condition(pod, "PodScheduled")
+        if scheduled and scheduled.get("status") == "False":
+            message = str(scheduled.get("message", ""))
+            hint = unschedulable_hint(_required_role(pod), message)
+            return JobStatus("pending", f"unschedulable: {message} (hint: {hint})")
+        phase = (pod.get("status") or {}).get("phase", "Pending")
+        if phase == "Running":
+            self._mark(record, "starting")
+            return JobStatus("running", "engine loading the model")
+        if phase == "Failed":
+            return JobStatus("failed", "pod failed")
+        return JobStatus("pending", f"pod {phase.lower()}")
+
+    def _mark(self, record: Record | None, state: str) -> None:
+        if record is None or record.state in FINAL_STATES or record.state == state:
+            return
+        if state == "starting" and record.state not in ("pending", "ready"):
+            return
+        if state == "ready":
+            url = f"http://{record.node}:{record.port}/v1"
+            self.registry.update(record.key, state=state, base_url=url, reason=None)
+        else:
+            self.registry.update(record.key, state=state)
+
+    def cancel(self, handle: JobHandle) -> None:
+        """Delete the job's objects (its weights PVC stays, a cache); the record is gone."""
+        record = self._record(handle.job_id)
+        namespace = self._ns_of(record)
+        names = Names(handle.job_id, namespace, pvc="")
+        for kind, name in (
+            ("Deployment", names.instance),
+            ("Service", names.instance),
+            ("Route", names.instance),
+            ("Secret", names.secret),
+            ("ConfigMap", names.configmap),
+        ):
+            self._delete(kind, name, namespace)
+        if record is not None and record.state not in FINAL_STATES:
+            self.registry.update(record.key, state="gone", reason="cancelled")
+
+    def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
+        """The engine container's log in the job's newest pod; with ``follow``, streamed."""
+        namespace = self._ns_of(self._record(handle.job_id))
+        pods = self._list("pods", namespace, f"{INSTANCE_LABEL}={handle.job_id}")
+        if not pods:
+            raise KubernetesError(
+                f"no pod for {handle.job_id} yet", hint="a pending job has no log until it starts"
+            )
+        pod = pods[-1]["metadata"]["name"]
+        core, _, _ = self._apis()
+        resp = self._call(
+            f"read the log of pod {pod}",
+            namespace,
+            core.read_namespaced_pod_log,
+            pod,
+            namespace,
+            container=ENGINE_CONTAINER,
+            follow=follow,
+        )
+        rest = b""
+        for chunk in resp.stream(4096):
+            rest += chunk
+            *lines, rest = rest.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        if rest:
+            yield rest.decode("utf-8", "replace")

@@ -1,0 +1,1 @@
+"""Kubernetes manifests for model specs: pure functions (manifests, kustomize trees)."""

@@ -1,0 +1,376 @@
+"""Kubernetes objects for one model spec, as plain dicts (pure; golden-tested).
+
+One model is a Secret (the per-job key), a ConfigMap (engine settings and the weight
+fetcher), a PersistentVolumeClaim (the weights, kept between runs), a Deployment (an init
+container that fetches the weights, then the engine), a ClusterIP Service and, on
+OpenShift, a Route with edge TLS. The key reaches the engine by ``secretKeyRef`` in its
+environment, never by argv. Every object carries ``app.kubernetes.io/managed-by:
+modeltainer``, which is how ``status`` lists them all in one call per namespace.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from hpc.spec import ModelSpec
+
+Manifest = dict[str, Any]
+
+MANAGED_BY = "modeltainer"
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+MODEL_ANNOTATION = "modeltainer.io/model"
+NONCE_LABEL = "modeltainer.io/nonce"
+KEY_ENTRY = "api-key"
+ENGINE_CONTAINER = "engine"
+WEIGHTS_ROOT = "/models/weights"
+
+# The engines' own server images, used unless kubernetes.image says otherwise.
+DEFAULT_IMAGES = {
+    "vllm": "docker.io/vllm/vllm-openai:v0.11.0",
+    "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-cuda",
+}
+_COMMANDS = {"vllm": ["vllm", "serve"], "llamacpp": ["/app/llama-server"]}
+_KEY_ENV = {"vllm": "VLLM_API_KEY", "llamacpp": "LLAMA_API_KEY"}
+
+# The fetcher image holds Python but not huggingface_hub: install it into the /tmp emptyDir
+# (the root filesystem is read-only). Fixed text: the model's settings come by environment.
+_FETCH_SHELL = (
+    "pip install --quiet --no-cache-dir --target /tmp/pylib 'huggingface_hub>=0.23' "
+    "&& PYTHONPATH=/tmp/pylib exec python /etc/modeltainer/fetch_weights.py"
+)
+_PROBE_PERIOD_S = 10
+
+
+@dataclass(frozen=True)
+class Names:
+    """The object names of one model instance in one namespace."""
+
+    instance: str
+    namespace: str
+    pvc: str
+
+    @property
+    def secret(self) -> str:
+        """The Secret holding the per-job key."""
+        return f"{self.instance}-key"
+
+    @property
+    def configmap(self) -> str:
+        """The ConfigMap of engine settings."""
+        return f"{self.instance}-config"
+
+    @property
+    def service_host(self) -> str:
+        """The Service's cluster DNS name (what the registry calls the node)."""
+        return f"{self.instance}.{self.namespace}.svc"
+
+
+def slug(name: str, max_len: int = 40) -> str:
+    """A model name as a DNS-1123 label part: ``Qwen3-Coder-30B`` → ``qwen3-coder-30b``."""
+    out = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    return out[:max_len].strip("-") or "model"
+
+
+def instance_name(spec: ModelSpec, nonce: str | None = None) -> str:
+    """``mt-<model>`` for a committed layout, ``mt-<model>-<nonce>`` for a submitted job."""
+    base = f"mt-{slug(spec.name)}"
+    return f"{base}-{nonce}" if nonce else base
+
+
+def names_for(spec: ModelSpec, *, namespace: str, nonce: str | None = None) -> Names:
+    """The names of ``spec``'s objects; the PVC is per model, so weights outlive a job."""
+    pvc = spec.kubernetes.pvc or f"mt-{slug(spec.name)}-weights"
+    return Names(instance_name(spec, nonce), namespace, pvc)
+
+
+def _labels(spec: ModelSpec, names: Names, nonce: str | None) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "model-server",
+        INSTANCE_LABEL: names.instance,
+        "app.kubernetes.io/component": spec.engine,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+    if nonce:
+        labels[NONCE_LABEL] = nonce
+    return labels
+
+
+def _meta(name: str, names: Names, labels: dict[str, str], spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": names.namespace,
+        "labels": dict(labels),
+        "annotations": {MODEL_ANNOTATION: spec.name},
+    }
+
+
+def _has_flag(args: tuple[str, ...], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def engine_args(spec: ModelSpec) -> list[str]:
+    """The engine's argv after its command: the weights link, the port, the served name."""
+    port = str(spec.kubernetes.port)
+    gpus = spec.resources.gpus
+    if spec.engine == "llamacpp":
+        args = ["--model", f"{WEIGHTS_ROOT}/model.gguf", "--host", "0.0.0.0", "--port", port]  # noqa: S104 - the Service is the way in; the key guards it
+        args += ["--alias", spec.name]
+        if gpus and not _has_flag(spec.engine_args, "-ngl", "--n-gpu-layers"):
+            args += ["--n-gpu-layers", "999"]
+    else:
+        args = [f"{WEIGHTS_ROOT}/model", "--host", "0.0.0.0", "--port", port]  # noqa: S104
+        args += ["--served-model-name", spec.name]
+        if gpus > 1 and not _has_flag(spec.engine_args, "--tensor-parallel-size", "-tp"):
+            args += ["--tensor-parallel-size", str(gpus)]
+    return [*args, *spec.engine_args]
+
+
+def secret(spec: ModelSpec, names: Names, api_key: str, nonce: str | None = None) -> Manifest:
+    """The per-job key; only the engine (by env) and the registry know it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(names.secret, names, _labels(spec, names, nonce), spec),
+        "type": "Opaque",
+        "stringData": {KEY_ENTRY: api_key},
+    }
+
+
+def configmap(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+    """Engine settings (read by the init container by env) and the fetcher script."""
+    fetcher = resources.files("hpc.k8s").joinpath("fetch_weights.py").read_text("utf-8")
+    data = {
+        "MT_MODEL": spec.name,
+        "MT_ENGINE": spec.engine,
+        "MT_WEIGHTS_SOURCE": spec.weights.source,
+        "MT_WEIGHTS_QUANT": spec.weights.quant or "",
+        "MT_WEIGHTS_REVISION": spec.weights.revision or "",
+        "MT_WEIGHTS_DIR": WEIGHTS_ROOT,
+        "fetch_weights.py": fetcher,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(names.configmap, names, _labels(spec, names, nonce), spec),
+        "data": data,
+    }
+
+
+def pvc(spec: ModelSpec, names: Names) -> Manifest:
+    """The weights volume, per model (no nonce): a new job of the model reuses its files."""
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": f"{spec.kubernetes.storage_gb}Gi"}},
+    }
+    if spec.kubernetes.storage_class:
+        claim["storageClassName"] = spec.kubernetes.storage_class
+    labels = _labels(spec, names, None)
+    labels[INSTANCE_LABEL] = names.pvc
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(names.pvc, names, labels, spec),
+        "spec": claim,
+    }
+
+
+def _affinity(spec: ModelSpec) -> dict[str, Any] | None:
+    k8s = spec.kubernetes
+    if not k8s.role:
+        return None
+    term = {"matchExpressions": [{"key": k8s.role_label, "operator": "In", "values": [k8s.role]}]}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+        }
+    }
+
+
+def _resources(spec: ModelSpec) -> dict[str, Any]:
+    res = spec.resources
+    mem = f"{math.ceil(res.mem_gb * 1024)}Mi"
+    limits: dict[str, Any] = {"memory": mem}
+    if res.gpus:
+        limits[spec.kubernetes.gpu_resource] = str(res.gpus)
+    return {"requests": {"cpu": str(res.cpus), "memory": mem}, "limits": limits}
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _probe(path: str, port: str, period_s: int, failures: int, timeout_s: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period_s,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout_s,
+    }
+
+
+def deployment(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+    """The model's pod: fetch the weights into the PVC, then serve them with the engine."""
+    k8s = spec.kubernetes
+    labels = _labels(spec, names, nonce)
+    selector = {INSTANCE_LABEL: names.instance, "app.kubernetes.io/managed-by": MANAGED_BY}
+    # Model load counts against the startup probe only; liveness starts after it passes, so
+    # a slow load is never killed as a hang, and a hung engine is still restarted later.
+    startup_failures = max(1, math.ceil(spec.startup_timeout_s / _PROBE_PERIOD_S))
+    key_ref = {"secretKeyRef": {"name": names.secret, "key": KEY_ENTRY}}
+    mounts = [
+        {"name": "weights", "mountPath": "/models", "subPath": slug(spec.name)},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, private to the pod
+        {"name": "cache", "mountPath": "/cache"},
+    ]
+    env = [
+        {"name": "HOME", "value": "/tmp"},  # noqa: S108
+        {"name": "XDG_CACHE_HOME", "value": "/cache"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+    ]
+    engine: dict[str, Any] = {
+        "name": ENGINE_CONTAINER,
+        "image": k8s.image or DEFAULT_IMAGES[spec.engine],
+        "command": list(_COMMANDS[spec.engine]),
+        "args": engine_args(spec),
+        "env": [*env, {"name": _KEY_ENV[spec.engine], "valueFrom": key_ref}],
+        "ports": [{"name": "http", "containerPort": k8s.port, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "startupProbe": _probe("/health", "http", _PROBE_PERIOD_S, startup_failures, 5),
+        "readinessProbe": _probe("/health", "http", _PROBE_PERIOD_S, 3, 5),
+        "livenessProbe": _probe("/health", "http", 20, 3, 10),
+        "securityContext": _container_security(),
+        "volumeMounts": [*mounts, {"name": "shm", "mountPath": "/dev/shm"}],  # noqa: S108 - vLLM needs shm
+    }
+    fetch: dict[str, Any] = {
+        "name": "fetch-weights",
+        "image": k8s.fetch_image,
+        "command": ["sh", "-c", _FETCH_SHELL],
+        "envFrom": [{"configMapRef": {"name": names.configmap}}],
+        "env": [*env, {"name": "HF_TOKEN", "valueFrom": _hf_token_ref()}],
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"memory": "2Gi"},
+        },
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            *mounts,
+            {"name": "fetcher", "mountPath": "/etc/modeltainer", "readOnly": True},
+        ],
+    }
+    pod_security: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if k8s.run_as_user is not None:
+        pod_security |= {"runAsUser": k8s.run_as_user, "fsGroup": k8s.run_as_user}
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 90,  # in-flight requests finish; vLLM frees GPUs
+        "securityContext": pod_security,
+        "initContainers": [fetch],
+        "containers": [engine],
+        "volumes": [
+            {"name": "weights", "persistentVolumeClaim": {"claimName": names.pvc}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            {
+                "name": "fetcher",
+                "configMap": {
+                    "name": names.configmap,
+                    "items": [{"key": "fetch_weights.py", "path": "fetch_weights.py"}],
+                },
+            },
+        ],
+    }
+    if k8s.node_selector:
+        pod["nodeSelector"] = dict(sorted(k8s.node_selector.items()))
+    affinity = _affinity(spec)
+    if affinity:
+        pod["affinity"] = affinity
+    if spec.resources.gpus:
+        # GPU nodes are usually tainted with their resource name; only GPU pods tolerate it.
+        pod["tolerations"] = [
+            {"key": k8s.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(names.instance, names, labels, spec),
+        "spec": {
+            "replicas": 1,
+            # One GPU set and one RWO volume: the old pod goes before the new one starts.
+            "strategy": {"type": "Recreate"},
+            "progressDeadlineSeconds": int(spec.startup_timeout_s) + 600,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+def _hf_token_ref() -> dict[str, Any]:
+    # Optional: gated repos need a token; a Secret `hf-token` provides it if it exists.
+    return {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}
+
+
+def service(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+    """A ClusterIP Service: ``<instance>.<namespace>.svc:<port>`` is the registry's endpoint."""
+    port = spec.kubernetes.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(names.instance, names, _labels(spec, names, nonce), spec),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {
+                INSTANCE_LABEL: names.instance,
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+            },
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def route(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+    """OpenShift: a Route with edge TLS to the Service (plain HTTP is redirected)."""
+    body: dict[str, Any] = {
+        "to": {"kind": "Service", "name": names.instance, "weight": 100},
+        "port": {"targetPort": "http"},
+        "tls": {"termination": "edge", "insecureEdgeTerminationPolicy": "Redirect"},
+    }
+    if spec.kubernetes.route_host:
+        body["host"] = spec.kubernetes.route_host
+    return {
+        "apiVersion": "route.openshift.io/v1",
+        "kind": "Route",
+        "metadata": _meta(names.instance, names, _labels(spec, names, nonce), spec),
+        "spec": body,
+    }
+
+
+def base_url(spec: ModelSpec, names: Names) -> str:
+    """The engine's OpenAI root through the Service, as the registry records it."""
+    return f"http://{names.service_host}:{spec.kubernetes.port}/v1"
+
+
+def model_objects(
+    spec: ModelSpec, names: Names, *, api_key: str, nonce: str | None = None
+) -> list[Manifest]:
+    """Every object of one model, in the order they are created (dependencies first)."""
+    objects = [secret(spec, names, api_key, nonce), configmap(spec, names, nonce)]
+    if spec.kubernetes.pvc is None:  # an existing PVC is the user's, never ours to create
+        objects.append(pvc(spec, names))
+    objects += [deployment(spec, names, nonce), service(spec, names, nonce)]
+    if spec.kubernetes.route:
+        objects.append(route(spec, names, nonce))
+    return objects

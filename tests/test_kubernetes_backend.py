@@ -1,0 +1,213 @@
+"""The Kubernetes backend against the fake API server, through the official client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("kubernetes", reason="pip install -e '.[kubernetes]'")
+
+from fake_k8s_api import FakeKubeAPI
+
+from hpc import jobs
+from hpc.backends import get_backend
+from hpc.backends.kubernetes import KubernetesBackend, KubernetesError
+from hpc.registry import Registry, record_key
+from hpc.site import Site, SiteConfig
+from hpc.spec import ModelSpec
+
+NS = "llm"
+SPEC = ModelSpec.model_validate(
+    {
+        "name": "gemma-3-270m",
+        "engine": "llamacpp",
+        "weights": {"source": "ggml-org/gemma-3-270m-GGUF", "quant": "Q4_K_M"},
+        "resources": {"gpus": 1, "cpus": 2, "mem_gb": 4},
+        "kubernetes": {"namespace": NS, "role": "swap"},
+    }
+)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(SiteConfig(), tmp_path / "mt-home")
+
+
+@pytest.fixture
+def backend(
+    api: FakeKubeAPI, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> KubernetesBackend:
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
+    backend = get_backend("kubernetes", site)
+    assert isinstance(backend, KubernetesBackend)
+    return backend
+
+
+def test_submit_available_ready_cancel_gone(
+    api: FakeKubeAPI, backend: KubernetesBackend, site: Site
+) -> None:
+    handle = backend.submit(SPEC)
+    name = handle.job_id
+    assert name == f"mt-gemma-3-270m-{handle.nonce}"
+    assert api.names("deployments", NS) == [name]
+    assert api.names("services", NS) == [name]
+    assert api.names("secrets", NS) == [f"{name}-key"]
+    assert api.names("configmaps", NS) == [f"{name}-config"]
+    assert api.names("persistentvolumeclaims", NS) == ["mt-gemma-3-270m-weights"]
+
+    registry = Registry(site.registry_dir)
+    key = record_key("kubernetes", name)
+    record = registry.read(key)
+    assert record is not None
+    assert record.state == "pending"
+    assert record.node == f"{name}.{NS}.svc"
+    assert record.base_url is None
+
+    # The key is in the Secret and reaches the engine by secretKeyRef, never by argv.
+    dep = api.deployment(name, NS)
+    assert dep is not None
+    engine = dep["spec"]["template"]["spec"]["containers"][0]
+    assert record.api_key.get_secret_value() not in json.dumps(dep)
+    key_ref = {"secretKeyRef": {"name": f"{name}-key", "key": "api-key"}}
+    assert {"name": "LLAMA_API_KEY", "valueFrom": key_ref} in engine["env"]
+
+    assert backend.status([handle])[name].state == "pending"
+    api.set_running(name, NS)
+    assert backend.status([handle])[name].state == "running"
+    assert registry.read(key).state == "starting"  # type: ignore[union-attr]
+
+    api.set_available(name, NS)
+    assert backend.status([handle])[name].state == "running"
+    ready = registry.read(key)
+    assert ready is not None
+    assert ready.state == "ready"
+    assert ready.base_url == f"http://{name}.{NS}.svc:8000/v1"
+
+    # wait_ready (what `mt submit --wait` runs) sees it through the same status call.
+    assert jobs.wait_ready(site, handle, timeout_s=5).state == "ready"
+
+    gone = jobs.cancel(site, name)
+    assert gone.state == "gone"
+    assert api.names("deployments", NS) == []
+    assert api.names("services", NS) == []
+    assert api.names("secrets", NS) == []
+    assert api.names("pods", NS) == []
+    assert api.names("persistentvolumeclaims", NS) == ["mt-gemma-3-270m-weights"]  # a cache
+    assert backend.status([handle])[name].state == "missing"
+
+
+def test_status_is_one_list_per_namespace(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+    handles = [backend.submit(SPEC) for _ in range(3)]
+    for h in handles:
+        api.set_available(h.job_id, NS)
+    api.requests.clear()
+    states = backend.status(handles)
+    assert {s.state for s in states.values()} == {"running"}
+    assert api.requests == [("GET", f"/apis/apps/v1/namespaces/{NS}/deployments")]
+
+
+def test_forbidden_is_translated_and_nothing_is_left(
+    api: FakeKubeAPI, backend: KubernetesBackend, site: Site
+) -> None:
+    api.fail(
+        "POST",
+        "deployments",
+        403,
+        'deployments.apps is forbidden: User "alice" cannot create resource "deployments" '
+        f'in API group "apps" in the namespace "{NS}"',
+    )
+    with pytest.raises(KubernetesError) as info:
+        backend.submit(SPEC)
+    assert info.value.status == 403
+    assert "forbidden" in info.value.message
+    assert info.value.hint is not None
+    assert f"kubectl auth can-i create deployments -n {NS}" in info.value.hint
+    assert Registry(site.registry_dir).records() == []
+    for plural in ("secrets", "configmaps", "persistentvolumeclaims", "deployments"):
+        assert api.names(plural, NS) == [], plural
+
+
+def test_quota_exceeded_hint(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+    api.fail(
+        "POST",
+        "deployments",
+        403,
+        'deployments "x" is forbidden: exceeded quota: gpu-quota, requested: '
+        "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=4, limited: "
+        "requests.nvidia.com/gpu=4",
+    )
+    with pytest.raises(KubernetesError) as info:
+        backend.submit(SPEC)
+    assert "quota exceeded" in info.value.message
+    assert f"kubectl describe resourcequota -n {NS}" in (info.value.hint or "")
+
+
+def test_unauthorized_hint(
+    api: FakeKubeAPI, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = api.write_kubeconfig(tmp_path / "kubeconfig", NS)
+    config.write_text(config.read_text().replace("fake-token", "stale"), encoding="utf-8")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    with pytest.raises(KubernetesError) as info:
+        KubernetesBackend(site).submit(SPEC)
+    assert info.value.status == 401
+    assert "log in again" in (info.value.hint or "")
+
+
+def test_unschedulable_reason_names_the_label(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+    handle = backend.submit(SPEC)
+    api.set_unschedulable(
+        handle.job_id,
+        NS,
+        "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector.",
+    )
+    status = backend.status([handle])[handle.job_id]
+    assert status.state == "pending"
+    assert "unschedulable" in status.reason
+    assert "kubectl label node NODE ai.llm.role=swap" in status.reason
+
+
+def test_deleted_behind_our_back_is_marked_gone(
+    api: FakeKubeAPI, backend: KubernetesBackend, site: Site
+) -> None:
+    handle = backend.submit(SPEC)
+    api.objects.pop(("apps/v1", "deployments", NS, handle.job_id))
+    views = jobs.job_views(site)
+    assert [v.record.state for v in views] == ["gone"]
+    assert views[0].scheduler.state == "missing"
+
+
+def test_logs_of_the_engine_container(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+    handle = backend.submit(SPEC)
+    (pod,) = api.names("pods", NS)
+    api.pod_logs[pod] = "loading model\nserver listening\n"
+    assert list(backend.logs(handle)) == ["loading model", "server listening"]
+    assert list(backend.logs(handle, follow=True)) == ["loading model", "server listening"]
+
+
+def test_route_is_created_and_deleted(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+    spec = SPEC.model_copy(
+        update={"kubernetes": SPEC.kubernetes.model_copy(update={"route": True})}
+    )
+    handle = backend.submit(spec)
+    assert api.names("routes", NS) == [handle.job_id]
+    backend.cancel(handle)
+    assert api.names("routes", NS) == []
+
+
+def test_no_kubeconfig_is_a_clear_error(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(KubernetesError) as info:
+        KubernetesBackend(site).submit(SPEC)
+    assert "KUBECONFIG" in (info.value.hint or "")

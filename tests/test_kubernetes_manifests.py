@@ -1,0 +1,168 @@
+"""Rendered Kubernetes manifests: golden files, Kubernetes' own schemas, the rules they keep."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hpc.configfile import load_models
+from hpc.k8s.kustomize import layout_tree, to_yaml, write_tree
+from hpc.k8s.manifests import model_objects, names_for
+from hpc.spec import ModelSpec
+
+GOLDEN = Path(__file__).parent / "golden" / "k8s"
+UPDATE = os.environ.get("MT_UPDATE_GOLDEN") == "1"  # read before the env is cleaned
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "kustomize" / "models.yaml"
+KEY = "mtj-GOLDEN-KEY"
+NONCE = "0123abcd"
+K8S_VERSION = "1.30"
+
+CASES: dict[str, dict[str, Any]] = {
+    "vllm_two_gpus_route": {
+        "name": "Qwen3-Coder-30B-A3B",
+        "engine": "vllm",
+        "weights": {"source": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "revision": "main"},
+        "engine_args": ["--max-model-len", "32768"],
+        "resources": {"gpus": 2, "cpus": 16, "mem_gb": 128},
+        "startup_timeout_s": 1800,
+        "kubernetes": {
+            "namespace": "llm",
+            "role": "coder",
+            "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+            "route": True,
+            "route_host": "coder.llm.example.org",
+            "storage_class": "fast-ssd",
+        },
+    },
+    "llamacpp_amd_shared_pvc": {
+        "name": "gemma-3-270m",
+        "engine": "llamacpp",
+        "weights": {"source": "ggml-org/gemma-3-270m-GGUF", "quant": "Q4_K_M"},
+        "resources": {"gpus": 1, "cpus": 2, "mem_gb": 4},
+        "startup_timeout_s": 300,
+        "kubernetes": {"gpu_resource": "amd.com/gpu", "pvc": "shared-models", "run_as_user": None},
+    },
+    "llamacpp_cpu": {
+        "name": "tiny-cpu",
+        "engine": "llamacpp",
+        "weights": {"source": "ggml-org/gemma-3-270m-GGUF", "quant": "q8_0"},
+    },
+}
+
+
+def objects(case: str) -> list[dict[str, Any]]:
+    spec = ModelSpec.model_validate(CASES[case])
+    names = names_for(spec, namespace=spec.kubernetes.namespace or "default", nonce=NONCE)
+    return model_objects(spec, names, api_key=KEY, nonce=NONCE)
+
+
+def check_golden(path: Path, text: str) -> None:
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"regenerate with MT_UPDATE_GOLDEN=1: {path}"
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Against Kubernetes' JSON schemas (strict: unknown fields fail), shipped in the package."""
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
+    if obj["apiVersion"].startswith("route.openshift.io/"):
+        return  # OpenShift's Route has no schema there; its golden file still checks it
+    kv.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_and_schema(case: str) -> None:
+    objs = objects(case)
+    for obj in objs:
+        validate(obj)
+    check_golden(GOLDEN / f"{case}.yaml", "---\n".join(to_yaml(o) for o in objs))
+
+
+def test_example_layout_golden_tree(tmp_path: Path) -> None:
+    """Two pinned models and a swap pool, one directory each, as `mt render` writes them."""
+    specs = load_models(EXAMPLE).models
+    files = layout_tree(specs, api_keys={s.name: KEY for s in specs})
+    write_tree(tmp_path, files)
+    for rel, text in files.items():
+        if rel.endswith(".yaml"):
+            for doc in yaml.safe_load_all(text):
+                if doc.get("kind") != "Kustomization":
+                    validate(doc)
+        # secret.yaml is gitignored (by the .gitignore the tree itself holds), so it has no
+        # golden file here; the single-model golden files above show the Secret.
+        if not rel.endswith("secret.yaml"):
+            check_golden(GOLDEN / "layout" / rel, text)
+    layout = GOLDEN / "layout"
+    on_disk = sorted(str(p.relative_to(layout)) for p in layout.rglob("*") if p.is_file())
+    assert on_disk == sorted(rel for rel in files if not rel.endswith("secret.yaml"))
+    assert (tmp_path / "swap-pool" / "secret.yaml").stat().st_mode & 0o077 == 0  # the key
+
+
+def test_layout_puts_each_model_on_its_own_nodes() -> None:
+    specs = load_models(EXAMPLE).models
+    roles = []
+    for spec in specs:
+        names = names_for(spec, namespace="llm")
+        (dep,) = [o for o in model_objects(spec, names, api_key=KEY) if o["kind"] == "Deployment"]
+        terms = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        roles.append(terms[0]["matchExpressions"][0]["values"][0])
+    assert roles == ["coder", "chat", "swap"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pod_rules(case: str) -> None:
+    spec = ModelSpec.model_validate(CASES[case])
+    (dep,) = [o for o in objects(case) if o["kind"] == "Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["containers"] + pod["initContainers"]:
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+    (engine,) = pod["containers"]
+    startup = engine["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= spec.startup_timeout_s
+    assert KEY not in json.dumps(dep)  # the key is only in the Secret
+    assert any(e.get("valueFrom", {}).get("secretKeyRef") for e in engine["env"])
+    gpus = engine["resources"]["limits"].get(spec.kubernetes.gpu_resource)
+    assert gpus == (str(spec.resources.gpus) if spec.resources.gpus else None)
+    model_arg = engine["args"][1] if spec.engine == "llamacpp" else engine["args"][0]
+    assert model_arg in ("/models/weights/model.gguf", "/models/weights/model")
+
+
+def test_hostile_model_name_stays_a_value() -> None:
+    """A name with characters Kubernetes names forbid is slugged; the value is kept as data."""
+    spec = ModelSpec.model_validate(
+        {"name": "My.Model:v2+beta", "engine": "llamacpp", "weights": {"source": "a/b; echo x"}}
+    )
+    names = names_for(spec, namespace="default", nonce=NONCE)
+    assert names.instance == f"mt-my-model-v2-beta-{NONCE}"
+    for obj in model_objects(spec, names, api_key=KEY, nonce=NONCE):
+        validate(obj)
+    (cm,) = [o for o in model_objects(spec, names, api_key=KEY) if o["kind"] == "ConfigMap"]
+    assert cm["data"]["MT_WEIGHTS_SOURCE"] == "a/b; echo x"  # env, never a shell word
+
+
+def test_fetcher_links_the_quant_match(tmp_path: Path) -> None:
+    """The init container's script, run here on a local directory of GGUF files."""
+    from hpc.k8s.fetch_weights import fetch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("m-Q8_0.gguf", "m-q4_k_m.gguf", "README.md"):
+        (src / name).write_text(name)
+    link = fetch(tmp_path / "weights", "llamacpp", str(src), "Q4_K_M", None)
+    assert link == tmp_path / "weights" / "model.gguf"
+    assert link.read_text() == "m-q4_k_m.gguf"
+    fetch(tmp_path / "weights", "llamacpp", str(src), "Q8_0", None)  # relinked in place
+    assert link.read_text() == "m-Q8_0.gguf"

@@ -1,0 +1,101 @@
+"""The tunnel interface (a Protocol), what a tunnel is asked to do, and the engine registry."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from hpc.errors import MTError
+
+State = Literal["connecting", "up", "down", "failed", "closed"]
+Events = Callable[[str], None]  # one line of news for the user: "down: …", "up again"
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """127.0.0.1:``local_port`` here → 127.0.0.1:``remote_port`` on ``host`` (via ``jump``)."""
+
+    host: str  # [user@]host[:port] or an ~/.ssh/config alias
+    local_port: int = 8081
+    remote_port: int = 8081
+    jump: str | None = None  # ProxyJump: [user@]host[:port], comma-separated
+    identity: Path | None = None
+    known_hosts: Path | None = None  # default: the ssh config's, else ~/.ssh/known_hosts
+    ssh_config: Path | None = None  # default: ~/.ssh/config
+    accept_new: bool = False  # OpenSSH's accept-new: add an unknown key once, then pin it
+    keepalive_s: int = 15
+    keepalive_count: int = 3
+    connect_timeout_s: float = 15.0
+    backoff_max_s: float = 30.0
+
+    @property
+    def url(self) -> str:
+        """The local base URL of the gateway."""
+        return f"http://127.0.0.1:{self.local_port}"
+
+
+class TunnelEngine(Protocol):
+    """One forwarded port, kept up: connect once (errors raised), then reconnect on drops."""
+
+    name: str
+    spec: TunnelSpec
+
+    def open(self) -> None:
+        """Connect and listen on 127.0.0.1; raises MTError (auth, host key, port in use)."""
+
+    def close(self) -> None:
+        """Stop forwarding and release the port; idempotent."""
+
+    @property
+    def state(self) -> State:
+        """Where the tunnel is now."""
+
+    @property
+    def error(self) -> MTError | None:
+        """Why the tunnel is ``failed`` (reconnecting stopped), else None."""
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was made again after a drop."""
+
+
+EngineFactory = Callable[[TunnelSpec, Events], TunnelEngine]
+
+
+def _openssh(spec: TunnelSpec, events: Events) -> TunnelEngine:
+    from tunnels.openssh import OpenSSHTunnel
+
+    return OpenSSHTunnel(spec, events)
+
+
+def _paramiko(spec: TunnelSpec, events: Events) -> TunnelEngine:
+    from tunnels.pyforward import ParamikoTunnel
+
+    return ParamikoTunnel(spec, events)
+
+
+ENGINES: dict[str, EngineFactory] = {"openssh": _openssh, "paramiko": _paramiko}
+
+
+def choose(name: str) -> str:
+    """The engine ``name`` stands for: ``auto`` is OpenSSH when ``ssh`` is on PATH."""
+    if name == "auto":
+        return "openssh" if shutil.which("ssh") else "paramiko"
+    if name not in ENGINES:
+        raise MTError(
+            f"unknown tunnel engine {name!r}", hint=f"known engines: auto, {', '.join(ENGINES)}"
+        )
+    if name == "openssh" and not shutil.which("ssh"):
+        raise MTError(
+            "the openssh engine needs `ssh` on PATH",
+            hint="install OpenSSH's client, or use `--engine paramiko`",
+        )
+    return name
+
+
+def make_engine(name: str, spec: TunnelSpec, events: Events) -> TunnelEngine:
+    """A new (not yet open) tunnel engine by name (``auto``, ``openssh``, ``paramiko``)."""
+    return ENGINES[choose(name)](spec, events)

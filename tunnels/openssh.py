@@ -1,0 +1,315 @@
+"""The OpenSSH engine: the laptop's own ``ssh -N -L``, supervised and restarted.
+
+The user's ssh does what it does best: ``~/.ssh/config`` in full, ProxyJump (``-J``), the
+agent, 2FA prompts on the terminal, and a private ControlPath (a 0700 directory) so other
+ssh commands to the login node ride on the tunnel's connection instead of asking again.
+Options that matter here: ``ExitOnForwardFailure=yes`` (no silently dead forward),
+``ServerAliveInterval``/``CountMax`` (a dead link ends ssh within the keepalive window),
+``StrictHostKeyChecking=yes`` unless ``accept_new`` (then ``accept-new``: added once, then
+pinned; OpenSSH refuses a changed key either way).
+
+ssh exiting is the drop signal. While it is down, the local port answers 503 at once
+(tunnels.outage) and ssh is started again after a bounded, jittered backoff, with
+``BatchMode=yes``: a reconnect that would need a password or 2FA fails as an
+authentication error and stops instead of prompting in a loop. A failure of the first
+connection is never retried: it is classified from ssh's stderr and raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from hpc.errors import MTError, SSHAuthError, SSHError
+from hpc.sshexec import SSHTransport
+from tunnels.backoff import Backoff, permanent
+from tunnels.engine import Events, State, TunnelSpec
+from tunnels.errors import LocalPortInUseError, TunnelDownError, TunnelError
+from tunnels.localport import bind_local, ensure_free, holder_of, listening
+from tunnels.outage import DownResponder
+
+_POLL_S = 0.1
+_FIRST_LOGIN_S = 300.0  # a person may be typing a 2FA code
+_STDERR_LINES = 40
+
+
+def control_dir() -> Path:
+    """A private (0700, ours) directory for ControlPath sockets, short enough for AF_UNIX."""
+    path = Path(tempfile.gettempdir()) / f"mt-ssh-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.getuid()
+        or stat.S_IMODE(info.st_mode) & 0o077
+    ):
+        raise MTError(
+            f"{path} is not a private directory of this user (0700)",
+            hint=f"remove it (`rm -r {path}`); mt creates it again, private",
+        )
+    return path
+
+
+def destination(host: str) -> str:
+    """``host`` as ssh's destination argument: ``user@host:port`` becomes an ssh:// URI."""
+    if ":" in host.rsplit("@", 1)[-1] and not host.startswith("ssh://"):
+        return f"ssh://{host}"
+    return host
+
+
+def ssh_argv(spec: TunnelSpec, *, batch: bool, control_path: Path) -> list[str]:
+    """The ``ssh`` command line for ``spec`` (pure: golden-testable)."""
+    checking = "accept-new" if spec.accept_new else "yes"
+    options = {
+        "BatchMode": "yes" if batch else "no",
+        "ConnectTimeout": f"{int(spec.connect_timeout_s)}",
+        "ControlMaster": "auto",
+        "ControlPath": str(control_path),
+        "ControlPersist": "no",
+        "ExitOnForwardFailure": "yes",
+        "ServerAliveCountMax": str(spec.keepalive_count),
+        "ServerAliveInterval": str(spec.keepalive_s),
+        "StrictHostKeyChecking": checking,
+    }
+    if spec.identity is not None:
+        options["IdentitiesOnly"] = "yes"
+    if spec.known_hosts is not None:
+        options["UserKnownHostsFile"] = str(spec.known_hosts)
+    argv = ["ssh", "-N", "-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}"]
+    if spec.ssh_config is not None:
+        argv += ["-F", str(spec.ssh_config)]
+    if spec.identity is not None:
+        argv += ["-i", str(spec.identity)]
+    if spec.jump:
+        argv += ["-J", spec.jump]
+    for key, value in sorted(options.items()):
+        argv += ["-o", f"{key}={value}"]
+    return [*argv, "--", destination(spec.host)]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn (Linux): ssh gets SIGTERM if mt dies, so no forward outlives its owner."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class OpenSSHTunnel:
+    """TunnelEngine over the system's ``ssh`` binary."""
+
+    name = "openssh"
+
+    def __init__(self, spec: TunnelSpec, events: Events) -> None:
+        self.spec = spec
+        self._events = events
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        self._state: State = "connecting"
+        self._error: MTError | None = None
+        self._reconnects = 0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._responder: DownResponder | None = None
+        self.control_path = control_dir() / f"{spec.local_port}-%C"
+
+    # -- TunnelEngine ------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """Where the tunnel is now."""
+        return self._state
+
+    @property
+    def error(self) -> MTError | None:
+        """Why reconnecting stopped, if it did."""
+        return self._error
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made again after a drop."""
+        return self._reconnects
+
+    @property
+    def pid(self) -> int | None:
+        """The running ssh's process id."""
+        return self._proc.pid if self._proc is not None else None
+
+    def open(self) -> None:
+        """Start ssh and wait until it listens; a failure is raised, never retried."""
+        ensure_free(self.spec.local_port)
+        failure = self._start(batch=not sys.stdin.isatty(), wait_s=_FIRST_LOGIN_S)
+        if failure is not None:
+            raise failure
+        self._state = "up"
+        self._watcher = threading.Thread(target=self._watch, name="mt-tunnel-ssh", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop ssh (TERM, then KILL) and release the port."""
+        if self._state == "closed":
+            return
+        self._stop.set()
+        self._terminate()
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+        if self._state != "failed":
+            self._state = "closed"
+
+    # -- one ssh process ---------------------------------------------------------------
+    def _start(self, *, batch: bool, wait_s: float) -> MTError | None:
+        """Run ssh until it listens (None) or exits (the classified error)."""
+        self._stderr.clear()
+        argv = ssh_argv(self.spec, batch=batch, control_path=self.control_path)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            )
+        except FileNotFoundError as exc:
+            raise MTError("`ssh` is not installed here", hint="use `--engine paramiko`") from exc
+        self._proc = proc
+        reader = threading.Thread(target=self._read_stderr, args=(proc,), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if proc.poll() is not None:
+                reader.join(timeout=2)
+                return self._classify(proc.returncode)
+            if listening(self.spec.local_port):
+                return None
+            time.sleep(_POLL_S)
+        self._terminate()
+        return TunnelError(
+            f"ssh to {self.spec.host} did not open the forward within {wait_s:g}s",
+            local_port=self.spec.local_port,
+            hint=f"`ssh -v {self.spec.host} true` shows where it waits",
+        )
+
+    def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        for raw in proc.stderr or ():
+            line = raw.decode("utf-8", "replace").strip()
+            if line:
+                self._stderr.append(line)
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def _classify(self, code: int) -> MTError:
+        """ssh's exit and stderr as the error a user can act on (the same as `mt --host`)."""
+        text = "\n".join(self._stderr)
+        tail = " / ".join(list(self._stderr)[-3:]) or f"ssh exited with {code}"
+        port = self.spec.local_port
+        if "Address already in use" in text and f":{port}" in text:
+            return LocalPortInUseError(port, holder_of(port))
+        if "Host key verification failed" in text or "HOST IDENTIFICATION HAS CHANGED" in text:
+            return self._host_key_error(tail)
+        if "Permission denied" in text or "Too many authentication failures" in text:
+            return SSHAuthError(
+                f"SSH login on {self.spec.host} failed: {tail}",
+                host=self.spec.host,
+                port=0,
+                user="",
+                hint="load your key into the agent (`ssh-add ~/.ssh/id_ed25519`) or name it "
+                f"with `--identity PATH`; `ssh -v {self.spec.host} true` shows which keys the "
+                "server accepts",
+            )
+        return SSHError(
+            f"ssh to {self.spec.host} failed: {tail}",
+            host=self.spec.host,
+            hint=f"`ssh -v {self.spec.host} true` shows where it fails",
+        )
+
+    def _host_key_error(self, tail: str) -> MTError:
+        """OpenSSH does not print an unknown key's fingerprint: ask paramiko for the details."""
+        probe = SSHTransport(
+            self.spec.host,
+            key_filename=self.spec.identity,
+            known_hosts=self.spec.known_hosts,
+            ssh_config=self.spec.ssh_config,
+            connect_timeout_s=self.spec.connect_timeout_s,
+            proxy_jump=self.spec.jump,
+        )
+        try:
+            probe.connection()
+        except SSHError as exc:
+            if permanent(exc):
+                return exc
+        finally:
+            probe.close()
+        return SSHError(
+            f"ssh refused the host key of {self.spec.host}: {tail}",
+            host=self.spec.host,
+            hint="check the key's fingerprint with your cluster's admins; `--accept-new` "
+            "adds an unknown key once",
+        )
+
+    # -- keeping it up -----------------------------------------------------------------
+    def _watch(self) -> None:
+        backoff = Backoff(max_s=self.spec.backoff_max_s)
+        while not self._stop.is_set():
+            proc = self._proc
+            if proc is None:
+                return
+            while proc.poll() is None and not self._stop.wait(_POLL_S):
+                pass
+            if self._stop.is_set():
+                return
+            self._state = "down"
+            why = " / ".join(list(self._stderr)[-2:]) or f"ssh exited with {proc.returncode}"
+            self._events(f"down: {why}; reconnecting")
+            if not self._reconnect(backoff):
+                return
+
+    def _reconnect(self, backoff: Backoff) -> bool:
+        message = f"the SSH tunnel to {self.spec.host} is down; reconnecting"
+        while not self._stop.is_set():
+            with contextlib.suppress(TunnelError):
+                self._responder = DownResponder(bind_local(self.spec.local_port), message)
+            stopped = self._stop.wait(backoff.next_s())
+            if self._responder is not None:
+                self._responder.close()
+                self._responder = None
+            if stopped:
+                return False
+            failure = self._start(batch=True, wait_s=self.spec.connect_timeout_s + 10)
+            if failure is None:
+                self._reconnects += 1
+                self._state = "up"
+                backoff.reset()
+                self._events(f"up: reconnected to {self.spec.host}")
+                return True
+            if permanent(failure):
+                self._error = TunnelDownError(
+                    f"the tunnel to {self.spec.host} dropped and cannot reconnect: "
+                    f"{failure.message}",
+                    local_port=self.spec.local_port,
+                    hint=failure.hint,
+                )
+                self._state = "failed"
+                self._events(f"failed: {failure.message}")
+                return False
+            self._events(f"down: {failure.message}")
+        return False
