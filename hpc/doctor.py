@@ -304,6 +304,7 @@ def probe_checks(result: ProbeResult, *, registry_dir: Path | None = None) -> li
         _driver_check(r),
         _node_apptainer_check(r),
         _nv_check(r),
+        _rocm_check(r),
         Check(
             "cpus / memory",
             True,
@@ -403,6 +404,27 @@ def _nv_check(r: Mapping[str, Any]) -> Check:
         if found
         else "--nv needs the NVIDIA driver libraries on the node "
         "(ldconfig -p | grep libcuda); fine for CPU-only models",
+    )
+
+
+def _rocm_check(r: Mapping[str, Any]) -> Check:
+    rocm = r.get("apptainer_rocm") or {}
+    libs = rocm.get("driver_libraries") or []
+    render = rocm.get("render_nodes") or []
+    parts = [
+        f"/dev/kfd {'present' if rocm.get('kfd') else 'missing'}",
+        f"{len(render)} /dev/dri/renderD* nodes",
+        f"ROCm libraries {', '.join(libs) if libs else 'not found'}",
+    ]
+    found = bool(rocm.get("kfd")) and bool(render) and bool(libs)
+    return Check(
+        "apptainer --rocm",
+        True if found else None,
+        "; ".join(parts),
+        hint=None
+        if found
+        else "--rocm needs the amdgpu driver (/dev/kfd, /dev/dri) and ROCm libraries on the "
+        "node; fine for NVIDIA or CPU-only models",
     )
 
 

@@ -48,6 +48,7 @@ def node_probe(*, registry_dir: str | None = None) -> dict[str, Any]:
         "rocm_smi": _tool("rocm-smi", "--showproductname"),
         "apptainer": _tool("apptainer", "--version"),
         "apptainer_nv": _nv_support(),
+        "apptainer_rocm": _rocm_support(),
         "bind": _bind_any(),
         "login_reachability": "not checked: whether the login node's gateway can reach a "
         "port on this node is out of scope for the probe",
@@ -81,24 +82,36 @@ def _tool(name: str, *args: str) -> dict[str, Any]:
     return {"found": True, "path": path, "returncode": done.returncode, "output": lines[:16]}
 
 
+def _shared_libraries(*wanted: str) -> list[str]:
+    """Which of ``wanted`` (library name prefixes) the dynamic linker knows (ldconfig -p)."""
+    ldconfig = shutil.which("ldconfig") or shutil.which("ldconfig", path="/sbin:/usr/sbin")
+    if ldconfig is None:
+        return []
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            [ldconfig, "-p"], capture_output=True, text=True, timeout=30, check=False
+        )
+        return sorted({w for line in done.stdout.splitlines() for w in wanted if w in line})
+    return []
+
+
 def _nv_support() -> dict[str, Any]:
     """What ``apptainer exec --nv`` looks for: nvidia-container-cli, driver libraries, devices."""
-    libraries: list[str] = []
-    ldconfig = shutil.which("ldconfig") or shutil.which("ldconfig", path="/sbin:/usr/sbin")
-    if ldconfig is not None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            done = subprocess.run(
-                [ldconfig, "-p"], capture_output=True, text=True, timeout=30, check=False
-            )
-            wanted = ("libcuda.so", "libnvidia-ml.so")
-            libraries = sorted(
-                {w for line in done.stdout.splitlines() for w in wanted if w in line}
-            )
     devices = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
     return {
         "nvidia_container_cli": shutil.which("nvidia-container-cli"),
-        "driver_libraries": libraries,
+        "driver_libraries": _shared_libraries("libcuda.so", "libnvidia-ml.so"),
         "devices": devices[:16],
+    }
+
+
+def _rocm_support() -> dict[str, Any]:
+    """What ``apptainer exec --rocm`` needs: /dev/kfd, DRI render nodes, the ROCm libraries."""
+    render = sorted(str(p) for p in Path("/dev/dri").glob("renderD*"))
+    return {
+        "kfd": Path("/dev/kfd").exists(),
+        "render_nodes": render[:16],
+        "driver_libraries": _shared_libraries("libamdhip64.so", "libhsa-runtime64.so"),
     }
 
 

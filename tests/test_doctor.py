@@ -273,3 +273,23 @@ def test_cli_doctor_unschedulable_probe_is_reported_with_hint(cluster: SlurmClus
     assert data["probe"]["job_id"] is None
     assert "sinfo" in by_name(data["checks"])["probe job"]["hint"]
     assert not active_jobs(cluster)
+
+
+def test_rocm_check_reports_what_apptainer_rocm_needs() -> None:
+    from hpc.doctor import _rocm_check
+
+    ready = {
+        "apptainer_rocm": {
+            "kfd": True,
+            "render_nodes": ["/dev/dri/renderD128"],
+            "driver_libraries": ["libamdhip64.so"],
+        }
+    }
+    check = _rocm_check(ready)
+    assert check.ok is True and check.hint is None
+    assert "/dev/kfd present" in check.detail and "libamdhip64.so" in check.detail
+    missing = _rocm_check(
+        {"apptainer_rocm": {"kfd": False, "render_nodes": [], "driver_libraries": []}}
+    )
+    assert missing.ok is None  # not applicable on NVIDIA or CPU-only nodes, not a failure
+    assert missing.hint is not None and "/dev/kfd" in missing.hint
