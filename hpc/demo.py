@@ -211,8 +211,11 @@ def run(home: Path, max_tokens: int) -> int:
             os.killpg(gateway.pid, signal.SIGTERM)
             gateway.wait(timeout=15)
             print("    gateway stopped")
-        if job:
-            _mt("cancel", job, env=env)
+        # Every job in the demo's private MT_HOME, even one whose submit failed half-way.
+        listed = json.loads(_mt("status", "--json", env=env, capture=True).stdout)
+        for row in listed:
+            if row["state"] not in ("gone", "failed"):
+                _mt("cancel", row["key"], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

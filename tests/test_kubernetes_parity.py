@@ -1,30 +1,37 @@
 """Parity: one spec through local, Slurm and Kubernetes gives records of the same shape,
-and the gateway routes to the Kubernetes one once its Deployment is Available.
+all three ready, and the gateway lists all three (and routes to the local and Slurm ones).
 
-Driven through the real `mt` CLI (subprocesses); the Kubernetes API is the fake server,
-reached through a generated kubeconfig, and Slurm the private cluster (skips without it).
+Driven through the real `mt` CLI (subprocesses). Local and Slurm run the real llama.cpp
+engine with the Gemma GGUF (Slurm on the private cluster); the Kubernetes API is the fake
+server, reached through a generated kubeconfig, whose Deployment is flipped to Available.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 pytest.importorskip("kubernetes", reason="pip install -e '.[kubernetes]'")
 
 from fake_k8s_api import FakeKubeAPI
-from mtcli import mt, running_gateway
+from mtcli import engine_processes, mt, running_gateway
+from slurmcluster import SlurmCluster
 
-pytestmark = pytest.mark.timeout(180)
+from hpc.registry import Registry
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slurm, pytest.mark.timeout(300)]
 
 NS = "parity"
-MODEL = "parity-model"
+# The same spec shape under three names, one per backend.
+NAMES = {"local": "gemma-local", "slurm": "gemma-slurm", "kubernetes": "gemma-k8s"}
 
 
 @pytest.fixture
@@ -35,19 +42,21 @@ def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI
 
 
 @pytest.fixture
-def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    # Weights that are not there: the local and Slurm jobs fail fast, which is enough to
-    # compare the records their backends write.
+def models(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """models.yaml: the real Gemma GGUF three times, identical but for the name (JSON is YAML)."""
+    lines = ["models:"]
+    for name in NAMES.values():
+        spec = {
+            "name": name,
+            "engine": "llamacpp",
+            "weights": {"source": str(gemma_gguf)},
+            "engine_args": ["--chat_format", "alpaca", "--n_ctx", "1024"],
+            "startup_timeout_s": 120,
+            "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
+        }
+        lines.append(f"  - {json.dumps(spec)}")
     path = tmp_path / "models.yaml"
-    path.write_text(
-        "models:\n"
-        f"  - name: {MODEL}\n"
-        "    engine: llamacpp\n"
-        f"    weights: {{source: {json.dumps(str(tmp_path / 'missing.gguf'))}, quant: Q4_K_M}}\n"
-        "    startup_timeout_s: 60\n"
-        "    resources: {cpus: 1, mem_gb: 1, time_limit_min: 5}\n",
-        encoding="utf-8",
-    )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     monkeypatch.setenv("MT_MODELS", str(path))
     return path
 
@@ -56,50 +65,93 @@ def status() -> dict[str, dict[str, Any]]:
     return {r["backend"]: r for r in json.loads(mt("status", "--all", "--json").stdout)}
 
 
-def submit(backend: str) -> str:
-    done = mt("submit", MODEL, "--backend", backend, "--json")
-    return str(json.loads(done.stdout)["job_id"])
+def submit(backend: str, *extra: str) -> dict[str, Any]:
+    done = mt("submit", NAMES[backend], "--backend", backend, "--json", *extra)
+    record: dict[str, Any] = json.loads(done.stdout)
+    # Without --wait the JSON has no "key" yet; it is always "<backend>-<job_id>".
+    assert record.setdefault("key", f"{backend}-{record['job_id']}") == (
+        f"{backend}-{record['job_id']}"
+    )
+    return record
 
 
-def test_local_and_kubernetes_records_match_and_gateway_routes(
-    k8s: FakeKubeAPI, models: Path
+def gateway_models(url: str) -> list[str]:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as resp:  # noqa: S310
+        return [m["id"] for m in json.load(resp)["data"]]
+
+
+def chat(url: str, model: str) -> str:
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }
+    ).encode()
+    req = urllib.request.Request(  # noqa: S310
+        f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310
+        reply = json.load(resp)
+    assert reply["model"] == model, reply
+    return str(reply["choices"][0]["message"]["content"])
+
+
+def engine_pid(key: str) -> int:
+    stored = Registry(Path(os.environ["MT_HOME"]) / "registry").find(key)
+    assert stored is not None and stored.engine_pid is not None, stored
+    return stored.engine_pid
+
+
+def test_same_spec_on_local_slurm_and_kubernetes(
+    k8s: FakeKubeAPI, models: Path, cluster: SlurmCluster
 ) -> None:
-    local_id = submit("local")
-    k8s_id = submit("kubernetes")
-    k8s.set_available(k8s_id, NS)
-    records = status()  # asks each backend: the Kubernetes record becomes ready here
-    assert set(records) == {"local", "kubernetes"}
-    assert records["kubernetes"].keys() == records["local"].keys()
-    ready = records["kubernetes"]
-    assert ready["state"] == "ready"
-    assert ready["node"] == f"{k8s_id}.{NS}.svc"
-    assert ready["base_url"] == f"http://{k8s_id}.{NS}.svc:8000/v1"
-    assert ready["model"] == records["local"]["model"] == MODEL
-    assert ready["engine"] == records["local"]["engine"] == "llamacpp"
+    submitted: dict[str, dict[str, Any]] = {}
+    try:
+        submitted["local"] = submit("local", "--wait", "--timeout", "150")
+        submitted["slurm"] = submit("slurm", "--wait", "--timeout", "150")
+        submitted["kubernetes"] = submit("kubernetes")
+        assert submitted["local"]["state"] == "ready", submitted["local"]
+        assert submitted["slurm"]["state"] == "ready", submitted["slurm"]
+        k8s_id = submitted["kubernetes"]["job_id"]
+        k8s.set_available(k8s_id, NS)
 
-    with running_gateway() as url:
-        deadline = time.monotonic() + 10
-        while True:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as resp:  # noqa: S310
-                ids = [m["id"] for m in json.load(resp)["data"]]
-            if MODEL in ids:
-                break
-            assert time.monotonic() < deadline, f"the gateway never listed {MODEL}: {ids}"
-            time.sleep(0.2)
+        records = status()  # asks each backend: the Kubernetes record becomes ready here
+        assert set(records) == set(NAMES)
+        fields = records["local"].keys()
+        assert records["slurm"].keys() == fields
+        assert records["kubernetes"].keys() == fields
+        for backend, record in records.items():
+            assert record["state"] == "ready", record
+            assert record["model"] == NAMES[backend]
+            assert record["engine"] == "llamacpp"
+            assert record["key"] == submitted[backend]["key"]
+        assert records["local"]["base_url"].startswith("http://127.0.0.1:")
+        assert records["slurm"]["node"] in ("gpu1", "gpu2")
+        ready = records["kubernetes"]
+        assert ready["node"] == f"{k8s_id}.{NS}.svc"
+        assert ready["base_url"] == f"http://{k8s_id}.{NS}.svc:8000/v1"
 
-    mt("cancel", f"kubernetes-{k8s_id}")
-    mt("cancel", f"local-{local_id}")
-    after = status()
-    assert after["kubernetes"]["state"] == "gone"
-    assert k8s.names("deployments", NS) == []
+        with running_gateway() as url:
+            deadline = time.monotonic() + 10
+            while not set(NAMES.values()) <= set(ids := gateway_models(url)):
+                assert time.monotonic() < deadline, f"the gateway never listed all three: {ids}"
+                time.sleep(0.2)
+            # The Kubernetes one points at a Service DNS name that does not resolve here.
+            for backend in ("local", "slurm"):
+                assert chat(url, NAMES[backend]).strip(), backend
 
-
-@pytest.mark.slurm
-def test_slurm_record_has_the_same_fields(k8s: FakeKubeAPI, models: Path, cluster: Any) -> None:
-    del cluster  # SLURM_CONF is set for the subprocesses
-    slurm_id = submit("slurm")
-    submit("kubernetes")
-    records = status()
-    assert records["slurm"].keys() == records["kubernetes"].keys()
-    assert records["slurm"]["model"] == records["kubernetes"]["model"] == MODEL
-    mt("cancel", f"slurm-{slurm_id}")
+        engines = {b: psutil.Process(engine_pid(submitted[b]["key"])) for b in ("local", "slurm")}
+        for backend in ("kubernetes", "slurm", "local"):
+            cancelled = json.loads(mt("cancel", submitted.pop(backend)["key"], "--json").stdout)
+            assert cancelled["state"] == "gone", cancelled
+        after = status()
+        assert {b: r["state"] for b, r in after.items()} == dict.fromkeys(NAMES, "gone")
+        assert k8s.names("deployments", NS) == []
+        assert engine_processes(records["local"]["port"]) == []
+        for engine in engines.values():
+            assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+    finally:
+        for record in submitted.values():  # a failure above: leave no engine behind
+            mt("cancel", record["key"], check=False)

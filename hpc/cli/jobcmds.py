@@ -13,7 +13,7 @@ from hpc import jobs
 from hpc.backends import JobHandle, JobStatus, get_backend
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
-from hpc.registry import Record
+from hpc.registry import Record, record_key
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -62,6 +62,7 @@ def submit(
                 {
                     "backend": handle.backend,
                     "job_id": handle.job_id,
+                    "key": record_key(handle.backend, handle.job_id),
                     "nonce": handle.nonce,
                     "model": spec.name,
                     "state": "pending",
