@@ -90,17 +90,19 @@ def api(request: pytest.FixtureRequest, cluster: SlurmCluster) -> SlurmAPI:
 def stand_in_python(tmp_path: Path) -> Path:
     """Stands in for the Python with ModelTainer: holds the job until signalled or cancelled.
 
-    The script execs it as ``<python> -m hpc.jobwrap --plan -``; on USR1 it leaves a mark
-    next to itself and exits 0.
+    The script execs it as ``<python> -m hpc.jobwrap --plan -``; once its traps are set it
+    leaves ``<path>.ready`` (squeue says RUNNING before the script runs, so a signal sent then
+    could beat the trap); on USR1 it leaves ``<path>.usr1`` and exits 0.
     """
     # No space in its name: proctrack/linuxproc (22.05) reads /proc/<pid>/stat with sscanf and
     # loses a process whose command name has one, so scancel could never kill it.
     path = tmp_path / "stand-in-python"
     path.write_text(
         "#!/bin/sh\n"
-        "sleep 300 &\n"
         "trap 'echo USR1 > \"$0.usr1\"; kill $!; exit 0' USR1\n"
         "trap 'kill $!; exit 143' TERM\n"
+        "sleep 300 &\n"
+        'echo ready > "$0.ready"\n'
         "wait\n",
         encoding="utf-8",
     )
@@ -194,6 +196,11 @@ def test_signal_reaches_only_the_batch_shell(
     script, _ = render_tiny(tmp_path, python=python)
     job_id = api.sbatch(script)
     wait_running(api, job_id)
+    ready = Path(f"{python}.ready")
+    deadline = time.monotonic() + 30
+    while not ready.exists():  # RUNNING in squeue does not mean the script's trap is set
+        assert time.monotonic() < deadline, "the batch script never started"
+        time.sleep(0.1)
 
     api.scancel(job_id, signal="USR1", batch_only=True)
     mark = Path(f"{python}.usr1")
