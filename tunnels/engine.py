@@ -37,6 +37,30 @@ class TunnelSpec:
         return f"http://127.0.0.1:{self.local_port}"
 
 
+class TunnelStatus:
+    """What every engine reports of itself; engines set the three fields as things happen."""
+
+    def __init__(self) -> None:
+        self._state: State = "connecting"
+        self._error: MTError | None = None
+        self._reconnects = 0
+
+    @property
+    def state(self) -> State:
+        """Where the tunnel is now."""
+        return self._state
+
+    @property
+    def error(self) -> MTError | None:
+        """Why reconnecting stopped, if it did."""
+        return self._error
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made again after a drop."""
+        return self._reconnects
+
+
 class TunnelEngine(Protocol):
     """One forwarded port, kept up: connect once (errors raised), then reconnect on drops."""
 

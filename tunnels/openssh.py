@@ -33,7 +33,7 @@ from pathlib import Path
 from hpc.errors import MTError, SSHAuthError, SSHError
 from hpc.sshexec import SSHTransport
 from tunnels.backoff import Backoff, permanent
-from tunnels.engine import Events, State, TunnelSpec
+from tunnels.engine import Events, TunnelSpec, TunnelStatus
 from tunnels.errors import LocalPortInUseError, TunnelDownError, TunnelError
 from tunnels.localport import bind_local, ensure_free, holder_of, listening
 from tunnels.outage import DownResponder
@@ -104,40 +104,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-class OpenSSHTunnel:
+class OpenSSHTunnel(TunnelStatus):
     """TunnelEngine over the system's ``ssh`` binary."""
 
     name = "openssh"
 
     def __init__(self, spec: TunnelSpec, events: Events) -> None:
+        super().__init__()
         self.spec = spec
         self._events = events
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
-        self._state: State = "connecting"
-        self._error: MTError | None = None
-        self._reconnects = 0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._responder: DownResponder | None = None
         self.control_path = control_dir() / f"{spec.local_port}-%C"
 
     # -- TunnelEngine ------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        """Where the tunnel is now."""
-        return self._state
-
-    @property
-    def error(self) -> MTError | None:
-        """Why reconnecting stopped, if it did."""
-        return self._error
-
-    @property
-    def reconnects(self) -> int:
-        """Connections made again after a drop."""
-        return self._reconnects
-
     @property
     def pid(self) -> int | None:
         """The running ssh's process id."""

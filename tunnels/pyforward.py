@@ -23,10 +23,10 @@ import threading
 
 import paramiko
 
-from hpc.errors import MTError, SSHError
+from hpc.errors import SSHError
 from hpc.sshexec import SSHTransport
 from tunnels.backoff import Backoff, permanent
-from tunnels.engine import Events, State, TunnelSpec
+from tunnels.engine import Events, TunnelSpec, TunnelStatus
 from tunnels.errors import TunnelDownError
 from tunnels.localport import bind_local
 from tunnels.outage import answer_down
@@ -35,12 +35,13 @@ _CHUNK = 65536
 _WATCH_S = 0.25
 
 
-class ParamikoTunnel:
+class ParamikoTunnel(TunnelStatus):
     """TunnelEngine over paramiko: no ``ssh`` binary needed."""
 
     name = "paramiko"
 
     def __init__(self, spec: TunnelSpec, events: Events) -> None:
+        super().__init__()
         self.spec = spec
         self._events = events
         self._ssh = SSHTransport(
@@ -55,28 +56,10 @@ class ParamikoTunnel:
         )
         self._listener: socket.socket | None = None
         self._transport: paramiko.Transport | None = None
-        self._state: State = "connecting"
-        self._error: MTError | None = None
-        self._reconnects = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # -- TunnelEngine ------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        """Where the tunnel is now."""
-        return self._state
-
-    @property
-    def error(self) -> MTError | None:
-        """Why reconnecting stopped, if it did."""
-        return self._error
-
-    @property
-    def reconnects(self) -> int:
-        """Connections made again after a drop."""
-        return self._reconnects
-
     def open(self) -> None:
         """Bind 127.0.0.1:local_port, connect (errors raised as they are), start forwarding."""
         self._listener = bind_local(self.spec.local_port)
