@@ -62,6 +62,14 @@ class Record(BaseModel):
     log_path: str | None = None
     reason: str | None = None
     log_tail: list[str] = Field(default_factory=list)
+    started_by: str | None = Field(
+        default=None,
+        description="who started the job and why (e.g. the gateway, on demand, for a request)",
+    )
+    serves: tuple[str, ...] = Field(
+        default=(),
+        description="a swap pool's catalogue: the model names its endpoint answers for",
+    )
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
