@@ -14,6 +14,12 @@ logged (logger ``bench.fakeengine``, on stderr when run alone) and kept in ``See
 with its ``X-Request-Id`` and the phase it was in: before the first byte of the body,
 mid-stream, or a non-streaming answer.
 
+For the gateway's health prober it also stands for vLLM's ``GET /health`` (which can be
+made to fail or hang) and ``GET /metrics`` (vLLM's Prometheus text with
+``vllm:num_requests_running`` / ``vllm:num_requests_waiting`` set by knobs). Knobs can be
+swapped while it runs (``fake.knobs = dataclasses.replace(fake.knobs, …)``): every request
+reads the current ones.
+
 ``python -m bench.fakeengine [--tokens N] [--tokens-per-s R] [--ttft-ms T]`` runs it alone
 (in its own process, so that it does not share a core with the load generator) and prints
 ``fake engine listening on http://127.0.0.1:PORT/v1``.
@@ -53,6 +59,12 @@ class Knobs:
     pad_bytes: int = 0  # streaming: each chunk's text is this many bytes longer
     status_first: int | None = None  # with ``status``: only the first N requests get it
     retry_after: str | None = None  # with ``status``: the error's ``Retry-After`` header
+    # GET /health (vLLM's and llama-server's): this status, or no answer at all
+    health_status: int = 200
+    health_hang: bool = False
+    # GET /metrics in vLLM's format: vllm:num_requests_running / vllm:num_requests_waiting
+    engine_running: int = 0
+    engine_waiting: int = 0
 
 
 AbortPhase = Literal["before first byte", "mid-stream", "non-stream"]
@@ -91,6 +103,9 @@ class Seen:
     last_chunk_at: float | None = None  # ... and of the last one
     chunks_sent: int = 0  # streamed chunks written, over all requests
     cancelled_event: asyncio.Event = field(default_factory=asyncio.Event)
+    health_probes: int = 0  # GET /health received
+    metrics_scrapes: int = 0  # GET /metrics received
+    probe_authorization: list[str | None] = field(default_factory=list)  # of both
 
 
 class FakeUpstream:
@@ -115,6 +130,7 @@ class FakeUpstream:
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             app.router.add_post(path, self._handle)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
         # handler_cancellation: like the real engines, notice a client that left at once.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -128,8 +144,29 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _health(self, _request: web.Request) -> web.Response:
+    async def _health(self, request: web.Request) -> web.Response:
+        self.seen.health_probes += 1
+        self.seen.probe_authorization.append(request.headers.get("Authorization"))
+        if self.knobs.health_hang:
+            await asyncio.Event().wait()  # until the prober gives up and disconnects
+        if self.knobs.health_status != 200:
+            return web.json_response({"status": "unhealthy"}, status=self.knobs.health_status)
         return web.json_response({"status": "ok"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # vLLM's exposition: one series per model and engine index, values as floats.
+        self.seen.metrics_scrapes += 1
+        self.seen.probe_authorization.append(request.headers.get("Authorization"))
+        labels = f'{{engine="0",model_name="{self.model}"}}'
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{labels} {float(self.knobs.engine_running)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{labels} {float(self.knobs.engine_waiting)}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
 
     async def _models(self, _request: web.Request) -> web.Response:
         entry = {"id": self.model, "object": "model", "owned_by": "fake"}

@@ -23,8 +23,9 @@ from gateway.admission import Admission
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
+from gateway.health import health_context
 from gateway.logs import LOGGER_NAME, fields
-from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics import CONTENT_TYPE, Metrics, render_probes
 from gateway.openapi import document
 from gateway.proxy import PROXIED_PATHS, proxy
 from gateway.ratelimit import Limiter
@@ -133,9 +134,19 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: alive, and how many model names it can route."""
+    """GET /healthz: alive, how many model names it routes, and per name its replicas.
+
+    ``ready`` counts the replicas the balancer would use now (not ejected by health probes,
+    not skipped for failures) out of ``total`` routed.
+    """
     routes = request.app[LIVE].snapshot.routes
-    return web.json_response({"status": "ok", "models": len(routes.names())})
+    balancer = request.app[BALANCER]
+    replicas = {}
+    for name in routes.names():
+        upstreams = routes.upstreams(name)
+        ready = sum(1 for u in upstreams if balancer.usable(u.source))
+        replicas[name] = {"ready": ready, "total": len(upstreams)}
+    return web.json_response({"status": "ok", "models": len(replicas), "replicas": replicas})
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -150,7 +161,8 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format (behind the key like every path but /healthz)."""
-    text = request.app[METRICS].render(request.app[BALANCER].snapshot())
+    balancer = request.app[BALANCER]
+    text = request.app[METRICS].render(balancer.snapshot()) + render_probes(balancer.probes())
     return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -181,11 +193,12 @@ def create_app(config: GatewayConfig, *, env: Mapping[str, str] | None = None) -
     app[CONFIG] = config
     app[LIMITER] = Limiter()
     app[METRICS] = Metrics()
-    app[BALANCER] = Balancer()
+    app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     # Reload first: if the config is bad, startup fails before a session is opened.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
     app.cleanup_ctx.append(_session_context(config))
+    app.cleanup_ctx.append(health_context(config, BALANCER, LIVE))
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", list_models)

@@ -54,3 +54,15 @@ class GatewayConfig(BaseModel):
     retry_after_s: int = Field(
         default=5, gt=0, description="Retry-After sent with a 503 when no upstream can answer"
     )
+    health_interval_s: float = Field(
+        default=5, gt=0, description="how often every job replica's health and load are probed"
+    )
+    health_timeout_s: float = Field(
+        default=2, gt=0, description="one probe's limit; a slower answer is a failed probe"
+    )
+    health_failures_to_eject: int = Field(
+        default=3,
+        ge=1,
+        description="failed probes in a row before a replica gets no requests; one good probe "
+        "brings it back",
+    )

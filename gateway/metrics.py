@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Mapping
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -112,7 +113,8 @@ class Metrics:
                     f'mt_gateway_replica_outstanding{{replica="{_escape(source)}"}} {outstanding}'
                 )
             out += [
-                "# HELP mt_gateway_replica_healthy 1 unless passive failure counting skips it.",
+                "# HELP mt_gateway_replica_healthy 1 if the balancer would send it requests now "
+                "(not ejected by failed health probes, not skipped for connection failures).",
                 "# TYPE mt_gateway_replica_healthy gauge",
             ]
             for source, (_, healthy) in sorted(replicas.items()):
@@ -120,6 +122,34 @@ class Metrics:
                     f'mt_gateway_replica_healthy{{replica="{_escape(source)}"}} {int(healthy)}'
                 )
         return "\n".join(out) + "\n"
+
+
+def render_probes(probes: Mapping[str, tuple[bool, tuple[int, int] | None]]) -> str:
+    """The background prober's view, per job replica: last probe good, engine's own load.
+
+    ``probes`` maps a replica to (last probe good, (running, waiting) if the engine reports
+    them); a replica whose engine exposes no load has no ``engine_requests`` series.
+    """
+    out = [
+        "# HELP mt_gateway_replica_probe_ok 1 if the last health probe of a job replica passed.",
+        "# TYPE mt_gateway_replica_probe_ok gauge",
+    ]
+    for source, (ok, _) in sorted(probes.items()):
+        out.append(f'mt_gateway_replica_probe_ok{{replica="{_escape(source)}"}} {int(ok)}')
+    out += [
+        "# HELP mt_gateway_replica_engine_requests Requests the engine itself reports (all "
+        "its clients), by kind: running or waiting.",
+        "# TYPE mt_gateway_replica_engine_requests gauge",
+    ]
+    for source, (_, load) in sorted(probes.items()):
+        if load is None:
+            continue
+        for kind, value in zip(("running", "waiting"), load, strict=True):
+            out.append(
+                f'mt_gateway_replica_engine_requests{{replica="{_escape(source)}",kind="{kind}"}}'
+                f" {value}"
+            )
+    return "\n".join(out) + "\n"
 
 
 def _escape(value: str) -> str:

@@ -102,7 +102,7 @@ def document() -> dict[str, Any]:
         "paths": {
             "/healthz": {
                 "get": {
-                    "summary": "liveness and the number of routable models",
+                    "summary": "liveness, routable models, and per model its ready replicas",
                     "security": [],
                     "responses": {"200": {"description": "ok"}},
                 }

@@ -19,7 +19,9 @@ class Upstream:
     """One OpenAI-compatible endpoint and the key the gateway sends it.
 
     ``base_url`` is the endpoint's OpenAI root (ending in ``/v1``); ``source`` says where it
-    came from (a registry record key, or ``static:<name>``) for logs.
+    came from (a registry record key, or ``static:<name>``) for logs. ``engine`` is set for
+    a job's endpoint only: those are probed in the background (``gateway.health``), static
+    backends are judged by their answers alone.
     """
 
     model: str
@@ -27,6 +29,8 @@ class Upstream:
     api_key: str | None = field(repr=False)
     source: str
     created: int = 0
+    engine: str | None = None
+    health_path: str | None = None
 
     def url(self, suffix: str) -> str:
         """``http://node:port/v1`` + ``/chat/completions``."""
@@ -71,6 +75,10 @@ class RouteTable:
         start = next(self._turns[model]) % len(candidates)
         return candidates[start:] + candidates[:start]
 
+    def replicas(self) -> dict[str, Upstream]:
+        """Every upstream by its source, once (a source may serve several names)."""
+        return {u.source: u for ups in self._routes.values() for u in ups}
+
     def is_known(self, model: str) -> bool:
         """True for a name in ``models.yaml`` or with a job on its way, routable or not."""
         return model in self._configured or model in self._starting or model in self._routes
@@ -103,6 +111,8 @@ def build_routes(
                     api_key=record.api_key.get_secret_value(),
                     source=record.key,
                     created=int(record.created_at),
+                    engine=record.engine,
+                    health_path=record.health_path,
                 )
             )
         elif record.state not in FINAL_STATES:

@@ -247,7 +247,13 @@ class JobWrapper:
             return 1
 
         base_url = f"http://{advertised_host(self.plan.engine_host)}:{port}/v1"
-        record = self._set(record, "ready", base_url=base_url, engine_pid=proc.pid)
+        record = self._set(
+            record,
+            "ready",
+            base_url=base_url,
+            engine_pid=proc.pid,
+            health_path=launch.health_path,
+        )
         while self.stop_signal is None and proc.poll() is None:
             time.sleep(0.2)
         if self.stop_signal is None:

@@ -59,6 +59,11 @@ class Record(BaseModel):
     api_key: SecretStr
     pid: int | None = Field(default=None, description="local backend: the job wrapper's pid")
     engine_pid: int | None = None
+    health_path: str | None = Field(
+        default=None,
+        description="the engine's health URL path (``/health``, ``/v1/models``) the job wrapper "
+        "waited on; the gateway keeps probing it",
+    )
     log_path: str | None = None
     reason: str | None = None
     log_tail: list[str] = Field(default_factory=list)

@@ -516,7 +516,8 @@ async def test_models_and_healthz_list_ready_records_and_static_backends(tmp_pat
         assert entry["object"] == "model"
         assert entry["owned_by"] == "modeltainer"
         assert isinstance(entry["created"], int)
-    assert health == {"status": "ok", "models": 2}
+    replicas = {"a": {"ready": 2, "total": 2}, "ext": {"ready": 1, "total": 1}}
+    assert health == {"status": "ok", "models": 2, "replicas": replicas}
 
 
 async def test_the_openai_client_works_through_the_gateway(tmp_path: Path) -> None:

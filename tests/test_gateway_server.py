@@ -57,7 +57,7 @@ async def test_port_zero_binds_an_ephemeral_port(tmp_path: Path) -> None:
             client.get(f"http://127.0.0.1:{port}/healthz") as resp,
         ):
             assert resp.status == 200
-            assert await resp.json() == {"status": "ok", "models": 0}
+            assert await resp.json() == {"status": "ok", "models": 0, "replicas": {}}
     finally:
         await runner.cleanup()
 
