@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from fake_upstream import FakeUpstream, Knobs
+from mtcli import GEMMA, gemma_models_yaml, mt
 from pydantic import SecretStr
 from test_gateway_proxy import CHAT, JOB_KEY, chat, gateway
 
@@ -269,3 +273,42 @@ def test_engine_load_parsers() -> None:
     assert parse_slots({"error": "x"}) is None
     assert engine_root("http://node:8000/v1") == "http://node:8000"
     assert engine_root("http://node:8000/v1/") == "http://node:8000"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
+    gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    record = json.loads((await asyncio.to_thread(mt, "submit", GEMMA, "--wait", "--json")).stdout)
+    key, engine_pid = record["key"], record["engine_pid"]
+    try:
+        # What the job wrapper waited on is what the gateway keeps probing: llama-cpp-python's
+        # server has no /health, so /v1/models (which needs the per-job key).
+        assert record["health_path"] == "/v1/models"
+        registry = Path(os.environ["MT_HOME"]) / "registry"
+        settings = {"health_interval_s": 0.1, "health_timeout_s": 1, "health_failures_to_eject": 2}
+        async with (
+            gateway(tmp_path, registry_dir=registry, **settings) as url,
+            aiohttp.ClientSession() as client,
+        ):
+            samples = await wait_for_metrics(client, url, lambda m: m.get(probe_ok(key)) == 1)
+            assert samples[healthy(key)] == 1
+            # It exposes no load (no /metrics, no /slots): no engine_requests series.
+            assert engine_requests(key, "running") not in samples
+
+            # A frozen engine answers nothing: ejected after two probes, back once thawed.
+            os.kill(engine_pid, signal.SIGSTOP)
+            try:
+                await wait_for_metrics(client, url, lambda m: m.get(healthy(key)) == 0)
+                async with client.get(url + "/healthz") as resp:
+                    assert (await resp.json())["replicas"] == {GEMMA: {"ready": 0, "total": 1}}
+            finally:
+                os.kill(engine_pid, signal.SIGCONT)
+            await wait_for_metrics(client, url, lambda m: m.get(healthy(key)) == 1)
+            body = {**chat(GEMMA), "max_tokens": 4}
+            async with client.post(url + CHAT, json=body) as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        await asyncio.to_thread(mt, "cancel", key)
