@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fake_upstream import FakeUpstream, Knobs
-from mtcli import GEMMA, gemma_models_yaml, mt
+from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
 from pydantic import SecretStr
 from test_gateway_proxy import CHAT, JOB_KEY, chat, gateway
 
@@ -312,3 +312,20 @@ async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
                 assert resp.status == 200, await resp.text()
     finally:
         await asyncio.to_thread(mt, "cancel", key)
+
+
+async def test_mt_gateway_takes_the_probe_settings_from_its_options(tmp_path: Path) -> None:
+    async with FakeUpstream(Knobs(health_status=503)) as down, FakeUpstream() as up:
+        registry = Path(os.environ["MT_HOME"]) / "registry"
+        down_key = add_job(registry, down)
+        add_job(registry, up)
+        options = ("--health-interval", "0.05", "--health-timeout", "1", "--health-failures", "99")
+        with running_gateway(*options) as url:
+            # Twenty rounds take a second at 0.05 s (the default 5 s would outlast the test).
+            while up.seen.health_probes < 20 or down.seen.health_probes < 20:
+                await asyncio.sleep(0.02)
+            async with aiohttp.ClientSession() as client:
+                samples = await wait_for_metrics(client, url, lambda m: probe_ok(down_key) in m)
+    # Twenty failed probes in a row, yet not ejected: 99 are needed (the default is 3).
+    assert samples[probe_ok(down_key)] == 0
+    assert samples[healthy(down_key)] == 1

@@ -112,6 +112,22 @@ def gateway(
             "--shutdown-grace", min=0, help="On SIGTERM, seconds in-flight requests may finish."
         ),
     ] = 30,
+    health_interval: Annotated[
+        float,
+        typer.Option(
+            "--health-interval", min=0.01, help="Seconds between health/load probes of each job."
+        ),
+    ] = 5,
+    health_timeout: Annotated[
+        float,
+        typer.Option("--health-timeout", min=0.01, help="A probe slower than this failed."),
+    ] = 2,
+    health_failures: Annotated[
+        int,
+        typer.Option(
+            "--health-failures", min=1, help="Failed probes in a row before a job gets no requests."
+        ),
+    ] = 3,
 ) -> None:
     """Run the OpenAI-compatible gateway in the foreground."""
     from gateway.config import GatewayConfig
@@ -133,6 +149,9 @@ def gateway(
         max_in_flight_per_model=max_in_flight_per_model,
         shutdown_grace_s=shutdown_grace,
         retry_after_s=retry_after,
+        health_interval_s=health_interval,
+        health_timeout_s=health_timeout,
+        health_failures_to_eject=health_failures,
     )
     run(config)
 
