@@ -108,8 +108,9 @@ class Balancer:
             )
 
         ranked = sorted(enumerate(candidates), key=rank)
-        usable = [u for _, u in ranked if not self.ejected(u.source)]
-        return usable or [upstream for _, upstream in ranked]
+        if self.ejected(ranked[0][1].source):
+            return [upstream for _, upstream in ranked]  # all ejected (they sort last)
+        return [u for _, u in ranked if not self.ejected(u.source)]
 
     def ejected(self, source: str) -> bool:
         """True if probes have ejected ``source``."""

@@ -22,9 +22,10 @@ import pytest
 from fake_upstream import FakeUpstream, Knobs
 from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
 from pydantic import SecretStr
+from test_gateway_balance import FakeClock
 from test_gateway_proxy import CHAT, JOB_KEY, chat, gateway
 
-from gateway.balancer import Balancer, EngineLoad
+from gateway.balancer import FAILURE_MEMORY_S, FAILURES_TO_SKIP, Balancer, EngineLoad
 from gateway.health import engine_root, parse_engine_load, parse_slots
 from gateway.routes import Upstream
 from hpc.registry import Record, Registry, State, new_nonce
@@ -224,6 +225,20 @@ def test_ejection_needs_k_failed_probes_in_a_row_and_one_good_probe_ends_it() ->
     balancer.probed("r1", ok=True)
     assert balancer.order([a, b]) == [a]
     assert balancer.snapshot() == {"r1": (0, True), "r2": (0, False)}
+
+
+def test_passive_failures_far_apart_are_no_streak() -> None:
+    clock = FakeClock()
+    balancer = Balancer(clock)
+    a, b = upstream(1), upstream(2)
+    for _ in range(FAILURES_TO_SKIP - 1):
+        balancer.failed(a)
+        clock.now += FAILURE_MEMORY_S + 1
+    balancer.failed(a)
+    assert balancer.order([a, b]) == [a, b]  # one at a time, each forgotten: not skipped
+    for _ in range(FAILURES_TO_SKIP - 1):
+        balancer.failed(a)
+    assert balancer.order([a, b]) == [b, a]  # now a streak
 
 
 def test_engine_load_counts_only_what_is_not_this_gateways() -> None:
