@@ -176,12 +176,12 @@ class Prober:
         source = upstream.source
         path = self._health_paths.get(source) or upstream.health_path or DEFAULT_HEALTH_PATH
         try:
-            status, _ = await self._get(upstream, path, read=False)
+            status, _ = await self._get(upstream, path)
             if status == 404 and upstream.health_path is None and path == DEFAULT_HEALTH_PATH:
                 # An older record of an engine without /health (llama-cpp-python's server).
                 self._health_paths[source] = path = FALLBACK_HEALTH_PATH
-                status, _ = await self._get(upstream, path, read=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                status, _ = await self._get(upstream, path)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
             return False
         return status == 200
 
@@ -206,7 +206,7 @@ class Prober:
         return None
 
     async def _load_from(self, upstream: Upstream, path: str) -> EngineLoad | None:
-        status, body = await self._get(upstream, path, read=True)
+        status, body = await self._get(upstream, path)
         if status in _ABSENT:
             raise _Absent(path)
         if status != 200:
@@ -218,13 +218,13 @@ class Prober:
             raise _Absent(path)
         return load
 
-    async def _get(self, upstream: Upstream, path: str, *, read: bool) -> tuple[int, bytes]:
+    async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
+        # The body is read (bounded) even when only the status matters: a response read to
+        # its end leaves the connection reusable for the next round.
         headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         url = engine_root(upstream.base_url) + path
         async with self.session.get(url, headers=headers, timeout=timeout) as response:
-            if not read:
-                return response.status, b""
             body = await response.content.read(MAX_BODY_BYTES + 1)
             while len(body) <= MAX_BODY_BYTES and not response.content.at_eof():
                 more = await response.content.read(MAX_BODY_BYTES + 1 - len(body))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from fake_upstream import FakeUpstream, Knobs
 from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
 from pydantic import SecretStr
@@ -344,3 +345,92 @@ async def test_mt_gateway_takes_the_probe_settings_from_its_options(tmp_path: Pa
     # Twenty failed probes in a row, yet not ejected: 99 are needed (the default is 3).
     assert samples[probe_ok(down_key)] == 0
     assert samples[healthy(down_key)] == 1
+
+
+async def test_an_older_record_of_an_engine_without_health_is_probed_on_its_models_path(
+    tmp_path: Path,
+) -> None:
+    # llama-cpp-python's server has no /health (404 here); its record predates health_path.
+    async with FakeUpstream(Knobs(health_status=404)) as fake:
+        record = Record(
+            backend="local",
+            job_id=new_nonce(),
+            nonce=new_nonce(),
+            model="m",
+            engine="llamacpp",
+            state="ready",
+            base_url=fake.base_url,
+            api_key=SecretStr(JOB_KEY),
+        )
+        Registry(tmp_path / "registry").write(record)
+        async with (
+            gateway(tmp_path, health_interval_s=0.05) as url,
+            aiohttp.ClientSession() as client,
+        ):
+            await wait_for_metrics(client, url, lambda m: m.get(probe_ok(record.key)) == 1)
+            while fake.seen.health_probes == 0:
+                await asyncio.sleep(0.02)
+    assert fake.seen.health_probes == 1  # asked once, then /v1/models every round
+
+
+class FakeLlamaServer:
+    """llama.cpp's ``llama-server`` without ``--metrics``: ``/health``, ``/slots``, and a 501
+    for ``/metrics`` (its answer when the endpoint is off). Counts what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def __aenter__(self) -> FakeLlamaServer:
+        app = web.Application()
+        app.router.add_get("/{path:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.asked.append(request.path)
+        if request.path == "/health":
+            return web.json_response({"status": "ok"})
+        if request.path == "/slots":
+            slots = [{"id": 0, "is_processing": True}, {"id": 1, "is_processing": False}]
+            return web.json_response(slots)
+        message = {"code": 501, "message": "This server does not support metrics endpoint."}
+        return web.json_response({"error": message}, status=501)
+
+
+async def test_llama_server_without_metrics_reports_its_load_through_slots(
+    tmp_path: Path,
+) -> None:
+    async with FakeLlamaServer() as server:
+        record = Record(
+            backend="local",
+            job_id=new_nonce(),
+            nonce=new_nonce(),
+            model="m",
+            engine="llamacpp",
+            state="ready",
+            base_url=server.base_url,
+            api_key=SecretStr(JOB_KEY),
+            health_path="/health",
+        )
+        Registry(tmp_path / "registry").write(record)
+        async with (
+            gateway(tmp_path, health_interval_s=0.05) as url,
+            aiohttp.ClientSession() as client,
+        ):
+            running = engine_requests(record.key, "running")
+            samples = await wait_for_metrics(client, url, lambda m: running in m)
+            while server.asked.count("/slots") < 3:
+                await asyncio.sleep(0.02)
+    assert samples[running] == 1
+    assert samples[engine_requests(record.key, "waiting")] == 0
+    assert server.asked.count("/metrics") == 1  # a 501 means "not here": not asked again
