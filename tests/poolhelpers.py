@@ -120,3 +120,42 @@ def ask(base_url: str, model: str, *, stream: bool = False) -> tuple[str, str]:
         model=model, messages=messages, max_tokens=8, temperature=0
     )
     return reply.model, reply.choices[0].message.content or ""
+
+
+def alternate_and_check(url: str, record: Record) -> dict[str, Any]:
+    """A, B, A through ``url`` on a one-slot pool: each answers, each swap starts a new engine.
+
+    Returns the pool's status after the last request.
+    """
+    pids = []
+    status: dict[str, Any] = {}
+    for turn, model in enumerate([MODEL_A, MODEL_B, MODEL_A]):
+        answered, text = ask(url, model, stream=turn == 1)
+        assert answered == model and text.strip()
+        status = pool_status(record)
+        [slot] = status["slots"]
+        assert (slot["model"], slot["state"], slot["loads"]) == (model, "ready", turn + 1)
+        # The engine that answered is the one started for this name, with its settings.
+        cmdline = engine_cmdline(slot["engine_pid"])
+        assert cmdline[cmdline.index("--n_ctx") + 1] == N_CTX[model]
+        pids.append(slot["engine_pid"])
+    assert len(set(pids)) == 3, pids  # every swap stopped one engine and started another
+    assert not is_running(pids[0])
+    assert (loads_of(status, MODEL_A), loads_of(status, MODEL_B)) == (2, 1)
+    return status
+
+
+def is_running(pid: int) -> bool:
+    """True if ``pid`` runs and is no zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def listed(url: str, *names: str) -> bool:
+    """True once the gateway at ``url`` lists every one of ``names``."""
+    import openai
+
+    shown = [m.id for m in openai.OpenAI(base_url=url, api_key="none").models.list().data]
+    return all(name in shown for name in names)
