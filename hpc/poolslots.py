@@ -174,9 +174,10 @@ class Slots:
     # -- loading ----------------------------------------------------------------------------
     async def _load(self, model: str) -> Slot:
         spec = self.specs[model]
+        asked = time.monotonic()
         slot = await self._claim(model)
         started = time.monotonic()
-        self._say(f"slot {slot.index}: loading {model}")
+        self._say(f"slot {slot.index}: loading {model} (slot free after {started - asked:.2f}s)")
         try:
             await self._start(slot, spec)
         except BaseException as exc:
@@ -190,7 +191,7 @@ class Slots:
         slot.last_used = time.monotonic()
         slot.last_error = None
         self.model_loads[model] += 1
-        self._say(f"slot {slot.index}: {model} ready in {slot.last_load_s:.1f}s")
+        self._say(f"slot {slot.index}: {model} ready in {slot.last_load_s:.2f}s")
         self._notify()
         return slot
 
