@@ -124,7 +124,7 @@ def render(
         kind = "pool"
         runtime_note = _runtime_note(plan.pool.runtime)
         if plan.pool.runtime is None:
-            runtime_note = " as each model's runtime says"
+            runtime_note = " in the runtime its own model entry names"
     else:
         kind = plan.spec.engine
         runtime_note = _runtime_note(plan.spec.runtime)

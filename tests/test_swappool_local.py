@@ -117,3 +117,40 @@ def test_pool_refuses_requests_without_its_key(one_slot_pool: str) -> None:
     for proc in [pool, *pool.children(recursive=True)]:
         assert secret not in " ".join(proc.cmdline())
     assert os.stat(Path(os.environ["MT_HOME"]) / "registry").st_mode & 0o077 == 0
+
+
+@pytest.fixture
+def idle_pool(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    pool = {"name": "idle-pool", "models": [MODEL_A, MODEL_B], "slots": 2, "idle_unload_s": 3}
+    path = pool_models_yaml(tmp_path / "models.yaml", gemma_gguf, pool)
+    monkeypatch.setenv("MT_MODELS", str(path))
+    record = json.loads(mt("submit", "idle-pool", "--wait", "--json").stdout)
+    key: str = record["key"]
+    yield key
+    mt("cancel", key, check=False)
+
+
+def test_idle_models_are_unloaded_and_a_dead_engine_is_replaced(idle_pool: str) -> None:
+    record = pool_record(idle_pool)
+    assert record.base_url is not None
+    assert _direct(record.base_url, idle_pool)[0] == MODEL_B
+    loaded = slot_of(pool_status(record), MODEL_B)
+    assert loaded is not None and is_running(loaded["engine_pid"])
+    # Nobody asks for B for idle_unload_s: its slot is emptied and its engine stopped.
+    wait_for("B to be unloaded", lambda: slot_of(pool_status(record), MODEL_B) is None, 60)
+    assert not is_running(loaded["engine_pid"])
+    assert [s["state"] for s in pool_status(record)["slots"]] == ["empty", "empty"]
+
+    # An engine killed under the pool frees its slot; the next request loads the model again.
+    assert _direct(record.base_url, idle_pool)[0] == MODEL_B
+    again = slot_of(pool_status(record), MODEL_B)
+    assert again is not None
+    psutil.Process(again["engine_pid"]).kill()
+    wait_for(
+        "the dead engine's slot to be freed",
+        lambda: slot_of(pool_status(record), MODEL_B) is None,
+        30,
+    )
+    assert any("exited" in (s["last_error"] or "") for s in pool_status(record)["slots"])
+    assert _direct(record.base_url, idle_pool)[0] == MODEL_B
+    assert loads_of(pool_status(record), MODEL_B) == 3
