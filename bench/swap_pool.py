@@ -58,6 +58,16 @@ def first_token_s(record: Record, model: str) -> float:
     raise SystemExit(f"{model} answered without any content")
 
 
+def last_load_s(record: Record) -> float:
+    """The pool's own measure of its last load: engine started → healthy."""
+    url = (record.base_url or "").removesuffix("/v1") + "/pool/status"
+    request = urllib.request.Request(url)  # noqa: S310 - the pool's own http URL
+    request.add_header("Authorization", f"Bearer {record.api_key.get_secret_value()}")
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        status = json.loads(response.read())
+    return float(status["slots"][0]["last_load_s"])
+
+
 def specs(gguf: Path) -> tuple[ModelSpec, ModelSpec, PoolSpec]:
     """Models A and B (the same GGUF, other settings) and a one-slot pool of both."""
 
@@ -98,7 +108,7 @@ def time_new_job(site: Site, spec: ModelSpec) -> float:
 
 def compare(
     site: Site, a: ModelSpec, b: ModelSpec, pool: PoolSpec, rounds: int
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float]]:
     """Alternate, round by round: a swap in the running pool, then a new job for B.
 
     Alternating puts both paths under the same load of a shared machine. The pool's idle
@@ -107,6 +117,7 @@ def compare(
     backend = SlurmBackend(site)
     handle = backend.submit_pool(pool, (a, b))
     swap_s: list[float] = []
+    load_s: list[float] = []
     new_job_s: list[float] = []
     try:
         record = wait_ready(site, handle, timeout_s=300)
@@ -114,10 +125,11 @@ def compare(
         for turn in range(rounds):
             cold = b.name if turn % 2 == 0 else a.name  # the one not loaded now
             swap_s.append(first_token_s(record, cold))
+            load_s.append(last_load_s(record))
             new_job_s.append(time_new_job(site, b))
     finally:
         backend.cancel(handle)
-    return swap_s, new_job_s
+    return swap_s, load_s, new_job_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(tmp)
         site = Site(SiteConfig(engine_host="127.0.0.1"), home)
         (home / "logs").mkdir()
-        swap_s, new_job_s = compare(site, a, b, pool, args.rounds)
+        swap_s, load_s, new_job_s = compare(site, a, b, pool, args.rounds)
     swap, new_job = statistics.median(swap_s), statistics.median(new_job_s)
     summary = {
         "rounds": args.rounds,
         "swap_request_to_first_token_s": [round(x, 2) for x in swap_s],
+        "swap_engine_start_to_healthy_s": [round(x, 2) for x in load_s],
         "new_job_submit_to_first_token_s": [round(x, 2) for x in new_job_s],
         "median_swap_s": round(swap, 2),
         "median_new_job_s": round(new_job, 2),

@@ -226,3 +226,13 @@ def test_bookkeeping_of_another_job_of_the_model_is_not_mixed_in() -> None:
 def test_pool_spec_rejects_an_empty_catalogue() -> None:
     with pytest.raises(ValidationError, match="at least 1 item"):
         PoolSpec.model_validate({"name": "p", "models": []})
+
+
+def test_mt_models_lists_a_ready_pool_under_every_name_it_serves() -> None:
+    from hpc.catalog import served_models
+
+    rows = served_models(None, [_record("pool", "ready", ("a", "b"))])
+    assert [(r.name, r.source, [e.base_url for e in r.endpoints]) for r in rows] == [
+        ("a", "job", ["http://gpu1:4242/v1"]),
+        ("b", "job", ["http://gpu1:4242/v1"]),
+    ]
