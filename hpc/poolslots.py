@@ -155,6 +155,10 @@ class Slots:
             try:
                 # Shielded: a client that gives up does not cancel the others' load.
                 await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if self.stopping and task.cancelled():  # stop_all cancelled the load
+                    raise PoolLoadError(model, "the pool is stopping") from None
+                raise
             finally:
                 self._waiting[model] -= 1
 
