@@ -96,27 +96,31 @@ def build_routes(
     """A table from the registry's records and the static backends of ``models.yaml``.
 
     Only ``ready`` records with a base URL route; other live records make their name known,
-    so a request gets 503 (retry later) rather than 404. A static backend's key comes from
+    so a request gets 503 (retry later) rather than 404. A swap pool's record routes (or
+    makes known) every name in its ``serves``. A static backend's key comes from
     the environment variable it names.
     """
     routes: dict[str, list[Upstream]] = {}
     starting: set[str] = set()
     warnings: list[str] = []
     for record in records:
+        # A swap pool's one endpoint answers for every name of its catalogue.
+        names = record.serves or (record.model,)
         if record.state == "ready" and record.base_url:
-            routes.setdefault(record.model, []).append(
-                Upstream(
-                    model=record.model,
-                    base_url=record.base_url,
-                    api_key=record.api_key.get_secret_value(),
-                    source=record.key,
-                    created=int(record.created_at),
-                    engine=record.engine,
-                    health_path=record.health_path,
+            for name in names:
+                routes.setdefault(name, []).append(
+                    Upstream(
+                        model=name,
+                        base_url=record.base_url,
+                        api_key=record.api_key.get_secret_value(),
+                        source=record.key,
+                        created=int(record.created_at),
+                        engine=record.engine,
+                        health_path=record.health_path,
+                    )
                 )
-            )
         elif record.state not in FINAL_STATES:
-            starting.add(record.model)
+            starting.update(names)
     configured: list[str] = []
     if models is not None:
         configured = [spec.name for spec in models.models]

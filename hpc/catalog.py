@@ -37,7 +37,8 @@ class ServedModel:
 
 def served_models(configured: ModelsFile | None, records: Iterable[Record]) -> list[ServedModel]:
     """Configured models, then static backends (a static entry replaces a model of the same
-    name), then names only running jobs serve; each with the endpoints of its ready jobs."""
+    name), then names only running jobs serve; each with the endpoints of its ready jobs
+    (a ready swap pool is an endpoint of every name in its ``serves``)."""
     rows: dict[str, ServedModel] = {}
     if configured is not None:
         for spec in configured.models:
@@ -48,9 +49,8 @@ def served_models(configured: ModelsFile | None, records: Iterable[Record]) -> l
     for record in records:
         if record.state != "ready" or not record.base_url:
             continue
-        row = rows.get(record.model) or ServedModel(record.model, "job", "-")
         endpoint = Endpoint(record.base_url, job=record.key)
-        rows[record.model] = ServedModel(
-            row.name, row.source, row.engine, (*row.endpoints, endpoint)
-        )
+        for name in record.serves or (record.model,):  # a swap pool serves its catalogue
+            row = rows.get(name) or ServedModel(name, "job", "-")
+            rows[name] = ServedModel(row.name, row.source, row.engine, (*row.endpoints, endpoint))
     return list(rows.values())

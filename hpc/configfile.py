@@ -180,6 +180,7 @@ def _unique_names(
     entries: list[tuple[str, int, str]] = [
         ("models", i, m.name) for i, m in enumerate(models.models)
     ]
+    entries += [("pools", i, p.name) for i, p in enumerate(models.pools)]
     entries += [("static", i, s.name) for i, s in enumerate(models.static)]
     for section, index, name in entries:
         where = f"{section}[{index}]"
@@ -189,6 +190,23 @@ def _unique_names(
             )
         else:
             seen[name] = where
+    return problems + _pool_catalogues(models)
+
+
+def _pool_catalogues(models: ModelsFile) -> list[tuple[Loc, str]]:
+    """Every name in a pool's catalogue must be a model of the same file."""
+    known = [m.name for m in models.models]
+    problems: list[tuple[Loc, str]] = []
+    for i, pool in enumerate(models.pools):
+        for j, name in enumerate(pool.models):
+            if name not in known:
+                problems.append(
+                    (
+                        ("pools", i, "models", j),
+                        f"pool {pool.name!r} lists {name!r}, which is not a model in this "
+                        f"file (models: {', '.join(known) or 'none'})",
+                    )
+                )
     return problems
 
 

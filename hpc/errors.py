@@ -12,6 +12,7 @@
     │       ├── ChangedHostKeyError   known_hosts holds another key: the file and line
     │       └── SSHAuthError          no key was accepted: the user and host
     ├── EngineError               an engine cannot be started (not installed, bad args)
+    │   └── PoolLoadError         a swap pool could not load a model: the reason, the log tail
     └── ImageError                a recipe or image is unusable, or `apptainer build` failed
 
 Foreign exceptions (OSError from the filesystem, yaml, pydantic, paramiko) are translated at
@@ -107,6 +108,18 @@ class BackendError(MTError):
 
 class EngineError(MTError):
     """An engine cannot be started as configured."""
+
+
+class PoolLoadError(EngineError):
+    """A swap pool could not load a model into a slot; ``log_tail`` is the engine's last lines."""
+
+    def __init__(self, model: str, reason: str, log_tail: list[str] | None = None) -> None:
+        super().__init__(
+            f"cannot load {model}: {reason}",
+            hint="the pool's job log has the engine's output (mt logs <pool job>)",
+        )
+        self.model = model
+        self.log_tail = log_tail or []
 
 
 class SlurmError(BackendError):

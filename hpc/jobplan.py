@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.privatefile import write_private
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 
 
 class JobPlan(BaseModel):
@@ -29,7 +29,26 @@ class JobPlan(BaseModel):
     stop_grace_s: float = Field(default=10, gt=0)
 
 
-def write_plan(plan: JobPlan, path: Path) -> None:
+class PoolPlan(BaseModel):
+    """Everything the swap pool (``python -m hpc.swappool``) needs: the pool and its catalogue.
+
+    The catalogue's specs are copied in whole, so the job does not read ``models.yaml`` (which
+    may have changed, or not be on the node) and the pool serves what was submitted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pool: PoolSpec
+    catalogue: tuple[ModelSpec, ...] = Field(min_length=1)
+    backend: str
+    job_id: str | None = Field(default=None, description="None: read from the scheduler's env")
+    nonce: str
+    registry_dir: Path
+    engine_host: str = "127.0.0.1"
+    stop_grace_s: float = Field(default=10, gt=0)
+
+
+def write_plan(plan: JobPlan | PoolPlan, path: Path) -> None:
     """Write the plan 0600 in a 0700 directory."""
     write_private(path, plan.model_dump_json(indent=2).encode())
 

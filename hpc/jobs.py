@@ -10,11 +10,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hpc.backends import Backend, JobHandle, JobStatus, ScriptBackend, get_backend
+from hpc.backends import (
+    Backend,
+    JobHandle,
+    JobStatus,
+    PoolBackend,
+    ScriptBackend,
+    get_backend,
+)
+from hpc.backends.slurm import SlurmBackend
 from hpc.errors import JobNotFoundError, MTError
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.site import Site
-from hpc.spec import ModelSpec
+from hpc.spec import ModelsFile, ModelSpec, PoolSpec
 
 # Scheduler states that mean the job no longer runs.
 _ENDED = ("done", "failed", "cancelled", "missing")
@@ -54,6 +62,34 @@ def render_script(site: Site, spec: ModelSpec, backend_name: str | None = None) 
             hint="--dry-run and mt render work with --backend slurm",
         )
     return backend.render_script(spec)
+
+
+def submit_pool(
+    site: Site, models: ModelsFile, pool: PoolSpec, backend_name: str | None = None
+) -> JobHandle:
+    """Submit swap pool ``pool`` (its catalogue taken from ``models``) as one job."""
+    name = backend_name or site.config.default_backend
+    backend = get_backend(name, site)
+    if not isinstance(backend, PoolBackend):
+        raise MTError(
+            f"the {name} backend cannot run swap pools (it starts one engine per Deployment)",
+            hint="run the pool with --backend slurm or --backend local",
+        )
+    return backend.submit_pool(pool, models.catalogue(pool))
+
+
+def render_pool_script(
+    site: Site, models: ModelsFile, pool: PoolSpec, backend_name: str | None = None
+) -> str:
+    """The sbatch script of swap pool ``pool``."""
+    name = backend_name or site.config.default_backend
+    backend = get_backend(name, site)
+    if not isinstance(backend, SlurmBackend):
+        raise MTError(
+            f"the {name} backend has no job script to show",
+            hint="--dry-run and mt render work with --backend slurm",
+        )
+    return backend.render_pool_script(pool, models.catalogue(pool))
 
 
 class WaitFailed(MTError):

@@ -30,7 +30,8 @@ from typing import IO
 from hpc.engines import EngineLaunch, build_launch
 from hpc.errors import MTError
 from hpc.jobplan import JobPlan, read_plan
-from hpc.registry import Record, Registry, State, new_api_key, record_key
+from hpc.jobrecord import JobRecord
+from hpc.registry import Record, State
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
@@ -67,7 +68,7 @@ def probe(url: str, key: str | None, timeout_s: float = 2.0) -> bool:
         return False
 
 
-class _LogPump:
+class LogPump:
     """Copies the engine's output to our stdout line by line, masks the key, keeps a tail."""
 
     def __init__(self, stream: IO[bytes], out: IO[str], secret: str) -> None:
@@ -91,6 +92,23 @@ class _LogPump:
         return list(self.tail)
 
 
+def start_engine(
+    launch: EngineLaunch, environ: Mapping[str, str], out: IO[str], secret: str
+) -> tuple[subprocess.Popen[bytes], LogPump]:
+    """Start an engine in its own process group, its output pumped to ``out`` (key masked)."""
+    proc = subprocess.Popen(
+        launch.argv,
+        env={**environ, **launch.env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group, so stopping it reaches every child
+    )
+    if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
+        raise OSError("engine started without a stdout pipe")
+    return proc, LogPump(proc.stdout, out, secret)
+
+
 class JobWrapper:
     """Runs one engine for one job and keeps its registry record true."""
 
@@ -106,10 +124,17 @@ class JobWrapper:
         self._secret = ""
         self.environ = environ
         self.out = out
-        self.registry = Registry(plan.registry_dir)
-        self.job_id = plan.job_id or environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
-        self.generation = int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        self.key = record_key(plan.backend, self.job_id)
+        self.job = JobRecord(
+            plan.registry_dir,
+            backend=plan.backend,
+            job_id=plan.job_id,
+            environ=environ,
+            say=self._say,
+        )
+        self.registry = self.job.registry
+        self.job_id = self.job.job_id
+        self.generation = self.job.generation
+        self.key = self.job.key
         self.stop_signal: int | None = None
 
     # -- record keeping ---------------------------------------------------------------
@@ -119,45 +144,11 @@ class JobWrapper:
 
     def _claim_record(self) -> Record:
         """The backend's pending record, or a new one for a job submitted by hand."""
-        existing = self.registry.read(self.key)
-        if existing is not None and existing.generation <= self.generation:
-            record = existing
-        else:
-            spec = self.plan.spec
-            record = Record(
-                backend=self.plan.backend,
-                job_id=self.job_id,
-                nonce=self.plan.nonce,
-                model=spec.name,
-                engine=spec.engine,
-                state="pending",
-                api_key=new_api_key(),  # pydantic makes it a SecretStr
-            )
-        record = record.model_copy(
-            update={
-                "generation": self.generation,
-                "state": "starting",
-                # Slurm's node name (gpu1) is what users see in squeue; else the host name.
-                "node": self.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-                "pid": os.getpid(),
-                "base_url": None,
-                "reason": None,
-                "log_tail": [],
-            }
-        )
-        self.registry.write(record)
-        return record
+        spec = self.plan.spec
+        return self.job.claim(nonce=self.plan.nonce, model=spec.name, engine=spec.engine)
 
     def _set(self, record: Record, state: State, **fields: object) -> Record:
-        record = record.model_copy(update={"state": state, **fields})
-        current = self.registry.read(self.key)
-        if current is not None and current.generation > self.generation:
-            # The job was requeued and a newer run owns the record: leave it alone.
-            self._say(f"record {self.key} belongs to generation {current.generation}; not writing")
-            return record
-        self.registry.write(record)
-        self._say(f"record {self.key} -> {state}")
-        return record
+        return self.job.set(record, state, **fields)
 
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -168,19 +159,9 @@ class JobWrapper:
             signal.signal(sig, self._on_signal)
 
     # -- the engine -----------------------------------------------------------------------
-    def _start(self, launch: EngineLaunch) -> tuple[subprocess.Popen[bytes], _LogPump]:
+    def _start(self, launch: EngineLaunch) -> tuple[subprocess.Popen[bytes], LogPump]:
         self._say("starting engine: " + " ".join(launch.argv))
-        proc = subprocess.Popen(
-            launch.argv,
-            env={**self.environ, **launch.env},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group, so stopping it reaches every child
-        )
-        if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
-            raise OSError("engine started without a stdout pipe")
-        return proc, _LogPump(proc.stdout, self.out, self._secret)
+        return start_engine(launch, self.environ, self.out, self._secret)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         from hpc.proctree import stop_tree

@@ -15,10 +15,11 @@ import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
-from hpc.jobplan import JobPlan
+from hpc.jobplan import JobPlan, PoolPlan
 from hpc.site import SlurmSite
-from hpc.spec import ModelSpec
+from hpc.spec import Resources, Runtime, SlurmOptions
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -35,13 +36,26 @@ class SbatchJob:
         return self.log_pattern.replace("%x", self.name).replace("%j", job_id)
 
 
-def job_name(spec: ModelSpec, nonce: str) -> str:
+class Schedulable(Protocol):
+    """What one allocation is asked for: a model's spec, or a swap pool's."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def resources(self) -> Resources: ...
+
+    @property
+    def slurm(self) -> SlurmOptions: ...
+
+
+def job_name(spec: Schedulable, nonce: str) -> str:
     """``mt-<model>-<nonce>``: users see the model in squeue; the nonce finds the job again."""
     return f"mt-{spec.name}-{nonce}"
 
 
 def sbatch_flags(
-    spec: ModelSpec, site: SlurmSite, *, name: str, log_pattern: str, nonce: str
+    spec: Schedulable, site: SlurmSite, *, name: str, log_pattern: str, nonce: str
 ) -> list[tuple[str, str | None]]:
     """Every sbatch flag for ``spec`` as (flag, value) pairs, sorted by flag."""
     res = spec.resources
@@ -76,30 +90,44 @@ def _directive(flag: str, value: str | None) -> str:
     return f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={shlex.quote(value)}"
 
 
-def template(engine: str) -> str:
-    """The template text for ``engine`` (``vllm`` or ``llamacpp``)."""
-    return resources.files("hpc.templates").joinpath(f"{engine}.sbatch").read_text(encoding="utf-8")
+def template(kind: str) -> str:
+    """The template text for ``kind`` (``vllm``, ``llamacpp``, or ``pool``)."""
+    return resources.files("hpc.templates").joinpath(f"{kind}.sbatch").read_text(encoding="utf-8")
+
+
+def _runtime_note(runtime: Runtime | None) -> str:
+    if runtime is None or runtime.kind != "apptainer":
+        return " directly on the node (runtime: none, no container)"
+    gpu = f" {runtime.gpu_flag}" if runtime.gpu_flag else ""
+    return f" inside Apptainer ({runtime.image}{gpu})"
 
 
 def render(
-    spec: ModelSpec,
-    plan: JobPlan,
+    spec: Schedulable,
+    plan: JobPlan | PoolPlan,
     site: SlurmSite,
     *,
     log_dir: Path,
     python: str,
 ) -> tuple[str, SbatchJob]:
-    """The sbatch script for ``plan`` and the job's name and log pattern."""
+    """The sbatch script for ``plan`` and the job's name and log pattern.
+
+    ``spec`` is the plan's model (``plan.spec``), or its swap pool (``plan.pool``), whose
+    script runs ``python -m hpc.swappool`` instead of the job wrapper.
+    """
     name = job_name(spec, plan.nonce)
     log_pattern = str(log_dir / "%x-%j.log")
     flags = sbatch_flags(spec, site, name=name, log_pattern=log_pattern, nonce=plan.nonce)
     directives = [_directive(flag, value) for flag, value in flags]
     directives += [f"#SBATCH {flag}" for flag in spec.slurm.extra_directives]
-    runtime = spec.runtime
-    runtime_note = " directly on the node (runtime: none, no container)"
-    if runtime.kind == "apptainer":
-        gpu = f" {runtime.gpu_flag}" if runtime.gpu_flag else ""
-        runtime_note = f" inside Apptainer ({runtime.image}{gpu})"
+    if isinstance(plan, PoolPlan):
+        kind = "pool"
+        runtime_note = _runtime_note(plan.pool.runtime)
+        if plan.pool.runtime is None:
+            runtime_note = " in the runtime its own model entry names"
+    else:
+        kind = plan.spec.engine
+        runtime_note = _runtime_note(plan.spec.runtime)
     modules = site.modules
     values = {
         "directives": "\n".join(directives),
@@ -114,9 +142,12 @@ def render(
         "python": shlex.quote(python),
         "plan": plan.model_dump_json(indent=2, exclude_defaults=True),
     }
+    if isinstance(plan, PoolPlan):
+        values["catalogue"] = ", ".join(plan.pool.models)
+        values["slots"] = str(plan.pool.slots)
 
     def fill(match: re.Match[str]) -> str:
         return values[match.group(1)]  # a KeyError here is a template bug, caught by tests
 
-    script = _PLACEHOLDER.sub(fill, template(spec.engine))
+    script = _PLACEHOLDER.sub(fill, template(kind))
     return script, SbatchJob(name=name, log_pattern=log_pattern)

@@ -147,15 +147,57 @@ class StaticBackend(_Strict):
     )
 
 
+class PoolSpec(_Strict):
+    """A swap pool: one long allocation that loads a catalogue of models on request.
+
+    The allocation's GPUs are split evenly between ``slots``; each slot holds one model at a
+    time, and the least recently used idle one is swapped out when another model is asked
+    for. ``models`` names ModelSpecs of the same file: their engine, weights and engine args
+    say how each is started; their own resources and Slurm options are not used.
+    """
+
+    name: ModelName
+    models: tuple[ModelName, ...] = Field(min_length=1, description="the catalogue")
+    slots: int = Field(default=1, ge=1, le=64, description="models loaded at once")
+    resources: Resources = Field(default_factory=Resources)
+    runtime: Runtime | None = Field(
+        default=None, description="run every engine in this runtime (default: each model's own)"
+    )
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    idle_unload_s: float | None = Field(
+        default=None, gt=0, description="unload a model nobody asked for in this long"
+    )
+
+    @model_validator(mode="after")
+    def _gpus_split_evenly(self) -> PoolSpec:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models: a name is listed twice")
+        gpus = self.resources.gpus
+        if gpus and gpus % self.slots:
+            raise ValueError(
+                f"resources.gpus={gpus} cannot be split evenly between slots={self.slots}"
+            )
+        return self
+
+
 class ModelsFile(_Strict):
-    """The whole ``models.yaml``: models to submit and static backends to route to."""
+    """The whole ``models.yaml``: models to submit, swap pools, static backends to route to."""
 
     models: tuple[ModelSpec, ...] = ()
+    pools: tuple[PoolSpec, ...] = ()
     static: tuple[StaticBackend, ...] = ()
 
     def get(self, name: str) -> ModelSpec | None:
         """The spec called ``name``, or None."""
         return next((m for m in self.models if m.name == name), None)
+
+    def pool(self, name: str) -> PoolSpec | None:
+        """The swap pool called ``name``, or None."""
+        return next((p for p in self.pools if p.name == name), None)
+
+    def catalogue(self, pool: PoolSpec) -> tuple[ModelSpec, ...]:
+        """The specs a pool serves, in its order (names this file lacks are left out)."""
+        return tuple(spec for name in pool.models if (spec := self.get(name)) is not None)
 
     def names(self) -> list[str]:
         """Every name this file serves, models first, then static backends."""

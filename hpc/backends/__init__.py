@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hpc.backends.base import Backend, JobHandle, JobStatus, SchedulerState, ScriptBackend
+from hpc.backends.base import (
+    Backend,
+    JobHandle,
+    JobStatus,
+    PoolBackend,
+    SchedulerState,
+    ScriptBackend,
+)
 from hpc.backends.kubernetes import KubernetesBackend
 from hpc.backends.local import LocalBackend
 from hpc.backends.slurm import SlurmBackend
@@ -34,6 +41,7 @@ __all__ = [
     "Backend",
     "JobHandle",
     "JobStatus",
+    "PoolBackend",
     "SchedulerState",
     "ScriptBackend",
     "get_backend",

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 
 # What the scheduler says of a job, independent of what the registry record says.
 SchedulerState = Literal["pending", "running", "done", "failed", "cancelled", "missing", "unknown"]
@@ -63,4 +63,13 @@ class ScriptBackend(Protocol):
 
     def render_script(self, spec: ModelSpec) -> str:
         """The exact script ``submit`` would hand the scheduler (with a fresh nonce)."""
+        ...
+
+
+@runtime_checkable
+class PoolBackend(Protocol):
+    """A backend that can run a swap pool (``python -m hpc.swappool``) as one job."""
+
+    def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
+        """Start one job that serves ``pool``'s catalogue, swapping models in its slots."""
         ...

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from hpc.backends.base import JobHandle, JobStatus
 from hpc.errors import BackendError
-from hpc.jobplan import JobPlan, write_plan
+from hpc.jobplan import JobPlan, PoolPlan, write_plan
 from hpc.proctree import alive, create_time, stop_tree, wait_gone
 from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
 from hpc.site import Site
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 
 
 class LocalBackend:
@@ -42,26 +42,54 @@ class LocalBackend:
     def submit(self, spec: ModelSpec) -> JobHandle:
         """Write the plan and the pending record, then start the wrapper detached."""
         nonce = new_nonce()
+        plan = JobPlan(
+            spec=spec,
+            backend=self.name,
+            job_id=nonce,
+            nonce=nonce,
+            registry_dir=self.site.registry_dir,
+            engine_host=self.site.config.engine_host or "127.0.0.1",
+        )
+        return self._launch(plan, "hpc.jobwrap", model=spec.name, engine=spec.engine)
+
+    def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
+        """Start a swap pool (``python -m hpc.swappool``) detached, like a model's job."""
+        nonce = new_nonce()
+        plan = PoolPlan(
+            pool=pool,
+            catalogue=catalogue,
+            backend=self.name,
+            job_id=nonce,
+            nonce=nonce,
+            registry_dir=self.site.registry_dir,
+            engine_host=self.site.config.engine_host or "127.0.0.1",
+        )
+        return self._launch(
+            plan, "hpc.swappool", model=pool.name, engine="pool", serves=pool.models
+        )
+
+    def _launch(
+        self,
+        plan: JobPlan | PoolPlan,
+        module: str,
+        *,
+        model: str,
+        engine: str,
+        serves: tuple[str, ...] = (),
+    ) -> JobHandle:
+        nonce = plan.nonce
         job_id = nonce
         key = record_key(self.name, job_id)
         plan_path, pid_path, log_path = self._paths(key)
         self.registry.ensure()
         for directory in (self.site.jobs_dir, self.site.log_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        plan = JobPlan(
-            spec=spec,
-            backend=self.name,
-            job_id=job_id,
-            nonce=nonce,
-            registry_dir=self.site.registry_dir,
-            engine_host=self.site.config.engine_host or "127.0.0.1",
-        )
         write_plan(plan, plan_path)
         record = pending_record(
-            self.name, job_id, nonce, model=spec.name, engine=spec.engine, log_path=str(log_path)
+            self.name, job_id, nonce, model=model, engine=engine, log_path=str(log_path)
         )
-        self.registry.write(record)
-        argv = [sys.executable, "-m", "hpc.jobwrap", "--plan", str(plan_path)]
+        self.registry.write(record.model_copy(update={"serves": serves}))
+        argv = [sys.executable, "-m", module, "--plan", str(plan_path)]
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hpc.backends.base import JobHandle, JobStatus
 from hpc.errors import BackendError, MTError
-from hpc.jobplan import JobPlan
+from hpc.jobplan import JobPlan, PoolPlan
 from hpc.pyslurm_api import pyslurm_api_for
 from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
 from hpc.sbatch import SbatchJob, render
@@ -30,7 +30,7 @@ from hpc.slurm import (
     SlurmClient,
     SlurmJob,
 )
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 from hpc.transport import CommandTimeout
 
 
@@ -39,7 +39,7 @@ class PreparedJob:
     """A job ready for sbatch: its script, plan and name. Nothing has been written yet."""
 
     script: str
-    plan: JobPlan
+    plan: JobPlan | PoolPlan
     job: SbatchJob
 
 
@@ -80,24 +80,56 @@ class SlurmBackend:
         self.python = slurm.python or sys.executable
         self.cancel_wait_s = cancel_wait_s
 
-    def prepare(self, spec: ModelSpec, *, nonce: str | None = None) -> PreparedJob:
-        """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
+    def _check_python(self) -> None:
         if self.site.config.slurm.ssh_host and not self.site.config.slurm.python:
             raise MTError(  # this machine's Python means nothing on the cluster's nodes
                 "slurm.python is not set, and jobs submitted over SSH cannot use this machine's",
                 hint="set slurm.python in site.yaml to the Python with ModelTainer on the cluster",
             )
+
+    def _engine_host(self) -> str:
+        return self.site.config.engine_host or "0.0.0.0"  # noqa: S104 - the gateway is elsewhere
+
+    def prepare(self, spec: ModelSpec, *, nonce: str | None = None) -> PreparedJob:
+        """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
+        self._check_python()
         plan = JobPlan(
             spec=spec,
             backend=self.name,
             nonce=nonce or new_nonce(),
             registry_dir=self.site.registry_dir,
-            engine_host=self.site.config.engine_host or "0.0.0.0",  # noqa: S104 - the gateway is elsewhere
+            engine_host=self._engine_host(),
         )
         script, job = render(
             spec, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
         )
         return PreparedJob(script, plan, job)
+
+    def prepare_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> PreparedJob:
+        """Render a swap pool's script (pure, like :meth:`prepare`)."""
+        self._check_python()
+        plan = PoolPlan(
+            pool=pool,
+            catalogue=catalogue,
+            backend=self.name,
+            nonce=new_nonce(),
+            registry_dir=self.site.registry_dir,
+            engine_host=self._engine_host(),
+        )
+        script, job = render(
+            pool, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
+        )
+        return PreparedJob(script, plan, job)
+
+    def render_pool_script(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> str:
+        """The sbatch script of a swap pool; sbatch'd by hand, it still registers itself."""
+        return self.prepare_pool(pool, catalogue).script
+
+    def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
+        """sbatch a swap pool: one allocation serving ``pool.models``."""
+        return self._sbatch(
+            self.prepare_pool(pool, catalogue), model=pool.name, engine="pool", serves=pool.models
+        )
 
     def render_script(self, spec: ModelSpec) -> str:
         """The sbatch script for ``spec``; sbatch'd by hand, it still registers its endpoint."""
@@ -105,7 +137,11 @@ class SlurmBackend:
 
     def submit(self, spec: ModelSpec) -> JobHandle:
         """sbatch the job, then create its pending record (unless the job already did)."""
-        prepared = self.prepare(spec)
+        return self._sbatch(self.prepare(spec), model=spec.name, engine=spec.engine)
+
+    def _sbatch(
+        self, prepared: PreparedJob, *, model: str, engine: str, serves: tuple[str, ...] = ()
+    ) -> JobHandle:
         nonce = prepared.plan.nonce
         self.site.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.registry.ensure()
@@ -126,11 +162,11 @@ class SlurmBackend:
             self.name,
             job_id,
             nonce,
-            model=spec.name,
-            engine=spec.engine,
+            model=model,
+            engine=engine,
             log_path=prepared.job.log_path(job_id),
         )
-        self.registry.create(record)
+        self.registry.create(record.model_copy(update={"serves": serves}))
         return JobHandle(self.name, job_id, nonce)
 
     def _find_after_timeout(self, comment: str) -> str | None:

@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 
 from hpc import __version__
-from hpc.cli import benchcmd, doctorcmd, exportcmd, imagecmd, jobcmds, servecmds, tunnelcmd
+from hpc.cli import (
+    benchcmd,
+    doctorcmd,
+    exportcmd,
+    imagecmd,
+    jobcmds,
+    poolcmd,
+    servecmds,
+    tunnelcmd,
+)
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_error
 from hpc.errors import MTError
@@ -84,6 +93,7 @@ app.command()(exportcmd.export)
 app.add_typer(servecmds.keys_app, name="keys")
 app.add_typer(tunnelcmd.app, name="tunnel")
 app.add_typer(imagecmd.image_app, name="image")
+app.add_typer(poolcmd.pool_app, name="pool")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,9 +73,10 @@ class CliContext:
         if spec is None:
             path = self.models_path()
             known = ", ".join(m.name for m in models.models) or "none"
+            pools = "; pools: " + ", ".join(p.name for p in models.pools) if models.pools else ""
             raise ConfigError(
                 path,
                 [ConfigIssue(path, None, "models", f"no model named {name!r}")],
-                hint=f"models in {path}: {known}",
+                hint=f"models in {path}: {known}{pools}",
             )
         return spec

@@ -29,7 +29,7 @@ def _progress_line(record: Record | None, status: JobStatus) -> str:
 
 def submit(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="A model name from models.yaml.")],
+    model: Annotated[str, typer.Argument(help="A model or swap pool name from models.yaml.")],
     backend: Annotated[
         str | None, typer.Option("--backend", "-b", help="local (default), or a site backend.")
     ] = None,
@@ -44,18 +44,25 @@ def submit(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a job that serves MODEL; with --wait, show its progress until it is ready."""
+    """Start a job that serves MODEL (or swap pool); with --wait, show its progress until ready."""
     cli: CliContext = ctx.obj
     site = cli.site()
-    spec = cli.spec(model)
-    if dry_run:
-        typer.echo(jobs.render_script(site, spec, backend), nl=False)
-        return
-    handle = jobs.submit(site, spec, backend)
+    pool = cli.models().pool(model) if cli.models_path().is_file() else None
+    if pool is not None:
+        if dry_run:
+            typer.echo(jobs.render_pool_script(site, cli.models(), pool, backend), nl=False)
+            return
+        handle = jobs.submit_pool(site, cli.models(), pool, backend)
+    else:
+        spec = cli.spec(model)
+        if dry_run:
+            typer.echo(jobs.render_script(site, spec, backend), nl=False)
+            return
+        handle = jobs.submit(site, spec, backend)
     err = stderr()
     if not as_json:
         key = f"{handle.backend}-{handle.job_id}"
-        err.print(f"submitted {spec.name} as job [bold]{key}[/] ({handle.backend})")
+        err.print(f"submitted {model} as job [bold]{key}[/] ({handle.backend})")
     if not wait:
         if as_json:
             print_json(
@@ -64,7 +71,7 @@ def submit(
                     "job_id": handle.job_id,
                     "key": record_key(handle.backend, handle.job_id),
                     "nonce": handle.nonce,
-                    "model": spec.name,
+                    "model": model,
                     "state": "pending",
                 }
             )

@@ -1,0 +1,197 @@
+"""What `mt pool status` shows: swap pools (asked for their slots) and jobs started on demand.
+
+A pool's record says where it listens; only the pool knows what it has loaded, so each live
+pool is asked ``GET /pool/status`` with its job's key. Jobs the gateway started on demand
+carry ``started_by`` in their record; the gateway's ``ondemand-state.json`` (next to the
+registry directory) adds when each was last asked for and its idle TTL, when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc.jobs import job_views
+from hpc.registry import Record
+from hpc.site import Site
+
+ONDEMAND_STATE = "ondemand-state.json"
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """One live pool: its record and what it said of its slots (or why it could not)."""
+
+    record: Record
+    status: dict[str, Any] | None
+    error: str | None = None
+
+    def public(self) -> dict[str, object]:
+        """JSON-ready, without the key."""
+        return {
+            "job": self.record.key,
+            "pool": self.record.model,
+            "state": self.record.state,
+            "base_url": self.record.base_url,
+            "serves": list(self.record.serves),
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class OnDemandView:
+    """A job started on demand, with the gateway's bookkeeping for its model (if any)."""
+
+    model: str
+    job: str | None
+    state: str
+    started_at: float | None
+    why: str | None
+    last_request_at: float | None = None
+    idle_ttl_s: float | None = None
+
+    def idle_s(self, now: float) -> float | None:
+        """Seconds since the last request, if the gateway recorded one."""
+        return None if self.last_request_at is None else max(0.0, now - self.last_request_at)
+
+    def public(self, now: float) -> dict[str, object]:
+        """JSON-ready."""
+        idle = self.idle_s(now)
+        return {
+            "model": self.model,
+            "job": self.job,
+            "state": self.state,
+            "started_at": self.started_at,
+            "why": self.why,
+            "last_request_at": self.last_request_at,
+            "idle_s": None if idle is None else round(idle, 1),
+            "idle_ttl_s": self.idle_ttl_s,
+        }
+
+
+def status_url(record: Record) -> str:
+    """``http://node:port/v1`` → ``http://node:port/pool/status``."""
+    base = (record.base_url or "").rstrip("/")
+    return base.removesuffix("/v1") + "/pool/status"
+
+
+def fetch_pool_status(record: Record, timeout_s: float = 5.0) -> PoolView:
+    """Ask a ready pool for its slots; an unreachable pool is reported, not raised."""
+    if record.state != "ready" or not record.base_url:
+        return PoolView(record, None, f"pool is {record.state}")
+    request = urllib.request.Request(status_url(record))  # noqa: S310 - a URL the job wrote
+    request.add_header("Authorization", f"Bearer {record.api_key.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+            data = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return PoolView(record, None, f"{status_url(record)} answered {exc.code}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return PoolView(record, None, f"cannot reach {status_url(record)}: {reason}")
+    if not isinstance(data, dict):
+        return PoolView(record, None, f"{status_url(record)} answered no JSON object")
+    return PoolView(record, data)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def read_ondemand_state(path: Path) -> dict[str, dict[str, Any]]:
+    """The gateway's per-model on-demand bookkeeping; empty if the file is absent or bad.
+
+    The gateway rewrites it atomically, so a bad file is another program's, not a torn one;
+    status output should not fail for it.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("models"), dict):
+        data = data["models"]
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def _job_of(entry: dict[str, Any]) -> str | None:
+    return next((v for k in ("job_key", "job", "key") if (v := _text(entry.get(k)))), None)
+
+
+def on_demand_views(records: list[Record], state: dict[str, dict[str, Any]]) -> list[OnDemandView]:
+    """Live records with ``started_by``, joined with the gateway's entry for their model.
+
+    An entry whose job has no live record (submitted a moment ago, or its record is gone)
+    is shown by itself unless it says the job is gone.
+    """
+    views: list[OnDemandView] = []
+    shown: set[str] = set()
+    for record in records:
+        if record.started_by is None:
+            continue
+        entry = state.get(record.model, {})
+        if _job_of(entry) not in (None, record.key):
+            entry = {}  # the gateway's entry is for another job of the same model
+        shown.add(record.model)
+        views.append(
+            OnDemandView(
+                model=record.model,
+                job=record.key,
+                state=record.state,
+                started_at=_number(entry.get("started_at")) or record.created_at,
+                why=record.started_by or _text(entry.get("why")),
+                last_request_at=_number(entry.get("last_request_at")),
+                idle_ttl_s=_number(entry.get("idle_ttl_s")),
+            )
+        )
+    for model, entry in state.items():
+        entry_state = _text(entry.get("state")) or "unknown"
+        if model in shown or entry_state in ("gone", "cancelled", "failed", "idle"):
+            continue
+        views.append(
+            OnDemandView(
+                model=model,
+                job=_job_of(entry),
+                state=entry_state,
+                started_at=_number(entry.get("started_at")),
+                why=_text(entry.get("why")),
+                last_request_at=_number(entry.get("last_request_at")),
+                idle_ttl_s=_number(entry.get("idle_ttl_s")),
+            )
+        )
+    return views
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """Everything `mt pool status` shows."""
+
+    pools: list[PoolView]
+    on_demand: list[OnDemandView]
+    taken_at: float
+
+    def public(self) -> dict[str, object]:
+        """JSON-ready (no keys)."""
+        return {
+            "pools": [p.public() for p in self.pools],
+            "on_demand": [v.public(self.taken_at) for v in self.on_demand],
+        }
+
+
+def pool_report(site: Site, timeout_s: float = 5.0) -> PoolReport:
+    """Live pools (each asked for its slots) and on-demand jobs, checked against schedulers."""
+    records = [view.record for view in job_views(site, include_final=False)]
+    pools = [fetch_pool_status(r, timeout_s) for r in records if r.engine == "pool"]
+    state = read_ondemand_state(site.registry_dir.parent / ONDEMAND_STATE)
+    return PoolReport(pools, on_demand_views(records, state), time.time())
