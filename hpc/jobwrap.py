@@ -155,6 +155,10 @@ class JobWrapper:
             # The job was requeued and a newer run owns the record: leave it alone.
             self._say(f"record {self.key} belongs to generation {current.generation}; not writing")
             return record
+        if current is not None and current.started_by and not record.started_by:
+            # Whoever submitted the job (the gateway, on demand) may mark it after the
+            # wrapper read its record: keep that mark rather than write over it.
+            record = record.model_copy(update={"started_by": current.started_by})
         self.registry.write(record)
         self._say(f"record {self.key} -> {state}")
         return record
