@@ -76,7 +76,7 @@ class OwnJob:
             return "submitted"
         if record.state == "pending":
             reason = self.scheduler.reason if self.scheduler is not None else ""
-            return f"pending ({reason})" if reason else "pending"
+            return f"pending ({reason})" if reason and reason != "pending" else "pending"
         return record.state
 
     def upstream(self) -> Upstream | None:
