@@ -83,6 +83,11 @@ def records_of(model: str) -> list[Record]:
     return [r for r in registry().records() if r.model == model]
 
 
+def state_of(key: str) -> str | None:
+    record = registry().read(key)
+    return None if record is None else record.state
+
+
 def calls(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
@@ -124,7 +129,7 @@ def test_cold_burst_starts_one_job_idles_out_and_starts_again(
         assert first.started_by is not None and first.started_by.startswith("gateway on demand")
 
         # idle_ttl_s 5: the gateway cancels its job; the wrapper drains and marks it gone.
-        wait_for(lambda: registry().read(first.key).state == "gone", 120, "the idle cancel")  # type: ignore[union-attr]
+        wait_for(lambda: state_of(first.key) == "gone", 120, "the idle cancel")
         queued = {str(j["job_id"]): j["job_state"] for j in cluster.jobs()}
         assert queued.get(first.job_id) in (None, "CANCELLED", "COMPLETED", "COMPLETING")
         state_file = Path(os.environ["MT_HOME"]) / "ondemand-state.json"
