@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, running_gateway
 
+from bench.ondemand_coldstart import stream_request
 from hpc.registry import Record, Registry
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
@@ -23,18 +24,7 @@ def _records() -> list[Record]:
 
 
 def _stream(url: str) -> str:
-    body = {
-        "model": GEMMA,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 8,
-        "temperature": 0,
-        "stream": True,
-    }
-    request = urllib.request.Request(  # noqa: S310 - the gateway on loopback
-        url + "/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    request = stream_request(url, GEMMA)
     with urllib.request.urlopen(request, timeout=240) as response:  # noqa: S310
         assert response.status == 200
         return str(response.read().decode())
