@@ -47,7 +47,7 @@ from gateway.ondemandjobs import ModelState, OwnJob, client_of, is_own, started_
 from gateway.routes import Upstream
 from gateway.state import RequestInfo
 from hpc.backends import Backend, JobHandle, JobStatus
-from hpc.errors import MTError
+from hpc.errors import MTError, RegistryError
 from hpc.privatefile import write_private
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.spec import ModelsFile, ModelSpec, OnDemand
@@ -232,8 +232,15 @@ class OnDemandController:
         handle = backend.submit(spec)
         key = record_key(handle.backend, handle.job_id)
         record = self.registry.read(key)
-        if record is not None:
-            record = self.registry.update(key, started_by=why)
+        try:
+            if record is not None:
+                record = self.registry.update(key, started_by=why)
+        except RegistryError as exc:
+            # The job runs: watch and stop it from memory; only a restart would lose it.
+            log.error(
+                "cannot mark the on-demand job as the gateway's",
+                extra=fields(job=key, error=exc.message),
+            )
         return OwnJob(key, handle, time.time(), why, client_of(why), record)
 
     def _fail(self, state: ModelState, message: str) -> None:
@@ -373,7 +380,11 @@ class OnDemandController:
             if (rec := records[job.key]) is None or rec.state not in FINAL_STATES | {"ready"}
         ]
         if ask and unready:
-            by_id = backend.status([job.handle for job in unready])
+            try:
+                by_id = backend.status([job.handle for job in unready])
+            except MTError as exc:  # the scheduler (or the SSH link to it) is down: next round
+                log.warning("scheduler status failed", extra=fields(error=exc.message))
+                by_id = {}
             for job in unready:
                 status = by_id.get(job.handle.job_id)
                 if status is None:

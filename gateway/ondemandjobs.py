@@ -19,6 +19,8 @@ from hpc.registry import FINAL_STATES, Record
 # gateway cancels no job whose record does not (and finds its own again after a restart).
 STARTED_BY = "gateway on demand"
 _KEY_IN_WHY = re.compile(r"\(key ([^)]*)\)$")
+# Ended jobs whose routes are skipped; the route table drops them within a reload or two.
+_RETIRED_KEPT = 64
 
 
 def started_by(request_id: str, model: str, client: str | None) -> str:
@@ -108,7 +110,7 @@ class ModelState:
     failed_at: float | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Jobs it cancelled or saw end: the route table lists them until its next reload.
-    retired: set[str] = field(default_factory=set)
+    retired: dict[str, None] = field(default_factory=dict)  # an ordered set
 
     def notify(self) -> None:
         """Wake every request waiting on this model (each then re-reads the state)."""
@@ -127,12 +129,14 @@ class ModelState:
     def unroutable(self) -> frozenset[str]:
         """Record keys of jobs being cancelled or ended (routes to them are skipped)."""
         stopping = {job.key for job in self.jobs.values() if job.stopping}
-        return frozenset(stopping | self.retired)
+        return frozenset(stopping | self.retired.keys())
 
     def retire(self, key: str) -> None:
         """Forget a job that ended or was cancelled, and route to it no more."""
         self.jobs.pop(key, None)
-        self.retired.add(key)
+        self.retired[key] = None
+        while len(self.retired) > _RETIRED_KEPT:  # the oldest left the route table long ago
+            del self.retired[next(iter(self.retired))]
 
     def is_submitting(self) -> bool:
         """A submit for this model is in flight."""

@@ -34,7 +34,7 @@ from hpc.errors import BackendError
 from hpc.registry import Record, Registry, new_nonce, pending_record, record_key
 from hpc.spec import ModelSpec
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 
 CHAT = "/v1/chat/completions"
 JOB_KEY = "mtj-on-demand-test-key"
@@ -85,10 +85,10 @@ class FakeScheduler:
         return out
 
     def cancel(self, handle: JobHandle) -> None:
-        self.cancelled.append(handle.job_id)
         key = record_key(self.name, handle.job_id)
         if self.registry.read(key) is not None:
             self.registry.update(key, state="gone", reason="cancelled")
+        self.cancelled.append(handle.job_id)
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         return iter(())
@@ -134,7 +134,7 @@ async def gateway(
         await runner.cleanup()
 
 
-async def until(check: Callable[[], object], timeout_s: float = 20) -> None:
+async def until(check: Callable[[], object], timeout_s: float = 60) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not check():
