@@ -47,7 +47,7 @@ from gateway.ondemandjobs import ModelState, OwnJob, client_of, is_own, started_
 from gateway.routes import Upstream
 from gateway.state import RequestInfo
 from hpc.backends import Backend, JobHandle, JobStatus
-from hpc.errors import MTError, RegistryError
+from hpc.errors import MTError
 from hpc.privatefile import write_private
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.spec import ModelsFile, ModelSpec, OnDemand
@@ -228,20 +228,10 @@ class OnDemandController:
         self._dirty = True
 
     def _submit_blocking(self, backend: Backend, spec: ModelSpec, why: str) -> OwnJob:
-        """Submit, then mark the record as the gateway's own (the job wrapper keeps it)."""
-        handle = backend.submit(spec)
+        """Submit with ``started_by``: the record says it is the gateway's from the start."""
+        handle = backend.submit(spec, started_by=why)
         key = record_key(handle.backend, handle.job_id)
-        record = self.registry.read(key)
-        try:
-            if record is not None:
-                record = self.registry.update(key, started_by=why)
-        except RegistryError as exc:
-            # The job runs: watch and stop it from memory; only a restart would lose it.
-            log.error(
-                "cannot mark the on-demand job as the gateway's",
-                extra=fields(job=key, error=exc.message),
-            )
-        return OwnJob(key, handle, time.time(), why, client_of(why), record)
+        return OwnJob(key, handle, time.time(), why, client_of(why), self.registry.read(key))
 
     def _fail(self, state: ModelState, message: str) -> None:
         loop = asyncio.get_running_loop()

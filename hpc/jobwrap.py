@@ -132,6 +132,7 @@ class JobWrapper:
                 engine=spec.engine,
                 state="pending",
                 api_key=new_api_key(),  # pydantic makes it a SecretStr
+                started_by=self.plan.started_by,
             )
         record = record.model_copy(
             update={
@@ -143,6 +144,9 @@ class JobWrapper:
                 "base_url": None,
                 "reason": None,
                 "log_tail": [],
+                # The wrapper may run before the backend's pending record exists (a fast
+                # Slurm start): the plan carries who started the job all the same.
+                "started_by": record.started_by or self.plan.started_by,
             }
         )
         self.registry.write(record)
@@ -155,10 +159,6 @@ class JobWrapper:
             # The job was requeued and a newer run owns the record: leave it alone.
             self._say(f"record {self.key} belongs to generation {current.generation}; not writing")
             return record
-        if current is not None and current.started_by and not record.started_by:
-            # Whoever submitted the job (the gateway, on demand) may mark it after the
-            # wrapper read its record: keep that mark rather than write over it.
-            record = record.model_copy(update={"started_by": current.started_by})
         self.registry.write(record)
         self._say(f"record {self.key} -> {state}")
         return record

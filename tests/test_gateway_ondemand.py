@@ -61,14 +61,20 @@ class FakeScheduler:
         self.running: set[str] = set()
         self.ended: set[str] = set()
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
         self.submitted.append(spec)
         self.release.wait(30)
         if self.refuse is not None:
             raise BackendError(self.refuse, argv=["sbatch", "--parsable"])
         nonce = new_nonce()
         record = pending_record(
-            self.name, nonce, nonce, model=spec.name, engine=spec.engine, log_path=None
+            self.name,
+            nonce,
+            nonce,
+            model=spec.name,
+            engine=spec.engine,
+            log_path=None,
+            started_by=started_by,
         )
         self.registry.write(record.model_copy(update={"api_key": SecretStr(JOB_KEY)}))
         return JobHandle(self.name, nonce, nonce)

@@ -39,7 +39,7 @@ class LocalBackend:
         jobs = self.site.jobs_dir
         return jobs / f"{key}.json", jobs / f"{key}.pid", self.site.log_dir / f"{key}.log"
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
         """Write the plan and the pending record, then start the wrapper detached."""
         nonce = new_nonce()
         job_id = nonce
@@ -55,10 +55,17 @@ class LocalBackend:
             nonce=nonce,
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
+            started_by=started_by,
         )
         write_plan(plan, plan_path)
         record = pending_record(
-            self.name, job_id, nonce, model=spec.name, engine=spec.engine, log_path=str(log_path)
+            self.name,
+            job_id,
+            nonce,
+            model=spec.name,
+            engine=spec.engine,
+            log_path=str(log_path),
+            started_by=started_by,
         )
         self.registry.write(record)
         argv = [sys.executable, "-m", "hpc.jobwrap", "--plan", str(plan_path)]

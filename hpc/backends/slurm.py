@@ -80,7 +80,9 @@ class SlurmBackend:
         self.python = slurm.python or sys.executable
         self.cancel_wait_s = cancel_wait_s
 
-    def prepare(self, spec: ModelSpec, *, nonce: str | None = None) -> PreparedJob:
+    def prepare(
+        self, spec: ModelSpec, *, nonce: str | None = None, started_by: str | None = None
+    ) -> PreparedJob:
         """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
         if self.site.config.slurm.ssh_host and not self.site.config.slurm.python:
             raise MTError(  # this machine's Python means nothing on the cluster's nodes
@@ -93,6 +95,7 @@ class SlurmBackend:
             nonce=nonce or new_nonce(),
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "0.0.0.0",  # noqa: S104 - the gateway is elsewhere
+            started_by=started_by,
         )
         script, job = render(
             spec, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
@@ -103,9 +106,9 @@ class SlurmBackend:
         """The sbatch script for ``spec``; sbatch'd by hand, it still registers its endpoint."""
         return self.prepare(spec).script
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
         """sbatch the job, then create its pending record (unless the job already did)."""
-        prepared = self.prepare(spec)
+        prepared = self.prepare(spec, started_by=started_by)
         nonce = prepared.plan.nonce
         self.site.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.registry.ensure()
@@ -129,6 +132,7 @@ class SlurmBackend:
             model=spec.name,
             engine=spec.engine,
             log_path=prepared.job.log_path(job_id),
+            started_by=started_by,
         )
         self.registry.create(record)
         return JobHandle(self.name, job_id, nonce)
