@@ -417,3 +417,25 @@ async def test_without_a_backend_on_demand_models_are_routed_like_others(
     finally:
         await runner.cleanup()
     assert status == 503 and json.loads(text)["error"]["code"] == "no_ready_endpoint"
+
+
+async def test_stream_past_deadline_is_in_band_error_and_a_client_that_leaves_is_uncounted(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", start_deadline_s=0.5)
+    async with (
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        status, text, _ = await ask(client, url, "m", True)
+        assert status == 200 and "[DONE]" not in text
+        assert text.startswith(": submitting\n\n") or text.startswith(": pending")
+        event = [line for line in text.splitlines() if line.startswith("data: ")][-1]
+        assert json.loads(event[len("data: ") :])["error"]["code"] == "on_demand_starting"
+
+        waiting = asyncio.create_task(ask(client, url, "m", False))
+        await until(lambda: controller.states["m"].in_flight == 1)
+        waiting.cancel()
+        await until(lambda: controller.states["m"].in_flight == 0)
+    assert len(backend.submitted) == 1
