@@ -26,6 +26,7 @@ from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
 from gateway.health import health_context
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import CONTENT_TYPE, Metrics, render_probes
+from gateway.ondemand import ON_DEMAND, OnDemandController, on_demand_context
 from gateway.openapi import document
 from gateway.proxy import PROXIED_PATHS, proxy
 from gateway.ratelimit import Limiter
@@ -41,6 +42,7 @@ from gateway.state import (
     SESSION,
     RequestInfo,
 )
+from hpc.backends import Backend
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
@@ -184,8 +186,14 @@ def _session_context(config: GatewayConfig) -> CleanupContext:
     return context
 
 
-def create_app(config: GatewayConfig, *, env: Mapping[str, str] | None = None) -> web.Application:
-    """The gateway app; ``env`` supplies static backends' keys (default: ``os.environ``)."""
+def create_app(
+    config: GatewayConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    backend: Backend | None = None,
+) -> web.Application:
+    """The gateway app; ``env`` supplies static backends' keys (default: ``os.environ``);
+    ``backend`` starts on-demand models' jobs (without one, they are routed like others)."""
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[request_middleware, error_middleware, auth_middleware],
@@ -197,6 +205,8 @@ def create_app(config: GatewayConfig, *, env: Mapping[str, str] | None = None) -
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     # Reload first: if the config is bad, startup fails before a session is opened.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
+    app[ON_DEMAND] = OnDemandController(config, backend, lambda: app[LIVE].snapshot.models)
+    app.cleanup_ctx.append(on_demand_context(ON_DEMAND))
     app.cleanup_ctx.append(_session_context(config))
     app.cleanup_ctx.append(health_context(config, BALANCER, LIVE))
     app.on_response_prepare.append(_echo_request_id)

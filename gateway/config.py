@@ -66,3 +66,30 @@ class GatewayConfig(BaseModel):
         description="failed probes in a row before a replica gets no requests; one good probe "
         "brings it back",
     )
+    max_on_demand_jobs: int | None = Field(
+        default=None,
+        gt=0,
+        description="on-demand jobs the gateway runs at once, all models; a start beyond: 503",
+    )
+    on_demand_keepalive_s: float = Field(
+        default=5,
+        gt=0,
+        description="while a streaming request waits for a cold start, an SSE comment this often",
+    )
+    on_demand_failure_backoff_s: float = Field(
+        default=60,
+        gt=0,
+        description="after a failed on-demand start, report the failure (no new submit) this long",
+    )
+    on_demand_poll_s: float = Field(
+        default=0.5, gt=0, description="how often the records of on-demand jobs are read"
+    )
+    on_demand_state_file: Path | None = Field(
+        default=None,
+        description="where the on-demand state is published (default: "
+        "<registry_dir>/../ondemand-state.json)",
+    )
+
+    def state_file(self) -> Path:
+        """The on-demand state file `mt pool status` reads."""
+        return self.on_demand_state_file or self.registry_dir.parent / "ondemand-state.json"

@@ -13,11 +13,14 @@ any exception a handler let escape (500, logged with its traceback).
     404     invalid_request_error   model_not_found · not_found (path)
     405     invalid_request_error   method_not_allowed
     413     invalid_request_error   request_too_large
-    429     invalid_request_error   rate_limit_requests · rate_limit_tokens (+ Retry-After)
+    429     invalid_request_error   rate_limit_requests · rate_limit_tokens ·
+                                    on_demand_key_limit (+ Retry-After)
     500     server_error            internal_error
     502     server_error            upstream_error
     503     server_error            no_ready_endpoint · upstream_unavailable ·
-                                    model_at_capacity · gateway_at_capacity (+ Retry-After)
+                                    model_at_capacity · gateway_at_capacity ·
+                                    on_demand_starting · on_demand_start_failed ·
+                                    on_demand_at_capacity (+ Retry-After)
     504     server_error            upstream_connect_timeout · upstream_first_token_timeout ·
                                     upstream_idle_timeout
 

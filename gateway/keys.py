@@ -6,6 +6,7 @@
         models: ["gemma-*"]      # fnmatch globs; omitted: every model
         requests_per_min: 60     # omitted: no limit
         tokens_per_min: 100000   # prompt + completion tokens; omitted: no limit
+        max_on_demand_jobs: 1    # on-demand jobs its requests may have started; omitted: no limit
         expires_at: 2027-01-01T00:00:00Z   # omitted: never
 
 A key is ``mt-`` + 32 random bytes (url-safe base64), so one unsalted SHA-256 is enough:
@@ -47,6 +48,11 @@ class KeyEntry(BaseModel):
     requests_per_min: int | None = Field(default=None, gt=0, description="None: no limit")
     tokens_per_min: int | None = Field(default=None, gt=0, description="None: no limit")
     expires_at: datetime | None = Field(default=None, description="None: never expires")
+    max_on_demand_jobs: int | None = Field(
+        default=None,
+        gt=0,
+        description="live on-demand jobs this key's requests started, at most; None: no limit",
+    )
 
     def expired(self, now: datetime) -> bool:
         """True once ``expires_at`` has passed (a naive time counts as UTC)."""
@@ -152,6 +158,7 @@ def create_key(
     requests_per_min: int | None = None,
     tokens_per_min: int | None = None,
     expires_at: datetime | None = None,
+    max_on_demand_jobs: int | None = None,
 ) -> str:
     """Add a client called ``name`` to ``keys.yaml`` and return its new key (shown once).
 
@@ -168,6 +175,7 @@ def create_key(
             requests_per_min=requests_per_min,
             tokens_per_min=tokens_per_min,
             expires_at=expires_at,
+            max_on_demand_jobs=max_on_demand_jobs,
         )
     except ValidationError as exc:
         if any(error["loc"] == ("name",) for error in exc.errors()):

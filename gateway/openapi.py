@@ -15,9 +15,9 @@ _ERROR_STATUSES = {
     "403": "the key may not use this model",
     "404": "no such model",
     "413": "the body is over the limit",
-    "429": "the key is over its rate limit (Retry-After)",
+    "429": "the key is over its rate limit or its on-demand job limit (Retry-After)",
     "502": "the engine answered something unusable",
-    "503": "no ready replica, or a concurrency cap is full (Retry-After)",
+    "503": "no ready replica, an on-demand start is slow or failed, or a cap is full (Retry-After)",
     "504": "the engine did not connect, start or continue in time",
 }
 

@@ -25,6 +25,7 @@ it. A JSON answer's ``usage`` is found from its end and parsed alone too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sys
@@ -38,6 +39,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, SERVER_ERROR, error_body, openai_error
 from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
+from gateway.ondemand import ON_DEMAND
 from gateway.routes import RouteTable, Upstream
 from gateway.state import (
     ADMISSION,
@@ -221,11 +223,32 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     routes = request.app[LIVE].snapshot.routes
     candidates = routes.pick(model)
+    on_demand = request.app[ON_DEMAND]
+    if on_demand.manages(model):
+        # The one on-demand hook: it may start the model's job and wait for it first.
+        info.routed = True
+        proceed = functools.partial(_proceed, request, payload, body, stream, info)
+        return await on_demand.serve(request, info, model, stream, candidates, proceed)
     if not candidates:
         info.routed = routes.is_known(model)
         return _no_route(routes, model[:200], config.retry_after_s)
     info.routed = True
+    return await _proceed(request, payload, body, stream, info, candidates, None)
 
+
+async def _proceed(
+    request: web.Request,
+    payload: dict[str, Any],
+    body: bytes,
+    stream: bool,
+    info: RequestInfo,
+    candidates: tuple[Upstream, ...],
+    out: web.StreamResponse | None,
+) -> web.StreamResponse:
+    """Admit and forward to ``candidates``; a stream goes into ``out`` if it is given
+    (already prepared, by the on-demand controller's keep-alives)."""
+    config = request.app[CONFIG]
+    model = info.model or ""
     strip_usage = False
     if stream and not request.path.endswith("/embeddings"):
         body, strip_usage = _with_usage(payload, body)
@@ -235,7 +258,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if full is not None:
         return _at_capacity(model[:200], full, config.retry_after_s)
     try:
-        return await _forward(request, candidates, body, stream, strip_usage, info)
+        return await _forward(request, candidates, body, stream, strip_usage, info, out)
     finally:
         admission.leave(model)
 
@@ -261,6 +284,7 @@ async def _forward(
     stream: bool,
     strip_usage: bool,
     info: RequestInfo,
+    out: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """Send to the best replica; on to the next only if one cannot be reached at all."""
     config = request.app[CONFIG]
@@ -293,7 +317,7 @@ async def _forward(
             metrics.upstream_latency.observe(info.model or "-", time.monotonic() - sent_at)
             try:
                 return await _relay(
-                    request, response, upstream, stream, strip_usage, info, first_byte_by
+                    request, response, upstream, stream, strip_usage, info, first_byte_by, out
                 )
             finally:
                 # A response read to its end goes back to the pool; anything else (a cut
@@ -385,6 +409,7 @@ async def _relay(
     strip_usage: bool,
     info: RequestInfo,
     first_byte_by: float,
+    out: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     if response.status in (401, 403):
         # The upstream refused the gateway's key, not the client's: passing the status on
@@ -394,7 +419,9 @@ async def _relay(
         )
     config = request.app[CONFIG]
     if stream and response.status == 200 and response.content_type == "text/event-stream":
-        return await _relay_stream(request, response, upstream, strip_usage, info, first_byte_by)
+        return await _relay_stream(
+            request, response, upstream, strip_usage, info, first_byte_by, out
+        )
     try:
         body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
     except _UpstreamTimeout as exc:
@@ -541,9 +568,11 @@ async def _relay_stream(
     strip_usage: bool,
     info: RequestInfo,
     first_byte_by: float,
+    out: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
-    out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-    await out.prepare(request)
+    if out is None:
+        out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        await out.prepare(request)
     config = request.app[CONFIG]
     content = response.content
     watch = _Watch(content, first_byte_by, config.idle_timeout_s)

@@ -45,10 +45,12 @@ CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What requests read: the route table and, when auth is on, the key store."""
+    """What requests read: the route table, the key store when auth is on, and the
+    models.yaml it was built from (the on-demand controller reads its specs)."""
 
     routes: RouteTable
     keys: KeyStore | None
+    models: ModelsFile | None = None
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Reloader:
             self._keys = load_keys(self.config.keys_file)
         self._routes = self._build_routes()
         self._remember(sigs, now_ns)
-        return Snapshot(routes=self._routes, keys=self._keys)
+        return Snapshot(routes=self._routes, keys=self._keys, models=self._models)
 
     def poll(self, now: float | None = None) -> Snapshot | None:
         """A new snapshot if a source changed (or a full reload is due), else None.
@@ -134,7 +136,7 @@ class Reloader:
         self._remember(sigs, now_ns)
         if full:
             self._last_full = monotonic
-        return Snapshot(routes=self._routes, keys=self._keys)
+        return Snapshot(routes=self._routes, keys=self._keys, models=self._models)
 
     def _stale(self, name: str, sig: Signature) -> bool:
         if name not in self._sigs or self._sigs[name] != sig:

@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.logs import LOGGER_NAME, configure_logging, fields
+from hpc.backends import Backend
 from hpc.errors import MTError
 
 log = logging.getLogger(f"{LOGGER_NAME}.server")
@@ -40,7 +41,10 @@ def check_bind(config: GatewayConfig) -> None:
 
 
 async def start(
-    config: GatewayConfig, *, env: Mapping[str, str] | None = None
+    config: GatewayConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    backend: Backend | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start listening; returns the runner (``await runner.cleanup()`` stops it) and the port.
 
@@ -48,7 +52,7 @@ async def start(
     config file is bad at startup.
     """
     check_bind(config)
-    app = create_app(config, env=env)
+    app = create_app(config, env=env, backend=backend)
     # On cleanup aiohttp stops listening first, then waits up to shutdown_timeout for the
     # requests in flight (streams included) before it cancels them: the graceful drain.
     runner = web.AppRunner(
@@ -83,10 +87,15 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-async def serve(config: GatewayConfig, announce: Callable[[str], None] = _announce) -> None:
+async def serve(
+    config: GatewayConfig,
+    announce: Callable[[str], None] = _announce,
+    *,
+    backend: Backend | None = None,
+) -> None:
     """Listen until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish within ``shutdown_grace_s``, cancel the rest, and return."""
-    runner, port = await start(config)
+    runner, port = await start(config, backend=backend)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -104,10 +113,12 @@ async def serve(config: GatewayConfig, announce: Callable[[str], None] = _announ
         await runner.cleanup()
 
 
-def run(config: GatewayConfig) -> None:
+def run(config: GatewayConfig, *, backend: Backend | None = None) -> None:
     """The blocking entry of ``mt gateway``: JSON logs on stderr, the listening line on stdout.
+
+    ``backend`` is where on-demand models' jobs are submitted.
 
     Raises MTError (ConfigError included) when it cannot start; the CLI prints it.
     """
     configure_logging(sys.stderr)
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, backend=backend))

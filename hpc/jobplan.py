@@ -27,6 +27,11 @@ class JobPlan(BaseModel):
     registry_dir: Path
     engine_host: str = "127.0.0.1"
     stop_grace_s: float = Field(default=10, gt=0)
+    started_by: str | None = Field(
+        default=None,
+        max_length=512,
+        description="who submitted the job and why; the wrapper keeps it in the record",
+    )
 
 
 class PoolPlan(BaseModel):

@@ -35,7 +35,15 @@ class JobRecord:
         self.key = record_key(backend, self.job_id)
         self._say = say
 
-    def claim(self, *, nonce: str, model: str, engine: str, serves: tuple[str, ...] = ()) -> Record:
+    def claim(
+        self,
+        *,
+        nonce: str,
+        model: str,
+        engine: str,
+        serves: tuple[str, ...] = (),
+        started_by: str | None = None,
+    ) -> Record:
         """The backend's pending record (or a new one), now ``starting`` on this node."""
         existing = self.registry.read(self.key)
         if existing is not None and existing.generation <= self.generation:
@@ -50,6 +58,7 @@ class JobRecord:
                 serves=serves,
                 state="pending",
                 api_key=new_api_key(),  # pydantic makes it a SecretStr
+                started_by=started_by,
             )
         record = record.model_copy(
             update={
@@ -61,6 +70,9 @@ class JobRecord:
                 "base_url": None,
                 "reason": None,
                 "log_tail": [],
+                # The wrapper may run before the backend's pending record exists (a fast
+                # Slurm start): the plan carries who started the job all the same.
+                "started_by": record.started_by or started_by,
             }
         )
         self.registry.write(record)

@@ -145,7 +145,12 @@ class JobWrapper:
     def _claim_record(self) -> Record:
         """The backend's pending record, or a new one for a job submitted by hand."""
         spec = self.plan.spec
-        return self.job.claim(nonce=self.plan.nonce, model=spec.name, engine=spec.engine)
+        return self.job.claim(
+            nonce=self.plan.nonce,
+            model=spec.name,
+            engine=spec.engine,
+            started_by=self.plan.started_by,
+        )
 
     def _set(self, record: Record, state: State, **fields: object) -> Record:
         return self.job.set(record, state, **fields)

@@ -125,15 +125,21 @@ def read_ondemand_state(path: Path) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
-def _job_of(entry: dict[str, Any]) -> str | None:
-    return next((v for k in ("job_key", "job", "key") if (v := _text(entry.get(k)))), None)
+def _jobs_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    jobs = entry.get("jobs")
+    return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
+
+
+_ENDED = ("gone", "cancelled", "failed", "idle")
 
 
 def on_demand_views(records: list[Record], state: dict[str, dict[str, Any]]) -> list[OnDemandView]:
     """Live records with ``started_by``, joined with the gateway's entry for their model.
 
-    An entry whose job has no live record (submitted a moment ago, or its record is gone)
-    is shown by itself unless it says the job is gone.
+    The gateway's state file (``gateway/ondemandjobs.py`` writes it) keeps per model its
+    idle clock and a ``jobs`` list (``job`` key, ``state``, ``started_at``, ``why``). A job
+    the file knows but with no live record yet (submitted a moment ago) is shown by itself,
+    and so is a model being submitted, unless its state says it ended.
     """
     views: list[OnDemandView] = []
     shown: set[str] = set()
@@ -141,35 +147,42 @@ def on_demand_views(records: list[Record], state: dict[str, dict[str, Any]]) -> 
         if record.started_by is None:
             continue
         entry = state.get(record.model, {})
-        if _job_of(entry) not in (None, record.key):
-            entry = {}  # the gateway's entry is for another job of the same model
-        shown.add(record.model)
+        job = next((j for j in _jobs_of(entry) if j.get("job") == record.key), None)
+        if job is None:
+            entry, job = {}, {}  # the gateway's entry is about other jobs of the model
+        shown.add(record.key)
         views.append(
             OnDemandView(
                 model=record.model,
                 job=record.key,
                 state=record.state,
-                started_at=_number(entry.get("started_at")) or record.created_at,
-                why=record.started_by or _text(entry.get("why")),
+                started_at=_number(job.get("started_at")) or record.created_at,
+                why=record.started_by,
                 last_request_at=_number(entry.get("last_request_at")),
                 idle_ttl_s=_number(entry.get("idle_ttl_s")),
             )
         )
     for model, entry in state.items():
+        jobs = _jobs_of(entry)
         entry_state = _text(entry.get("state")) or "unknown"
-        if model in shown or entry_state in ("gone", "cancelled", "failed", "idle"):
-            continue
-        views.append(
-            OnDemandView(
-                model=model,
-                job=_job_of(entry),
-                state=entry_state,
-                started_at=_number(entry.get("started_at")),
-                why=_text(entry.get("why")),
-                last_request_at=_number(entry.get("last_request_at")),
-                idle_ttl_s=_number(entry.get("idle_ttl_s")),
+        if not jobs and entry_state not in _ENDED:
+            jobs = [{"state": entry_state}]  # being submitted: no job id yet
+        for job in jobs:
+            key = _text(job.get("job"))
+            job_state = _text(job.get("state")) or entry_state
+            if (key is not None and key in shown) or job_state in _ENDED:
+                continue
+            views.append(
+                OnDemandView(
+                    model=model,
+                    job=key,
+                    state=job_state,
+                    started_at=_number(job.get("started_at")),
+                    why=_text(job.get("why")),
+                    last_request_at=_number(entry.get("last_request_at")),
+                    idle_ttl_s=_number(entry.get("idle_ttl_s")),
+                )
             )
-        )
     return views
 
 

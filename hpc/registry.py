@@ -96,7 +96,14 @@ class Record(BaseModel):
 
 
 def pending_record(
-    backend: str, job_id: str, nonce: str, *, model: str, engine: str, log_path: str | None
+    backend: str,
+    job_id: str,
+    nonce: str,
+    *,
+    model: str,
+    engine: str,
+    log_path: str | None,
+    started_by: str | None = None,
 ) -> Record:
     """A new job's first record: ``pending``, with a fresh per-job key."""
     return Record(
@@ -108,6 +115,7 @@ def pending_record(
         state="pending",
         api_key=SecretStr(new_api_key()),
         log_path=log_path,
+        started_by=started_by,
     )
 
 

@@ -121,6 +121,28 @@ class KubernetesOptions(_Strict):
     route_host: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
+class OnDemand(_Strict):
+    """Start the model's job when a request asks for it; stop it when nobody has for a while.
+
+    The gateway submits the job through its backend on the first request that finds no
+    ready endpoint, holds that request (and every other one for the model) until the job
+    is ready or ``start_deadline_s`` has passed, and cancels the job after ``idle_ttl_s``
+    without requests (see docs/on-demand.md).
+    """
+
+    idle_ttl_s: float = Field(
+        default=900, gt=0, description="cancel the job after this long with no requests"
+    )
+    max_replicas: int = Field(
+        default=1, ge=1, le=64, description="jobs for this model the gateway may run at once"
+    )
+    start_deadline_s: float = Field(
+        default=900,
+        gt=0,
+        description="how long a non-streaming request waits for a cold start before a 503",
+    )
+
+
 class ModelSpec(_Strict):
     """One model as users name it, and everything needed to serve it."""
 
@@ -135,6 +157,9 @@ class ModelSpec(_Strict):
     startup_timeout_s: float = Field(default=900, gt=0, description="from RUNNING to healthy")
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
+    on_demand: OnDemand | None = Field(
+        default=None, description="start on the first request, stop when idle (the gateway)"
+    )
 
 
 class StaticBackend(_Strict):

@@ -359,3 +359,27 @@ def test_the_sample_site_yaml_loads() -> None:
     assert slurm.image_dir is not None
     assert site.config.registry_dir is not None
     assert site.registry_dir.is_absolute()
+
+
+def test_on_demand_block_loads_and_names_its_bad_fields(tmp_path: Path) -> None:
+    models = load_models(
+        _write(
+            tmp_path,
+            _with_line_12("      gpus: 0\n    on_demand: {idle_ttl_s: 5, start_deadline_s: 60}"),
+        )
+    )
+    gemma = models.get("gemma-3-270m")
+    assert gemma is not None and gemma.on_demand is not None
+    assert (gemma.on_demand.idle_ttl_s, gemma.on_demand.max_replicas) == (5, 1)
+    assert gemma.on_demand.start_deadline_s == 60
+    qwen = models.get("Qwen3-Coder-30B-A3B")
+    assert qwen is not None and qwen.on_demand is None
+
+    path = _write(
+        tmp_path, _with_line_12("      gpus: 0\n    on_demand: {idle_ttl: 5, max_replicas: 0}")
+    )
+    assert _errors(path) == [
+        "models.yaml:13: models[1].on_demand.max_replicas: "
+        "Input should be greater than or equal to 1",
+        "models.yaml:13: models[1].on_demand.idle_ttl: unknown field (check the spelling)",
+    ]

@@ -123,6 +123,7 @@ def test_keys_cli_list_and_revoke(tmp_path: Path) -> None:
             "requests_per_min": 5,
             "tokens_per_min": None,
             "expires_at": None,
+            "max_on_demand_jobs": None,
         }
     ]
     assert list_keys(path)[0].sha256 not in listed.output

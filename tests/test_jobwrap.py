@@ -115,7 +115,13 @@ def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
     jobs: list[Job] = []
     registry = Registry(tmp_path / "registry")
 
-    def start(mode: str, *, job_id: str = "42", startup_timeout_s: float = 30) -> Job:
+    def start(
+        mode: str,
+        *,
+        job_id: str = "42",
+        startup_timeout_s: float = 30,
+        started_by: str | None = None,
+    ) -> Job:
         spec = ModelSpec(
             name="fake-model",
             engine="vllm",
@@ -129,6 +135,7 @@ def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
             nonce="n0nce",
             registry_dir=registry.path,
             stop_grace_s=1,
+            started_by=started_by,
         )
         plan_path = tmp_path / f"plan-{job_id}.json"
         write_plan(plan, plan_path)
@@ -267,3 +274,17 @@ def test_a_job_submitted_by_hand_creates_its_own_record_with_a_fresh_key(
     assert job.wait_exit() == 0
     assert key not in job.output()
     assert job.wait_state("gone").api_key.get_secret_value() == key
+
+
+def test_started_by_from_the_plan_is_in_every_record_the_wrapper_writes(
+    start_job: Callable[..., Job],
+) -> None:
+    """A job that starts before its backend wrote the pending record (a fast Slurm start)
+    still says who started it: the plan carries it, and the wrapper's writes keep it."""
+    mark = "gateway on demand: request r1 for fake-model (key -)"
+    job = start_job("grandchild", started_by=mark)
+    assert job.wait_state("starting", "ready").started_by == mark
+    assert job.wait_state("ready").started_by == mark
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit() == 0
+    assert job.wait_state("gone").started_by == mark

@@ -202,25 +202,38 @@ def test_ondemand_state_is_optional_and_read_leniently(tmp_path: Path) -> None:
 def test_on_demand_jobs_join_the_gateways_bookkeeping() -> None:
     started = _record("m", "ready", started_by="gateway: on demand, request from alice")
     plain = _record("other", "ready")
+    # The shape gateway/ondemandjobs.py writes (the "models" part of the file).
     state = {
-        "m": {"job_key": started.key, "last_request_at": 1000.0, "idle_ttl_s": 300},
-        "cold": {"job": "slurm-77", "state": "pending", "started_at": 990.0, "why": "request"},
-        "old": {"state": "gone"},
+        "m": {
+            "state": "ready",
+            "last_request_at": 1000.0,
+            "idle_ttl_s": 300,
+            "jobs": [{"job": started.key, "state": "ready", "started_at": 900.0, "why": "x"}],
+        },
+        "cold": {
+            "state": "pending",
+            "jobs": [{"job": "slurm-77", "state": "pending", "started_at": 990.0, "why": "req"}],
+        },
+        "old": {"state": "idle", "jobs": []},
+        "new": {"state": "submitting", "jobs": []},
     }
     views = on_demand_views([started, plain], state)
     assert [(v.model, v.job, v.state) for v in views] == [
         ("m", started.key, "ready"),
         ("cold", "slurm-77", "pending"),
+        ("new", None, "submitting"),
     ]
     assert views[0].why == "gateway: on demand, request from alice"
+    assert views[0].started_at == 900.0 and views[1].why == "req"
     assert views[0].idle_s(1042.0) == 42.0 and views[0].idle_ttl_s == 300
     assert views[1].public(1000.0)["idle_s"] is None
 
 
 def test_bookkeeping_of_another_job_of_the_model_is_not_mixed_in() -> None:
     started = _record("m", "ready", started_by="gateway")
-    views = on_demand_views([started], {"m": {"job_key": "slurm-1", "idle_ttl_s": 5}})
-    assert [(v.job, v.idle_ttl_s) for v in views] == [(started.key, None)]
+    other = {"job": "slurm-1", "state": "ready"}
+    views = on_demand_views([started], {"m": {"idle_ttl_s": 5, "jobs": [other]}})
+    assert [(v.job, v.idle_ttl_s) for v in views] == [(started.key, None), ("slurm-1", 5)]
 
 
 def test_pool_spec_rejects_an_empty_catalogue() -> None:

@@ -40,8 +40,12 @@ class Backend(Protocol):
 
     name: str
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
-        """Start a job that serves ``spec``; returns once the scheduler has accepted it."""
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
+        """Start a job that serves ``spec``; returns once the scheduler has accepted it.
+
+        ``started_by`` (who submits it, and why) goes into the job's record from its first
+        version on, so no later write races the job wrapper's own.
+        """
         ...
 
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:

@@ -225,13 +225,19 @@ class KubernetesBackend:
 
     # --- the Protocol --------------------------------------------------------------------
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
         """Create the objects; write the pending record only once the API accepted them all."""
         namespace = self._namespace(spec)
         nonce = new_nonce()
         names = names_for(spec, namespace=namespace, nonce=nonce)
         record = pending_record(
-            self.name, names.instance, nonce, model=spec.name, engine=spec.engine, log_path=None
+            self.name,
+            names.instance,
+            nonce,
+            model=spec.name,
+            engine=spec.engine,
+            log_path=None,
+            started_by=started_by,
         )
         record.node = names.service_host  # where it will listen; routable only once ready
         record.port = spec.kubernetes.port

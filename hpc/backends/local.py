@@ -39,7 +39,7 @@ class LocalBackend:
         jobs = self.site.jobs_dir
         return jobs / f"{key}.json", jobs / f"{key}.pid", self.site.log_dir / f"{key}.log"
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
         """Write the plan and the pending record, then start the wrapper detached."""
         nonce = new_nonce()
         plan = JobPlan(
@@ -49,8 +49,11 @@ class LocalBackend:
             nonce=nonce,
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
+            started_by=started_by,
         )
-        return self._launch(plan, "hpc.jobwrap", model=spec.name, engine=spec.engine)
+        return self._launch(
+            plan, "hpc.jobwrap", model=spec.name, engine=spec.engine, started_by=started_by
+        )
 
     def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
         """Start a swap pool (``python -m hpc.swappool``) detached, like a model's job."""
@@ -76,6 +79,7 @@ class LocalBackend:
         model: str,
         engine: str,
         serves: tuple[str, ...] = (),
+        started_by: str | None = None,
     ) -> JobHandle:
         nonce = plan.nonce
         job_id = nonce
@@ -86,7 +90,13 @@ class LocalBackend:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_plan(plan, plan_path)
         record = pending_record(
-            self.name, job_id, nonce, model=model, engine=engine, log_path=str(log_path)
+            self.name,
+            job_id,
+            nonce,
+            model=model,
+            engine=engine,
+            log_path=str(log_path),
+            started_by=started_by,
         )
         self.registry.write(record.model_copy(update={"serves": serves}))
         argv = [sys.executable, "-m", module, "--plan", str(plan_path)]

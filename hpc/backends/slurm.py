@@ -90,7 +90,9 @@ class SlurmBackend:
     def _engine_host(self) -> str:
         return self.site.config.engine_host or "0.0.0.0"  # noqa: S104 - the gateway is elsewhere
 
-    def prepare(self, spec: ModelSpec, *, nonce: str | None = None) -> PreparedJob:
+    def prepare(
+        self, spec: ModelSpec, *, nonce: str | None = None, started_by: str | None = None
+    ) -> PreparedJob:
         """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
         self._check_python()
         plan = JobPlan(
@@ -99,6 +101,7 @@ class SlurmBackend:
             nonce=nonce or new_nonce(),
             registry_dir=self.site.registry_dir,
             engine_host=self._engine_host(),
+            started_by=started_by,
         )
         script, job = render(
             spec, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
@@ -135,12 +138,23 @@ class SlurmBackend:
         """The sbatch script for ``spec``; sbatch'd by hand, it still registers its endpoint."""
         return self.prepare(spec).script
 
-    def submit(self, spec: ModelSpec) -> JobHandle:
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
         """sbatch the job, then create its pending record (unless the job already did)."""
-        return self._sbatch(self.prepare(spec), model=spec.name, engine=spec.engine)
+        return self._sbatch(
+            self.prepare(spec, started_by=started_by),
+            model=spec.name,
+            engine=spec.engine,
+            started_by=started_by,
+        )
 
     def _sbatch(
-        self, prepared: PreparedJob, *, model: str, engine: str, serves: tuple[str, ...] = ()
+        self,
+        prepared: PreparedJob,
+        *,
+        model: str,
+        engine: str,
+        serves: tuple[str, ...] = (),
+        started_by: str | None = None,
     ) -> JobHandle:
         nonce = prepared.plan.nonce
         self.site.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -165,6 +179,7 @@ class SlurmBackend:
             model=model,
             engine=engine,
             log_path=prepared.job.log_path(job_id),
+            started_by=started_by,
         )
         self.registry.create(record.model_copy(update={"serves": serves}))
         return JobHandle(self.name, job_id, nonce)

@@ -106,6 +106,18 @@ def gateway(
     retry_after: Annotated[
         int, typer.Option("--retry-after", min=1, help="Retry-After (s) sent with a 503.")
     ] = 5,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend", help="Where on-demand models' jobs go (default: site's default_backend)."
+        ),
+    ] = None,
+    max_on_demand_jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-on-demand-jobs", min=1, help="On-demand jobs at once, all models; beyond: 503."
+        ),
+    ] = None,
     shutdown_grace: Annotated[
         float,
         typer.Option(
@@ -132,9 +144,12 @@ def gateway(
     """Run the OpenAI-compatible gateway in the foreground."""
     from gateway.config import GatewayConfig
     from gateway.server import run
+    from hpc.backends import get_backend
 
     cli: CliContext = ctx.obj
     site = cli.site()
+    # Built now (no I/O) so that a bad name fails before the gateway listens.
+    on_demand_backend = get_backend(backend or site.config.default_backend, site)
     models_file = cli.models_path()
     config = GatewayConfig(
         host=host or site.config.gateway.host,
@@ -152,8 +167,9 @@ def gateway(
         health_interval_s=health_interval,
         health_timeout_s=health_timeout,
         health_failures_to_eject=health_failures,
+        max_on_demand_jobs=max_on_demand_jobs,
     )
-    run(config)
+    run(config, backend=on_demand_backend)
 
 
 keys_app = typer.Typer(
@@ -186,6 +202,12 @@ def keys_create(
         datetime | None,
         typer.Option("--expires", help="Expiry (ISO 8601, UTC unless a zone is given)."),
     ] = None,
+    max_on_demand_jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-on-demand-jobs", help="Live on-demand jobs this key's requests may start."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a key; it is printed once and only its hash is stored."""
@@ -200,6 +222,7 @@ def keys_create(
         requests_per_min=rpm,
         tokens_per_min=tpm,
         expires_at=expires,
+        max_on_demand_jobs=max_on_demand_jobs,
     )
     if as_json:
         print_json({"name": name, "key": key, "keys_file": str(path)})

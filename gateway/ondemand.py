@@ -1,0 +1,547 @@
+"""On-demand models: start a model's job when a request asks for it, cancel it when idle.
+
+A model with ``on_demand:`` in ``models.yaml`` and no ready endpoint makes the gateway submit
+its job through the configured backend, once per burst however many requests arrive: the
+check-and-start runs on the event loop without awaiting in between, so the first request
+creates the one submit task and every later one joins it. Backend calls block (sbatch, a
+Kubernetes API call, squeue), so each runs in a worker thread; the event loop only waits.
+
+While the job is pending or starting, a streaming request already has its 200 and gets an
+SSE comment (``: pending (Priority)``, ``: starting``) every ``on_demand_keepalive_s`` and
+on every change, so proxies and clients keep the connection; then the engine's answer is
+relayed into the same response. A non-streaming request waits up to the model's
+``start_deadline_s`` and then gets 503 + Retry-After with the state in the message.
+
+A failed start (sbatch refuses a partition, the job fails before it is healthy) answers
+every waiting request with the reason (503, or an in-band ``data: {"error": …}`` event with
+no ``[DONE]`` on a stream already started) and is remembered for
+``on_demand_failure_backoff_s``: requests in that time get the same answer and nothing is
+resubmitted, so a bad spec never turns into a loop of submits.
+
+A monitor task reads the records of the gateway's own jobs every ``on_demand_poll_s`` (and
+asks the scheduler, batched, every few seconds for the pending reason and for jobs that
+ended without finishing their record), cancels jobs whose model has had no request for
+``idle_ttl_s`` with nothing in flight, and publishes the state file `mt pool status` reads.
+The gateway cancels only jobs whose record says it started them (``started_by``), and finds
+them again after a restart by that field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.errors import INVALID_REQUEST, SERVER_ERROR, openai_error
+from gateway.keys import Client
+from gateway.logs import LOGGER_NAME, fields
+from gateway.ondemandjobs import ModelState, OwnJob, client_of, is_own, started_by
+from gateway.routes import Upstream
+from gateway.state import RequestInfo
+from hpc.backends import Backend, JobHandle, JobStatus
+from hpc.errors import MTError
+from hpc.privatefile import write_private
+from hpc.registry import FINAL_STATES, Record, Registry, record_key
+from hpc.spec import ModelsFile, ModelSpec, OnDemand
+
+log = logging.getLogger(f"{LOGGER_NAME}.ondemand")
+
+# Forwards a request to these upstreams, relaying a stream into the given (already
+# prepared) response if there is one: the proxy's own path after routing.
+Proceed = Callable[[tuple[Upstream, ...], web.StreamResponse | None], Awaitable[web.StreamResponse]]
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# squeue for the pending reason this often, not at every record read: a busy controller
+# must not see a call per poll from every gateway.
+SCHEDULER_EVERY_S = 3.0
+_ENDED = frozenset({"done", "failed", "cancelled", "missing"})
+_LOG_LINES_IN_ERROR = 5
+
+
+class OnDemandController:
+    """Starts, watches and stops the jobs of on-demand models for one gateway app."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        backend: Backend | None,
+        models: Callable[[], ModelsFile | None],
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.registry = Registry(config.registry_dir)
+        self._models = models
+        self._specs_of: ModelsFile | None = None
+        self._specs: dict[str, ModelSpec] = {}
+        self.states: dict[str, ModelState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._asked_at = 0.0
+        self._dirty = True
+
+    # -- what the proxy calls -----------------------------------------------------------
+    def manages(self, model: str) -> bool:
+        """True for a model this gateway may start on demand, or whose job it started."""
+        if self.backend is None:
+            return False
+        state = self.states.get(model)
+        return self.spec(model) is not None or (state is not None and bool(state.jobs))
+
+    def spec(self, model: str) -> ModelSpec | None:
+        """The model's spec if it is on demand (rebuilt only when models.yaml changed)."""
+        models = self._models()
+        if models is not self._specs_of:
+            self._specs_of = models
+            self._specs = {
+                spec.name: spec for spec in (models.models if models else ()) if spec.on_demand
+            }
+        return self._specs.get(model)
+
+    async def serve(
+        self,
+        request: web.Request,
+        info: RequestInfo,
+        model: str,
+        stream: bool,
+        candidates: tuple[Upstream, ...],
+        proceed: Proceed,
+    ) -> web.StreamResponse:
+        """Answer a request for an on-demand model: at once if it is ready, else after a start."""
+        state = self._state(model)
+        state.in_flight += 1
+        self._touch(state)
+        try:
+            skip = state.unroutable()
+            ready = tuple(c for c in candidates if c.source not in skip) or state.upstreams()
+            if ready:
+                return await proceed(ready, None)
+            spec = self.spec(model)
+            if spec is None or spec.on_demand is None:
+                return _not_on_demand(model, self.config.retry_after_s)
+            refused = self._ensure_start(state, spec, info)
+            if refused is not None:
+                return refused
+            return await self._wait(request, info, state, spec, spec.on_demand, stream, proceed)
+        finally:
+            state.in_flight -= 1
+            self._touch(state)
+
+    # -- starting ------------------------------------------------------------------------
+    def _state(self, model: str) -> ModelState:
+        state = self.states.get(model)
+        spec = self.spec(model)
+        ttl = spec.on_demand.idle_ttl_s if spec and spec.on_demand else OnDemand().idle_ttl_s
+        if state is None:
+            state = self.states[model] = ModelState(model, ttl)
+        state.idle_ttl_s = ttl  # follows models.yaml's reloads
+        return state
+
+    def _touch(self, state: ModelState) -> None:
+        state.last_request_at = time.time()
+        self._dirty = True
+
+    def _ensure_start(
+        self, state: ModelState, spec: ModelSpec, info: RequestInfo
+    ) -> web.Response | None:
+        """Start a job unless one is on its way; a refusal (failure, a cap) as a response.
+
+        No await between the checks and the task's creation: concurrent requests cannot
+        both see "nothing started" on one event loop.
+        """
+        if state.is_submitting() or state.live():
+            return None
+        loop = asyncio.get_running_loop()
+        if state.failure is not None:
+            if loop.time() < state.failure_until:
+                return self._failure_response(state)
+            state.failure = None
+        cap = self.config.max_on_demand_jobs
+        running = sum(len(s.live()) + s.is_submitting() for s in self.states.values())
+        if cap is not None and running >= cap:
+            return openai_error(
+                503,
+                f"model {state.name!r} is not running, and the gateway already runs {running} "
+                f"on-demand jobs, its limit (max_on_demand_jobs {cap}); retry when one has "
+                "gone idle",
+                SERVER_ERROR,
+                "on_demand_at_capacity",
+                param="model",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
+        client = info.client_entry
+        refused = self._key_limit(state, client)
+        if refused is not None:
+            return refused
+        why = started_by(info.request_id, state.name, client.name if client else None)
+        task = asyncio.create_task(self._submit(state, spec, why), name=f"mt-on-demand-{spec.name}")
+        state.submitting = task
+        state.notify()
+        self._dirty = True
+        log.info("starting on demand", extra=fields(model=state.name, why=why))
+        return None
+
+    def _key_limit(self, state: ModelState, client: Client | None) -> web.Response | None:
+        limit = client.entry.max_on_demand_jobs if client is not None else None
+        if client is None or limit is None:
+            return None
+        mine = sum(1 for s in self.states.values() for job in s.live() if job.client == client.name)
+        if mine < limit:
+            return None
+        return openai_error(
+            429,
+            f"model {state.name!r} is not running, and key {client.name!r} has already started "
+            f"{mine} on-demand jobs, its limit (max_on_demand_jobs {limit}); retry when one has "
+            "gone idle",
+            INVALID_REQUEST,
+            "on_demand_key_limit",
+            param="model",
+            headers={"Retry-After": str(self.config.retry_after_s)},
+        )
+
+    async def _submit(self, state: ModelState, spec: ModelSpec, why: str) -> None:
+        backend = self.backend
+        if backend is None:  # manages() is False without one: never here
+            return
+        try:
+            job = await asyncio.to_thread(self._submit_blocking, backend, spec, why)
+        except (MTError, OSError) as exc:
+            message = exc.message if isinstance(exc, MTError) else str(exc)
+            hint = exc.hint if isinstance(exc, MTError) and exc.hint else None
+            self._fail(
+                state, f"submitting its job failed: {message}" + (f" ({hint})" if hint else "")
+            )
+            return
+        state.jobs[job.key] = job
+        log.info("submitted on demand", extra=fields(model=state.name, job=job.key))
+        state.notify()
+        self._dirty = True
+
+    def _submit_blocking(self, backend: Backend, spec: ModelSpec, why: str) -> OwnJob:
+        """Submit with ``started_by``: the record says it is the gateway's from the start."""
+        handle = backend.submit(spec, started_by=why)
+        key = record_key(handle.backend, handle.job_id)
+        return OwnJob(key, handle, time.time(), why, client_of(why), self.registry.read(key))
+
+    def _fail(self, state: ModelState, message: str) -> None:
+        loop = asyncio.get_running_loop()
+        state.failure = message
+        state.failed_at = time.time()
+        state.failure_until = loop.time() + self.config.on_demand_failure_backoff_s
+        log.warning("on-demand start failed", extra=fields(model=state.name, error=message))
+        state.notify()
+        self._dirty = True
+
+    # -- waiting -------------------------------------------------------------------------
+    async def _wait(
+        self,
+        request: web.Request,
+        info: RequestInfo,
+        state: ModelState,
+        spec: ModelSpec,
+        on_demand: OnDemand,
+        stream: bool,
+        proceed: Proceed,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + on_demand.start_deadline_s
+        out: web.StreamResponse | None = None
+        if stream:
+            out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            await out.prepare(request)
+        while True:
+            ready = state.upstreams()
+            if ready:
+                break
+            if state.failure is not None:
+                return await _refuse(out, self._failure_response(state))
+            refused = self._ensure_start(state, spec, info)  # the job ended under us
+            if refused is not None:
+                return await _refuse(out, refused)
+            phase = state.phase()
+            if out is not None:
+                try:
+                    await out.write(f": {phase}\n\n".encode())
+                except ConnectionResetError:
+                    info.outcome = "client_disconnected"
+                    return out
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return await _refuse(out, self._not_ready_response(state, on_demand))
+            changed = state.changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    changed.wait(), min(self.config.on_demand_keepalive_s, remaining)
+                )
+        response = await proceed(ready, out)
+        if out is not None and response is not out:
+            return await _refuse(out, response)
+        return response
+
+    def _failure_response(self, state: ModelState) -> web.Response:
+        loop = asyncio.get_running_loop()
+        retry_after = max(1, round(state.failure_until - loop.time()))
+        return openai_error(
+            503,
+            f"model {state.name!r} could not be started on demand: {state.failure}",
+            SERVER_ERROR,
+            "on_demand_start_failed",
+            param="model",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    def _not_ready_response(self, state: ModelState, on_demand: OnDemand) -> web.Response:
+        jobs = ", ".join(job.key for job in state.live()) or "being submitted"
+        return openai_error(
+            503,
+            f"model {state.name!r} is starting on demand (job {jobs}: {state.phase()}) and was "
+            f"not ready within its start_deadline_s of {on_demand.start_deadline_s:g} s; "
+            "retry later (the job keeps starting)",
+            SERVER_ERROR,
+            "on_demand_starting",
+            param="model",
+            headers={"Retry-After": str(self.config.retry_after_s)},
+        )
+
+    # -- watching and stopping -----------------------------------------------------------
+    async def adopt(self) -> None:
+        """Take over the live jobs a previous gateway started on demand (their records say)."""
+        records = await asyncio.to_thread(self.registry.records)
+        now = time.time()
+        for record in records:
+            if record.state in FINAL_STATES or not is_own(record):
+                continue
+            why = str(record.started_by)
+            handle = JobHandle(record.backend, record.job_id, record.nonce)
+            state = self._state(record.model)
+            state.jobs[record.key] = OwnJob(
+                record.key, handle, record.created_at, why, client_of(why), record
+            )
+            # A full idle period from now: the old gateway's request times are lost.
+            state.last_request_at = now
+            log.info("adopted on-demand job", extra=fields(model=record.model, job=record.key))
+
+    async def run(self) -> None:
+        """Watch the jobs, cancel idle ones, publish the state file; until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.on_demand_poll_s)
+            try:
+                await self.tick()
+            except Exception:
+                # One bad round must not end watching for good (nothing would be stopped).
+                log.exception("on-demand round failed")
+
+    async def tick(self) -> None:
+        """One round: refresh job records, forget ended jobs, cancel idle ones, publish."""
+        jobs = [job for state in self.states.values() for job in state.jobs.values()]
+        if jobs and self.backend is not None:
+            loop = asyncio.get_running_loop()
+            ask = loop.time() - self._asked_at >= SCHEDULER_EVERY_S
+            if ask:
+                self._asked_at = loop.time()
+            seen = await asyncio.to_thread(self._observe, self.backend, jobs, ask)
+            for state in list(self.states.values()):
+                self._apply(state, seen)
+        self._reap()
+        if self._dirty:
+            self._dirty = False
+            await asyncio.to_thread(self.write_state)
+
+    def _observe(
+        self, backend: Backend, jobs: Sequence[OwnJob], ask: bool
+    ) -> dict[str, tuple[Record | None, JobStatus | None]]:
+        """Each job's record, and (every few seconds) what the scheduler says of those not
+        ready; a job the scheduler no longer runs gets its record finished here."""
+        records = {job.key: self.registry.read(job.key) for job in jobs}
+        statuses: dict[str, JobStatus] = {}
+        unready = [
+            job
+            for job in jobs
+            if (rec := records[job.key]) is None or rec.state not in FINAL_STATES | {"ready"}
+        ]
+        if ask and unready:
+            try:
+                by_id = backend.status([job.handle for job in unready])
+            except MTError as exc:  # the scheduler (or the SSH link to it) is down: next round
+                log.warning("scheduler status failed", extra=fields(error=exc.message))
+                by_id = {}
+            for job in unready:
+                status = by_id.get(job.handle.job_id)
+                if status is None:
+                    continue
+                statuses[job.key] = status
+                record = records[job.key]
+                if status.state in _ENDED and record is not None:
+                    # Ended without finishing its record (killed, or never ran): re-read once.
+                    record = self.registry.read(job.key) or record
+                    if record.state not in FINAL_STATES | {"ready"}:
+                        reason = (
+                            record.reason or f"the job ended ({status.state}) before it was ready"
+                        )
+                        record = self.registry.update(job.key, state="failed", reason=reason)
+                    records[job.key] = record
+        return {job.key: (records[job.key], statuses.get(job.key)) for job in jobs}
+
+    def _apply(
+        self, state: ModelState, seen: dict[str, tuple[Record | None, JobStatus | None]]
+    ) -> None:
+        before = (state.phase(), len(state.upstreams()))
+        for key, job in list(state.jobs.items()):
+            if key not in seen:
+                continue
+            record, status = seen[key]
+            was_ready = job.ready
+            job.record = record or job.record
+            if status is not None:
+                job.scheduler = status
+            if job.ended and not job.stopping:
+                state.retire(key)
+                self._dirty = True
+                if not was_ready and job.record is not None and job.record.state == "failed":
+                    self._fail(state, _job_failure(job.record))
+                log.info(
+                    "on-demand job ended",
+                    extra=fields(model=state.name, job=key, state=job.record and job.record.state),
+                )
+        if (state.phase(), len(state.upstreams())) != before:
+            state.notify()
+            self._dirty = True
+
+    def _reap(self) -> None:
+        """Cancel the jobs of models idle for their TTL with nothing in flight."""
+        if self.backend is None:
+            return
+        now = time.time()
+        for state in self.states.values():
+            live = state.live()
+            if not live or state.in_flight or state.is_submitting():
+                continue
+            if state.last_request_at is not None and now - state.last_request_at < state.idle_ttl_s:
+                continue
+            for job in live:
+                job.stopping = True
+                task = asyncio.create_task(self._cancel(self.backend, state, job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            state.notify()
+            self._dirty = True
+
+    async def _cancel(self, backend: Backend, state: ModelState, job: OwnJob) -> None:
+        idle = time.time() - (state.last_request_at or job.started_at)
+        log.info(
+            "cancelling idle on-demand job",
+            extra=fields(model=state.name, job=job.key, idle_s=round(idle, 1)),
+        )
+        try:
+            await asyncio.to_thread(backend.cancel, job.handle)
+        except MTError as exc:
+            log.error(
+                "could not cancel on-demand job",
+                extra=fields(model=state.name, job=job.key, error=exc.message),
+            )
+            job.stopping = False  # the next round tries again
+            return
+        state.retire(job.key)
+        state.notify()
+        self._dirty = True
+
+    async def close(self) -> None:
+        """Stop the submit and cancel tasks (the jobs themselves keep running)."""
+        tasks = [s.submitting for s in self.states.values() if s.submitting] + list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- the state file ------------------------------------------------------------------
+    def state_document(self) -> dict[str, object]:
+        """What the state file holds (see docs/on-demand.md for its shape)."""
+        now = time.time()
+        return {
+            "version": 1,
+            "updated_at": now,
+            "gateway_pid": os.getpid(),
+            "backend": self.backend.name if self.backend is not None else None,
+            "models": {name: state.snapshot(now) for name, state in sorted(self.states.items())},
+        }
+
+    def write_state(self) -> None:
+        """Publish the state file (0600, atomic). Blocking: run it in a worker thread."""
+        path: Path = self.config.state_file()
+        data = json.dumps(self.state_document(), indent=2).encode("utf-8")
+        try:
+            write_private(path, data)
+        except OSError as exc:
+            log.error(
+                "cannot write the on-demand state file",
+                extra=fields(path=str(path), error=exc.strerror),
+            )
+
+
+def _job_failure(record: Record) -> str:
+    tail = " | ".join(line.strip() for line in record.log_tail[-_LOG_LINES_IN_ERROR:])
+    reason = record.reason or "no reason recorded"
+    return f"job {record.key} {record.state}: {reason}" + (f" (log: {tail})" if tail else "")
+
+
+def _not_on_demand(model: str, retry_after_s: int) -> web.Response:
+    return openai_error(
+        503,
+        f"model {model!r} has no ready endpoint and is no longer on demand in models.yaml "
+        f"(hint: mt submit {model})",
+        SERVER_ERROR,
+        "no_ready_endpoint",
+        param="model",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+async def _refuse(
+    out: web.StreamResponse | None, response: web.StreamResponse
+) -> web.StreamResponse:
+    """``response`` itself, or, on a stream already started, its error as an in-band event
+    (and no ``[DONE]``, so the client knows the answer is not whole)."""
+    if out is None:
+        return response
+    body = response.body if isinstance(response, web.Response) else None
+    event = body if isinstance(body, bytes) else b'{"error": {"message": "no answer"}}'
+    with contextlib.suppress(ConnectionResetError):
+        await out.write(b"data: " + event + b"\n\n")
+        await out.write_eof()
+    return out
+
+
+ON_DEMAND = web.AppKey("on_demand", OnDemandController)
+
+
+def on_demand_context(
+    key: web.AppKey[OnDemandController],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` entry: adopt the gateway's jobs, then watch them until shutdown."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        controller = app[key]
+        if controller.backend is None:
+            yield
+            return
+        await controller.adopt()
+        task = asyncio.create_task(controller.run(), name="mt-gateway-on-demand")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await controller.close()
+        await asyncio.to_thread(controller.write_state)
+
+    return context

@@ -1,0 +1,181 @@
+"""What the on-demand controller knows of one model and of the jobs it started for it.
+
+Plain data, changed only on the event loop: the controller (``gateway.ondemand``) owns it,
+the request handlers read it, and the state file (``snapshot``) publishes it for
+`mt pool status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+
+from gateway.routes import Upstream
+from hpc.backends import JobHandle, JobStatus
+from hpc.registry import FINAL_STATES, Record
+
+# ``Record.started_by`` of every job the gateway started on demand begins with this; the
+# gateway cancels no job whose record does not (and finds its own again after a restart).
+STARTED_BY = "gateway on demand"
+_KEY_IN_WHY = re.compile(r"\(key ([^)]*)\)$")
+# Ended jobs whose routes are skipped; the route table drops them within a reload or two.
+_RETIRED_KEPT = 64
+
+
+def started_by(request_id: str, model: str, client: str | None) -> str:
+    """Why a job was started: ``gateway on demand: request <id> for <model> (key <name>)``."""
+    return f"{STARTED_BY}: request {request_id} for {model} (key {client or '-'})"
+
+
+def client_of(why: str) -> str | None:
+    """The key name in a ``started_by`` text (None for a request without a key)."""
+    found = _KEY_IN_WHY.search(why)
+    name = found.group(1) if found else "-"
+    return None if name == "-" else name
+
+
+def is_own(record: Record) -> bool:
+    """True if the gateway started this record's job on demand."""
+    return bool(record.started_by) and str(record.started_by).startswith(STARTED_BY)
+
+
+@dataclass
+class OwnJob:
+    """A job the gateway started on demand, with the last record and status it saw."""
+
+    key: str
+    handle: JobHandle
+    started_at: float
+    why: str
+    client: str | None
+    record: Record | None = None
+    scheduler: JobStatus | None = None
+    stopping: bool = False  # being cancelled: routed to no more
+
+    @property
+    def ready(self) -> bool:
+        """Its record is ``ready`` with a URL, and it is not being cancelled."""
+        record = self.record
+        return (
+            not self.stopping
+            and record is not None
+            and record.state == "ready"
+            and bool(record.base_url)
+        )
+
+    @property
+    def ended(self) -> bool:
+        """Its record is final (``gone`` or ``failed``)."""
+        return self.record is not None and self.record.state in FINAL_STATES
+
+    def phase(self) -> str:
+        """What a waiting client is told: ``pending (Priority)``, ``starting``, ``ready``."""
+        if self.stopping:
+            return "stopping"
+        record = self.record
+        if record is None:
+            return "submitted"
+        if record.state == "pending":
+            reason = self.scheduler.reason if self.scheduler is not None else ""
+            return f"pending ({reason})" if reason and reason != "pending" else "pending"
+        return record.state
+
+    def upstream(self) -> Upstream | None:
+        """Where to send requests, once it is ready."""
+        record = self.record
+        if not self.ready or record is None or record.base_url is None:
+            return None
+        return Upstream(
+            model=record.model,
+            base_url=record.base_url,
+            api_key=record.api_key.get_secret_value(),
+            source=record.key,
+            created=int(record.created_at),
+        )
+
+
+@dataclass
+class ModelState:
+    """One on-demand model: its jobs, the start in flight, the last failure, the waiters."""
+
+    name: str
+    idle_ttl_s: float
+    last_request_at: float | None = None
+    in_flight: int = 0  # requests being waited for or proxied
+    jobs: dict[str, OwnJob] = field(default_factory=dict)
+    submitting: asyncio.Task[None] | None = None
+    failure: str | None = None
+    failure_until: float = 0.0  # loop time until which the failure is reported, not retried
+    failed_at: float | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Jobs it cancelled or saw end: the route table lists them until its next reload.
+    retired: dict[str, None] = field(default_factory=dict)  # an ordered set
+
+    def notify(self) -> None:
+        """Wake every request waiting on this model (each then re-reads the state)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def live(self) -> list[OwnJob]:
+        """Jobs not ended and not being cancelled."""
+        return [job for job in self.jobs.values() if not job.stopping and not job.ended]
+
+    def upstreams(self) -> tuple[Upstream, ...]:
+        """The ready jobs' endpoints (the route table may not list them yet)."""
+        found = (job.upstream() for job in self.jobs.values())
+        return tuple(upstream for upstream in found if upstream is not None)
+
+    def unroutable(self) -> frozenset[str]:
+        """Record keys of jobs being cancelled or ended (routes to them are skipped)."""
+        stopping = {job.key for job in self.jobs.values() if job.stopping}
+        return frozenset(stopping | self.retired.keys())
+
+    def retire(self, key: str) -> None:
+        """Forget a job that ended or was cancelled, and route to it no more."""
+        self.jobs.pop(key, None)
+        self.retired[key] = None
+        while len(self.retired) > _RETIRED_KEPT:  # the oldest left the route table long ago
+            del self.retired[next(iter(self.retired))]
+
+    def is_submitting(self) -> bool:
+        """A submit for this model is in flight."""
+        return self.submitting is not None and not self.submitting.done()
+
+    def phase(self) -> str:
+        """The model's state in one word or two, for keep-alives, errors and the state file."""
+        live = self.live()
+        if any(job.ready for job in live):
+            return "ready"
+        if live:
+            return live[-1].phase()
+        if self.is_submitting():
+            return "submitting"
+        if self.failure is not None:
+            return "failed"
+        if any(job.stopping for job in self.jobs.values()):
+            return "stopping"
+        return "idle"
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """The model's entry in the state file."""
+        idle_for = None if self.last_request_at is None else max(0.0, now - self.last_request_at)
+        return {
+            "state": self.phase(),
+            "idle_ttl_s": self.idle_ttl_s,
+            "last_request_at": self.last_request_at,
+            "idle_for_s": None if self.in_flight else idle_for,
+            "in_flight": self.in_flight,
+            "error": self.failure,
+            "failed_at": self.failed_at,
+            "jobs": [
+                {
+                    "job": job.key,
+                    "state": job.phase(),
+                    "started_at": job.started_at,
+                    "why": job.why,
+                    "node": job.record.node if job.record is not None else None,
+                }
+                for job in self.jobs.values()
+            ],
+        }

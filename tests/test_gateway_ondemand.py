@@ -1,0 +1,441 @@
+"""The on-demand controller in a real gateway on a real port, with a fake scheduler.
+
+``FakeScheduler`` stands for a scheduler in these unit tests (Slurm or Kubernetes cannot be
+made to hold a submit, or fail one, on cue): it implements the real Backend Protocol and
+writes real registry records, the way the real backends and the job wrapper do, and the
+test moves its jobs through pending → starting → ready. The engine is ``FakeUpstream``
+(the OpenAI wire format). The same behaviour on the real Slurm cluster with the real Gemma
+model is tested in test_slurm_ondemand.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import stat
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from fake_upstream import FakeUpstream
+from pydantic import SecretStr
+
+from gateway.config import GatewayConfig
+from gateway.keys import create_key
+from gateway.ondemand import ON_DEMAND, OnDemandController
+from gateway.ondemandjobs import started_by
+from gateway.server import start
+from hpc.backends import JobHandle, JobStatus
+from hpc.errors import BackendError
+from hpc.registry import Record, Registry, new_nonce, pending_record, record_key
+from hpc.spec import ModelSpec
+
+pytestmark = pytest.mark.timeout(180)
+
+CHAT = "/v1/chat/completions"
+JOB_KEY = "mtj-on-demand-test-key"
+
+
+class FakeScheduler:
+    """Stands for a scheduler (a Backend): submits are counted and can be held or refused.
+
+    ``submit`` waits for ``release`` (so a test can pile requests up behind it), then
+    either raises ``refuse`` (as sbatch's error would) or writes the job's ``pending``
+    record, as every real backend does. ``status`` answers ``pending (Priority)`` until
+    the test calls ``run``; ``cancel`` marks the record ``gone`` as the wrapper would.
+    """
+
+    name = "local"
+
+    def __init__(self, registry: Registry, *, refuse: str | None = None) -> None:
+        self.registry = registry
+        self.refuse = refuse
+        self.release = threading.Event()
+        self.release.set()
+        self.submitted: list[ModelSpec] = []
+        self.cancelled: list[str] = []
+        self.running: set[str] = set()
+        self.ended: set[str] = set()
+
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
+        self.submitted.append(spec)
+        self.release.wait(30)
+        if self.refuse is not None:
+            raise BackendError(self.refuse, argv=["sbatch", "--parsable"])
+        nonce = new_nonce()
+        record = pending_record(
+            self.name,
+            nonce,
+            nonce,
+            model=spec.name,
+            engine=spec.engine,
+            log_path=None,
+            started_by=started_by,
+        )
+        self.registry.write(record.model_copy(update={"api_key": SecretStr(JOB_KEY)}))
+        return JobHandle(self.name, nonce, nonce)
+
+    def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        out = {}
+        for handle in handles:
+            if handle.job_id in self.ended:
+                out[handle.job_id] = JobStatus("failed", "NonZeroExitCode")
+            elif handle.job_id in self.running:
+                out[handle.job_id] = JobStatus("running", "node1")
+            else:
+                out[handle.job_id] = JobStatus("pending", "Priority")
+        return out
+
+    def cancel(self, handle: JobHandle) -> None:
+        key = record_key(self.name, handle.job_id)
+        if self.registry.read(key) is not None:
+            self.registry.update(key, state="gone", reason="cancelled")
+        self.cancelled.append(handle.job_id)
+
+    def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
+        return iter(())
+
+    # -- what the test does as the job's wrapper --------------------------------------
+    def records(self) -> list[Record]:
+        return [r for r in self.registry.records() if r.backend == self.name]
+
+    def run(self, record: Record, base_url: str) -> None:
+        """The job starts, then its engine is healthy (as the job wrapper writes it)."""
+        self.running.add(record.job_id)
+        self.registry.update(record.key, state="starting", node="node1")
+        self.registry.update(record.key, state="ready", base_url=base_url)
+
+
+def models_yaml(path: Path, *names: str, **on_demand: Any) -> Path:
+    settings = {"idle_ttl_s": 900, "start_deadline_s": 30, **on_demand}
+    entries = [
+        {
+            "name": name,
+            "engine": "llamacpp",
+            "weights": {"source": "/models/x.gguf"},
+            "on_demand": settings,
+        }
+        for name in names
+    ]
+    path.write_text(json.dumps({"models": entries}), encoding="utf-8")
+    return path
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    tmp_path: Path, backend: FakeScheduler, **settings: Any
+) -> AsyncIterator[tuple[str, OnDemandController]]:
+    settings.setdefault("on_demand_poll_s", 0.05)
+    settings.setdefault("on_demand_keepalive_s", 0.2)
+    config = GatewayConfig(port=0, registry_dir=backend.registry.path, **settings)
+    runner, port = await start(config, backend=backend)  # type: ignore[arg-type]
+    try:
+        yield f"http://127.0.0.1:{port}", runner.app[ON_DEMAND]
+    finally:
+        backend.release.set()
+        await runner.cleanup()
+
+
+async def until(check: Callable[[], object], timeout_s: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def chat(model: str, stream: bool) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+async def ask(
+    client: aiohttp.ClientSession, url: str, model: str, stream: bool, **headers: str
+) -> tuple[int, str, dict[str, str]]:
+    async with client.post(url + CHAT, json=chat(model, stream), headers=headers) as resp:
+        return resp.status, await resp.text(), dict(resp.headers)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+async def test_twenty_concurrent_requests_start_one_job_and_all_get_answers(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    backend.release.clear()
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    async with (
+        FakeUpstream() as engine,
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = [asyncio.create_task(ask(client, url, "m", i % 2 == 0)) for i in range(20)]
+        await until(lambda: "m" in controller.states and controller.states["m"].in_flight == 20)
+        backend.release.set()
+        await until(backend.records)
+        [record] = backend.records()
+        assert record.started_by is not None and record.started_by.startswith("gateway on demand")
+        await asyncio.sleep(0.3)  # a few keep-alives while it is pending
+        backend.run(record, engine.base_url)
+        answers = await asyncio.gather(*calls)
+
+    assert len(backend.submitted) == 1
+    assert len(backend.records()) == 1
+    for i, (status, text, headers) in enumerate(answers):
+        assert status == 200, text
+        if i % 2 == 0:
+            assert headers["Content-Type"].startswith("text/event-stream")
+            comments = [line for line in text.splitlines() if line.startswith(": ")]
+            assert ": pending (Priority)" in comments, comments
+            assert text.rstrip().endswith("data: [DONE]")
+        else:
+            assert json.loads(text)["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+    assert len(engine.seen.bodies) == 20
+
+
+async def test_a_refused_submit_fails_every_waiter_once_and_is_remembered(
+    tmp_path: Path, registry: Registry
+) -> None:
+    refusal = "sbatch: error: invalid partition specified: nosuchpartition"
+    backend = FakeScheduler(registry, refuse=refusal)
+    backend.release.clear()
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    async with (
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = [asyncio.create_task(ask(client, url, "m", i % 2 == 0)) for i in range(10)]
+        await until(lambda: "m" in controller.states and controller.states["m"].in_flight == 10)
+        backend.release.set()
+        answers = await asyncio.gather(*calls)
+        later = await ask(client, url, "m", False)
+
+    assert len(backend.submitted) == 1
+    for i, (status, text, headers) in enumerate(answers):
+        if i % 2 == 0:  # the stream had its 200 already: the error comes in-band
+            assert status == 200
+            events = [line for line in text.splitlines() if line.startswith("data: ")]
+            assert "[DONE]" not in text
+            error = json.loads(events[-1][len("data: ") :])["error"]
+        else:
+            assert status == 503
+            assert int(headers["Retry-After"]) > 0
+            error = json.loads(text)["error"]
+        assert error["code"] == "on_demand_start_failed"
+        assert "invalid partition specified: nosuchpartition" in error["message"]
+    status, text, _ = later
+    assert status == 503 and "nosuchpartition" in text
+    assert backend.records() == []
+
+
+async def test_a_job_that_fails_while_starting_fails_its_waiters_with_the_reason(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    async with (
+        gateway(tmp_path, backend, models_file=models) as (url, _controller),
+        aiohttp.ClientSession() as client,
+    ):
+        call = asyncio.create_task(ask(client, url, "m", False))
+        await until(backend.records)
+        [record] = backend.records()
+        registry.update(
+            record.key,
+            state="failed",
+            reason="engine exited with code 1",
+            log_tail=["error: no such file /models/x.gguf"],
+        )
+        status, text, _ = await call
+    assert status == 503
+    message = json.loads(text)["error"]["message"]
+    assert "engine exited with code 1" in message and "no such file" in message
+    assert len(backend.submitted) == 1
+
+
+async def test_a_job_the_scheduler_ended_before_its_record_is_a_failure(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    async with (
+        gateway(tmp_path, backend, models_file=models) as (url, _controller),
+        aiohttp.ClientSession() as client,
+    ):
+        call = asyncio.create_task(ask(client, url, "m", True))
+        await until(backend.records)
+        [record] = backend.records()
+        backend.ended.add(record.job_id)
+        status, text, _ = await call
+    assert status == 200 and "[DONE]" not in text
+    assert "before it was ready" in text
+    stored = registry.read(record.key)
+    assert stored is not None and stored.state == "failed"
+
+
+async def test_non_streaming_waits_until_the_deadline_then_503_with_the_state(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", start_deadline_s=1)
+    async with (
+        gateway(tmp_path, backend, models_file=models) as (url, _controller),
+        aiohttp.ClientSession() as client,
+    ):
+        status, text, headers = await ask(client, url, "m", False)
+        again = await ask(client, url, "m", False)
+    assert status == 503 and headers["Retry-After"] == "5"
+    error = json.loads(text)["error"]
+    assert error["code"] == "on_demand_starting"
+    assert "pending (Priority)" in error["message"] and "start_deadline_s" in error["message"]
+    assert again[0] == 503
+    assert len(backend.submitted) == 1  # the second request joined the job still pending
+
+
+async def test_idle_job_is_cancelled_and_the_next_request_starts_it_again(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", idle_ttl_s=1)
+    state_file = tmp_path / "state" / "ondemand.json"
+    async with (
+        FakeUpstream() as engine,
+        gateway(tmp_path, backend, models_file=models, on_demand_state_file=state_file) as (
+            url,
+            _controller,
+        ),
+        aiohttp.ClientSession() as client,
+    ):
+        call = asyncio.create_task(ask(client, url, "m", False))
+        await until(backend.records)
+        [first] = backend.records()
+        backend.run(first, engine.base_url)
+        assert (await call)[0] == 200
+
+        def listed() -> list[str]:
+            shown = json.loads(state_file.read_text()) if state_file.exists() else {}
+            return [job["job"] for job in shown.get("models", {}).get("m", {}).get("jobs", [])]
+
+        await until(lambda: listed() == [first.key])
+        await until(lambda: backend.cancelled)
+        assert backend.cancelled == [first.job_id]
+        gone = registry.read(first.key)
+        assert gone is not None and gone.state == "gone"
+        await until(lambda: json.loads(state_file.read_text())["models"]["m"]["state"] == "idle")
+
+        call = asyncio.create_task(ask(client, url, "m", False))
+        await until(lambda: len(backend.records()) == 2)
+        second = next(r for r in backend.records() if r.key != first.key)
+        backend.run(second, engine.base_url)
+        assert (await call)[0] == 200
+    assert len(backend.submitted) == 2
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    shown = json.loads(state_file.read_text())
+    entry = shown["models"]["m"]
+    assert set(entry) >= {"state", "idle_ttl_s", "last_request_at", "jobs", "error"}
+    assert entry["idle_ttl_s"] == 1
+    assert entry["jobs"][0]["why"].startswith("gateway on demand: request ")
+
+
+async def test_never_cancels_a_job_it_did_not_start_but_adopts_its_own(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "theirs", "mine", idle_ttl_s=0.3)
+    async with FakeUpstream() as engine:
+        records = {}
+        for model, by in (("theirs", None), ("mine", started_by("r1", "mine", None))):
+            nonce = new_nonce()
+            record = pending_record(
+                "local", nonce, nonce, model=model, engine="llamacpp", log_path=None
+            )
+            record = record.model_copy(
+                update={
+                    "state": "ready",
+                    "base_url": engine.base_url,
+                    "started_by": by,
+                    "api_key": SecretStr(JOB_KEY),
+                }
+            )
+            registry.write(record)
+            records[model] = record
+        async with (
+            gateway(tmp_path, backend, models_file=models) as (url, _controller),
+            aiohttp.ClientSession() as client,
+        ):
+            assert (await ask(client, url, "theirs", False))[0] == 200
+            await until(lambda: backend.cancelled)
+            await asyncio.sleep(0.5)
+    assert backend.cancelled == [records["mine"].job_id]
+    assert backend.submitted == []
+    theirs = registry.read(records["theirs"].key)
+    assert theirs is not None and theirs.state == "ready"
+
+
+async def test_gateway_wide_and_per_key_caps(tmp_path: Path, registry: Registry) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "a", "b", "c", start_deadline_s=0.3)
+    keys = tmp_path / "keys.yaml"
+    alice = create_key(keys, "alice", max_on_demand_jobs=1)
+    bob = create_key(keys, "bob")
+    async with (
+        gateway(tmp_path, backend, models_file=models, keys_file=keys, max_on_demand_jobs=2) as (
+            url,
+            _controller,
+        ),
+        aiohttp.ClientSession() as client,
+    ):
+        as_alice = {"Authorization": f"Bearer {alice}"}
+        as_bob = {"Authorization": f"Bearer {bob}"}
+        assert (await ask(client, url, "a", False, **as_alice))[0] == 503  # pending: deadline
+        status, text, headers = await ask(client, url, "b", False, **as_alice)
+        assert status == 429 and headers["Retry-After"]
+        error = json.loads(text)["error"]
+        assert error["code"] == "on_demand_key_limit" and "alice" in error["message"]
+        assert (await ask(client, url, "b", False, **as_bob))[0] == 503  # starts b
+        status, text, _ = await ask(client, url, "c", False, **as_bob)
+        assert status == 503
+        assert json.loads(text)["error"]["code"] == "on_demand_at_capacity"
+    assert [spec.name for spec in backend.submitted] == ["a", "b"]
+
+
+async def test_without_a_backend_on_demand_models_are_routed_like_others(
+    tmp_path: Path,
+) -> None:
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    config = GatewayConfig(port=0, registry_dir=tmp_path / "registry", models_file=models)
+    runner, port = await start(config)
+    try:
+        async with aiohttp.ClientSession() as client:
+            status, text, _ = await ask(client, f"http://127.0.0.1:{port}", "m", False)
+    finally:
+        await runner.cleanup()
+    assert status == 503 and json.loads(text)["error"]["code"] == "no_ready_endpoint"
+
+
+async def test_stream_past_deadline_is_in_band_error_and_a_client_that_leaves_is_uncounted(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", start_deadline_s=0.5)
+    async with (
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        status, text, _ = await ask(client, url, "m", True)
+        assert status == 200 and "[DONE]" not in text
+        assert text.startswith(": submitting\n\n") or text.startswith(": pending")
+        event = [line for line in text.splitlines() if line.startswith("data: ")][-1]
+        assert json.loads(event[len("data: ") :])["error"]["code"] == "on_demand_starting"
+
+        waiting = asyncio.create_task(ask(client, url, "m", False))
+        await until(lambda: controller.states["m"].in_flight == 1)
+        waiting.cancel()
+        await until(lambda: controller.states["m"].in_flight == 0)
+    assert len(backend.submitted) == 1

@@ -1,0 +1,170 @@
+"""On-demand models on the real private Slurm cluster, with the real Gemma model.
+
+`mt gateway --backend slurm` runs as a subprocess; the model is configured ``on_demand``
+and no job runs for it when the requests arrive. ``sbatch`` on the gateway's PATH is a shim
+that logs each call and then execs the real sbatch, so the tests count submits as Slurm
+saw them, not as the gateway says it made them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mtcli import GEMMA, running_gateway
+from slurmcluster import SlurmCluster
+
+from hpc.registry import Record, Registry
+
+pytestmark = [pytest.mark.slurm, pytest.mark.llamacpp, pytest.mark.timeout(600)]
+
+BAD = "gemma-badpart"
+
+
+@pytest.fixture
+def sbatch_log(tmp_path: Path, cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A logging ``sbatch`` first on PATH; returns the log it appends one line per call to."""
+    real = shutil.which("sbatch")
+    assert real is not None
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    log = tmp_path / "sbatch-calls.log"
+    shim = shim_dir / "sbatch"
+    shim.write_text(
+        f'#!/bin/sh\necho "sbatch $*" >> {shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n',
+        encoding="utf-8",
+    )
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+@pytest.fixture
+def models(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Gemma model on demand, and a variant whose partition Slurm does not have."""
+    gemma = {
+        "name": GEMMA,
+        "engine": "llamacpp",
+        "weights": {"source": str(gemma_gguf)},
+        # llama-cpp-python's server cuts a running stream when the next request comes in
+        # unless told not to; 20 concurrent clients must all get whole answers.
+        "engine_args": [
+            "--chat_format",
+            "alpaca",
+            "--n_ctx",
+            "1024",
+            "--interrupt_requests",
+            "False",
+        ],
+        "startup_timeout_s": 120,
+        "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
+        "on_demand": {"idle_ttl_s": 5, "start_deadline_s": 240},
+    }
+    bad = {**gemma, "name": BAD, "slurm": {"partition": "nosuchpartition"}}
+    path = tmp_path / "models.yaml"
+    path.write_text(json.dumps({"models": [gemma, bad]}), encoding="utf-8")
+    monkeypatch.setenv("MT_MODELS", str(path))
+    return path
+
+
+def registry() -> Registry:
+    return Registry(Path(os.environ["MT_HOME"]) / "registry")
+
+
+def records_of(model: str) -> list[Record]:
+    return [r for r in registry().records() if r.model == model]
+
+
+def state_of(key: str) -> str | None:
+    record = registry().read(key)
+    return None if record is None else record.state
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def wait_for(check: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def ask(url: str, model: str, stream: bool) -> str:
+    """One chat request through the official client; the answer's text."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=400)
+    messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    if stream:
+        chunks = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    answer = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0
+    )
+    return answer.choices[0].message.content or ""
+
+
+def test_cold_burst_starts_one_job_idles_out_and_starts_again(
+    cluster: SlurmCluster, models: Path, sbatch_log: Path
+) -> None:
+    with running_gateway("--backend", "slurm") as url:
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = list(pool.map(lambda i: ask(url, GEMMA, i % 2 == 0), range(20)))
+        assert all(text.strip() for text in answers), answers
+        assert len(calls(sbatch_log)) == 1, calls(sbatch_log)
+        [first] = records_of(GEMMA)
+        assert first.state == "ready" and first.backend == "slurm"
+        assert first.started_by is not None and first.started_by.startswith("gateway on demand")
+
+        # idle_ttl_s 5: the gateway cancels its job; the wrapper drains and marks it gone.
+        wait_for(lambda: state_of(first.key) == "gone", 120, "the idle cancel")
+        queued = {str(j["job_id"]): j["job_state"] for j in cluster.jobs()}
+        assert queued.get(first.job_id) in (None, "CANCELLED", "COMPLETED", "COMPLETING")
+        state_file = Path(os.environ["MT_HOME"]) / "ondemand-state.json"
+        wait_for(
+            lambda: json.loads(state_file.read_text())["models"][GEMMA]["state"] == "idle",
+            30,
+            "the state file to say idle",
+        )
+
+        assert ask(url, GEMMA, True).strip()
+        assert len(calls(sbatch_log)) == 2
+        second = next(r for r in records_of(GEMMA) if r.key != first.key)
+        assert second.state == "ready"
+
+
+def test_bad_partition_fails_every_waiting_request_with_one_sbatch(
+    cluster: SlurmCluster, models: Path, sbatch_log: Path
+) -> None:
+    import openai
+
+    def failure(i: int) -> str:
+        try:
+            ask(url, BAD, i % 2 == 0)
+        except openai.APIError as exc:
+            status = getattr(exc, "status_code", None)
+            return f"{status} {exc}"
+        return "answered"
+
+    with running_gateway("--backend", "slurm") as url, ThreadPoolExecutor(10) as pool:
+        errors = list(pool.map(failure, range(10)))
+    assert len(calls(sbatch_log)) == 1, calls(sbatch_log)
+    for i, error in enumerate(errors):
+        assert "could not be started on demand" in error, error
+        assert "nosuchpartition" in error or "partition" in error.lower(), error
+        if i % 2:
+            assert error.startswith("503 "), error  # the stream's error comes in-band instead
+    assert records_of(BAD) == []
+    assert not [j for j in cluster.jobs() if str(j["name"]).startswith(f"mt-{BAD}-")]
