@@ -1,7 +1,7 @@
 """GPU memory a model needs: weights + KV cache + overhead (the table in docs/gpu-sizing.md).
 
-    weights  = params × bits_per_weight / 8
-    kv_cache = 2 (K and V) × layers × kv_heads × head_dim × kv_bytes × tokens × batch
+    weights  = params * bits_per_weight / 8
+    kv_cache = 2 (K and V) * layers * kv_heads * head_dim * kv_bytes * tokens * batch
     total    = weights + kv_cache + overhead (CUDA context, activations, allocator slack)
 
 The numbers are estimates for choosing ``resources.gpus`` and a GPU type, not promises: vLLM
@@ -64,7 +64,9 @@ def kv_cache_gib(shape: Shape, tokens: int, batch: int = 1, kv_bytes: float = 2.
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * kv_bytes * tokens * batch / GIB
 
 
-def total_gib(shape: Shape, quant: str, tokens: int, batch: int = 1, kv_bytes: float = 2.0) -> float:
+def total_gib(
+    shape: Shape, quant: str, tokens: int, batch: int = 1, kv_bytes: float = 2.0
+) -> float:
     """Weights + KV cache + overhead: what the GPUs must hold together."""
     weights = weights_gib(shape.params_b, BITS_PER_WEIGHT[quant])
     overhead = OVERHEAD_FIXED_GIB + OVERHEAD_FRACTION * weights

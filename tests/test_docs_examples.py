@@ -46,6 +46,7 @@ NOT_RUN_REASONS = {
     "remote": "needs a real remote site: a login node, a laptop, another host",
     "benchmark": "a measurement of minutes; tests/test_bench_*.py run the same code small",
     "suite": "builds the environment or runs this test suite itself",
+    "peer": "runs another tool as a service (tests/test_export.py runs LiteLLM's for real)",
 }
 
 _FENCE = re.compile(r"^```([A-Za-z0-9_-]*)\s*$")
@@ -56,10 +57,11 @@ _PLACEHOLDER = re.compile(r"<[a-z][a-z-]*>")
 GATEWAY_PORT_IN_DOCS = "8081"
 # The most recent job's key, as `mt status --json` lists it (the reader copies it by hand).
 _LAST_JOB = (
-    "\"$(mt status --json | python -c 'import json, sys; print(json.load(sys.stdin)[-1][\"key\"])')\""
+    '"$(mt status --json | python -c \'import json, sys; print(json.load(sys.stdin)[-1]["key"])\')"'
 )
 PLACEHOLDERS = {
     "<job>": _LAST_JOB,
+    "~/.mt/": "$MT_HOME/",  # the demo's state directory, not this machine user's
 }
 
 
@@ -104,9 +106,9 @@ def extract_blocks(doc: Path) -> list[Block]:
                 language=language,
                 text="\n".join(lines[start + 1 : end]),
                 not_run=(not_run.group(1), not_run.group(2)) if not_run else None,
-                needs=frozenset(n.strip() for n in needs.group(1).split(",")) if needs else (
-                    frozenset()
-                ),
+                needs=frozenset(n.strip() for n in needs.group(1).split(","))
+                if needs
+                else (frozenset()),
             )
         )
     return blocks
@@ -308,7 +310,8 @@ def test_example_runs(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        pytest.fail(f"{block.id} did not finish in 540 s:\n{body}\n--- output ---\n{log.read_text()}")
+        output = log.read_text(encoding="utf-8", errors="replace")
+        pytest.fail(f"{block.id} did not finish in 540 s:\n{body}\n--- output ---\n{output}")
     output = log.read_text(encoding="utf-8", errors="replace")
     assert proc.returncode == 0, (
         f"{block.id} exited {proc.returncode}:\n{body}\n--- output ---\n{output[-4000:]}"
