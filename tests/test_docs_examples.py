@@ -29,6 +29,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mtcli import gemma_models_yaml
@@ -147,6 +148,14 @@ def script_of(block: Block, port: int) -> str:
     return body.replace(GATEWAY_PORT_IN_DOCS, str(port))
 
 
+# Variables a block sets are kept for the next block (a reader's terminal keeps them), but
+# not bash's own: read-only ones, and those bash sets itself.
+_SHELL_OWN = (
+    "'^declare -[-a-zA-Z]*r|^declare -[-a-zA-Z]* (BASH|PIPESTATUS|FUNCNAME|GROUPS|DIRSTACK|"
+    "RANDOM|SRANDOM|SECONDS|LINENO|HISTCMD|EPOCH|OPTIND|OPTERR|IFS|PS4|PPID|SHLVL|PWD|OLDPWD|"
+    "COLUMNS|LINES|_=)'"
+)
+
 ALL_BLOCKS = [block for doc in DOCS for block in extract_blocks(doc)]
 
 
@@ -182,6 +191,7 @@ class DocSession:
     env: dict[str, str]
     state: Path
     groups: list[int] = field(default_factory=list)
+    cluster: Any = None  # the Slurm cluster, once a block of this document needed it
 
 
 def _free_port() -> int:
@@ -221,6 +231,8 @@ def _cleanup(session: DocSession) -> None:
                     check=False,
                     timeout=60,
                 )
+    if session.cluster is not None:
+        session.cluster.cancel_all()  # jobs submitted by hand (sbatch) too
     for group in session.groups:
         try:
             os.killpg(group, signal.SIGTERM)
@@ -278,8 +290,8 @@ def test_example_runs(
     session = _session(block, sessions, request, tmp_path_factory)
     env = dict(session.env)
     if "slurm" in block.needs:
-        cluster = request.getfixturevalue("slurm_cluster")
-        env |= {k: v for k, v in cluster.env.items() if k.startswith("SLURM")}
+        session.cluster = request.getfixturevalue("slurm_cluster")
+        env |= {k: v for k, v in session.cluster.env.items() if k.startswith("SLURM")}
     body = script_of(block, int(env["MT_DOCS_GATEWAY_PORT"]))
     cwd_file = session.state.with_suffix(".cwd")
     cwd = cwd_file.read_text(encoding="utf-8").strip() if cwd_file.exists() else ""
@@ -288,7 +300,7 @@ def test_example_runs(
         f"source {session.state}\n"
         f"cd {cwd or session.workdir}\n"
         f"{body}\n"
-        f"export -p > {session.state}\n"
+        f"declare -p | grep -Ev {_SHELL_OWN} > {session.state} || true\n"
         f"pwd > {cwd_file}\n"
     )
     log = session.state.with_suffix(f".{block.line}.log")
