@@ -157,6 +157,9 @@ _SHELL_OWN = (
 )
 
 ALL_BLOCKS = [block for doc in DOCS for block in extract_blocks(doc)]
+# A document's session is cleaned up after its last block, so engines of one page do not
+# slow down the next (two cores are enough for one small model at a time, not for eight).
+LAST_OF_DOC = {block.doc: block.id for block in ALL_BLOCKS}
 
 
 def test_every_marker_names_an_allowed_reason() -> None:
@@ -284,6 +287,19 @@ def test_example_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """The block runs to exit code 0 in its document's session (or is a listed skip)."""
+    try:
+        _run_block(block, sessions, request, tmp_path_factory)
+    finally:
+        if LAST_OF_DOC[block.doc] == block.id and block.doc in sessions:
+            _cleanup(sessions.pop(block.doc))
+
+
+def _run_block(
+    block: Block,
+    sessions: dict[Path, DocSession],
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     if block.not_run is not None:
         reason, why = block.not_run
         pytest.skip(f"{block.id}: not-run ({reason}: {NOT_RUN_REASONS.get(reason, '?')}): {why}")
