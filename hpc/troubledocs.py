@@ -286,9 +286,15 @@ def gateway_codes(modules: list[tuple[str, ast.Module]]) -> list[GatewayCode]:
     return [GatewayCode(s, t, c, tuple(messages[c])) for s, t, c in table]
 
 
-def _md(text: str) -> str:
-    """Inline code for a message or hint (a double-backtick span if it holds backticks)."""
-    flat = text.replace("\n", " ").replace("|", "\\|")
+def _md(text: str, *, in_table: bool = False) -> str:
+    """Inline code for a message or hint (a double-backtick span if it holds backticks).
+
+    Only inside a table does ``|`` need escaping (GitHub then unescapes it in code spans);
+    elsewhere the backslash would show.
+    """
+    flat = text.replace("\n", " ")
+    if in_table:
+        flat = flat.replace("|", "\\|")
     return f"`` {flat} ``" if "`" in flat else f"`{flat}`"
 
 
@@ -348,7 +354,7 @@ def render(root: Path = ROOT) -> str:
         "| --- | --- | --- | --- |",
     ]
     for code in codes:
-        shown = "<br>".join(_md(m) for m in code.messages) or "(set at run time)"
+        shown = "<br>".join(_md(m, in_table=True) for m in code.messages) or "(set at run time)"
         out.append(
             f"| {code.status} {code.type} | `{code.code}` | {shown} | {GATEWAY_ADVICE[code.code]} |"
         )
