@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -311,13 +312,14 @@ def _run_block(
     body = script_of(block, int(env["MT_DOCS_GATEWAY_PORT"]))
     cwd_file = session.state.with_suffix(".cwd")
     cwd = cwd_file.read_text(encoding="utf-8").strip() if cwd_file.exists() else ""
+    state, where = shlex.quote(str(session.state)), shlex.quote(cwd or str(session.workdir))
     script = (
         "set -eo pipefail\n"
-        f"source {session.state}\n"
-        f"cd {cwd or session.workdir}\n"
+        f"source {state}\n"
+        f"cd {where}\n"
         f"{body}\n"
-        f"declare -p | grep -Ev {_SHELL_OWN} > {session.state} || true\n"
-        f"pwd > {cwd_file}\n"
+        f"declare -p | grep -Ev {_SHELL_OWN} > {state} || true\n"
+        f"pwd > {shlex.quote(str(cwd_file))}\n"
     )
     log = session.state.with_suffix(f".{block.line}.log")
     # Output to a file, not a pipe: a background process the block starts (a gateway) keeps
