@@ -12,6 +12,13 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 WHEELHOUSE := $(HOME)/.cache/modeltainer/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx2
 
+# LiteLLM's proxy for the `mt export litellm` round trip (tests/test_export.py): its own venv,
+# cached per version beside the wheelhouse, never in .venv (it drags huggingface_hub, boto3,
+# prisma, …). The test finds its `litellm` command through MT_LITELLM.
+# 1.106.2: 1.109.x needs a certifi newer than the package index here offers.
+LITELLM_VERSION := 1.106.2
+LITELLM_VENV := $(HOME)/.cache/modeltainer/litellm-$(LITELLM_VERSION)
+
 .PHONY: help demo test lint fmt clean deps bench
 
 help:
@@ -52,6 +59,12 @@ $(VENV)/.litellm-stamp: $(VENV)/.dev-stamp
 	$(BIN)/pip install --quiet 'litellm[proxy]'
 	touch $@
 
+$(LITELLM_VENV)/.stamp:
+	@echo "==> LiteLLM $(LITELLM_VERSION) into its own venv $(LITELLM_VENV) (once, about a minute)"
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
+
 bench: $(VENV)/.dev-stamp $(VENV)/.litellm-stamp
 	$(BIN)/python -m bench.overhead --concurrency 1,64 --requests 256 --max-tokens 64 --paths direct,bare,mt,litellm --rss-after 10000 --out bench-results/overhead
 
@@ -60,8 +73,8 @@ lint: $(VENV)/.dev-stamp
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(VENV)/.llamacpp-stamp
-	$(BIN)/pytest -q -ra
+test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp
+	MT_LITELLM=$(LITELLM_VENV)/bin/litellm $(BIN)/pytest -q -ra
 
 fmt: $(VENV)/.dev-stamp
 	$(BIN)/ruff format .

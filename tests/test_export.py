@@ -23,6 +23,7 @@ import pytest
 import yaml
 from mtcli import mt, running_gateway
 from pydantic import SecretStr
+from realparts import missing_part
 
 from hpc.catalog import ServedModel, served_models
 from hpc.export import TOOLS, ExportError, Tool, api_url, job_key_env, render
@@ -31,6 +32,9 @@ from hpc.spec import ModelsFile
 
 GOLDEN = Path(__file__).parent / "golden" / "export"
 UPDATE = os.environ.get("MT_UPDATE_GOLDEN") == "1"  # read before the env is cleaned
+# `make test` installs LiteLLM's proxy into its own venv and names its command here, so the
+# round trip runs without LiteLLM in the project's venv (read before the env is cleaned).
+LITELLM = os.environ.get("MT_LITELLM", "")
 GATEWAY = "http://login1.cluster.example:8081/v1"
 JOB_KEY = "mtj-this-per-job-key-must-never-be-exported"
 REPO = Path(__file__).resolve().parent.parent
@@ -238,14 +242,27 @@ def test_cli_writes_a_private_file_and_refuses_direct_for_others(
 # --- the LiteLLM round trip -------------------------------------------------------------
 
 
-def _litellm_missing() -> str | None:
-    try:
-        import litellm.proxy.proxy_cli  # noqa: F401
-    except ImportError as exc:
-        return f"LiteLLM's proxy is not installed ({exc.name}): pip install 'litellm[proxy]'"
-    if not (Path(sys.executable).parent / "litellm").is_file():
-        return "the `litellm` command is not next to this Python"
-    return None
+def litellm_command() -> Path:
+    """LiteLLM's `litellm` command: $MT_LITELLM (`make test` sets it), else next to this Python.
+
+    Without either, the round trip skips (LiteLLM is not a ModelTainer dependency), or fails
+    when MT_TEST_REQUIRE names ``litellm`` (.ci/run does). A set MT_LITELLM that points at
+    nothing runnable always fails: a typo must not turn the test into a skip.
+    """
+    if LITELLM:
+        command = Path(LITELLM)
+        assert command.is_file() and os.access(command, os.X_OK), (
+            f"MT_LITELLM={LITELLM} is not an executable file (make test installs it)"
+        )
+        return command
+    beside = Path(sys.executable).parent / "litellm"
+    if not beside.is_file():
+        missing_part(
+            "litellm",
+            "no `litellm` command: run `make test` (it installs LiteLLM's proxy into its own "
+            "venv and sets MT_LITELLM), or set MT_LITELLM to a `litellm` command",
+        )
+    return beside
 
 
 def _free_port() -> int:
@@ -304,7 +321,7 @@ def fake_engine(tmp_path: Path, key: str) -> Iterator[str]:
 def litellm_proxy(config: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     """`litellm --config FILE` on a free loopback port; yields its OpenAI root once it is up."""
     port = _free_port()
-    argv = [str(Path(sys.executable).parent / "litellm"), "--config", str(config)]
+    argv = [str(litellm_command()), "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
     # No network here: LiteLLM's bundled cost map, no telemetry.
     env = {**env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
@@ -337,14 +354,13 @@ def _ask(base_url: str, key: str) -> str:
     return answer.choices[0].message.content or ""
 
 
+@pytest.mark.litellm
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("direct", [False, True], ids=["via-gateway", "direct"])
 def test_litellm_round_trip(direct: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LiteLLM's real proxy, started with the exported config, answers a chat completion:
     through `mt gateway` (which adds the engine's key) or, with --direct, straight to it."""
-    missing = _litellm_missing()
-    if missing is not None:
-        pytest.skip(f"litellm not available (not a ModelTainer dependency): {missing}")
+    litellm_command()  # skips (or fails under MT_TEST_REQUIRE) before anything starts
     engine_key = "engine-key-for-this-test"
     master_key = "sk-litellm-master-for-this-test"
     with fake_engine(tmp_path, engine_key) as engine_url:
