@@ -2,13 +2,16 @@
 
 The body is read once (``client_max_size`` caps it), parsed once for ``model`` and
 ``stream``, and the original bytes go upstream with the upstream's own key; the client's
-key never leaves the gateway. A connection failure before any byte reached the client moves
-on to the next replica (least outstanding requests first, see ``balancer``). A stream is
-relayed event by event as it arrives: no per-chunk JSON parsing; only the last few bytes are
-kept, to see whether ``data: [DONE]`` came, and an incomplete trailing event waits for its
-end. A stream that breaks, or ends without ``[DONE]``, gets an in-band ``data: {"error": …}``
-event and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
-engine's own in-band error event (found by a bytes search for ``{"error"``).
+key never leaves the gateway. Nothing reaches the client before the upstream's status and,
+for a stream, its first whole event are in: until then a replica that cannot be reached,
+answers 5xx, breaks, or opens its stream with an error event is passed over for the next
+one (least outstanding requests first, see ``balancer``), and the client gets one error if
+none answers. A stream is then relayed event by event as it arrives: no per-chunk JSON
+parsing; only the last few bytes are kept, to see whether ``data: [DONE]`` came, and an
+incomplete trailing event waits for its end. A stream that breaks after that, or ends
+without ``[DONE]``, gets an in-band ``data: {"error": …}`` event and no ``[DONE]``, so a
+client can tell a cut answer from a whole one; so does an engine's own in-band error event
+(found by a bytes search for ``{"error"``).
 
 Three clocks, each with its own 504 code: connecting (aiohttp's ``connect`` timeout), the
 first byte of the body (``first_token_timeout_s``, from sending), and the silence between
@@ -29,6 +32,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -254,6 +258,28 @@ def _at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """Why a replica could not answer, while nothing had reached the client yet: the
+    answer the client gets if no other replica can (the last one wins)."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: str | None = None
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        return openai_error(self.status, self.message, SERVER_ERROR, self.code, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Primed:
+    """A stream whose status and first whole event are in: it is safe to commit the 200."""
+
+    first: bytes
+
+
 async def _forward(
     request: web.Request,
     candidates: tuple[Upstream, ...],
@@ -262,40 +288,74 @@ async def _forward(
     strip_usage: bool,
     info: RequestInfo,
 ) -> web.StreamResponse:
-    """Send to the best replica; on to the next only if one cannot be reached at all."""
+    """Send to the best replica; on to the next while nothing has reached the client.
+
+    A replica that cannot be reached, answers 5xx, breaks before its first event, or opens
+    its stream with an error event is passed over (and counted against it by the balancer);
+    the client gets the last replica's failure if none answers. 4xx and timeouts are final:
+    the client's request is at fault, or the time-to-first-token clock has run out.
+    """
     config = request.app[CONFIG]
     session = request.app[SESSION]
     balancer = request.app[BALANCER]
     metrics = request.app[METRICS]
     suffix = request.path[len(API_PREFIX) :]
     loop = asyncio.get_running_loop()
-    unreachable = "upstream_unavailable"
+    failure = _Failure(
+        503,
+        "upstream_unavailable",
+        f"no upstream for model {info.model!r} could be reached ({len(candidates)} tried)",
+        str(config.retry_after_s),
+    )
     for upstream in balancer.order(candidates):
         info.upstream = upstream.source
         balancer.started(upstream)
+        response: aiohttp.ClientResponse | None = None
         try:
             sent_at = time.monotonic()
             # The time-to-first-token clock runs from here to the first byte of the body.
             first_byte_by = loop.time() + config.first_token_timeout_s
             try:
                 async with timeout_at(first_byte_by):
-                    response = await _send(session, upstream, suffix, body, info.request_id)
+                    sent = await _send(session, upstream, suffix, body, info.request_id)
             except asyncio.TimeoutError:
                 return _timeout_error(upstream, "upstream_first_token_timeout", config)
             except aiohttp.ClientError as exc:
                 return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
-            if isinstance(response, str):
-                unreachable = response
+            if isinstance(sent, str):
+                failure = _unreachable(sent, info, len(candidates), config)
                 balancer.failed(upstream)
                 metrics.upstream_failures[upstream.source] += 1
                 continue
-            balancer.succeeded(upstream)
+            response = sent
             metrics.upstream_latency.observe(info.model or "-", time.monotonic() - sent_at)
+            answer = await _attempt(request, response, upstream, stream, info, first_byte_by)
+            if isinstance(answer, _Failure):
+                failure = answer
+                balancer.failed(upstream)
+                metrics.upstream_failures[upstream.source] += 1
+                log.warning(
+                    "upstream failed before the first byte",
+                    extra=fields(
+                        request_id=info.request_id,
+                        upstream=upstream.source,
+                        status=answer.status,
+                        error=answer.message,
+                    ),
+                )
+                continue
+            balancer.succeeded(upstream)
+            if isinstance(answer, web.StreamResponse):
+                _charge(request, info)
+                return answer
             try:
-                return await _relay(
-                    request, response, upstream, stream, strip_usage, info, first_byte_by
+                return await _relay_stream(
+                    request, response, upstream, answer.first, strip_usage, info
                 )
             finally:
+                _charge(request, info)
+        finally:
+            if response is not None:
                 # A response read to its end goes back to the pool; anything else (a cut
                 # stream, a client that left, a cancelled handler) closes the connection,
                 # which is what tells the engine to stop generating.
@@ -303,26 +363,26 @@ async def _forward(
                     response.release()
                 else:
                     response.close()
-                _charge(request, info)
-        finally:
             balancer.finished(upstream)
 
     info.upstream = None
-    tried = f"{len(candidates)} tried"
-    if unreachable == "upstream_connect_timeout":
-        return openai_error(
+    info.outcome = failure.code
+    return failure.response()
+
+
+def _unreachable(code: str, info: RequestInfo, tried: int, config: GatewayConfig) -> _Failure:
+    if code == "upstream_connect_timeout":
+        return _Failure(
             504,
+            code,
             f"no upstream for model {info.model!r} accepted a connection within "
-            f"{config.connect_timeout_s:g} s ({tried})",
-            SERVER_ERROR,
-            unreachable,
+            f"{config.connect_timeout_s:g} s ({tried} tried)",
         )
-    return openai_error(
+    return _Failure(
         503,
-        f"no upstream for model {info.model!r} could be reached ({tried})",
-        SERVER_ERROR,
         "upstream_unavailable",
-        headers={"Retry-After": str(config.retry_after_s)},
+        f"no upstream for model {info.model!r} could be reached ({tried} tried)",
+        str(config.retry_after_s),
     )
 
 
@@ -377,15 +437,15 @@ def _bad_upstream(upstream: Upstream, what: str) -> web.Response:
     )
 
 
-async def _relay(
+async def _attempt(
     request: web.Request,
     response: aiohttp.ClientResponse,
     upstream: Upstream,
     stream: bool,
-    strip_usage: bool,
     info: RequestInfo,
     first_byte_by: float,
-) -> web.StreamResponse:
+) -> web.StreamResponse | _Primed | _Failure:
+    """The final answer, a stream ready to relay, or a failure another replica may fix."""
     if response.status in (401, 403):
         # The upstream refused the gateway's key, not the client's: passing the status on
         # would tell the client its own key is wrong.
@@ -394,19 +454,28 @@ async def _relay(
         )
     config = request.app[CONFIG]
     if stream and response.status == 200 and response.content_type == "text/event-stream":
-        return await _relay_stream(request, response, upstream, strip_usage, info, first_byte_by)
+        return await _first_event(response.content, upstream, first_byte_by, config)
     try:
         body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
     except _UpstreamTimeout as exc:
         return _timeout_error(upstream, exc.code, config)
     except aiohttp.ClientError as exc:
-        return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
+        return _Failure(
+            502, "upstream_error", f"upstream {upstream.source} failed: {type(exc).__name__}"
+        )
     headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
+    retry_after = response.headers.get("Retry-After")
+    if response.status >= 500:
+        message = f"upstream {upstream.source} answered {response.status}"
+        if _is_json_object(body):
+            message += f": {_error_message(body)}"
+        if response.status == 503:
+            return _Failure(503, "upstream_unavailable", message, retry_after or "1")
+        return _Failure(502, "upstream_error", message)
     if response.status >= 400:
         if not _is_json_object(body):
             return _bad_upstream(upstream, f"it answered {response.status} without a JSON error")
-        retry_after = response.headers.get("Retry-After")
-        if retry_after is not None and response.status in (429, 503):
+        if retry_after is not None and response.status == 429:
             headers["Retry-After"] = retry_after
     if response.status == 200:
         at = body.rfind(b'"usage"')
@@ -414,6 +483,43 @@ async def _relay(
         if usage is not None:
             _note_usage(info, usage)
     return web.Response(status=response.status, body=body, headers=headers)
+
+
+async def _first_event(
+    content: aiohttp.StreamReader, upstream: Upstream, first_byte_by: float, config: GatewayConfig
+) -> web.StreamResponse | _Primed | _Failure:
+    """Read up to the end of the stream's first event, before the client is promised a 200.
+
+    A stream that ends or breaks first, or whose first event is the engine's error, has
+    sent the client nothing yet: another replica may still answer it whole.
+    """
+    data = b""
+    try:
+        async with timeout_at(first_byte_by):
+            while b"\n\n" not in data and b"\r\n\r\n" not in data:
+                if len(data) >= _MAX_CARRY_BYTES:
+                    break
+                chunk = await content.readany()
+                if not chunk:
+                    return _Failure(
+                        502,
+                        "upstream_error",
+                        f"upstream {upstream.source} ended the stream before its first event",
+                    )
+                data += chunk
+    except asyncio.TimeoutError:
+        return _timeout_error(upstream, "upstream_first_token_timeout", config)
+    except aiohttp.ClientError as exc:
+        return _Failure(
+            502,
+            "upstream_error",
+            f"upstream {upstream.source} broke off the stream before its first event "
+            f"({type(exc).__name__})",
+        )
+    if _engine_error_at(data.lstrip()) == 0:
+        message = _engine_error_message(data.lstrip().split(b"\n\n", 1)[0])
+        return _Failure(502, "upstream_error", f"upstream {upstream.source} reported: {message}")
+    return _Primed(data)
 
 
 class _UpstreamTimeout(Exception):
@@ -448,29 +554,19 @@ class _Watch:
 
     One timer per stream that wakes up about once per limit, instead of a timer armed and
     cancelled around every read (a few microseconds per chunk): a read only notes when it
-    started waiting. When a wait passes its limit, the upstream's stream is failed with
-    ``_UpstreamTimeout``, which the pending read raises. Until the first byte the limit is
-    the fixed time-to-first-token deadline; after it, ``idle_s`` from the start of each wait.
+    started waiting. When a wait passes ``idle_s``, the upstream's stream is failed with
+    ``_UpstreamTimeout``, which the pending read raises. The watch starts once the first
+    event is in (``_first_event`` keeps the time-to-first-token clock until then).
     """
 
-    __slots__ = (
-        "_content",
-        "_first_byte_by",
-        "_handle",
-        "_idle_s",
-        "_loop",
-        "started",
-        "waiting_since",
-    )
+    __slots__ = ("_content", "_handle", "_idle_s", "_loop", "waiting_since")
 
-    def __init__(self, content: aiohttp.StreamReader, first_byte_by: float, idle_s: float) -> None:
+    def __init__(self, content: aiohttp.StreamReader, idle_s: float) -> None:
         self._content = content
-        self._first_byte_by = first_byte_by
         self._idle_s = idle_s
         self._loop = asyncio.get_running_loop()
-        self.started = False  # the first byte came (see ``first_byte``)
         self.waiting_since: float | None = None
-        self._handle = self._loop.call_at(first_byte_by, self._check)
+        self._handle = self._loop.call_at(self._loop.time() + idle_s, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -479,18 +575,11 @@ class _Watch:
             # Not waiting for the upstream (writing to a slow client, say): no silence yet.
             self._handle = self._loop.call_at(now + self._idle_s, self._check)
             return
-        limit_at = since + self._idle_s if self.started else self._first_byte_by
+        limit_at = since + self._idle_s
         if now < limit_at:
             self._handle = self._loop.call_at(limit_at, self._check)
             return
-        code = "upstream_idle_timeout" if self.started else "upstream_first_token_timeout"
-        self._content.set_exception(_UpstreamTimeout(code))
-
-    def first_byte(self) -> None:
-        """The first byte came: from now on each wait may last ``idle_s``."""
-        self.started = True
-        self._handle.cancel()
-        self._handle = self._loop.call_at(self._loop.time() + self._idle_s, self._check)
+        self._content.set_exception(_UpstreamTimeout("upstream_idle_timeout"))
 
     def close(self) -> None:
         """Stop the timer."""
@@ -524,7 +613,11 @@ def _engine_error_at(chunk: bytes) -> int:
 
 def _engine_error_message(event: bytes) -> str:
     """The engine's message from its error event (parsed: this is not the hot path)."""
-    data = event.strip()[len(b"data:") :]
+    return _error_message(event.strip()[len(b"data:") :])
+
+
+def _error_message(data: bytes) -> str:
+    """The message of an OpenAI-shaped error object, or the bytes themselves (cut short)."""
     try:
         error = json.loads(data)["error"]
     except (ValueError, KeyError, TypeError):
@@ -538,17 +631,18 @@ async def _relay_stream(
     request: web.Request,
     response: aiohttp.ClientResponse,
     upstream: Upstream,
+    first: bytes,
     strip_usage: bool,
     info: RequestInfo,
-    first_byte_by: float,
 ) -> web.StreamResponse:
+    """Commit the 200 and relay ``first`` (already read) and the rest of the stream."""
     out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
     await out.prepare(request)
     config = request.app[CONFIG]
     content = response.content
-    watch = _Watch(content, first_byte_by, config.idle_timeout_s)
+    watch = _Watch(content, config.idle_timeout_s)
     try:
-        return await _relay_events(out, content, watch, upstream, strip_usage, info, config)
+        return await _relay_events(out, content, first, watch, upstream, strip_usage, info, config)
     finally:
         watch.close()
 
@@ -556,6 +650,7 @@ async def _relay_stream(
 async def _relay_events(
     out: web.StreamResponse,
     content: aiohttp.StreamReader,
+    first: bytes,
     watch: _Watch,
     upstream: Upstream,
     strip_usage: bool,
@@ -566,27 +661,29 @@ async def _relay_events(
     tail = b""
     carry = b""
     failure: tuple[str, str] | None = None
+    pending = first
     while True:
-        # readany() is what iter_any() loops over; calling it here keeps the upstream's
-        # errors (reads) apart from the client's (writes), and the watch times the wait
-        # for the upstream only: a slow client pauses the upstream, not the clock.
-        watch.waiting_since = loop.time()
-        try:
-            chunk = await content.readany()
-        except _UpstreamTimeout as exc:
-            failure = (_timeout_message(upstream, exc.code, config), exc.code)
-            break
-        except aiohttp.ClientError as exc:
-            failure = (
-                f"upstream {upstream.source} broke off the stream ({type(exc).__name__})",
-                "upstream_error",
-            )
-            break
-        watch.waiting_since = None
-        if not chunk:
-            break
-        if not watch.started:
-            watch.first_byte()
+        if pending:
+            chunk, pending = pending, b""
+        else:
+            # readany() is what iter_any() loops over; calling it here keeps the upstream's
+            # errors (reads) apart from the client's (writes), and the watch times the wait
+            # for the upstream only: a slow client pauses the upstream, not the clock.
+            watch.waiting_since = loop.time()
+            try:
+                chunk = await content.readany()
+            except _UpstreamTimeout as exc:
+                failure = (_timeout_message(upstream, exc.code, config), exc.code)
+                break
+            except aiohttp.ClientError as exc:
+                failure = (
+                    f"upstream {upstream.source} broke off the stream ({type(exc).__name__})",
+                    "upstream_error",
+                )
+                break
+            watch.waiting_since = None
+            if not chunk:
+                break
         if carry:
             chunk, carry = carry + chunk, b""
         if not chunk.endswith(b"\n\n"):
