@@ -44,6 +44,8 @@ from gateway.state import (
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# Which model answered: the one asked for, the model an alias stands for, or a fallback.
+SERVED_MODEL_HEADER = "x-mt-served-model"
 # A caller's request id is echoed and logged, so only a short, plain one is taken.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BEARER = "bearer "
@@ -76,6 +78,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 method=request.method,
                 path=request.path,
                 model=info.model,
+                served_model=info.served_model,
                 status=status,
                 upstream=info.upstream,
                 client=info.client,
@@ -92,6 +95,8 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
     info = request.get(REQUEST_INFO)
     if info is not None:
         response.headers[REQUEST_ID_HEADER] = info.request_id
+        if info.served_model is not None:
+            response.headers[SERVED_MODEL_HEADER] = info.served_model
         if info.ratelimit_headers:
             response.headers.update(info.ratelimit_headers)
 
@@ -139,11 +144,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: every routable name, in OpenAI's list shape."""
+    """GET /v1/models: every routable name and alias, in OpenAI's list shape."""
     routes = request.app[LIVE].snapshot.routes
     data = []
     for name in routes.names():
-        created = min((u.created for u in routes.upstreams(name) if u.created), default=0)
+        upstreams = routes.upstreams(routes.resolve(name))
+        created = min((u.created for u in upstreams if u.created), default=0)
         data.append({"id": name, "object": "model", "created": created, "owned_by": "modeltainer"})
     return web.json_response({"object": "list", "data": data})
 

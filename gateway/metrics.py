@@ -56,6 +56,8 @@ class Metrics:
         self.upstream_latency = Histogram()
         self.duration = Histogram()
         self.upstream_failures: dict[str, int] = defaultdict(int)
+        # (model asked for, model that answered instead), for models.yaml fallbacks.
+        self.fallbacks: dict[tuple[str, str], int] = defaultdict(int)
 
     def finished(self, model: str, status: int, duration_s: float) -> None:
         """Count one request, whatever its path, by model and status."""
@@ -102,6 +104,15 @@ class Metrics:
         ]
         for source, count in sorted(self.upstream_failures.items()):
             out.append(f'mt_gateway_upstream_failures_total{{replica="{_escape(source)}"}} {count}')
+        out += [
+            "# HELP mt_gateway_fallbacks_total Requests a fallback model answered, by the "
+            "model asked for and the one that answered.",
+            "# TYPE mt_gateway_fallbacks_total counter",
+        ]
+        for (model, served), count in sorted(self.fallbacks.items()):
+            out.append(
+                f'mt_gateway_fallbacks_total{{model="{model}",served_model="{served}"}} {count}'
+            )
         if replicas is not None:
             out += [
                 "# HELP mt_gateway_replica_outstanding Requests in flight per replica.",

@@ -81,7 +81,7 @@ _SSE_HEADERS = {
 }
 
 
-def _no_route(routes: RouteTable, model: str, retry_after_s: int) -> web.Response:
+def _no_route(routes: RouteTable, model: str, canonical: str, retry_after_s: int) -> web.Response:
     if not routes.is_known(model):
         return openai_error(
             404,
@@ -90,10 +90,10 @@ def _no_route(routes: RouteTable, model: str, retry_after_s: int) -> web.Respons
             "model_not_found",
             param="model",
         )
-    if routes.is_starting(model):
+    if routes.is_starting(canonical):
         hint = "a job for it is starting; retry shortly"
     else:
-        hint = f"hint: mt submit {model}"
+        hint = f"hint: mt submit {canonical}"
     return openai_error(
         503,
         f"model {model!r} is configured but has no ready endpoint ({hint})",
@@ -166,7 +166,7 @@ def _charge(request: web.Request, info: RequestInfo) -> None:
     prompt, completion = info.prompt_tokens, info.completion_tokens
     if prompt is None and completion is None:
         return
-    request.app[METRICS].count_tokens(info.model or "-", prompt, completion)
+    request.app[METRICS].count_tokens(info.served_model or "-", prompt, completion)
     if info.buckets is not None:
         info.buckets.spend_tokens((prompt or 0) + (completion or 0))
 
@@ -208,8 +208,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     info.model = model[:200]
     stream = payload.get("stream") is True
 
+    config = request.app[CONFIG]
+    routes = request.app[LIVE].snapshot.routes
+    canonical = routes.resolve(model)
     client = info.client_entry
-    if client is not None and not client.allows(model):
+    if client is not None and not (client.allows(model) or client.allows(canonical)):
         return openai_error(
             403,
             f"this key may not use model {model[:200]!r}",
@@ -222,12 +225,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if limited is not None:
             return limited
 
-    config = request.app[CONFIG]
-    routes = request.app[LIVE].snapshot.routes
-    candidates = routes.pick(model)
-    if not candidates:
+    # The model itself, then its fallbacks (those the key may use), each tried only when
+    # every replica of the one before failed with nothing sent to the client yet.
+    plan = [canonical]
+    plan += [f for f in routes.fallbacks(canonical) if client is None or client.allows(f)]
+    if not any(routes.upstreams(served) for served in plan):
         info.routed = routes.is_known(model)
-        return _no_route(routes, model[:200], config.retry_after_s)
+        return _no_route(routes, model[:200], canonical, config.retry_after_s)
     info.routed = True
 
     strip_usage = False
@@ -235,13 +239,36 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         body, strip_usage = _with_usage(payload, body)
 
     admission = request.app[ADMISSION]
-    full = admission.enter(model)
+    full = admission.enter(canonical)
     if full is not None:
         return _at_capacity(model[:200], full, config.retry_after_s)
     try:
-        return await _forward(request, candidates, body, stream, strip_usage, info)
+        failure: _Failure | None = None
+        for served in plan:
+            candidates = routes.pick(served)
+            if not candidates:
+                continue
+            info.served_model = served
+            if served != canonical:
+                request.app[METRICS].fallbacks[(canonical, served)] += 1
+            # The engine knows its model by its own name, not by an alias or the name
+            # the client asked for; only then is the body re-serialized.
+            served_body = body if served == model else _renamed(payload, served)
+            answer = await _forward(request, candidates, served_body, stream, strip_usage, info)
+            if not isinstance(answer, _Failure):
+                return answer
+            failure = answer
+        if failure is None:  # not reached: the table is immutable, and checked above
+            return _no_route(routes, model[:200], canonical, config.retry_after_s)
+        info.upstream = None
+        info.outcome = failure.code
+        return failure.response()
     finally:
-        admission.leave(model)
+        admission.leave(canonical)
+
+
+def _renamed(payload: dict[str, Any], model: str) -> bytes:
+    return json.dumps({**payload, "model": model}).encode("utf-8")
 
 
 def _at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
@@ -287,13 +314,14 @@ async def _forward(
     stream: bool,
     strip_usage: bool,
     info: RequestInfo,
-) -> web.StreamResponse:
+) -> web.StreamResponse | _Failure:
     """Send to the best replica; on to the next while nothing has reached the client.
 
     A replica that cannot be reached, answers 5xx, breaks before its first event, or opens
     its stream with an error event is passed over (and counted against it by the balancer);
     the client gets the last replica's failure if none answers. 4xx and timeouts are final:
-    the client's request is at fault, or the time-to-first-token clock has run out.
+    the client's request is at fault, or the time-to-first-token clock has run out. When
+    every replica failed, the last failure is returned (the caller may try a fallback).
     """
     config = request.app[CONFIG]
     session = request.app[SESSION]
@@ -301,12 +329,8 @@ async def _forward(
     metrics = request.app[METRICS]
     suffix = request.path[len(API_PREFIX) :]
     loop = asyncio.get_running_loop()
-    failure = _Failure(
-        503,
-        "upstream_unavailable",
-        f"no upstream for model {info.model!r} could be reached ({len(candidates)} tried)",
-        str(config.retry_after_s),
-    )
+    model = candidates[0].model
+    failure = _unreachable("upstream_unavailable", model, len(candidates), config)
     for upstream in balancer.order(candidates):
         info.upstream = upstream.source
         balancer.started(upstream)
@@ -323,12 +347,12 @@ async def _forward(
             except aiohttp.ClientError as exc:
                 return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
             if isinstance(sent, str):
-                failure = _unreachable(sent, info, len(candidates), config)
+                failure = _unreachable(sent, model, len(candidates), config)
                 balancer.failed(upstream)
                 metrics.upstream_failures[upstream.source] += 1
                 continue
             response = sent
-            metrics.upstream_latency.observe(info.model or "-", time.monotonic() - sent_at)
+            metrics.upstream_latency.observe(model, time.monotonic() - sent_at)
             answer = await _attempt(request, response, upstream, stream, info, first_byte_by)
             if isinstance(answer, _Failure):
                 failure = answer
@@ -365,23 +389,21 @@ async def _forward(
                     response.close()
             balancer.finished(upstream)
 
-    info.upstream = None
-    info.outcome = failure.code
-    return failure.response()
+    return failure
 
 
-def _unreachable(code: str, info: RequestInfo, tried: int, config: GatewayConfig) -> _Failure:
+def _unreachable(code: str, model: str, tried: int, config: GatewayConfig) -> _Failure:
     if code == "upstream_connect_timeout":
         return _Failure(
             504,
             code,
-            f"no upstream for model {info.model!r} accepted a connection within "
+            f"no upstream for model {model!r} accepted a connection within "
             f"{config.connect_timeout_s:g} s ({tried} tried)",
         )
     return _Failure(
         503,
         "upstream_unavailable",
-        f"no upstream for model {info.model!r} could be reached ({tried} tried)",
+        f"no upstream for model {model!r} could be reached ({tried} tried)",
         str(config.retry_after_s),
     )
 

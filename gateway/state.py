@@ -25,7 +25,8 @@ class RequestInfo:
     started: float = field(default_factory=time.monotonic)
     client: str | None = None
     client_entry: Client | None = None
-    model: str | None = None
+    model: str | None = None  # as the client asked (perhaps an alias)
+    served_model: str | None = None  # the model that answers (itself, or a fallback)
     upstream: str | None = None
     outcome: str | None = None
     routed: bool = False  # the model is one the gateway knows (bounds metric labels)
