@@ -85,6 +85,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 outcome=info.outcome,
                 prompt_tokens=info.prompt_tokens,
                 completion_tokens=info.completion_tokens,
+                tokens_estimated=info.tokens_estimated or None,
                 duration_ms=round(duration_s * 1000, 1),
             ),
         )

@@ -42,6 +42,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, SERVER_ERROR, error_body, openai_error
 from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
+from gateway.metrics import Gaps, Metrics
 from gateway.routes import RouteTable, Upstream
 from gateway.state import (
     ADMISSION,
@@ -161,14 +162,53 @@ def _note_usage(info: RequestInfo, usage: dict[str, Any]) -> None:
         info.completion_tokens = completion
 
 
-def _charge(request: web.Request, info: RequestInfo) -> None:
-    """Count the request's tokens in the metrics and its key's token bucket."""
+def _charge(request: web.Request, info: RequestInfo, *, stream: bool) -> None:
+    """Count the request's tokens in the metrics and its key's token bucket.
+
+    A stream cut or abandoned before its usage event still used the engine: it is charged
+    an estimate (completion: the events relayed; prompt: the upstream's count if one was
+    seen, else a quarter of the prompt's characters), marked ``estimated`` in the log line.
+    """
     prompt, completion = info.prompt_tokens, info.completion_tokens
+    metrics = request.app[METRICS]
+    model = info.served_model or "-"
+    if stream and completion is None and info.events_relayed:
+        completion = info.events_relayed
+        if prompt is None:
+            prompt = _prompt_chars(info.payload) // 4
+        info.prompt_tokens, info.completion_tokens = prompt, completion
+        info.tokens_estimated = True
+        metrics.estimated_tokens[(model, "prompt")] += prompt
+        metrics.estimated_tokens[(model, "completion")] += completion
     if prompt is None and completion is None:
         return
-    request.app[METRICS].count_tokens(info.served_model or "-", prompt, completion)
+    metrics.count_tokens(model, prompt, completion)
     if info.buckets is not None:
         info.buckets.spend_tokens((prompt or 0) + (completion or 0))
+
+
+def _prompt_chars(payload: dict[str, Any] | None) -> int:
+    """Characters of the prompt: ``prompt`` (text or list of texts) or the messages' text."""
+    if payload is None:
+        return 0
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) for p in prompt if isinstance(p, str))
+    total = 0
+    messages = payload.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):  # parts: {"type": "text", "text": …}
+            total += sum(
+                len(part["text"])
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return total
 
 
 def _upstream_headers(upstream: Upstream, request_id: str) -> dict[str, str]:
@@ -206,6 +246,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             param="model",
         )
     info.model = model[:200]
+    info.payload = payload
     stream = payload.get("stream") is True
 
     config = request.app[CONFIG]
@@ -336,7 +377,7 @@ async def _forward(
         balancer.started(upstream)
         response: aiohttp.ClientResponse | None = None
         try:
-            sent_at = time.monotonic()
+            sent_at = info.sent_at = time.monotonic()
             # The time-to-first-token clock runs from here to the first byte of the body.
             first_byte_by = loop.time() + config.first_token_timeout_s
             try:
@@ -370,14 +411,17 @@ async def _forward(
                 continue
             balancer.succeeded(upstream)
             if isinstance(answer, web.StreamResponse):
-                _charge(request, info)
+                info.client_first_at = time.monotonic()
+                _observe_timing(metrics, info, model)
+                _charge(request, info, stream=False)
                 return answer
             try:
                 return await _relay_stream(
                     request, response, upstream, answer.first, strip_usage, info
                 )
             finally:
-                _charge(request, info)
+                _observe_timing(metrics, info, model)
+                _charge(request, info, stream=True)
         finally:
             if response is not None:
                 # A response read to its end goes back to the pool; anything else (a cut
@@ -390,6 +434,20 @@ async def _forward(
             balancer.finished(upstream)
 
     return failure
+
+
+def _observe_timing(metrics: Metrics, info: RequestInfo, model: str) -> None:
+    """Queue time, time to first token and the gateway's own share, once per request."""
+    sent, upstream_first, client_first = info.sent_at, info.upstream_first_at, info.client_first_at
+    if sent is None:
+        return
+    queue_s = sent - info.started
+    metrics.queue.observe(model, queue_s)
+    if client_first is None:
+        return
+    metrics.time_to_first_token.observe(model, client_first - info.started)
+    if upstream_first is not None:
+        metrics.overhead.observe(model, queue_s + max(0.0, client_first - upstream_first))
 
 
 def _unreachable(code: str, model: str, tried: int, config: GatewayConfig) -> _Failure:
@@ -476,7 +534,7 @@ async def _attempt(
         )
     config = request.app[CONFIG]
     if stream and response.status == 200 and response.content_type == "text/event-stream":
-        return await _first_event(response.content, upstream, first_byte_by, config)
+        return await _first_event(response.content, upstream, first_byte_by, config, info)
     try:
         body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
     except _UpstreamTimeout as exc:
@@ -485,6 +543,7 @@ async def _attempt(
         return _Failure(
             502, "upstream_error", f"upstream {upstream.source} failed: {type(exc).__name__}"
         )
+    info.upstream_first_at = time.monotonic()
     headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
     retry_after = response.headers.get("Retry-After")
     if response.status >= 500:
@@ -508,7 +567,11 @@ async def _attempt(
 
 
 async def _first_event(
-    content: aiohttp.StreamReader, upstream: Upstream, first_byte_by: float, config: GatewayConfig
+    content: aiohttp.StreamReader,
+    upstream: Upstream,
+    first_byte_by: float,
+    config: GatewayConfig,
+    info: RequestInfo,
 ) -> web.StreamResponse | _Primed | _Failure:
     """Read up to the end of the stream's first event, before the client is promised a 200.
 
@@ -528,6 +591,8 @@ async def _first_event(
                         "upstream_error",
                         f"upstream {upstream.source} ended the stream before its first event",
                     )
+                if not data:
+                    info.upstream_first_at = time.monotonic()
                 data += chunk
     except asyncio.TimeoutError:
         return _timeout_error(upstream, "upstream_first_token_timeout", config)
@@ -663,10 +728,14 @@ async def _relay_stream(
     config = request.app[CONFIG]
     content = response.content
     watch = _Watch(content, config.idle_timeout_s)
+    gaps = Gaps()
     try:
-        return await _relay_events(out, content, first, watch, upstream, strip_usage, info, config)
+        return await _relay_events(
+            out, content, first, watch, gaps, upstream, strip_usage, info, config
+        )
     finally:
         watch.close()
+        request.app[METRICS].inter_token_latency.merge(upstream.model, gaps.counts, gaps.total)
 
 
 async def _relay_events(
@@ -674,6 +743,7 @@ async def _relay_events(
     content: aiohttp.StreamReader,
     first: bytes,
     watch: _Watch,
+    gaps: Gaps,
     upstream: Upstream,
     strip_usage: bool,
     info: RequestInfo,
@@ -684,6 +754,7 @@ async def _relay_events(
     carry = b""
     failure: tuple[str, str] | None = None
     pending = first
+    last_read = 0.0
     while True:
         if pending:
             chunk, pending = pending, b""
@@ -691,7 +762,12 @@ async def _relay_events(
             # readany() is what iter_any() loops over; calling it here keeps the upstream's
             # errors (reads) apart from the client's (writes), and the watch times the wait
             # for the upstream only: a slow client pauses the upstream, not the clock.
-            watch.waiting_since = loop.time()
+            # A read starts right after the last chunk was written, so the time between
+            # two reads is the gap between two chunks relayed (no extra clock call).
+            now = watch.waiting_since = loop.time()
+            if last_read:
+                gaps.add(now - last_read)
+            last_read = now
             try:
                 chunk = await content.readany()
             except _UpstreamTimeout as exc:
@@ -735,6 +811,9 @@ async def _relay_events(
             except ConnectionResetError:
                 info.outcome = "client_disconnected"
                 return out
+            if not last_read:
+                info.client_first_at = last_read = loop.time()
+            info.events_relayed += chunk.count(b"\n\n")
             tail = (tail + chunk[-_TAIL_BYTES:])[-_TAIL_BYTES:]
         if failure is not None:
             break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,14 @@ class RequestInfo:
     ratelimit_headers: dict[str, str] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tokens_estimated: bool = False  # charged by estimate: the usage never came
+    # For the estimate of a stream cut or abandoned before its usage event.
+    payload: dict[str, Any] | None = field(default=None, repr=False)
+    events_relayed: int = 0
+    # time.monotonic() (the loop's clock) of the steps the timing histograms measure.
+    sent_at: float | None = None  # sent to the replica that answered
+    upstream_first_at: float | None = None  # its first body byte (non-streaming: its body)
+    client_first_at: float | None = None  # the first body byte written to the client
 
 
 CONFIG = web.AppKey("config", GatewayConfig)
