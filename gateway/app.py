@@ -23,6 +23,7 @@ from gateway.admission import Admission
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
+from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import document
@@ -33,6 +34,7 @@ from gateway.state import (
     ADMISSION,
     BALANCER,
     CONFIG,
+    INFLIGHT,
     LIMITER,
     LIVE,
     METRICS,
@@ -190,6 +192,7 @@ def create_app(config: GatewayConfig, *, env: Mapping[str, str] | None = None) -
     app[METRICS] = Metrics()
     app[BALANCER] = Balancer()
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
+    app[INFLIGHT] = Inflight()
     # Reload first: if the config is bad, startup fails before a session is opened.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
     app.cleanup_ctx.append(_session_context(config))

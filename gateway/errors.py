@@ -17,7 +17,8 @@ any exception a handler let escape (500, logged with its traceback).
     500     server_error            internal_error
     502     server_error            upstream_error
     503     server_error            no_ready_endpoint · upstream_unavailable ·
-                                    model_at_capacity · gateway_at_capacity (+ Retry-After)
+                                    model_at_capacity · gateway_at_capacity ·
+                                    gateway_shutting_down (+ Retry-After)
     504     server_error            upstream_connect_timeout · upstream_first_token_timeout ·
                                     upstream_idle_timeout
 

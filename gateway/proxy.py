@@ -40,6 +40,7 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, SERVER_ERROR, error_body, openai_error
+from gateway.inflight import ShuttingDown
 from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import Gaps, Metrics
@@ -48,6 +49,7 @@ from gateway.state import (
     ADMISSION,
     BALANCER,
     CONFIG,
+    INFLIGHT,
     LIMITER,
     LIVE,
     METRICS,
@@ -283,6 +285,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     full = admission.enter(canonical)
     if full is not None:
         return _at_capacity(model[:200], full, config.retry_after_s)
+    inflight = request.app[INFLIGHT]
+    task = asyncio.current_task()
+    if task is not None:
+        inflight.enter(task)
     try:
         failure: _Failure | None = None
         for served in plan:
@@ -304,8 +310,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         info.upstream = None
         info.outcome = failure.code
         return failure.response()
+    except asyncio.CancelledError:
+        if task is None or not inflight.cancelled_by_shutdown(task):
+            raise  # the client left
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        info.outcome = "gateway_shutting_down"
+        return _shutting_down(config)
     finally:
         admission.leave(canonical)
+        if task is not None:
+            inflight.leave(task)
 
 
 def _renamed(payload: dict[str, Any], model: str) -> bytes:
@@ -368,6 +383,8 @@ async def _forward(
     session = request.app[SESSION]
     balancer = request.app[BALANCER]
     metrics = request.app[METRICS]
+    inflight = request.app[INFLIGHT]
+    task = asyncio.current_task()
     suffix = request.path[len(API_PREFIX) :]
     loop = asyncio.get_running_loop()
     model = candidates[0].model
@@ -393,6 +410,8 @@ async def _forward(
                 metrics.upstream_failures[upstream.source] += 1
                 continue
             response = sent
+            if task is not None:
+                inflight.reading(task, response.content)
             metrics.upstream_latency.observe(model, time.monotonic() - sent_at)
             answer = await _attempt(request, response, upstream, stream, info, first_byte_by)
             if isinstance(answer, _Failure):
@@ -424,6 +443,8 @@ async def _forward(
                 _charge(request, info, stream=True)
         finally:
             if response is not None:
+                if task is not None:
+                    inflight.reading(task, None)
                 # A response read to its end goes back to the pool; anything else (a cut
                 # stream, a client that left, a cancelled handler) closes the connection,
                 # which is what tells the engine to stop generating.
@@ -539,6 +560,8 @@ async def _attempt(
         body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
     except _UpstreamTimeout as exc:
         return _timeout_error(upstream, exc.code, config)
+    except ShuttingDown:
+        return _shutting_down(config)
     except aiohttp.ClientError as exc:
         return _Failure(
             502, "upstream_error", f"upstream {upstream.source} failed: {type(exc).__name__}"
@@ -596,6 +619,8 @@ async def _first_event(
                 data += chunk
     except asyncio.TimeoutError:
         return _timeout_error(upstream, "upstream_first_token_timeout", config)
+    except ShuttingDown:
+        return _shutting_down(config)
     except aiohttp.ClientError as exc:
         return _Failure(
             502,
@@ -607,6 +632,20 @@ async def _first_event(
         message = _engine_error_message(data.lstrip().split(b"\n\n", 1)[0])
         return _Failure(502, "upstream_error", f"upstream {upstream.source} reported: {message}")
     return _Primed(data)
+
+
+_SHUTTING_DOWN = "the gateway is shutting down; send the request again"
+
+
+def _shutting_down(config: GatewayConfig) -> web.Response:
+    # Another gateway (or this one, restarted) may answer it: 503 + Retry-After.
+    return openai_error(
+        503,
+        _SHUTTING_DOWN,
+        SERVER_ERROR,
+        "gateway_shutting_down",
+        headers={"Retry-After": str(config.retry_after_s)},
+    )
 
 
 class _UpstreamTimeout(Exception):
@@ -772,6 +811,9 @@ async def _relay_events(
                 chunk = await content.readany()
             except _UpstreamTimeout as exc:
                 failure = (_timeout_message(upstream, exc.code, config), exc.code)
+                break
+            except ShuttingDown:
+                failure = (_SHUTTING_DOWN, "gateway_shutting_down")
                 break
             except aiohttp.ClientError as exc:
                 failure = (

@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
+from gateway.inflight import Inflight
 from gateway.keys import Client
 from gateway.metrics import Metrics
 from gateway.ratelimit import KeyBuckets, Limiter
@@ -52,4 +53,5 @@ LIMITER = web.AppKey("limiter", Limiter)
 METRICS = web.AppKey("metrics", Metrics)
 BALANCER = web.AppKey("balancer", Balancer)
 ADMISSION = web.AppKey("admission", Admission)
+INFLIGHT = web.AppKey("inflight", Inflight)
 REQUEST_INFO = web.RequestKey("request_info", RequestInfo)
