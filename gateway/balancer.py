@@ -1,11 +1,12 @@
 """Which replica next: least outstanding requests, skipping replicas that keep failing.
 
 Per replica (by ``Upstream.source``) the balancer counts requests in flight through this
-gateway and connection failures in a row. ``order`` puts the replicas with the fewest
-requests in flight first (ties broken by the route table's round robin). A replica that has
-failed ``FAILURES_TO_SKIP`` times in a row is put last for a while that doubles with every
-further failure (``BASE_SKIP_S`` up to ``MAX_SKIP_S``); one success clears it. One failure
-never moves a healthy replica, and a skipped one is still tried when nothing else is left.
+gateway and failures in a row (unreachable, 5xx, or broken before its first event).
+``order`` puts the replicas with the fewest requests in flight first (ties broken by the
+route table's round robin). A replica that has failed ``FAILURES_TO_SKIP`` times in a row
+is put last for a while that doubles with every further failure (``BASE_SKIP_S`` up to
+``MAX_SKIP_S``); one success clears it. One failure never moves a healthy replica, and a
+skipped one is still tried when nothing else is left.
 
 State survives route-table reloads; the clock is passed in (tests use their own).
 """
@@ -69,7 +70,7 @@ class Balancer:
         self._get(upstream.source).outstanding -= 1
 
     def failed(self, upstream: Upstream) -> None:
-        """``upstream`` could not be reached; after a few in a row it is skipped a while."""
+        """``upstream`` could not answer; after a few in a row it is skipped a while."""
         replica = self._get(upstream.source)
         replica.failures += 1
         extra = replica.failures - FAILURES_TO_SKIP

@@ -155,7 +155,8 @@ class Metrics:
             "upstream, plus the upstream's first byte to the client's.",
             "# TYPE mt_gateway_overhead_seconds histogram",
             *self.overhead.render("mt_gateway_overhead_seconds", "model"),
-            "# HELP mt_gateway_upstream_failures_total Connection failures, by replica.",
+            "# HELP mt_gateway_upstream_failures_total Replicas passed over before the first byte "
+            "(unreachable, 5xx, broken), by replica.",
             "# TYPE mt_gateway_upstream_failures_total counter",
         ]
         for source, count in sorted(self.upstream_failures.items()):
