@@ -296,13 +296,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             if not candidates:
                 continue
             info.served_model = served
-            if served != canonical:
-                request.app[METRICS].fallbacks[(canonical, served)] += 1
             # The engine knows its model by its own name, not by an alias or the name
             # the client asked for; only then is the body re-serialized.
             served_body = body if served == model else _renamed(payload, served)
             answer = await _forward(request, candidates, served_body, stream, strip_usage, info)
             if not isinstance(answer, _Failure):
+                if served != canonical:
+                    request.app[METRICS].fallbacks[(canonical, served)] += 1
                 return answer
             failure = answer
         if failure is None:  # not reached: the table is immutable, and checked above
@@ -311,8 +311,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         info.outcome = failure.code
         return failure.response()
     except asyncio.CancelledError:
-        if task is None or not inflight.cancelled_by_shutdown(task):
-            raise  # the client left
+        if task is None or not inflight.cancelled_by_shutdown(task) or info.committed:
+            raise  # the client left, or a stream's 200 is out: the connection just closes
         if sys.version_info >= (3, 11):
             task.uncancel()
         info.outcome = "gateway_shutting_down"
@@ -763,6 +763,7 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     """Commit the 200 and relay ``first`` (already read) and the rest of the stream."""
     out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+    info.committed = True
     await out.prepare(request)
     config = request.app[CONFIG]
     content = response.content

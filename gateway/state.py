@@ -36,6 +36,7 @@ class RequestInfo:
     ratelimit_headers: dict[str, str] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    committed: bool = False  # a stream's 200 is out: the answer can no longer change
     tokens_estimated: bool = False  # charged by estimate: the usage never came
     # For the estimate of a stream cut or abandoned before its usage event.
     payload: dict[str, Any] | None = field(default=None, repr=False)
