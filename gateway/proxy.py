@@ -14,8 +14,8 @@ client can tell a cut answer from a whole one; so does an engine's own in-band e
 (found by a bytes search for ``{"error"``).
 
 Three clocks, each with its own 504 code: connecting (aiohttp's ``connect`` timeout), the
-first byte of the body (``first_token_timeout_s``, from sending), and the silence between
-chunks after it (``idle_timeout_s``). None is a total timeout, and none runs while the
+first event of a stream or the whole plain body (``first_token_timeout_s``, from sending),
+and the silence between chunks after it (``idle_timeout_s``). None is a total timeout, and none runs while the
 gateway waits for a slow client. Admission control (``admission``) is checked before any
 upstream is tried.
 
