@@ -14,10 +14,10 @@ client can tell a cut answer from a whole one; so does an engine's own in-band e
 (found by a bytes search for ``{"error"``).
 
 Three clocks, each with its own 504 code: connecting (aiohttp's ``connect`` timeout), the
-first event of a stream or the whole plain body (``first_token_timeout_s``, from sending),
-and the silence between chunks after it (``idle_timeout_s``). None is a total timeout, and none runs while the
-gateway waits for a slow client. Admission control (``admission``) is checked before any
-upstream is tried.
+first event of a stream or the first byte of a plain body (``first_token_timeout_s``, from
+sending), and the silence between chunks after it (``idle_timeout_s``). None is a total
+timeout, and none runs while the gateway waits for a slow client. Admission control
+(``admission``) is checked before any upstream is tried.
 
 Token usage: a stream is sent upstream with ``stream_options.include_usage`` forced on (the
 body is re-serialized for that); the one event carrying ``"usage": {…}`` (found with a
