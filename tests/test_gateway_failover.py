@@ -122,3 +122,19 @@ async def test_a_first_event_error_from_the_only_replica_is_one_502(tmp_path: Pa
             body = await resp.json()
     assert_openai_error(body, "upstream_error")
     assert "fake engine failed" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_first_token_timeout_is_final_not_retried(tmp_path: Path, stream: bool) -> None:
+    # The clock is the request's: a second replica would start with none of it left.
+    async with FakeUpstream(Knobs(ttft_s=10)) as one, FakeUpstream(Knobs(ttft_s=10)) as two:
+        add_record(tmp_path / "registry", "m", one.base_url)
+        add_record(tmp_path / "registry", "m", two.base_url)
+        async with (
+            gateway(tmp_path, first_token_timeout_s=0.2) as url,
+            aiohttp.ClientSession() as client,
+            client.post(url + CHAT, json=chat("m", stream=stream)) as resp,
+        ):
+            assert resp.status == 504
+            assert_openai_error(await resp.json(), "upstream_first_token_timeout")
+    assert one.seen.requests + two.seen.requests == 1
