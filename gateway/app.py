@@ -24,6 +24,7 @@ from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
 from gateway.health import health_context
+from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import CONTENT_TYPE, Metrics, render_probes
 from gateway.ondemand import ON_DEMAND, OnDemandController, on_demand_context
@@ -35,6 +36,7 @@ from gateway.state import (
     ADMISSION,
     BALANCER,
     CONFIG,
+    INFLIGHT,
     LIMITER,
     LIVE,
     METRICS,
@@ -47,6 +49,8 @@ from hpc.backends import Backend
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# Which model answered: the one asked for, the model an alias stands for, or a fallback.
+SERVED_MODEL_HEADER = "x-mt-served-model"
 # A caller's request id is echoed and logged, so only a short, plain one is taken.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BEARER = "bearer "
@@ -79,12 +83,14 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 method=request.method,
                 path=request.path,
                 model=info.model,
+                served_model=info.served_model,
                 status=status,
                 upstream=info.upstream,
                 client=info.client,
                 outcome=info.outcome,
                 prompt_tokens=info.prompt_tokens,
                 completion_tokens=info.completion_tokens,
+                tokens_estimated=info.tokens_estimated or None,
                 duration_ms=round(duration_s * 1000, 1),
             ),
         )
@@ -95,6 +101,8 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
     info = request.get(REQUEST_INFO)
     if info is not None:
         response.headers[REQUEST_ID_HEADER] = info.request_id
+        if info.served_model is not None:
+            response.headers[SERVED_MODEL_HEADER] = info.served_model
         if info.ratelimit_headers:
             response.headers.update(info.ratelimit_headers)
 
@@ -152,11 +160,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: every routable name, in OpenAI's list shape."""
+    """GET /v1/models: every routable name and alias, in OpenAI's list shape."""
     routes = request.app[LIVE].snapshot.routes
     data = []
     for name in routes.names():
-        created = min((u.created for u in routes.upstreams(name) if u.created), default=0)
+        upstreams = routes.upstreams(routes.resolve(name))
+        created = min((u.created for u in upstreams if u.created), default=0)
         data.append({"id": name, "object": "model", "created": created, "owned_by": "modeltainer"})
     return web.json_response({"object": "list", "data": data})
 
@@ -203,6 +212,7 @@ def create_app(
     app[METRICS] = Metrics()
     app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
+    app[INFLIGHT] = Inflight()
     # Reload first: if the config is bad, startup fails before a session is opened.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
     app[ON_DEMAND] = OnDemandController(config, backend, lambda: app[LIVE].snapshot.models)

@@ -8,11 +8,11 @@ the hot path never waits on a probe.
   running and waiting requests that are not this gateway's (other gateways and direct
   clients share engines): at each probe, the engine's count minus what this gateway had in
   flight then. Between probes that external part stays as last reported.
-- **Passive failures**: a replica that could not be reached ``FAILURES_TO_SKIP`` times in a
-  row is put last for a while that doubles with every further failure (``BASE_SKIP_S`` up
-  to ``MAX_SKIP_S``); one success clears it, and failures older than
-  ``FAILURE_MEMORY_S`` are forgotten (a streak must be a streak). One failure never moves a
-  healthy replica, and a skipped one is still tried when nothing else is left.
+- **Passive failures**: a replica that failed (unreachable, 5xx, or broken before its first
+  event) ``FAILURES_TO_SKIP`` times in a row is put last for a while that doubles with every
+  further failure (``BASE_SKIP_S`` up to ``MAX_SKIP_S``); one success clears it, and failures
+  older than ``FAILURE_MEMORY_S`` are forgotten (a streak must be a streak). One failure
+  never moves a healthy replica, and a skipped one is still tried when nothing else is left.
 - **Probes**: after ``eject_after`` failed probes in a row a replica is ejected: it gets no
   requests while any other replica is usable (if every replica is ejected they are all
   tried: a prober that cannot reach anything must not turn a serving gateway into a wall of
@@ -126,7 +126,7 @@ class Balancer:
         self._get(upstream.source).outstanding -= 1
 
     def failed(self, upstream: Upstream) -> None:
-        """``upstream`` could not be reached; after a few in a row it is skipped a while."""
+        """``upstream`` could not answer; after a few in a row it is skipped a while."""
         replica = self._get(upstream.source)
         now = self._clock()
         if now - replica.last_failure > FAILURE_MEMORY_S:

@@ -20,7 +20,8 @@ any exception a handler let escape (500, logged with its traceback).
     503     server_error            no_ready_endpoint · upstream_unavailable ·
                                     model_at_capacity · gateway_at_capacity ·
                                     on_demand_starting · on_demand_start_failed ·
-                                    on_demand_at_capacity (+ Retry-After)
+                                    on_demand_at_capacity · gateway_shutting_down
+                                    (+ Retry-After)
     504     server_error            upstream_connect_timeout · upstream_first_token_timeout ·
                                     upstream_idle_timeout
 

@@ -15,14 +15,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds: from a cache hit on a local engine to a long prefill on a busy one.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Seconds between two chunks of a stream: a fast engine's token gap up to a stall.
+GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Seconds of the gateway's own work per request: a fraction of a millisecond when all is well.
+OVERHEAD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+# Seconds before a request goes upstream: the gateway's work, plus replicas that failed first.
+QUEUE_BUCKETS_S = (*OVERHEAD_BUCKETS_S[:-1], 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Histogram:
     """Cumulative-bucket histogram per label value."""
 
-    __slots__ = ("_counts", "_sums")
+    __slots__ = ("_counts", "_sums", "buckets")
 
-    def __init__(self) -> None:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.buckets = buckets
         self._counts: dict[str, list[int]] = {}
         self._sums: dict[str, float] = defaultdict(float)
 
@@ -30,21 +37,47 @@ class Histogram:
         """Count one observation of ``value`` for ``label``."""
         counts = self._counts.get(label)
         if counts is None:
-            counts = self._counts[label] = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        counts[bisect.bisect_left(LATENCY_BUCKETS_S, value)] += 1
+            counts = self._counts[label] = [0] * (len(self.buckets) + 1)
+        counts[bisect.bisect_left(self.buckets, value)] += 1
         self._sums[label] += value
+
+    def merge(self, label: str, counts: list[int], total: float) -> None:
+        """Add observations counted elsewhere (``Gaps``): one dict update per stream, not
+        per chunk."""
+        mine = self._counts.get(label)
+        if mine is None:
+            mine = self._counts[label] = [0] * (len(self.buckets) + 1)
+        for index, count in enumerate(counts):
+            mine[index] += count
+        self._sums[label] += total
 
     def render(self, name: str, label_name: str) -> list[str]:
         """The ``_bucket``, ``_sum`` and ``_count`` lines."""
         lines = []
         for label, counts in sorted(self._counts.items()):
             running = 0
-            for bound, count in zip((*LATENCY_BUCKETS_S, "+Inf"), counts, strict=True):
+            for bound, count in zip((*self.buckets, "+Inf"), counts, strict=True):
                 running += count
                 lines.append(f'{name}_bucket{{{label_name}="{label}",le="{bound}"}} {running}')
             lines.append(f'{name}_sum{{{label_name}="{label}"}} {self._sums[label]:.6f}')
             lines.append(f'{name}_count{{{label_name}="{label}"}} {running}')
         return lines
+
+
+class Gaps:
+    """One stream's gaps between chunks, counted into buckets locally and merged into
+    ``Metrics.inter_token_latency`` when the stream ends (the per-chunk cost is a bisect)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(GAP_BUCKETS_S) + 1)
+        self.total = 0.0
+
+    def add(self, gap_s: float) -> None:
+        """Count one gap."""
+        self.counts[bisect.bisect_left(GAP_BUCKETS_S, gap_s)] += 1
+        self.total += gap_s
 
 
 class Metrics:
@@ -57,6 +90,15 @@ class Metrics:
         self.upstream_latency = Histogram()
         self.duration = Histogram()
         self.upstream_failures: dict[str, int] = defaultdict(int)
+        # (model asked for, model that answered instead), for models.yaml fallbacks.
+        self.fallbacks: dict[tuple[str, str], int] = defaultdict(int)
+        # Per request, by the model that answered; see ``render`` for what each measures.
+        self.time_to_first_token = Histogram()
+        self.inter_token_latency = Histogram(GAP_BUCKETS_S)
+        self.queue = Histogram(QUEUE_BUCKETS_S)
+        self.overhead = Histogram(OVERHEAD_BUCKETS_S)
+        # Tokens charged by estimate (a stream cut or abandoned before its usage event).
+        self.estimated_tokens: dict[tuple[str, str], int] = defaultdict(int)
 
     def finished(self, model: str, status: int, duration_s: float) -> None:
         """Count one request, whatever its path, by model and status."""
@@ -98,11 +140,46 @@ class Metrics:
             "# HELP mt_gateway_request_duration_seconds Whole request, as the client saw it.",
             "# TYPE mt_gateway_request_duration_seconds histogram",
             *self.duration.render("mt_gateway_request_duration_seconds", "model"),
-            "# HELP mt_gateway_upstream_failures_total Connection failures, by replica.",
+            "# HELP mt_gateway_time_to_first_token_seconds From the request received to the "
+            "first byte of the answer relayed to the client.",
+            "# TYPE mt_gateway_time_to_first_token_seconds histogram",
+            *self.time_to_first_token.render("mt_gateway_time_to_first_token_seconds", "model"),
+            "# HELP mt_gateway_inter_token_latency_seconds Gaps between the chunks of a stream "
+            "relayed to the client (counted when the stream ends).",
+            "# TYPE mt_gateway_inter_token_latency_seconds histogram",
+            *self.inter_token_latency.render("mt_gateway_inter_token_latency_seconds", "model"),
+            "# HELP mt_gateway_queue_seconds From the request received to its sending to the "
+            "replica that answered (admission, routing, failed replicas).",
+            "# TYPE mt_gateway_queue_seconds histogram",
+            *self.queue.render("mt_gateway_queue_seconds", "model"),
+            "# HELP mt_gateway_overhead_seconds The gateway's own time: received to sent "
+            "upstream, plus the upstream's first byte to the client's.",
+            "# TYPE mt_gateway_overhead_seconds histogram",
+            *self.overhead.render("mt_gateway_overhead_seconds", "model"),
+            "# HELP mt_gateway_upstream_failures_total Replicas passed over before the first byte "
+            "(unreachable, 5xx, broken), by replica.",
             "# TYPE mt_gateway_upstream_failures_total counter",
         ]
         for source, count in sorted(self.upstream_failures.items()):
             out.append(f'mt_gateway_upstream_failures_total{{replica="{_escape(source)}"}} {count}')
+        out += [
+            "# HELP mt_gateway_fallbacks_total Requests a fallback model answered, by the "
+            "model asked for and the one that answered.",
+            "# TYPE mt_gateway_fallbacks_total counter",
+        ]
+        for (model, served), count in sorted(self.fallbacks.items()):
+            out.append(
+                f'mt_gateway_fallbacks_total{{model="{model}",served_model="{served}"}} {count}'
+            )
+        out += [
+            "# HELP mt_gateway_estimated_tokens_total Tokens charged by estimate, for streams "
+            "cut or abandoned before the upstream's usage (also in mt_gateway_tokens_total).",
+            "# TYPE mt_gateway_estimated_tokens_total counter",
+        ]
+        for (model, kind), count in sorted(self.estimated_tokens.items()):
+            out.append(
+                f'mt_gateway_estimated_tokens_total{{model="{model}",kind="{kind}"}} {count}'
+            )
         if replicas is not None:
             out += [
                 "# HELP mt_gateway_replica_outstanding Requests in flight per replica.",

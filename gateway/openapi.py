@@ -16,8 +16,10 @@ _ERROR_STATUSES = {
     "404": "no such model",
     "413": "the body is over the limit",
     "429": "the key is over its rate limit or its on-demand job limit (Retry-After)",
-    "502": "the engine answered something unusable",
-    "503": "no ready replica, an on-demand start is slow or failed, or a cap is full (Retry-After)",
+    "502": "every replica failed before the first byte (5xx, broke, error event), or the "
+    "engine answered something unusable",
+    "503": "no ready replica, an on-demand start is slow or failed, a concurrency cap is full, "
+    "or the gateway is shutting down (Retry-After)",
     "504": "the engine did not connect, start or continue in time",
 }
 
@@ -62,6 +64,13 @@ def _proxied(summary: str, body: dict[str, Any]) -> dict[str, Any]:
                     "description": "the engine's answer: JSON, or text/event-stream when "
                     "stream is true (a failure after the first byte is an in-band "
                     "error event and no [DONE])",
+                    "headers": {
+                        "x-mt-served-model": {
+                            "description": "the model that answered: the one asked for, "
+                            "the model an alias stands for, or a fallback",
+                            "schema": {"type": "string"},
+                        }
+                    },
                     "content": {"application/json": {}, "text/event-stream": {}},
                 },
                 **_errors("400", "401", "403", "404", "413", "429", "502", "503", "504"),

@@ -2,19 +2,22 @@
 
 The body is read once (``client_max_size`` caps it), parsed once for ``model`` and
 ``stream``, and the original bytes go upstream with the upstream's own key; the client's
-key never leaves the gateway. A connection failure before any byte reached the client moves
-on to the next replica (least outstanding requests first, see ``balancer``). A stream is
-relayed event by event as it arrives: no per-chunk JSON parsing; only the last few bytes are
-kept, to see whether ``data: [DONE]`` came, and an incomplete trailing event waits for its
-end. A stream that breaks, or ends without ``[DONE]``, gets an in-band ``data: {"error": …}``
-event and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
-engine's own in-band error event (found by a bytes search for ``{"error"``).
+key never leaves the gateway. Nothing reaches the client before the upstream's status and,
+for a stream, its first whole event are in: until then a replica that cannot be reached,
+answers 5xx, breaks, or opens its stream with an error event is passed over for the next
+one (least outstanding requests first, see ``balancer``), and the client gets one error if
+none answers. A stream is then relayed event by event as it arrives: no per-chunk JSON
+parsing; only the last few bytes are kept, to see whether ``data: [DONE]`` came, and an
+incomplete trailing event waits for its end. A stream that breaks after that, or ends
+without ``[DONE]``, gets an in-band ``data: {"error": …}`` event and no ``[DONE]``, so a
+client can tell a cut answer from a whole one; so does an engine's own in-band error event
+(found by a bytes search for ``{"error"``).
 
 Three clocks, each with its own 504 code: connecting (aiohttp's ``connect`` timeout), the
-first byte of the body (``first_token_timeout_s``, from sending), and the silence between
-chunks after it (``idle_timeout_s``). None is a total timeout, and none runs while the
-gateway waits for a slow client. Admission control (``admission``) is checked before any
-upstream is tried.
+first event of a stream or the first byte of a plain body (``first_token_timeout_s``, from
+sending), and the silence between chunks after it (``idle_timeout_s``). None is a total
+timeout, and none runs while the gateway waits for a slow client. Admission control
+(``admission``) is checked before any upstream is tried.
 
 Token usage: a stream is sent upstream with ``stream_options.include_usage`` forced on (the
 body is re-serialized for that); the one event carrying ``"usage": {…}`` (found with a
@@ -30,6 +33,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,14 +41,17 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.errors import INVALID_REQUEST, SERVER_ERROR, error_body, openai_error
+from gateway.inflight import ShuttingDown
 from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
+from gateway.metrics import Gaps, Metrics
 from gateway.ondemand import ON_DEMAND
 from gateway.routes import RouteTable, Upstream
 from gateway.state import (
     ADMISSION,
     BALANCER,
     CONFIG,
+    INFLIGHT,
     LIMITER,
     LIVE,
     METRICS,
@@ -79,7 +86,7 @@ _SSE_HEADERS = {
 }
 
 
-def _no_route(routes: RouteTable, model: str, retry_after_s: int) -> web.Response:
+def _no_route(routes: RouteTable, model: str, canonical: str, retry_after_s: int) -> web.Response:
     if not routes.is_known(model):
         return openai_error(
             404,
@@ -88,10 +95,10 @@ def _no_route(routes: RouteTable, model: str, retry_after_s: int) -> web.Respons
             "model_not_found",
             param="model",
         )
-    if routes.is_starting(model):
+    if routes.is_starting(canonical):
         hint = "a job for it is starting; retry shortly"
     else:
-        hint = f"hint: mt submit {model}"
+        hint = f"hint: mt submit {canonical}"
     return openai_error(
         503,
         f"model {model!r} is configured but has no ready endpoint ({hint})",
@@ -159,14 +166,53 @@ def _note_usage(info: RequestInfo, usage: dict[str, Any]) -> None:
         info.completion_tokens = completion
 
 
-def _charge(request: web.Request, info: RequestInfo) -> None:
-    """Count the request's tokens in the metrics and its key's token bucket."""
+def _charge(request: web.Request, info: RequestInfo, *, stream: bool) -> None:
+    """Count the request's tokens in the metrics and its key's token bucket.
+
+    A stream cut or abandoned before its usage event still used the engine: it is charged
+    an estimate (completion: the events relayed; prompt: the upstream's count if one was
+    seen, else a quarter of the prompt's characters), marked ``estimated`` in the log line.
+    """
     prompt, completion = info.prompt_tokens, info.completion_tokens
+    metrics = request.app[METRICS]
+    model = info.served_model or "-"
+    if stream and completion is None and info.events_relayed:
+        completion = info.events_relayed
+        if prompt is None:
+            prompt = _prompt_chars(info.payload) // 4
+        info.prompt_tokens, info.completion_tokens = prompt, completion
+        info.tokens_estimated = True
+        metrics.estimated_tokens[(model, "prompt")] += prompt
+        metrics.estimated_tokens[(model, "completion")] += completion
     if prompt is None and completion is None:
         return
-    request.app[METRICS].count_tokens(info.model or "-", prompt, completion)
+    metrics.count_tokens(model, prompt, completion)
     if info.buckets is not None:
         info.buckets.spend_tokens((prompt or 0) + (completion or 0))
+
+
+def _prompt_chars(payload: dict[str, Any] | None) -> int:
+    """Characters of the prompt: ``prompt`` (text or list of texts) or the messages' text."""
+    if payload is None:
+        return 0
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) for p in prompt if isinstance(p, str))
+    total = 0
+    messages = payload.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):  # parts: {"type": "text", "text": …}
+            total += sum(
+                len(part["text"])
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return total
 
 
 def _upstream_headers(upstream: Upstream, request_id: str) -> dict[str, str]:
@@ -204,10 +250,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             param="model",
         )
     info.model = model[:200]
+    info.payload = payload
     stream = payload.get("stream") is True
 
+    config = request.app[CONFIG]
+    routes = request.app[LIVE].snapshot.routes
+    canonical = routes.resolve(model)
     client = info.client_entry
-    if client is not None and not client.allows(model):
+    if client is not None and not (client.allows(model) or client.allows(canonical)):
         return openai_error(
             403,
             f"this key may not use model {model[:200]!r}",
@@ -220,20 +270,24 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if limited is not None:
             return limited
 
-    config = request.app[CONFIG]
-    routes = request.app[LIVE].snapshot.routes
-    candidates = routes.pick(model)
+    # The model itself, then its fallbacks (those the key may use), each tried only when
+    # every replica of the one before failed with nothing sent to the client yet.
+    plan = [canonical]
+    plan += [f for f in routes.fallbacks(canonical) if client is None or client.allows(f)]
     on_demand = request.app[ON_DEMAND]
-    if on_demand.manages(model):
-        # The one on-demand hook: it may start the model's job and wait for it first.
+    if on_demand.manages(canonical):
+        # The one on-demand hook: it may start the model's job and wait for it first; it
+        # then calls ``proceed`` with the ready replicas (and its SSE response, if open).
         info.routed = True
-        proceed = functools.partial(_proceed, request, payload, body, stream, info)
-        return await on_demand.serve(request, info, model, stream, candidates, proceed)
-    if not candidates:
+        proceed = functools.partial(_proceed, request, payload, body, stream, info, [canonical])
+        return await on_demand.serve(
+            request, info, canonical, stream, routes.pick(canonical), proceed
+        )
+    if not any(routes.upstreams(served) for served in plan):
         info.routed = routes.is_known(model)
-        return _no_route(routes, model[:200], config.retry_after_s)
+        return _no_route(routes, model[:200], canonical, config.retry_after_s)
     info.routed = True
-    return await _proceed(request, payload, body, stream, info, candidates, None)
+    return await _proceed(request, payload, body, stream, info, plan, None, None)
 
 
 async def _proceed(
@@ -242,25 +296,68 @@ async def _proceed(
     body: bytes,
     stream: bool,
     info: RequestInfo,
-    candidates: tuple[Upstream, ...],
+    plan: list[str],
+    candidates: tuple[Upstream, ...] | None,
     out: web.StreamResponse | None,
 ) -> web.StreamResponse:
-    """Admit and forward to ``candidates``; a stream goes into ``out`` if it is given
-    (already prepared, by the on-demand controller's keep-alives)."""
+    """Admit, then forward to the replicas of each name in ``plan`` in turn (the model, then
+    its fallbacks). ``candidates``, if given, are the first name's replicas (the on-demand
+    controller found them ready); a stream goes into ``out`` if it is given (already
+    prepared, by the on-demand controller's keep-alives)."""
     config = request.app[CONFIG]
-    model = info.model or ""
+    routes = request.app[LIVE].snapshot.routes
+    model = payload["model"]
+    canonical = plan[0]
+    if out is not None:
+        info.committed = True
     strip_usage = False
     if stream and not request.path.endswith("/embeddings"):
         body, strip_usage = _with_usage(payload, body)
 
     admission = request.app[ADMISSION]
-    full = admission.enter(model)
+    full = admission.enter(canonical)
     if full is not None:
         return _at_capacity(model[:200], full, config.retry_after_s)
+    inflight = request.app[INFLIGHT]
+    task = asyncio.current_task()
+    if task is not None:
+        inflight.enter(task)
     try:
-        return await _forward(request, candidates, body, stream, strip_usage, info, out)
+        failure: _Failure | None = None
+        for served in plan:
+            replicas = candidates if candidates and served == canonical else routes.pick(served)
+            if not replicas:
+                continue
+            info.served_model = served
+            # The engine knows its model by its own name, not by an alias or the name
+            # the client asked for; only then is the body re-serialized.
+            served_body = body if served == model else _renamed(payload, served)
+            answer = await _forward(request, replicas, served_body, stream, strip_usage, info, out)
+            if not isinstance(answer, _Failure):
+                if served != canonical:
+                    request.app[METRICS].fallbacks[(canonical, served)] += 1
+                return answer
+            failure = answer
+        if failure is None:  # not reached: the table is immutable, and checked above
+            return _no_route(routes, model[:200], canonical, config.retry_after_s)
+        info.upstream = None
+        info.outcome = failure.code
+        return failure.response()
+    except asyncio.CancelledError:
+        if task is None or not inflight.cancelled_by_shutdown(task) or info.committed:
+            raise  # the client left, or a stream's 200 is out: the connection just closes
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        info.outcome = "gateway_shutting_down"
+        return _shutting_down(config)
     finally:
-        admission.leave(model)
+        admission.leave(canonical)
+        if task is not None:
+            inflight.leave(task)
+
+
+def _renamed(payload: dict[str, Any], model: str) -> bytes:
+    return json.dumps({**payload, "model": model}).encode("utf-8")
 
 
 def _at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
@@ -277,6 +374,28 @@ def _at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """Why a replica could not answer, while nothing had reached the client yet: the
+    answer the client gets if no other replica can (the last one wins)."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: str | None = None
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        return openai_error(self.status, self.message, SERVER_ERROR, self.code, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Primed:
+    """A stream whose status and first whole event are in: it is safe to commit the 200."""
+
+    first: bytes
+
+
 async def _forward(
     request: web.Request,
     candidates: tuple[Upstream, ...],
@@ -285,41 +404,81 @@ async def _forward(
     strip_usage: bool,
     info: RequestInfo,
     out: web.StreamResponse | None = None,
-) -> web.StreamResponse:
-    """Send to the best replica; on to the next only if one cannot be reached at all."""
+) -> web.StreamResponse | _Failure:
+    """Send to the best replica; on to the next while nothing has reached the client.
+
+    A replica that cannot be reached, answers 5xx, breaks before its first event, or opens
+    its stream with an error event is passed over (and counted against it by the balancer);
+    the client gets the last replica's failure if none answers. 4xx and timeouts are final:
+    the client's request is at fault, or the time-to-first-token clock has run out. When
+    every replica failed, the last failure is returned (the caller may try a fallback).
+    """
     config = request.app[CONFIG]
     session = request.app[SESSION]
     balancer = request.app[BALANCER]
     metrics = request.app[METRICS]
+    inflight = request.app[INFLIGHT]
+    task = asyncio.current_task()
     suffix = request.path[len(API_PREFIX) :]
     loop = asyncio.get_running_loop()
-    unreachable = "upstream_unavailable"
+    model = candidates[0].model
+    failure = _unreachable("upstream_unavailable", model, len(candidates), config)
     for upstream in balancer.order(candidates):
         info.upstream = upstream.source
         balancer.started(upstream)
+        response: aiohttp.ClientResponse | None = None
         try:
-            sent_at = time.monotonic()
+            sent_at = info.sent_at = time.monotonic()
             # The time-to-first-token clock runs from here to the first byte of the body.
             first_byte_by = loop.time() + config.first_token_timeout_s
             try:
                 async with timeout_at(first_byte_by):
-                    response = await _send(session, upstream, suffix, body, info.request_id)
+                    sent = await _send(session, upstream, suffix, body, info.request_id)
             except asyncio.TimeoutError:
                 return _timeout_error(upstream, "upstream_first_token_timeout", config)
             except aiohttp.ClientError as exc:
                 return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
-            if isinstance(response, str):
-                unreachable = response
+            if isinstance(sent, str):
+                failure = _unreachable(sent, model, len(candidates), config)
                 balancer.failed(upstream)
                 metrics.upstream_failures[upstream.source] += 1
                 continue
+            response = sent
+            if task is not None:
+                inflight.reading(task, response.content)
+            metrics.upstream_latency.observe(model, time.monotonic() - sent_at)
+            answer = await _attempt(request, response, upstream, stream, info, first_byte_by)
+            if isinstance(answer, _Failure):
+                failure = answer
+                balancer.failed(upstream)
+                metrics.upstream_failures[upstream.source] += 1
+                log.warning(
+                    "upstream failed before the first byte",
+                    extra=fields(
+                        request_id=info.request_id,
+                        upstream=upstream.source,
+                        status=answer.status,
+                        error=answer.message,
+                    ),
+                )
+                continue
             balancer.succeeded(upstream)
-            metrics.upstream_latency.observe(info.model or "-", time.monotonic() - sent_at)
+            if isinstance(answer, web.StreamResponse):
+                info.client_first_at = time.monotonic()
+                _observe_timing(metrics, info, model)
+                _charge(request, info, stream=False)
+                return answer
             try:
-                return await _relay(
-                    request, response, upstream, stream, strip_usage, info, first_byte_by, out
+                return await _relay_stream(
+                    request, response, upstream, answer.first, strip_usage, info, out
                 )
             finally:
+                _observe_timing(metrics, info, model)
+                _charge(request, info, stream=True)
+        finally:
+            if response is not None:
+                if task is not None:
+                    inflight.reading(task, None)
                 # A response read to its end goes back to the pool; anything else (a cut
                 # stream, a client that left, a cancelled handler) closes the connection,
                 # which is what tells the engine to stop generating.
@@ -327,26 +486,38 @@ async def _forward(
                     response.release()
                 else:
                     response.close()
-                _charge(request, info)
-        finally:
             balancer.finished(upstream)
 
-    info.upstream = None
-    tried = f"{len(candidates)} tried"
-    if unreachable == "upstream_connect_timeout":
-        return openai_error(
+    return failure
+
+
+def _observe_timing(metrics: Metrics, info: RequestInfo, model: str) -> None:
+    """Queue time, time to first token and the gateway's own share, once per request."""
+    sent, upstream_first, client_first = info.sent_at, info.upstream_first_at, info.client_first_at
+    if sent is None:
+        return
+    queue_s = sent - info.started
+    metrics.queue.observe(model, queue_s)
+    if client_first is None:
+        return
+    metrics.time_to_first_token.observe(model, client_first - info.started)
+    if upstream_first is not None:
+        metrics.overhead.observe(model, queue_s + max(0.0, client_first - upstream_first))
+
+
+def _unreachable(code: str, model: str, tried: int, config: GatewayConfig) -> _Failure:
+    if code == "upstream_connect_timeout":
+        return _Failure(
             504,
-            f"no upstream for model {info.model!r} accepted a connection within "
-            f"{config.connect_timeout_s:g} s ({tried})",
-            SERVER_ERROR,
-            unreachable,
+            code,
+            f"no upstream for model {model!r} accepted a connection within "
+            f"{config.connect_timeout_s:g} s ({tried} tried)",
         )
-    return openai_error(
+    return _Failure(
         503,
-        f"no upstream for model {info.model!r} could be reached ({tried})",
-        SERVER_ERROR,
         "upstream_unavailable",
-        headers={"Retry-After": str(config.retry_after_s)},
+        f"no upstream for model {model!r} could be reached ({tried} tried)",
+        str(config.retry_after_s),
     )
 
 
@@ -401,16 +572,15 @@ def _bad_upstream(upstream: Upstream, what: str) -> web.Response:
     )
 
 
-async def _relay(
+async def _attempt(
     request: web.Request,
     response: aiohttp.ClientResponse,
     upstream: Upstream,
     stream: bool,
-    strip_usage: bool,
     info: RequestInfo,
     first_byte_by: float,
-    out: web.StreamResponse | None = None,
-) -> web.StreamResponse:
+) -> web.StreamResponse | _Primed | _Failure:
+    """The final answer, a stream ready to relay, or a failure another replica may fix."""
     if response.status in (401, 403):
         # The upstream refused the gateway's key, not the client's: passing the status on
         # would tell the client its own key is wrong.
@@ -419,21 +589,31 @@ async def _relay(
         )
     config = request.app[CONFIG]
     if stream and response.status == 200 and response.content_type == "text/event-stream":
-        return await _relay_stream(
-            request, response, upstream, strip_usage, info, first_byte_by, out
-        )
+        return await _first_event(response.content, upstream, first_byte_by, config, info)
     try:
         body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
     except _UpstreamTimeout as exc:
         return _timeout_error(upstream, exc.code, config)
+    except ShuttingDown:
+        return _shutting_down(config)
     except aiohttp.ClientError as exc:
-        return _bad_upstream(upstream, f"{type(exc).__name__}: {exc}")
+        return _Failure(
+            502, "upstream_error", f"upstream {upstream.source} failed: {type(exc).__name__}"
+        )
+    info.upstream_first_at = time.monotonic()
     headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
+    retry_after = response.headers.get("Retry-After")
+    if response.status >= 500:
+        message = f"upstream {upstream.source} answered {response.status}"
+        if _is_json_object(body):
+            message += f": {_error_message(body)}"
+        if response.status == 503:
+            return _Failure(503, "upstream_unavailable", message, retry_after or "1")
+        return _Failure(502, "upstream_error", message)
     if response.status >= 400:
         if not _is_json_object(body):
             return _bad_upstream(upstream, f"it answered {response.status} without a JSON error")
-        retry_after = response.headers.get("Retry-After")
-        if retry_after is not None and response.status in (429, 503):
+        if retry_after is not None and response.status == 429:
             headers["Retry-After"] = retry_after
     if response.status == 200:
         at = body.rfind(b'"usage"')
@@ -441,6 +621,65 @@ async def _relay(
         if usage is not None:
             _note_usage(info, usage)
     return web.Response(status=response.status, body=body, headers=headers)
+
+
+async def _first_event(
+    content: aiohttp.StreamReader,
+    upstream: Upstream,
+    first_byte_by: float,
+    config: GatewayConfig,
+    info: RequestInfo,
+) -> web.StreamResponse | _Primed | _Failure:
+    """Read up to the end of the stream's first event, before the client is promised a 200.
+
+    A stream that ends or breaks first, or whose first event is the engine's error, has
+    sent the client nothing yet: another replica may still answer it whole.
+    """
+    data = b""
+    try:
+        async with timeout_at(first_byte_by):
+            while b"\n\n" not in data and b"\r\n\r\n" not in data:
+                if len(data) >= _MAX_CARRY_BYTES:
+                    break
+                chunk = await content.readany()
+                if not chunk:
+                    return _Failure(
+                        502,
+                        "upstream_error",
+                        f"upstream {upstream.source} ended the stream before its first event",
+                    )
+                if not data:
+                    info.upstream_first_at = time.monotonic()
+                data += chunk
+    except asyncio.TimeoutError:
+        return _timeout_error(upstream, "upstream_first_token_timeout", config)
+    except ShuttingDown:
+        return _shutting_down(config)
+    except aiohttp.ClientError as exc:
+        return _Failure(
+            502,
+            "upstream_error",
+            f"upstream {upstream.source} broke off the stream before its first event "
+            f"({type(exc).__name__})",
+        )
+    if _engine_error_at(data.lstrip()) == 0:
+        message = _engine_error_message(data.lstrip().split(b"\n\n", 1)[0])
+        return _Failure(502, "upstream_error", f"upstream {upstream.source} reported: {message}")
+    return _Primed(data)
+
+
+_SHUTTING_DOWN = "the gateway is shutting down; send the request again"
+
+
+def _shutting_down(config: GatewayConfig) -> web.Response:
+    # Another gateway (or this one, restarted) may answer it: 503 + Retry-After.
+    return openai_error(
+        503,
+        _SHUTTING_DOWN,
+        SERVER_ERROR,
+        "gateway_shutting_down",
+        headers={"Retry-After": str(config.retry_after_s)},
+    )
 
 
 class _UpstreamTimeout(Exception):
@@ -475,29 +714,19 @@ class _Watch:
 
     One timer per stream that wakes up about once per limit, instead of a timer armed and
     cancelled around every read (a few microseconds per chunk): a read only notes when it
-    started waiting. When a wait passes its limit, the upstream's stream is failed with
-    ``_UpstreamTimeout``, which the pending read raises. Until the first byte the limit is
-    the fixed time-to-first-token deadline; after it, ``idle_s`` from the start of each wait.
+    started waiting. When a wait passes ``idle_s``, the upstream's stream is failed with
+    ``_UpstreamTimeout``, which the pending read raises. The watch starts once the first
+    event is in (``_first_event`` keeps the time-to-first-token clock until then).
     """
 
-    __slots__ = (
-        "_content",
-        "_first_byte_by",
-        "_handle",
-        "_idle_s",
-        "_loop",
-        "started",
-        "waiting_since",
-    )
+    __slots__ = ("_content", "_handle", "_idle_s", "_loop", "waiting_since")
 
-    def __init__(self, content: aiohttp.StreamReader, first_byte_by: float, idle_s: float) -> None:
+    def __init__(self, content: aiohttp.StreamReader, idle_s: float) -> None:
         self._content = content
-        self._first_byte_by = first_byte_by
         self._idle_s = idle_s
         self._loop = asyncio.get_running_loop()
-        self.started = False  # the first byte came (see ``first_byte``)
         self.waiting_since: float | None = None
-        self._handle = self._loop.call_at(first_byte_by, self._check)
+        self._handle = self._loop.call_at(self._loop.time() + idle_s, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -506,18 +735,11 @@ class _Watch:
             # Not waiting for the upstream (writing to a slow client, say): no silence yet.
             self._handle = self._loop.call_at(now + self._idle_s, self._check)
             return
-        limit_at = since + self._idle_s if self.started else self._first_byte_by
+        limit_at = since + self._idle_s
         if now < limit_at:
             self._handle = self._loop.call_at(limit_at, self._check)
             return
-        code = "upstream_idle_timeout" if self.started else "upstream_first_token_timeout"
-        self._content.set_exception(_UpstreamTimeout(code))
-
-    def first_byte(self) -> None:
-        """The first byte came: from now on each wait may last ``idle_s``."""
-        self.started = True
-        self._handle.cancel()
-        self._handle = self._loop.call_at(self._loop.time() + self._idle_s, self._check)
+        self._content.set_exception(_UpstreamTimeout("upstream_idle_timeout"))
 
     def close(self) -> None:
         """Stop the timer."""
@@ -551,7 +773,11 @@ def _engine_error_at(chunk: bytes) -> int:
 
 def _engine_error_message(event: bytes) -> str:
     """The engine's message from its error event (parsed: this is not the hot path)."""
-    data = event.strip()[len(b"data:") :]
+    return _error_message(event.strip()[len(b"data:") :])
+
+
+def _error_message(data: bytes) -> str:
+    """The message of an OpenAI-shaped error object, or the bytes themselves (cut short)."""
     try:
         error = json.loads(data)["error"]
     except (ValueError, KeyError, TypeError):
@@ -565,27 +791,36 @@ async def _relay_stream(
     request: web.Request,
     response: aiohttp.ClientResponse,
     upstream: Upstream,
+    first: bytes,
     strip_usage: bool,
     info: RequestInfo,
-    first_byte_by: float,
     out: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
+    """Commit the 200 and relay ``first`` (already read) and the rest of the stream; into
+    ``out`` if it is given (already prepared: an on-demand wait sent keep-alives on it)."""
+    info.committed = True
     if out is None:
         out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await out.prepare(request)
     config = request.app[CONFIG]
     content = response.content
-    watch = _Watch(content, first_byte_by, config.idle_timeout_s)
+    watch = _Watch(content, config.idle_timeout_s)
+    gaps = Gaps()
     try:
-        return await _relay_events(out, content, watch, upstream, strip_usage, info, config)
+        return await _relay_events(
+            out, content, first, watch, gaps, upstream, strip_usage, info, config
+        )
     finally:
         watch.close()
+        request.app[METRICS].inter_token_latency.merge(upstream.model, gaps.counts, gaps.total)
 
 
 async def _relay_events(
     out: web.StreamResponse,
     content: aiohttp.StreamReader,
+    first: bytes,
     watch: _Watch,
+    gaps: Gaps,
     upstream: Upstream,
     strip_usage: bool,
     info: RequestInfo,
@@ -595,27 +830,38 @@ async def _relay_events(
     tail = b""
     carry = b""
     failure: tuple[str, str] | None = None
+    pending = first
+    last_read = 0.0
     while True:
-        # readany() is what iter_any() loops over; calling it here keeps the upstream's
-        # errors (reads) apart from the client's (writes), and the watch times the wait
-        # for the upstream only: a slow client pauses the upstream, not the clock.
-        watch.waiting_since = loop.time()
-        try:
-            chunk = await content.readany()
-        except _UpstreamTimeout as exc:
-            failure = (_timeout_message(upstream, exc.code, config), exc.code)
-            break
-        except aiohttp.ClientError as exc:
-            failure = (
-                f"upstream {upstream.source} broke off the stream ({type(exc).__name__})",
-                "upstream_error",
-            )
-            break
-        watch.waiting_since = None
-        if not chunk:
-            break
-        if not watch.started:
-            watch.first_byte()
+        if pending:
+            chunk, pending = pending, b""
+        else:
+            # readany() is what iter_any() loops over; calling it here keeps the upstream's
+            # errors (reads) apart from the client's (writes), and the watch times the wait
+            # for the upstream only: a slow client pauses the upstream, not the clock.
+            # A read starts right after the last chunk was written, so the time between
+            # two reads is the gap between two chunks relayed (no extra clock call).
+            now = watch.waiting_since = loop.time()
+            if last_read:
+                gaps.add(now - last_read)
+            last_read = now
+            try:
+                chunk = await content.readany()
+            except _UpstreamTimeout as exc:
+                failure = (_timeout_message(upstream, exc.code, config), exc.code)
+                break
+            except ShuttingDown:
+                failure = (_SHUTTING_DOWN, "gateway_shutting_down")
+                break
+            except aiohttp.ClientError as exc:
+                failure = (
+                    f"upstream {upstream.source} broke off the stream ({type(exc).__name__})",
+                    "upstream_error",
+                )
+                break
+            watch.waiting_since = None
+            if not chunk:
+                break
         if carry:
             chunk, carry = carry + chunk, b""
         if not chunk.endswith(b"\n\n"):
@@ -645,6 +891,9 @@ async def _relay_events(
             except ConnectionResetError:
                 info.outcome = "client_disconnected"
                 return out
+            if not last_read:
+                info.client_first_at = last_read = loop.time()
+            info.events_relayed += chunk.count(b"\n\n")
             tail = (tail + chunk[-_TAIL_BYTES:])[-_TAIL_BYTES:]
         if failure is not None:
             break

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hpc.registry import FINAL_STATES, Record
-from hpc.spec import ModelsFile
+from hpc.spec import ModelsFile, ModelSpec, StaticBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,12 @@ class Upstream:
 
 
 class RouteTable:
-    """Routable names with their upstreams, plus names that are known but not ready."""
+    """Routable names with their upstreams, plus names that are known but not ready.
+
+    ``aliases`` maps another name to the model it stands for; ``fallbacks`` maps a model
+    to the names to serve instead, in order, when none of its replicas answers. Both come
+    from ``models.yaml`` (validated there: no alias clashes, no fallback to nothing).
+    """
 
     def __init__(
         self,
@@ -46,18 +51,31 @@ class RouteTable:
         configured: Iterable[str] = (),
         starting: Iterable[str] = (),
         warnings: Iterable[str] = (),
+        aliases: Mapping[str, str] | None = None,
+        fallbacks: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._configured = frozenset(configured)
         self._starting = frozenset(starting)
         self.warnings = tuple(warnings)
+        self._aliases = dict(aliases or {})
+        self._fallbacks = dict(fallbacks or {})
         # The only mutable part: where each name's round robin stands. It restarts with
         # every new table, which only shifts which replica goes first.
         self._turns = {name: itertools.count() for name in self._routes}
 
     def names(self) -> list[str]:
-        """Every routable name, sorted."""
-        return sorted(self._routes)
+        """Every routable name, aliases of routable models included, sorted."""
+        aliases = [alias for alias, model in self._aliases.items() if model in self._routes]
+        return sorted([*self._routes, *aliases])
+
+    def resolve(self, name: str) -> str:
+        """The model ``name`` stands for: itself, or the model it is an alias of."""
+        return self._aliases.get(name, name)
+
+    def fallbacks(self, model: str) -> tuple[str, ...]:
+        """The models to serve instead of ``model`` (aliases resolved), in order."""
+        return tuple(self.resolve(name) for name in self._fallbacks.get(model, ()))
 
     def upstreams(self, model: str) -> tuple[Upstream, ...]:
         """The upstreams of ``model`` in a stable order (empty if none is ready)."""
@@ -81,7 +99,12 @@ class RouteTable:
 
     def is_known(self, model: str) -> bool:
         """True for a name in ``models.yaml`` or with a job on its way, routable or not."""
-        return model in self._configured or model in self._starting or model in self._routes
+        return (
+            model in self._configured
+            or model in self._starting
+            or model in self._routes
+            or model in self._aliases
+        )
 
     def is_starting(self, model: str) -> bool:
         """True if a job for ``model`` exists but is not ready (pending, starting, draining)."""
@@ -122,8 +145,15 @@ def build_routes(
         elif record.state not in FINAL_STATES:
             starting.update(names)
     configured: list[str] = []
+    aliases: dict[str, str] = {}
+    fallbacks: dict[str, tuple[str, ...]] = {}
     if models is not None:
         configured = [spec.name for spec in models.models]
+        entries: list[ModelSpec | StaticBackend] = [*models.models, *models.static]
+        for entry in entries:
+            aliases.update((alias, entry.name) for alias in entry.aliases)
+            if entry.fallbacks:
+                fallbacks[entry.name] = entry.fallbacks
         for static in models.static:
             key: str | None = None
             if static.api_key_env is not None:
@@ -146,4 +176,6 @@ def build_routes(
         configured=configured,
         starting=starting - routes.keys(),
         warnings=warnings,
+        aliases=aliases,
+        fallbacks=fallbacks,
     )

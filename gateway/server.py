@@ -14,10 +14,13 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.logs import LOGGER_NAME, configure_logging, fields
+from gateway.state import INFLIGHT, METRICS
 from hpc.backends import Backend
 from hpc.errors import MTError
 
 log = logging.getLogger(f"{LOGGER_NAME}.server")
+
+_DRAIN_POLL_S = 0.05
 
 
 def is_loopback(host: str) -> bool:
@@ -87,6 +90,27 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
+async def drain(runner: web.AppRunner, grace_s: float) -> None:
+    """Stop accepting, let the requests in flight finish within ``grace_s``, end the rest
+    (a stream with an in-band ``gateway_shutting_down`` error event, see ``inflight``), and
+    clean up."""
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections take no new request
+    app = runner.app
+    metrics, inflight = app[METRICS], app[INFLIGHT]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    # Polled: this runs once, at shutdown, and keeps the request path free of it.
+    while metrics.in_flight and loop.time() < deadline:
+        await asyncio.sleep(min(_DRAIN_POLL_S, deadline - loop.time()))
+    ended = inflight.end_all()
+    if ended:
+        log.info("grace over; ending requests", extra=fields(requests=ended))
+    await runner.cleanup()
+
+
 async def serve(
     config: GatewayConfig,
     announce: Callable[[str], None] = _announce,
@@ -94,7 +118,7 @@ async def serve(
     backend: Backend | None = None,
 ) -> None:
     """Listen until SIGINT or SIGTERM; then stop accepting, let the requests in flight
-    finish within ``shutdown_grace_s``, cancel the rest, and return."""
+    finish within ``shutdown_grace_s``, end the rest, and return."""
     runner, port = await start(config, backend=backend)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,7 +134,7 @@ async def serve(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        await drain(runner, config.shutdown_grace_s)
 
 
 def run(config: GatewayConfig, *, backend: Backend | None = None) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # A name users type and the gateway routes by: no spaces, no slashes, no shell metacharacters,
 # so it is safe in job names, file names and URLs.
@@ -160,6 +161,14 @@ class ModelSpec(_Strict):
     on_demand: OnDemand | None = Field(
         default=None, description="start on the first request, stop when idle (the gateway)"
     )
+    aliases: tuple[ModelName, ...] = Field(
+        default=(), description="more names the gateway routes to this model"
+    )
+    fallbacks: tuple[ModelName, ...] = Field(
+        default=(),
+        description="names the gateway serves instead, in order, when this one has no "
+        "replica that answers",
+    )
 
 
 class StaticBackend(_Strict):
@@ -169,6 +178,13 @@ class StaticBackend(_Strict):
     base_url: str = Field(pattern=r"^https?://[^\s]+$", description="ends with /v1")
     api_key_env: str | None = Field(
         default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var with its key"
+    )
+    aliases: tuple[ModelName, ...] = Field(
+        default=(), description="more names the gateway routes to this backend"
+    )
+    fallbacks: tuple[ModelName, ...] = Field(
+        default=(),
+        description="names the gateway serves instead, in order, when this one does not answer",
     )
 
 
@@ -212,6 +228,25 @@ class ModelsFile(_Strict):
     pools: tuple[PoolSpec, ...] = ()
     static: tuple[StaticBackend, ...] = ()
 
+    @model_validator(mode="after")
+    def _names_resolve(self) -> ModelsFile:
+        problems = _name_problems(self)
+        if problems:
+            # A ValidationError keeps each problem's location (``models[1].aliases[0]``), so
+            # hpc.configfile can name the file's line; a ValueError would point at the root.
+            raise ValidationError.from_exception_data(
+                "ModelsFile",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("model_names", message),
+                        loc=loc,
+                        input=value,
+                    )
+                    for loc, value, message in problems
+                ],
+            )
+        return self
+
     def get(self, name: str) -> ModelSpec | None:
         """The spec called ``name``, or None."""
         return next((m for m in self.models if m.name == name), None)
@@ -227,3 +262,50 @@ class ModelsFile(_Strict):
     def names(self) -> list[str]:
         """Every name this file serves, models first, then static backends."""
         return [m.name for m in self.models] + [s.name for s in self.static]
+
+
+def _name_problems(models: ModelsFile) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """Aliases that clash with a name or another alias, and fallbacks that name nothing:
+    (location, value, message) for each."""
+    entries: list[tuple[str, int, ModelSpec | StaticBackend]] = [
+        ("models", i, m) for i, m in enumerate(models.models)
+    ]
+    entries += [("static", i, s) for i, s in enumerate(models.static)]
+    # Names first, so an alias clashing with a name listed later is still caught.
+    owner = {
+        entry.name: f"{section}[{index}] ({entry.name!r})" for section, index, entry in entries
+    }
+    problems: list[tuple[tuple[str | int, ...], str, str]] = []
+    for section, index, entry in entries:
+        here = f"{section}[{index}] ({entry.name!r})"
+        for at, alias in enumerate(entry.aliases):
+            if alias in owner:
+                what = "the name" if owner[alias].endswith(f"({alias!r})") else "an alias"
+                problems.append(
+                    (
+                        (section, index, "aliases", at),
+                        alias,
+                        f"alias {alias!r} of {here} is already {what} of {owner[alias]}",
+                    )
+                )
+            else:
+                owner[alias] = here
+    for section, index, entry in entries:
+        for at, fallback in enumerate(entry.fallbacks):
+            if fallback not in owner:
+                problems.append(
+                    (
+                        (section, index, "fallbacks", at),
+                        fallback,
+                        f"fallback {fallback!r} is no model name or alias in this file",
+                    )
+                )
+            elif fallback == entry.name or fallback in entry.aliases:
+                problems.append(
+                    (
+                        (section, index, "fallbacks", at),
+                        fallback,
+                        f"fallback {fallback!r} is this entry itself",
+                    )
+                )
+    return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -153,7 +154,6 @@ async def test_sigterm_stops_accepting_and_drains_streams_within_the_grace(
                 with pytest.raises(ConnectionRefusedError):
                     await asyncio.open_connection("127.0.0.1", port)
                 data = b""
-                # Past the grace the connection is closed mid-stream: an incomplete body.
                 with contextlib.suppress(aiohttp.ClientPayloadError):
                     async for chunk in resp.content.iter_any():
                         data += chunk
@@ -167,5 +167,42 @@ async def test_sigterm_stops_accepting_and_drains_streams_within_the_grace(
         assert data.endswith(b"data: [DONE]\n\n")
         assert fake.seen.completed == 1
     else:
+        # Past the grace the stream is ended with an in-band error event, no [DONE].
         assert b"[DONE]" not in data
+        last = [e for e in data.split(b"\n\n") if e][-1]
+        error = json.loads(last[len(b"data: ") :])["error"]
+        assert error["code"] == "gateway_shutting_down"
+        assert error["type"] == "server_error"
         assert fake.seen.completed == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_request_still_waiting_when_the_grace_ends_gets_503_shutting_down(
+    tmp_path: Path, stream: bool
+) -> None:
+    from fake_upstream import FakeUpstream, Knobs
+    from test_gateway_proxy import CHAT, add_record, assert_openai_error, chat
+
+    from gateway.server import drain
+
+    # The engine "prefills" for a minute: nothing has reached the client when the 0.3 s
+    # grace ends, so the request can still be answered with a plain, retryable 503.
+    async with FakeUpstream(Knobs(ttft_s=60)) as fake:
+        add_record(tmp_path / "registry", "m", fake.base_url)
+        runner, port = await start(GatewayConfig(port=0, registry_dir=tmp_path / "registry"))
+        try:
+            async with aiohttp.ClientSession() as client:
+                request = asyncio.ensure_future(
+                    client.post(f"http://127.0.0.1:{port}{CHAT}", json=chat("m", stream=stream))
+                )
+                while fake.seen.requests == 0:
+                    await asyncio.sleep(0.01)
+                await drain(runner, 0.3)
+                async with await request as resp:
+                    assert resp.status == 503
+                    assert resp.headers["Retry-After"]
+                    assert_openai_error(await resp.json(), "gateway_shutting_down")
+        finally:
+            await runner.cleanup()
+        await asyncio.wait_for(fake.seen.cancelled_event.wait(), 10)
+    assert fake.seen.completed == 0
