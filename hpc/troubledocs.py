@@ -60,6 +60,9 @@ GATEWAY_ADVICE: dict[str, str] = {
     "retry later, or cancel an idle one (`mt pool status`, `mt cancel JOB`).",
     "on_demand_key_limit": "Your key may start only `max_on_demand_jobs` jobs at once "
     "(keys.yaml); wait for one to go idle, or ask the admin for a higher limit.",
+    "gateway_shutting_down": "The gateway was stopped (SIGTERM) and its grace period ended "
+    "before this request was answered: retry after `Retry-After` (a restarted gateway, or "
+    "another one, answers it); a stream cut this way ends with this error and no `[DONE]`.",
     "internal_error": "A gateway bug: the gateway's log has the traceback; please report it.",
     "upstream_error": "The engine answered with an error or broke off; `mt logs JOB` shows "
     "its log.",

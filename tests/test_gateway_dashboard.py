@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "mt-gateway.json"
 _METRIC = re.compile(r"\bmt_gateway_[a-z_]+\b")
 
+
 def dashboard() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     return data
