@@ -10,10 +10,11 @@ probe, never the others.
 A probe is the engine's health endpoint, then its load where it exposes one, both with the
 per-job key (engines that do not ask for it ignore it):
 
-- health: the path the job wrapper waited on (``Record.health_path``, from
-  ``hpc.engines``: vLLM and llama.cpp's ``llama-server`` ``/health``, llama-cpp-python's
-  server ``/v1/models`` as it has no ``/health``). Records written before that field
-  existed say nothing: ``/health`` is tried, and a 404 switches to ``/v1/models``.
+- health: the path the job wrapper published (``Record.health_path``, from
+  ``hpc.engines``: vLLM and llama.cpp's ``llama-server`` ``/health``; llama-cpp-python's
+  server has no ``/health`` and its ``/v1/models`` waits behind a generation, so
+  ``/openapi.json``). Records written before that field existed say nothing: ``/health``
+  is tried, and a 404 switches to ``/v1/models``.
 - load: ``/metrics`` in Prometheus text, vLLM's ``vllm:num_requests_running`` /
   ``vllm:num_requests_waiting`` or llama-server's ``llamacpp:requests_processing`` /
   ``llamacpp:requests_deferred`` (only with ``--metrics``); for llama.cpp without them,

@@ -854,6 +854,11 @@ async def _relay_events(
                 failure = (_SHUTTING_DOWN, "gateway_shutting_down")
                 break
             except aiohttp.ClientError as exc:
+                if tail.rstrip().endswith(_DONE):
+                    # The engine said the stream is whole, then botched the end of the
+                    # HTTP body (llama-cpp-python's server does, after an interrupt): the
+                    # client has its whole answer, and an error after [DONE] would contradict it.
+                    break
                 failure = (
                     f"upstream {upstream.source} broke off the stream ({type(exc).__name__})",
                     "upstream_error",

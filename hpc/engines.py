@@ -24,6 +24,9 @@ class EngineLaunch:
     env: dict[str, str] = field(repr=False)
     health_path: str
     health_needs_key: bool
+    # Where the gateway probes a running engine, if not ``health_path``: a path that does
+    # not wait behind a generation in progress.
+    probe_path: str | None = None
 
 
 def resolve_gguf(spec: ModelSpec) -> str:
@@ -78,11 +81,18 @@ def _llamacpp(spec: ModelSpec, host: str, port: int, api_key: str) -> EngineLaun
     argv += ["--port", str(port), "--model_alias", spec.name]
     if spec.resources.gpus and not _has_flag(spec.engine_args, "--n_gpu_layers"):
         argv += ["--n_gpu_layers", "-1"]
+    if not _has_flag(spec.engine_args, "--interrupt_requests"):
+        # By default this server ends a running stream (with [DONE], mid-answer) whenever
+        # another request arrives, health probes included: behind a gateway, requests queue.
+        argv += ["--interrupt_requests", "False"]
     return EngineLaunch(
         argv=[*argv, *spec.engine_args],
         env={"API_KEY": api_key},
+        # /v1/models answers once the model is loaded, but takes the model's lock: the
+        # gateway's periodic probes use FastAPI's /openapi.json, which never waits on it.
         health_path="/v1/models",
         health_needs_key=True,
+        probe_path="/openapi.json",
     )
 
 

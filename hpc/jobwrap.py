@@ -238,7 +238,8 @@ class JobWrapper:
             "ready",
             base_url=base_url,
             engine_pid=proc.pid,
-            health_path=launch.health_path,
+            # What the gateway probes from now on (the engine is loaded by now).
+            health_path=launch.probe_path or launch.health_path,
         )
         while self.stop_signal is None and proc.poll() is None:
             time.sleep(0.2)

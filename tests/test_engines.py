@@ -117,11 +117,17 @@ def test_llamacpp_falls_back_to_llama_cpp_python(gguf: Path, no_llama_server: No
         "8123",
         "--model_alias",
         "test-model",
+        "--interrupt_requests",
+        "False",
     ]
     assert launch.env == {"API_KEY": KEY}  # llama-cpp-python's settings read API_KEY
     assert (launch.health_path, launch.health_needs_key) == ("/v1/models", True)
+    assert launch.probe_path == "/openapi.json"
     launch = _launch(_spec("llamacpp", str(gguf), resources={"gpus": 2}))
     assert _after(launch.argv, "--n_gpu_layers") == "-1"
+    mine = ["--interrupt_requests", "True"]
+    launch = _launch(_spec("llamacpp", str(gguf), engine_args=mine))
+    assert launch.argv.count("--interrupt_requests") == 1 and launch.argv[-2:] == mine
 
 
 @pytest.mark.parametrize("on_host", [True, False])

@@ -300,9 +300,9 @@ async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
     record = json.loads((await asyncio.to_thread(mt, "submit", GEMMA, "--wait", "--json")).stdout)
     key, engine_pid = record["key"], record["engine_pid"]
     try:
-        # What the job wrapper waited on is what the gateway keeps probing: llama-cpp-python's
-        # server has no /health, so /v1/models (which needs the per-job key).
-        assert record["health_path"] == "/v1/models"
+        # llama-cpp-python's server has no /health and its /v1/models waits behind a
+        # generation: the wrapper publishes /openapi.json for the gateway's probes.
+        assert record["health_path"] == "/openapi.json"
         registry = Path(os.environ["MT_HOME"]) / "registry"
         settings = {"health_interval_s": 0.1, "health_timeout_s": 1, "health_failures_to_eject": 2}
         async with (
@@ -326,6 +326,15 @@ async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
             body = {**chat(GEMMA), "max_tokens": 4}
             async with client.post(url + CHAT, json=body) as resp:
                 assert resp.status == 200, await resp.text()
+            # Probes every 0.1 s never cut a stream short (the server's default would end
+            # it with [DONE] at the next request, and then break the HTTP body).
+            body = {**chat(GEMMA, stream=True), "max_tokens": 48, "temperature": 0}
+            async with client.post(url + CHAT, json=body) as resp:
+                data = await resp.read()
+            events = [e for e in data.split(b"\n\n") if e.startswith(b"data: {")]
+            assert b'"error"' not in data and data.rstrip().endswith(b"data: [DONE]")
+            finish = [json.loads(e[6:])["choices"][0].get("finish_reason") for e in events]
+            assert finish[-1] in ("stop", "length"), finish[-3:]
     finally:
         await asyncio.to_thread(mt, "cancel", key)
 

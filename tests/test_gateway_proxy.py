@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from fake_upstream import FakeUpstream, Knobs
 from pydantic import SecretStr
 
@@ -570,3 +571,37 @@ async def test_a_replica_that_keeps_dropping_connections_is_503(tmp_path: Path) 
             assert resp.status == 503
             assert_openai_error(await resp.json(), "upstream_unavailable")
     assert fake.seen.requests == 2
+
+
+async def test_a_body_broken_after_done_is_a_whole_stream_not_an_error(tmp_path: Path) -> None:
+    """llama-cpp-python's server, interrupted, sends [DONE] and then ends the chunked body
+    badly; the client already has a whole stream, so no error event may follow [DONE]."""
+
+    async def botched(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n')
+        await out.write(b"data: [DONE]\n\n")
+        assert request.transport is not None
+        request.transport.abort()  # no terminating chunk: the client sees a payload error
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", botched)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        add_record(tmp_path / "registry", "m", f"http://127.0.0.1:{port}/v1")
+        async with (
+            gateway(tmp_path) as url,
+            aiohttp.ClientSession() as client,
+            client.post(url + CHAT, json=chat("m", stream=True)) as resp,
+        ):
+            data, _ = await _read_stream(resp)
+    finally:
+        await runner.cleanup()
+    assert resp.status == 200
+    assert data.rstrip().endswith(b"data: [DONE]") and b'"error"' not in data

@@ -180,7 +180,13 @@ def test_submit_see_find_cancel(api: SlurmAPI, cluster: SlurmCluster, tmp_path: 
     assert (record["tasks"], record["cpus"], record["node_count"]) == (1, 1, 1)
     assert record["requeue"] is False
     assert record["standard_output"] == str(tmp_path / HOSTILE_DIR / "%x-%j.log")
-    assert Path(job.log_path(job_id)).exists()
+    # Slurm creates the output file as the batch step starts, which can lag RUNNING.
+    log_file = Path(job.log_path(job_id))
+    for _ in range(300):
+        if log_file.exists():
+            break
+        time.sleep(0.2)
+    assert log_file.exists()
 
     api.scancel(job_id)
     assert cluster.wait_job(int(job_id), timeout=30) == "CANCELLED"
