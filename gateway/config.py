@@ -45,6 +45,13 @@ class GatewayConfig(BaseModel):
     max_in_flight_per_model: int | None = Field(
         default=None, gt=0, description="proxied requests at once for one model; beyond: 503"
     )
+    header_timeout_s: float = Field(
+        default=30,
+        gt=0,
+        description="a connection's request line and headers must arrive within this, and an "
+        "idle keep-alive connection is closed after it (a slow or silent client cannot hold "
+        "a connection open)",
+    )
     shutdown_grace_s: float = Field(
         default=30, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )

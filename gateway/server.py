@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.fdlimit import ensure_fd_limit
 from gateway.logs import LOGGER_NAME, configure_logging, fields
 from gateway.state import INFLIGHT, METRICS
 from hpc.backends import Backend
@@ -55,11 +56,21 @@ async def start(
     config file is bad at startup.
     """
     check_bind(config)
+    limit = ensure_fd_limit(config.max_in_flight)
+    if (warning := limit.warning()) is not None:
+        log.warning(warning, extra=fields(soft=limit.after, hard=limit.hard, needed=limit.needed))
     app = create_app(config, env=env, backend=backend)
     # On cleanup aiohttp stops listening first, then waits up to shutdown_timeout for the
     # requests in flight (streams included) before it cancels them: the graceful drain.
+    # aiohttp's keep-alive timer runs from the connection's start until a whole request
+    # head has arrived (and again while a keep-alive connection is idle): it is the header
+    # read timeout, so a client that trickles its headers cannot hold a connection.
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace_s
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=config.shutdown_grace_s,
+        keepalive_timeout=config.header_timeout_s,
     )
     try:
         await runner.setup()

@@ -118,6 +118,14 @@ def gateway(
             "--max-on-demand-jobs", min=1, help="On-demand jobs at once, all models; beyond: 503."
         ),
     ] = None,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout",
+            min=0.01,
+            help="Seconds a connection may take to send its request head; idle keep-alive too.",
+        ),
+    ] = 30,
     shutdown_grace: Annotated[
         float,
         typer.Option(
@@ -163,6 +171,7 @@ def gateway(
         max_in_flight=max_in_flight,
         max_in_flight_per_model=max_in_flight_per_model,
         shutdown_grace_s=shutdown_grace,
+        header_timeout_s=header_timeout,
         retry_after_s=retry_after,
         health_interval_s=health_interval,
         health_timeout_s=health_timeout,
