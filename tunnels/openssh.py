@@ -28,9 +28,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from hpc.errors import MTError, SSHAuthError, SSHError
+from hpc.privatefile import write_private
 from hpc.sshexec import SSHTransport
 from tunnels.backoff import Backoff, permanent
 from tunnels.engine import Events, TunnelSpec, TunnelStatus
@@ -68,29 +70,65 @@ def destination(host: str) -> str:
     return host
 
 
-def ssh_argv(spec: TunnelSpec, *, batch: bool, control_path: Path) -> list[str]:
-    """The ``ssh`` command line for ``spec`` (pure: golden-testable)."""
-    checking = "accept-new" if spec.accept_new else "yes"
+_SYSTEM_CONFIG = Path("/etc/ssh/ssh_config")
+
+
+def _config_word(path: Path, flag: str) -> str:
+    """``path`` as one ssh_config argument: absolute, double-quoted, ``%`` escaped."""
+    text = str(path.expanduser().absolute())
+    if any(c in text for c in '"\r\n'):
+        raise MTError(
+            f"{flag} {text!r}: ssh_config cannot hold a path with a double quote or a newline",
+            hint=f"move the file to a path without them and pass that to {flag}",
+        )
+    return '"' + text.replace("%", "%%") + '"'
+
+
+def ssh_config_text(spec: TunnelSpec, *, batch: bool, includes: Sequence[Path]) -> str:
+    """The private ssh_config (``-F``) that every hop reads, jump hosts included (pure).
+
+    ssh hands ``-F`` on to the ssh it starts for ProxyJump, but not ``-o`` or ``-i``: options
+    given only on the command line would check the login node's key strictly and let the
+    jump host fall back to the user's defaults. In a ``Host *`` block ahead of the user's
+    own config (Included after it), these values win for every host, since ssh takes the
+    first value it reads.
+    """
     options = {
         "BatchMode": "yes" if batch else "no",
         "ConnectTimeout": f"{int(spec.connect_timeout_s)}",
+        # One answer per prompt: a wrong 2FA code ends the login instead of asking again.
+        "NumberOfPasswordPrompts": "1",
+        "ServerAliveCountMax": str(spec.keepalive_count),
+        "ServerAliveInterval": str(spec.keepalive_s),
+        "StrictHostKeyChecking": "accept-new" if spec.accept_new else "yes",
+    }
+    if spec.identity is not None:
+        options["IdentitiesOnly"] = "yes"
+        options["IdentityFile"] = _config_word(spec.identity, "--identity")
+    if spec.known_hosts is not None:
+        options["UserKnownHostsFile"] = _config_word(spec.known_hosts, "--known-hosts")
+    lines = ["# Written by `mt tunnel` for this tunnel only; rewritten on every start.", "Host *"]
+    lines += [f"    {key} {value}" for key, value in sorted(options.items())]
+    lines += [f"Include {_config_word(path, '--ssh-config')}" for path in includes]
+    return "\n".join(lines) + "\n"
+
+
+def config_includes(spec: TunnelSpec) -> list[Path]:
+    """The configs ssh would read without ``-F``: the user's (or ``--ssh-config``), the system's."""
+    user = spec.ssh_config or Path("~/.ssh/config").expanduser()
+    return [p for p in (user, _SYSTEM_CONFIG) if p.is_file()]
+
+
+def ssh_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
+    """The ``ssh`` command line for ``spec``, reading the generated ``config`` (pure)."""
+    options = {
         "ControlMaster": "auto",
         "ControlPath": str(control_path),
         "ControlPersist": "no",
         "ExitOnForwardFailure": "yes",
-        "ServerAliveCountMax": str(spec.keepalive_count),
-        "ServerAliveInterval": str(spec.keepalive_s),
-        "StrictHostKeyChecking": checking,
     }
-    if spec.identity is not None:
-        options["IdentitiesOnly"] = "yes"
-    if spec.known_hosts is not None:
-        options["UserKnownHostsFile"] = str(spec.known_hosts)
-    argv = ["ssh", "-N", "-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}"]
-    if spec.ssh_config is not None:
-        argv += ["-F", str(spec.ssh_config)]
-    if spec.identity is not None:
-        argv += ["-i", str(spec.identity)]
+    argv = ["ssh", "-F", str(config), "-N"]
+    argv += ["-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}"]
     if spec.jump:
         argv += ["-J", spec.jump]
     for key, value in sorted(options.items()):
@@ -118,7 +156,9 @@ class OpenSSHTunnel(TunnelStatus):
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._responder: DownResponder | None = None
-        self.control_path = control_dir() / f"{spec.local_port}-%C"
+        private = control_dir()
+        self.control_path = private / f"{spec.local_port}-%C"
+        self.config_path = private / f"{spec.local_port}.ssh_config"
 
     # -- TunnelEngine ------------------------------------------------------------------
     @property
@@ -147,6 +187,7 @@ class OpenSSHTunnel(TunnelStatus):
             self._responder = None
         if self._watcher is not None:
             self._watcher.join(timeout=10)
+        self.config_path.unlink(missing_ok=True)
         if self._state != "failed":
             self._state = "closed"
 
@@ -154,7 +195,9 @@ class OpenSSHTunnel(TunnelStatus):
     def _start(self, *, batch: bool, wait_s: float) -> MTError | None:
         """Run ssh until it listens (None) or exits (the classified error)."""
         self._stderr.clear()
-        argv = ssh_argv(self.spec, batch=batch, control_path=self.control_path)
+        text = ssh_config_text(self.spec, batch=batch, includes=config_includes(self.spec))
+        write_private(self.config_path, text.encode())
+        argv = ssh_argv(self.spec, config=self.config_path, control_path=self.control_path)
         try:
             proc = subprocess.Popen(
                 argv,
