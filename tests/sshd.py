@@ -94,6 +94,8 @@ class SSHServer:
     port: int
     user: str
     popen: subprocess.Popen[bytes]
+    address: str = "127.0.0.1"
+    netns: str | None = None  # a network namespace (tests/netns.py) sshd runs in
     pam_service: Path | None = None  # /etc/pam.d/<name> of a two-factor server
     _stopped: bool = False
 
@@ -134,7 +136,15 @@ class SSHServer:
         return None
 
     @classmethod
-    def start(cls, base_dir: Path, *, timeout_s: float = 15.0, otp: str | None = None) -> SSHServer:
+    def start(
+        cls,
+        base_dir: Path,
+        *,
+        timeout_s: float = 15.0,
+        otp: str | None = None,
+        address: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> SSHServer:
         """Generate keys and config under ``base_dir``, start sshd, wait for its banner.
 
         With ``otp``, a login needs the client key and then ``otp`` typed at a
@@ -152,7 +162,7 @@ class SSHServer:
             _two_factor(base_dir, otp)
         for attempt in range(_START_ATTEMPTS):
             port = _free_port()
-            server = cls._spawn(base_dir, port)
+            server = cls._spawn(base_dir, port, address=address, netns=netns)
             try:
                 server._wait_ready(timeout_s)
             except SSHServerError:
@@ -164,7 +174,9 @@ class SSHServer:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _spawn(cls, root: Path, port: int) -> SSHServer:
+    def _spawn(
+        cls, root: Path, port: int, *, address: str = "127.0.0.1", netns: str | None = None
+    ) -> SSHServer:
         two_factor = (root / "otp-check").exists()
         auth = (
             [
@@ -187,7 +199,7 @@ class SSHServer:
             "\n".join(
                 [
                     f"Port {port}",
-                    "ListenAddress 127.0.0.1",
+                    f"ListenAddress {address}",
                     f"HostKey {root / 'host_ed25519_key'}",
                     f"PidFile {root / 'sshd.pid'}",
                     f"AuthorizedKeysFile {root / 'authorized_keys'}",
@@ -214,8 +226,9 @@ class SSHServer:
                 "account required pam_permit.so\n"
                 "session required pam_permit.so\n"
             )
+        inside = ["ip", "netns", "exec", netns] if netns else []  # `ip` execs sshd: same pid
         popen = subprocess.Popen(
-            [str(program or SSHD), "-D", "-E", str(log), "-f", str(config)],
+            [*inside, str(program or SSHD), "-D", "-E", str(log), "-f", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -223,7 +236,15 @@ class SSHServer:
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - PR_SET_PDEATHSIG only, no locks taken
         )
         pam = PAM_DIR / program.name if program is not None else None
-        return cls(root=root, port=port, user=getpass.getuser(), popen=popen, pam_service=pam)
+        return cls(
+            root=root,
+            port=port,
+            user=getpass.getuser(),
+            popen=popen,
+            address=address,
+            netns=netns,
+            pam_service=pam,
+        )
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -239,6 +260,10 @@ class SSHServer:
 
     def _banner(self) -> bool:
         """Whether our sshd (the process we started) answers with an SSH banner."""
+        if self.netns is not None:
+            # Neither psutil (it reads this namespace's /proc/net) nor a connection from
+            # here (the address may be unreachable on purpose) can see it: sshd's log can.
+            return f"Server listening on {self.address} port {self.port}." in self.log_text()
         try:
             conns = psutil.Process(self.pid).net_connections(kind="tcp")
         except psutil.Error:
@@ -246,16 +271,16 @@ class SSHServer:
         if not any(c.status == psutil.CONN_LISTEN and c.laddr[1] == self.port for c in conns):
             return False
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            with socket.create_connection((self.address, self.port), timeout=2) as s:
                 return s.recv(64).startswith(b"SSH-2.0-")
         except OSError:
             return False
 
     # -- use -------------------------------------------------------------------------------
     def known_hosts_line(self) -> str:
-        """This server's line for a known_hosts file: ``[127.0.0.1]:PORT ssh-ed25519 …``."""
+        """This server's line for a known_hosts file: ``[ADDRESS]:PORT ssh-ed25519 …``."""
         key_type, key = self.host_key.read_text().split()[:2]
-        return f"[127.0.0.1]:{self.port} {key_type} {key}\n"
+        return f"[{self.address}]:{self.port} {key_type} {key}\n"
 
     def host_fingerprint(self) -> str:
         """The host key's ``SHA256:…`` fingerprint."""
