@@ -37,6 +37,7 @@ import re
 import select
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -53,7 +54,13 @@ from hpc.errors import (
     SSHError,
     UnknownHostKeyError,
 )
-from hpc.sshauth import KeysThenPrompts, Prompter, PromptNeeded, PromptRejected
+from hpc.sshauth import (
+    KeysThenPrompts,
+    Prompter,
+    PromptNeeded,
+    PromptRejected,
+    terminal_prompter,
+)
 from hpc.transport import CommandResult, CommandTimeout
 
 if TYPE_CHECKING:
@@ -688,4 +695,6 @@ def ssh_transport(slurm: SlurmSite) -> SSHTransport:
         ssh_config=slurm.ssh_config,
         connect_timeout_s=slurm.ssh_connect_timeout_s,
         remote_env=slurm.ssh_env,
+        # A 2FA code is asked for on the terminal; without one (cron, CI) the login fails.
+        prompter=terminal_prompter() if sys.stdin.isatty() else None,
     )

@@ -14,12 +14,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
+from mtcli import mt
 from sshd import SSHServer, fingerprint, keygen
 from tunnelkit import (
     free_port,
@@ -34,69 +33,6 @@ from tunnelkit import (
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120), pytest.mark.usefixtures("no_agent")]
 
 ENGINES = ["openssh", "paramiko"]
-
-
-# -- end to end: laptop → jump → login → gateway → real Gemma engine ---------------------
-
-
-@pytest.fixture(scope="module")
-def gemma_gateway(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real `mt gateway` with one ready Gemma job behind it (llama.cpp on the CPU)."""
-    root = tmp_path_factory.mktemp("gemma-gateway")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MT_HOME", str(root / "mt-home"))
-        env.setenv("MT_MODELS", str(gemma_models_yaml(root / "models.yaml", gemma_gguf)))
-        with running_gateway() as url:
-            job = json.loads(mt("submit", GEMMA, "--wait", "--json").stdout)["key"]
-            try:
-                deadline = time.monotonic() + 20
-                while GEMMA not in get(f"{url}/v1/models")[1]:
-                    assert time.monotonic() < deadline, "the gateway never listed Gemma"
-                    time.sleep(0.2)
-                yield url
-            finally:
-                mt("cancel", job, "--json")
-
-
-@pytest.mark.llamacpp
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("engine", ENGINES)
-def test_openai_client_streams_through_jump_and_login(
-    engine: str, sshd: SSHServer, gemma_gateway: str, tmp_path: Path
-) -> None:
-    import openai
-
-    jump = SSHServer.start(tmp_path / "jump")
-    try:
-        known = tmp_path / "known_hosts"
-        known.write_text(sshd.known_hosts_line() + jump.known_hosts_line())
-        config = write_config(tmp_path / "ssh_config", sshd, known)
-        with config.open("a") as f:
-            f.write(
-                "Host bastion\n"
-                f"    HostName 127.0.0.1\n    Port {jump.port}\n    User {jump.user}\n"
-                f"    IdentityFile {jump.client_key}\n    IdentitiesOnly yes\n"
-                f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
-            )
-        gateway_port = int(gemma_gateway.rsplit(":", 1)[1])
-        jumps, logins = jump.logins(), sshd.logins()
-        with open_tunnel(engine, config, gateway_port, "--jump", "bastion") as tunnel:
-            assert f"export OPENAI_BASE_URL={tunnel.url}/v1" in tunnel.stdout
-            assert f"curl {tunnel.url}/v1/models" in tunnel.stdout
-            assert (jump.logins(), sshd.logins()) == (jumps + 1, logins + 1)  # via the jump
-            client = openai.OpenAI(base_url=tunnel.url + "/v1", api_key="unused", max_retries=0)
-            stream = client.chat.completions.create(
-                model=GEMMA,
-                messages=[{"role": "user", "content": "What is the capital of France?"}],
-                max_tokens=24,
-                temperature=0,
-                stream=True,
-            )
-            pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
-            assert len([p for p in pieces if p]) > 1, pieces  # streamed in several chunks
-            assert "".join(pieces).strip()
-    finally:
-        jump.stop()
 
 
 # -- host keys ------------------------------------------------------------------------------
