@@ -143,5 +143,6 @@ def test_no_terminal_is_a_clear_error_at_once(
     assert "error: SSH login" in done.stderr, done.stderr
     assert "keyboard-interactive" in done.stderr
     assert "hint:" in done.stderr and "Traceback" not in done.stderr
+    assert "terminal" in done.stderr  # what to do instead
     time.sleep(0.5)  # sshd logs the connection it served; none may follow
     assert two_factor.log_text().count("Connection from 127.0.0.1") == connections + 1

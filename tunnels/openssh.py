@@ -252,6 +252,16 @@ class OpenSSHTunnel(TunnelStatus):
             return LocalPortInUseError(port, holder_of(port))
         if "Host key verification failed" in text or "HOST IDENTIFICATION HAS CHANGED" in text:
             return self._host_key_error(tail)
+        if "Permission denied" in text and "keyboard-interactive" in text:
+            return SSHAuthError(
+                f"SSH login on {self.spec.host} failed: {tail}",
+                host=self.spec.host,
+                port=0,
+                user="",
+                hint="the server asks keyboard-interactive questions (a 2FA code, a "
+                "password): run `mt tunnel` in the foreground on a terminal and type the "
+                "answer when asked; a wrong answer ends the login (no second try)",
+            )
         if "Permission denied" in text or "Too many authentication failures" in text:
             return SSHAuthError(
                 f"SSH login on {self.spec.host} failed: {tail}",
