@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -95,8 +94,9 @@ def test_only_the_jump_host_reaches_the_login_node(site: Site) -> None:
 
 
 def _state(local_port: int) -> tuple[str, int]:
-    path = Path(os.environ["MT_HOME"]) / "tunnels" / f"{local_port}.json"
-    record = json.loads(path.read_text())
+    """The tunnel's state and reconnect count, as `mt tunnel status --json` reports them."""
+    listed = json.loads(mt("tunnel", "status", "--json").stdout)
+    (record,) = [r for r in listed if r["local_port"] == local_port]
     return record["state"], record["reconnects"]
 
 

@@ -10,20 +10,20 @@ import pytest
 from hpc.errors import ChangedHostKeyError, MTError, SSHAuthError, SSHError
 from tunnels.backoff import Backoff, permanent
 from tunnels.engine import TunnelSpec, choose
-from tunnels.openssh import destination, ssh_argv, ssh_config_text
+from tunnels.openssh import destination, forward_argv, ssh_argv, ssh_config_text
 
 
-def test_ssh_argv_forwards_loopback_only_through_the_generated_config() -> None:
-    spec = TunnelSpec(
-        host="alice@login.example.org", local_port=8081, remote_port=9000, jump="bastion"
-    )
-    argv = ssh_argv(spec, config=Path("/s/8081.ssh_config"), control_path=Path("/s/8081-%C"))
-    assert argv == [
-        "ssh", "-F", "/s/8081.ssh_config", "-N", "-L", "127.0.0.1:8081:127.0.0.1:9000",
-        "-J", "bastion",
-        "-o", "ControlMaster=auto", "-o", "ControlPath=/s/8081-%C",
-        "-o", "ControlPersist=no", "-o", "ExitOnForwardFailure=yes",
-        "--", "alice@login.example.org",
+def test_ssh_logs_in_as_a_master_then_forwards_loopback_only() -> None:
+    spec = TunnelSpec(host="alice@login:2222", local_port=8081, remote_port=9000, jump="bastion")
+    config, control = Path("/s/8081.ssh_config"), Path("/s/8081.ctl")
+    assert ssh_argv(spec, config=config, control_path=control) == [
+        "ssh", "-F", "/s/8081.ssh_config", "-N", "-J", "bastion",
+        "-o", "ControlMaster=yes", "-o", "ControlPath=/s/8081.ctl", "-o", "ControlPersist=no",
+        "--", "ssh://alice@login:2222",
+    ]  # fmt: skip
+    assert forward_argv(spec, config=config, control_path=control) == [
+        "ssh", "-F", "/s/8081.ssh_config", "-S", "/s/8081.ctl", "-O", "forward",
+        "-L", "127.0.0.1:8081:127.0.0.1:9000", "--", "ssh://alice@login:2222",
     ]  # fmt: skip
 
 

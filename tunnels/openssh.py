@@ -1,18 +1,24 @@
-"""The OpenSSH engine: the laptop's own ``ssh -N -L``, supervised and restarted.
+"""The OpenSSH engine: the laptop's own ssh, supervised and restarted.
 
 The user's ssh does what it does best: ``~/.ssh/config`` in full, ProxyJump (``-J``), the
 agent, 2FA prompts on the terminal, and a private ControlPath (a 0700 directory) so other
 ssh commands to the login node ride on the tunnel's connection instead of asking again.
-Options that matter here: ``ExitOnForwardFailure=yes`` (no silently dead forward),
+Every hop reads a private generated config (:func:`ssh_config_text`):
 ``ServerAliveInterval``/``CountMax`` (a dead link ends ssh within the keepalive window),
 ``StrictHostKeyChecking=yes`` unless ``accept_new`` (then ``accept-new``: added once, then
-pinned; OpenSSH refuses a changed key either way).
+pinned; OpenSSH refuses a changed key either way), the flags' key and known_hosts.
 
-ssh exiting is the drop signal. While it is down, the local port answers 503 at once
-(tunnels.outage) and ssh is started again after a bounded, jittered backoff, with
-``BatchMode=yes``: a reconnect that would need a password or 2FA fails as an
-authentication error and stops instead of prompting in a loop. A failure of the first
-connection is never retried: it is classified from ssh's stderr and raised.
+Two steps, so that the local port is never unanswered: ``ssh -N -M`` logs in as a
+ControlMaster (the control socket appears once it is authenticated), and only then
+``ssh -O forward -L 127.0.0.1:LOCAL:127.0.0.1:REMOTE`` asks it to listen. Until that
+moment the port may be held by the 503 responder (tunnels.outage), so a reconnect that
+takes the whole connect timeout on a dead link still answers every request at once.
+
+The master exiting is the drop signal. While it is down, the local port answers 503 and
+ssh is started again after a bounded, jittered backoff, with ``BatchMode=yes``: a
+reconnect that would need a password or 2FA fails as an authentication error and stops
+instead of prompting in a loop. A failure of the first connection is never retried: it is
+classified from ssh's stderr and raised.
 """
 
 from __future__ import annotations
@@ -120,20 +126,23 @@ def config_includes(spec: TunnelSpec) -> list[Path]:
 
 
 def ssh_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
-    """The ``ssh`` command line for ``spec``, reading the generated ``config`` (pure)."""
-    options = {
-        "ControlMaster": "auto",
-        "ControlPath": str(control_path),
-        "ControlPersist": "no",
-        "ExitOnForwardFailure": "yes",
-    }
+    """The master ``ssh`` command line for ``spec``, reading the generated ``config`` (pure)."""
+    options = {"ControlMaster": "yes", "ControlPath": str(control_path), "ControlPersist": "no"}
     argv = ["ssh", "-F", str(config), "-N"]
-    argv += ["-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}"]
     if spec.jump:
         argv += ["-J", spec.jump]
     for key, value in sorted(options.items()):
         argv += ["-o", f"{key}={value}"]
     return [*argv, "--", destination(spec.host)]
+
+
+def forward_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
+    """``ssh -O forward``: the running master starts listening on 127.0.0.1 (pure)."""
+    return [
+        "ssh", "-F", str(config), "-S", str(control_path), "-O", "forward",
+        "-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}",
+        "--", destination(spec.host),
+    ]  # fmt: skip
 
 
 def _die_with_parent() -> None:
@@ -157,7 +166,7 @@ class OpenSSHTunnel(TunnelStatus):
         self._watcher: threading.Thread | None = None
         self._responder: DownResponder | None = None
         private = control_dir()
-        self.control_path = private / f"{spec.local_port}-%C"
+        self.control_path = private / f"{spec.local_port}.ctl"  # one tunnel per local port
         self.config_path = private / f"{spec.local_port}.ssh_config"
 
     # -- TunnelEngine ------------------------------------------------------------------
@@ -167,7 +176,7 @@ class OpenSSHTunnel(TunnelStatus):
         return self._proc.pid if self._proc is not None else None
 
     def open(self) -> None:
-        """Start ssh and wait until it listens; a failure is raised, never retried."""
+        """Log in, then listen; a failure is raised, never retried."""
         ensure_free(self.spec.local_port)
         failure = self._start(batch=not sys.stdin.isatty(), wait_s=_FIRST_LOGIN_S)
         if failure is not None:
@@ -182,9 +191,7 @@ class OpenSSHTunnel(TunnelStatus):
             return
         self._stop.set()
         self._terminate()
-        if self._responder is not None:
-            self._responder.close()
-            self._responder = None
+        self._release_port()
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         self.config_path.unlink(missing_ok=True)
@@ -193,8 +200,9 @@ class OpenSSHTunnel(TunnelStatus):
 
     # -- one ssh process ---------------------------------------------------------------
     def _start(self, *, batch: bool, wait_s: float) -> MTError | None:
-        """Run ssh until it listens (None) or exits (the classified error)."""
+        """Run the master until it is logged in, then forward (None), or the error."""
         self._stderr.clear()
+        self.control_path.unlink(missing_ok=True)  # a stale socket would disable the master
         text = ssh_config_text(self.spec, batch=batch, includes=config_includes(self.spec))
         write_private(self.config_path, text.encode())
         argv = ssh_argv(self.spec, config=self.config_path, control_path=self.control_path)
@@ -216,15 +224,51 @@ class OpenSSHTunnel(TunnelStatus):
             if proc.poll() is not None:
                 reader.join(timeout=2)
                 return self._classify(proc.returncode)
-            if listening(self.spec.local_port):
-                return None
+            if self.control_path.exists():  # made once the master is authenticated
+                return self._forward()
             time.sleep(_POLL_S)
         self._terminate()
         return TunnelError(
-            f"ssh to {self.spec.host} did not open the forward within {wait_s:g}s",
+            f"ssh to {self.spec.host} did not log in within {wait_s:g}s",
             local_port=self.spec.local_port,
             hint=f"`ssh -v {self.spec.host} true` shows where it waits",
         )
+
+    def _forward(self) -> MTError | None:
+        """Hand the local port from the 503 responder (if it holds it) to the master."""
+        self._release_port()
+        argv = forward_argv(self.spec, config=self.config_path, control_path=self.control_path)
+        try:
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+            )
+        except subprocess.TimeoutExpired:
+            done = None
+        if done is not None and done.returncode == 0 and listening(self.spec.local_port):
+            return None
+        self._terminate()
+        port = self.spec.local_port
+        holder = holder_of(port)
+        if holder is not None:
+            return LocalPortInUseError(port, holder)
+        said = done.stderr.decode("utf-8", "replace").strip() if done else "no answer in 30s"
+        return TunnelError(
+            f"ssh logged in to {self.spec.host} but could not listen on 127.0.0.1:{port}: {said}",
+            local_port=port,
+            hint="is the port taken? try another `--local-port`",
+        )
+
+    def _answer_down(self) -> None:
+        """Hold the local port and answer 503 (unless something else took it meanwhile)."""
+        if self._responder is None:
+            message = f"the SSH tunnel to {self.spec.host} is down; reconnecting"
+            with contextlib.suppress(TunnelError):
+                self._responder = DownResponder(bind_local(self.spec.local_port), message)
+
+    def _release_port(self) -> None:
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
 
     def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
         for raw in proc.stderr or ():
@@ -313,6 +357,7 @@ class OpenSSHTunnel(TunnelStatus):
                 pass
             if self._stop.is_set():
                 return
+            self._answer_down()  # first: the port is free now that the master is gone
             self._state = "down"
             why = " / ".join(list(self._stderr)[-2:]) or f"ssh exited with {proc.returncode}"
             self._events(f"down: {why}; reconnecting")
@@ -320,15 +365,9 @@ class OpenSSHTunnel(TunnelStatus):
                 return
 
     def _reconnect(self, backoff: Backoff) -> bool:
-        message = f"the SSH tunnel to {self.spec.host} is down; reconnecting"
         while not self._stop.is_set():
-            with contextlib.suppress(TunnelError):
-                self._responder = DownResponder(bind_local(self.spec.local_port), message)
-            stopped = self._stop.wait(backoff.next_s())
-            if self._responder is not None:
-                self._responder.close()
-                self._responder = None
-            if stopped:
+            self._answer_down()  # again, if a failed forward gave the port up
+            if self._stop.wait(backoff.next_s()):
                 return False
             failure = self._start(batch=True, wait_s=self.spec.connect_timeout_s + 10)
             if failure is None:
