@@ -134,6 +134,8 @@ class KeysThenPrompts(AuthStrategy):
                 except paramiko.AuthenticationException as exc:
                     refused = exc
                     continue
+                except paramiko.SSHException:
+                    continue  # a key type this server does not take: try the next one
                 if transport.is_authenticated():
                     return []
                 allowed = list(remaining)  # partial success: the key was one factor of two
@@ -162,10 +164,14 @@ class KeysThenPrompts(AuthStrategy):
             return self.prompter(title, instructions, prompts)
 
         try:
-            transport.auth_interactive(self.user, handler)
+            remaining = transport.auth_interactive(self.user, handler)
         except PromptNeeded:
             raise
         except paramiko.AuthenticationException as exc:
             if self.prompter is None:
                 raise PromptNeeded(f"the server asks: {', '.join(asked)}") from exc
             raise PromptRejected(asked) from exc
+        if not transport.is_authenticated():
+            raise paramiko.AuthenticationException(
+                f"the server wants yet another method after the answers: {', '.join(remaining)}"
+            )

@@ -167,9 +167,13 @@ def test_silent_link_drop_is_noticed_fails_fast_and_reconnects(engine: str, site
         try:
             # --keepalive 1: three unanswered keepalives and the tunnel knows.
             _wait_for("the tunnel to notice", lambda: _state(tunnel.local_port)[0] == "down", 30)
-            status, body = get(f"{tunnel.url}/v1/models", timeout_s=10)  # a hang fails here
-            assert status == 503, body
-            assert "the SSH tunnel to login is down" in json.loads(body)["error"]["message"]
+            # Sampled across the backoff and into a reconnect attempt (which waits on the
+            # dead link): every request is answered 503 at once, none hangs or is refused.
+            for _ in range(20):
+                status, body = get(f"{tunnel.url}/v1/models", timeout_s=10)
+                assert status == 503, body
+                assert "the SSH tunnel to login is down" in json.loads(body)["error"]["message"]
+                time.sleep(0.25)
         finally:
             site.net.restore()
         _wait_for("the tunnel to be back", lambda: _state(tunnel.local_port) == ("up", 1), 90)
