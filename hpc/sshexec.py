@@ -11,8 +11,11 @@ Where to connect comes from ``~/.ssh/config`` (``paramiko.SSHConfig``), so an al
 HostName, User, Port, IdentityFile, IdentitiesOnly, UserKnownHostsFile and ProxyJump (each
 jump is a ``direct-tcpip`` channel through the previous host, whose key is checked too; the
 jump hosts' own ProxyJump lines are not followed). Arguments given here win over the config.
-Not supported: ProxyCommand, host certificates (``@cert-authority``), passwords and
-keyboard-interactive (2FA) logins; for those, run `mt` on the login node itself.
+Keys, the agent and keyboard-interactive prompts (a 2FA code after the key) are tried as
+OpenSSH tries them (hpc.sshauth); prompts are answered by the caller's ``prompter`` and,
+without one, fail at once with a clear error. Not supported: ProxyCommand, host
+certificates (``@cert-authority``) and plain password logins; for those, run `mt` on the
+login node itself.
 
 Host keys are checked against one known_hosts file and nothing else: an unknown key is
 refused, showing its SHA256 fingerprint, and never added (``StrictHostKeyChecking`` in the
@@ -34,10 +37,11 @@ import re
 import select
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -49,6 +53,13 @@ from hpc.errors import (
     SSHAuthError,
     SSHError,
     UnknownHostKeyError,
+)
+from hpc.sshauth import (
+    KeysThenPrompts,
+    Prompter,
+    PromptNeeded,
+    PromptRejected,
+    terminal_prompter,
 )
 from hpc.transport import CommandResult, CommandTimeout
 
@@ -268,6 +279,7 @@ class SSHTransport:
         proxy_jump: str | None = None,
         accept_new: bool = False,
         keepalive_s: int = _KEEPALIVE_S,
+        prompter: Prompter | None = None,
     ) -> None:
         bad = [name for name in (remote_env or {}) if not _ENV_NAME.match(name)]
         if bad:
@@ -283,6 +295,9 @@ class SSHTransport:
         self.proxy_jump = proxy_jump  # overrides the config's ProxyJump (`-J`), comma-separated
         self.accept_new = accept_new
         self.keepalive_s = keepalive_s
+        # Who answers keyboard-interactive prompts (a 2FA code): None means nobody (no
+        # terminal), and such a login fails at once with a clear error.
+        self.prompter = prompter
         self.connections = 0  # connections made so far: one per `mt` command, unless one dropped
         self._lock = threading.Lock()
         self._clients: list[paramiko.SSHClient] = []  # jump hosts first, the login node last
@@ -332,11 +347,14 @@ class SSHTransport:
                     port=target.port,
                     hint="write it as [user@]host[:port], comma-separated for several jumps",
                 )
-            hops.append(
-                _resolve(
-                    hop, self._ssh_config(), user=None, port=None, key=None, known=self.known_hosts
-                )
+            jump = _resolve(
+                hop, self._ssh_config(), user=None, port=None, key=None, known=self.known_hosts
             )
+            if self.key_filename is not None:
+                # `--identity` is tried on the jump hosts too, first, as OpenSSH's `-i` is.
+                key = self.key_filename.expanduser()
+                jump = replace(jump, identity_files=(key, *jump.identity_files))
+            hops.append(jump)
         return hops
 
     def connection(self) -> paramiko.Transport:
@@ -383,15 +401,18 @@ class SSHTransport:
                 target.hostname,
                 port=target.port,
                 username=target.user,
-                # paramiko takes a list too (its stubs say str only)
-                key_filename=[str(p) for p in target.identity_files] or None,  # type: ignore[arg-type]
-                allow_agent=not target.identities_only,
-                look_for_keys=not target.identities_only,
                 sock=sock,
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
                 channel_timeout=timeout,
+                auth_strategy=KeysThenPrompts(
+                    target.user,
+                    target.identity_files,
+                    agent=not target.identities_only,
+                    home_keys=not target.identities_only,
+                    prompter=self.prompter,
+                ),
             )
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
@@ -581,6 +602,28 @@ def _connect_error(
             f"remove the old key with `ssh-keygen -R '{name}' -f {target.known_hosts}` and "
             "accept the new one after checking its fingerprint",
         )
+    if isinstance(exc, PromptNeeded):
+        return SSHAuthError(
+            f"SSH login as {target.user} on {target} needs keyboard-interactive answers "
+            f"({exc}; typically a one-time 2FA code) and there is no terminal to ask on",
+            host=host,
+            port=port,
+            user=target.user,
+            hint="run the command in a terminal, in the foreground, and type the answer "
+            "when asked; a tunnel that must come back on its own needs a login the server "
+            "takes without questions (a key alone)",
+        )
+    if isinstance(exc, PromptRejected):
+        return SSHAuthError(
+            f"SSH login as {target.user} on {target} failed: the server rejected the "
+            f"answer to {', '.join(repr(p) for p in exc.prompts) or 'its prompt'}; "
+            "not trying again (a retry could burn another code or lock the account)",
+            host=host,
+            port=port,
+            user=target.user,
+            hint="run the command again and type a fresh code; "
+            f"`ssh -v {p}{target.user}@{host} true` shows what the server asks",
+        )
     if isinstance(exc, paramiko.AuthenticationException):
         agent = bool(os.environ.get("SSH_AUTH_SOCK"))
         tried = [str(p) for p in target.identity_files]
@@ -652,4 +695,6 @@ def ssh_transport(slurm: SlurmSite) -> SSHTransport:
         ssh_config=slurm.ssh_config,
         connect_timeout_s=slurm.ssh_connect_timeout_s,
         remote_env=slurm.ssh_env,
+        # A 2FA code is asked for on the terminal; without one (cron, CI) the login fails.
+        prompter=terminal_prompter() if sys.stdin.isatty() else None,
     )

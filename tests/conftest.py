@@ -12,6 +12,7 @@ import pytest
 from realparts import missing_part
 from slurm_fixtures import cluster, slurm_cluster  # noqa: F401 - the private Slurm cluster
 from ssh_fixtures import sshd  # noqa: F401 - the session's sshd on loopback
+from tunnelkit import login_http, no_agent  # noqa: F401 - the tunnel tests' fixtures
 
 _CLEARED_PREFIXES = ("MT_", "SLURM_", "OPENAI_")
 _CLEARED_NAMES = ("KUBECONFIG",)

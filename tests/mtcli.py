@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,10 +16,15 @@ import psutil
 GEMMA = "gemma-3-270m"
 
 
-def mt(*args: str, check: bool = True, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI with the test's environment (MT_HOME, MT_MODELS, SLURM_CONF)."""
+def mt(
+    *args: str, check: bool = True, timeout_s: float = 240, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI with the test's environment (MT_HOME, MT_MODELS, SLURM_CONF).
+
+    ``prefix`` runs it through another command (``ip netns exec NS``: on another "node").
+    """
     done = subprocess.run(
-        [sys.executable, "-m", "hpc.cli", *args],
+        [*prefix, sys.executable, "-m", "hpc.cli", *args],
         capture_output=True,
         text=True,
         check=False,
@@ -46,10 +51,13 @@ def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
 
 
 @contextmanager
-def running_gateway(*args: str) -> Iterator[str]:
-    """`mt gateway --port 0` in the background; yields its URL; stops it (whole group)."""
+def running_gateway(*args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
+    """`mt gateway --port 0` in the background; yields its URL; stops it (whole group).
+
+    ``prefix`` must exec the gateway (as ``ip netns exec`` does): the group is its own.
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hpc.cli", "gateway", "--port", "0", *args],
+        [*prefix, sys.executable, "-m", "hpc.cli", "gateway", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,6 +14,14 @@ and every session process under it by pid. Root logs in with keys only
 (``PermitRootLogin prohibit-password``); ``StrictModes no`` because the files live in a
 temporary directory; ``UsePAM no``; TCP forwarding stays on, so one server can be another's
 ProxyJump host. See /work/shared/TESTBED.md, "sshd on loopback".
+
+``start(..., otp="123456")`` makes a two-factor server instead: the key and then a code
+(``AuthenticationMethods publickey,keyboard-interactive``), asked through PAM as sites ask
+for Duo or TOTP codes. Debian's sshd (9.2) has no ``PAMServiceName`` option: the PAM
+service is the name sshd runs as, so sshd runs through a symlink ``mt-test-sshd-<id>`` in
+``base_dir`` and its service file ``/etc/pam.d/mt-test-sshd-<id>`` (the one file written
+outside ``base_dir``, removed by ``stop()``) asks with ``pam_exec expose_authtok``: PAM's
+own ``Password:`` prompt, checked by a script against the code.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import ctypes
 import getpass
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +42,7 @@ from pathlib import Path
 import psutil
 
 SSHD = "/usr/sbin/sshd"
+PAM_DIR = Path("/etc/pam.d")
 PRIVSEP_DIR = Path("/run/sshd")
 _PR_SET_PDEATHSIG = 1
 _START_ATTEMPTS = 3
@@ -84,6 +94,9 @@ class SSHServer:
     port: int
     user: str
     popen: subprocess.Popen[bytes]
+    address: str = "127.0.0.1"
+    netns: str | None = None  # a network namespace (tests/netns.py) sshd runs in
+    pam_service: Path | None = None  # /etc/pam.d/<name> of a two-factor server
     _stopped: bool = False
 
     @property
@@ -123,8 +136,20 @@ class SSHServer:
         return None
 
     @classmethod
-    def start(cls, base_dir: Path, *, timeout_s: float = 15.0) -> SSHServer:
-        """Generate keys and config under ``base_dir``, start sshd, wait for its banner."""
+    def start(
+        cls,
+        base_dir: Path,
+        *,
+        timeout_s: float = 15.0,
+        otp: str | None = None,
+        address: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> SSHServer:
+        """Generate keys and config under ``base_dir``, start sshd, wait for its banner.
+
+        With ``otp``, a login needs the client key and then ``otp`` typed at a
+        keyboard-interactive prompt (see the module docstring).
+        """
         reason = cls.available()
         if reason is not None:
             raise SSHServerError(reason)
@@ -133,9 +158,11 @@ class SSHServer:
         keygen(base_dir / "host_ed25519_key", "mt-test-host")
         keygen(base_dir / "client_key", "mt-test-client")
         (base_dir / "authorized_keys").write_text((base_dir / "client_key.pub").read_text())
+        if otp is not None:
+            _two_factor(base_dir, otp)
         for attempt in range(_START_ATTEMPTS):
             port = _free_port()
-            server = cls._spawn(base_dir, port)
+            server = cls._spawn(base_dir, port, address=address, netns=netns)
             try:
                 server._wait_ready(timeout_s)
             except SSHServerError:
@@ -147,21 +174,38 @@ class SSHServer:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _spawn(cls, root: Path, port: int) -> SSHServer:
+    def _spawn(
+        cls, root: Path, port: int, *, address: str = "127.0.0.1", netns: str | None = None
+    ) -> SSHServer:
+        two_factor = (root / "otp-check").exists()
+        auth = (
+            [
+                "KbdInteractiveAuthentication yes",
+                "AuthenticationMethods publickey,keyboard-interactive",
+                "UsePAM yes",
+                # With prohibit-password, sshd hands PAM a junk answer for root on purpose
+                # ("\\b\\n\\r\\177INCORRECT"); the key is still required (above).
+                "PermitRootLogin yes",
+            ]
+            if two_factor
+            else [
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "PermitRootLogin prohibit-password",
+            ]
+        )
         config = root / "sshd_config"
         config.write_text(
             "\n".join(
                 [
                     f"Port {port}",
-                    "ListenAddress 127.0.0.1",
+                    f"ListenAddress {address}",
                     f"HostKey {root / 'host_ed25519_key'}",
                     f"PidFile {root / 'sshd.pid'}",
                     f"AuthorizedKeysFile {root / 'authorized_keys'}",
-                    "PermitRootLogin prohibit-password",
                     "PubkeyAuthentication yes",
                     "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
+                    *auth,
                     "StrictModes no",
                     "AllowTcpForwarding yes",
                     "PrintMotd no",
@@ -172,15 +216,35 @@ class SSHServer:
         )
         log = root / "sshd.log"
         log.unlink(missing_ok=True)
+        program = root / f"mt-test-sshd-{root.name}-{os.getpid()}" if two_factor else None
+        if program is not None:
+            program.unlink(missing_ok=True)
+            program.symlink_to(SSHD)  # the PAM service is the name sshd runs as
+            (PAM_DIR / program.name).write_text(
+                f"auth required pam_exec.so expose_authtok quiet {root / 'otp-check'}\n"
+                "auth optional pam_permit.so\n"
+                "account required pam_permit.so\n"
+                "session required pam_permit.so\n"
+            )
+        inside = ["ip", "netns", "exec", netns] if netns else []  # `ip` execs sshd: same pid
         popen = subprocess.Popen(
-            [SSHD, "-D", "-E", str(log), "-f", str(config)],
+            [*inside, str(program or SSHD), "-D", "-E", str(log), "-f", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - PR_SET_PDEATHSIG only, no locks taken
         )
-        return cls(root=root, port=port, user=getpass.getuser(), popen=popen)
+        pam = PAM_DIR / program.name if program is not None else None
+        return cls(
+            root=root,
+            port=port,
+            user=getpass.getuser(),
+            popen=popen,
+            address=address,
+            netns=netns,
+            pam_service=pam,
+        )
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -196,6 +260,10 @@ class SSHServer:
 
     def _banner(self) -> bool:
         """Whether our sshd (the process we started) answers with an SSH banner."""
+        if self.netns is not None:
+            # Neither psutil (it reads this namespace's /proc/net) nor a connection from
+            # here (the address may be unreachable on purpose) can see it: sshd's log can.
+            return f"Server listening on {self.address} port {self.port}." in self.log_text()
         try:
             conns = psutil.Process(self.pid).net_connections(kind="tcp")
         except psutil.Error:
@@ -203,16 +271,16 @@ class SSHServer:
         if not any(c.status == psutil.CONN_LISTEN and c.laddr[1] == self.port for c in conns):
             return False
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            with socket.create_connection((self.address, self.port), timeout=2) as s:
                 return s.recv(64).startswith(b"SSH-2.0-")
         except OSError:
             return False
 
     # -- use -------------------------------------------------------------------------------
     def known_hosts_line(self) -> str:
-        """This server's line for a known_hosts file: ``[127.0.0.1]:PORT ssh-ed25519 …``."""
+        """This server's line for a known_hosts file: ``[ADDRESS]:PORT ssh-ed25519 …``."""
         key_type, key = self.host_key.read_text().split()[:2]
-        return f"[127.0.0.1]:{self.port} {key_type} {key}\n"
+        return f"[{self.address}]:{self.port} {key_type} {key}\n"
 
     def host_fingerprint(self) -> str:
         """The host key's ``SHA256:…`` fingerprint."""
@@ -227,7 +295,8 @@ class SSHServer:
 
     def logins(self) -> int:
         """How many logins (authenticated connections) sshd has accepted so far."""
-        return self.log_text().count("Accepted publickey for ")
+        text = self.log_text()
+        return text.count("Accepted publickey for ") + text.count("Accepted keyboard-interactive")
 
     def commands(self) -> int:
         """How many commands (exec sessions) sshd has started so far."""
@@ -255,3 +324,18 @@ class SSHServer:
         psutil.wait_procs(procs, timeout=5)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
+        if self.pam_service is not None:
+            self.pam_service.unlink(missing_ok=True)
+
+
+def _two_factor(root: Path, otp: str) -> None:
+    """The script PAM runs to check the typed code (pam_exec passes it on stdin)."""
+    (root / "otp").write_text(otp + "\n")
+    check = root / "otp-check"
+    check.write_text(
+        "#!/bin/bash\n"
+        "# pam_exec expose_authtok: the answer on stdin, without a newline\n"
+        "IFS= read -r -d '' code || true\n"
+        f'[ "$code" = "$(cat {shlex.quote(str(root / "otp"))})" ]\n'
+    )
+    check.chmod(0o755)

@@ -10,37 +10,52 @@ import pytest
 from hpc.errors import ChangedHostKeyError, MTError, SSHAuthError, SSHError
 from tunnels.backoff import Backoff, permanent
 from tunnels.engine import TunnelSpec, choose
-from tunnels.openssh import destination, ssh_argv
+from tunnels.openssh import destination, forward_argv, ssh_argv, ssh_config_text
 
 
-def test_ssh_argv_forwards_loopback_only_and_checks_host_keys() -> None:
+def test_ssh_logs_in_as_a_master_then_forwards_loopback_only() -> None:
+    spec = TunnelSpec(host="alice@login:2222", local_port=8081, remote_port=9000, jump="bastion")
+    config, control = Path("/s/8081.ssh_config"), Path("/s/8081.ctl")
+    assert ssh_argv(spec, config=config, control_path=control) == [
+        "ssh", "-F", "/s/8081.ssh_config", "-N", "-J", "bastion",
+        "-o", "ControlMaster=yes", "-o", "ControlPath=/s/8081.ctl", "-o", "ControlPersist=no",
+        "--", "ssh://alice@login:2222",
+    ]  # fmt: skip
+    assert forward_argv(spec, config=config, control_path=control) == [
+        "ssh", "-F", "/s/8081.ssh_config", "-S", "/s/8081.ctl", "-O", "forward",
+        "-L", "127.0.0.1:8081:127.0.0.1:9000", "--", "ssh://alice@login:2222",
+    ]  # fmt: skip
+
+
+def test_ssh_config_checks_every_hop_and_names_the_flags_keys() -> None:
     spec = TunnelSpec(
-        host="alice@login.example.org",
-        local_port=8081,
-        remote_port=9000,
+        host="login",
         jump="bastion",
         identity=Path("/k/id ed25519"),
-        known_hosts=Path("/k/known hosts"),
-        ssh_config=Path("/k/config"),
+        known_hosts=Path("/k/known 100%"),
     )
-    argv = ssh_argv(spec, batch=True, control_path=Path("/tmp/mt-ssh-0/8081-%C"))
-    assert argv == [
-        "ssh", "-N", "-L", "127.0.0.1:8081:127.0.0.1:9000",
-        "-F", "/k/config", "-i", "/k/id ed25519", "-J", "bastion",
-        "-o", "BatchMode=yes", "-o", "ConnectTimeout=15",
-        "-o", "ControlMaster=auto", "-o", "ControlPath=/tmp/mt-ssh-0/8081-%C",
-        "-o", "ControlPersist=no", "-o", "ExitOnForwardFailure=yes",
-        "-o", "IdentitiesOnly=yes", "-o", "ServerAliveCountMax=3",
-        "-o", "ServerAliveInterval=15", "-o", "StrictHostKeyChecking=yes",
-        "-o", "UserKnownHostsFile=/k/known hosts",
-        "--", "alice@login.example.org",
-    ]  # fmt: skip
-    accept = ssh_argv(
-        TunnelSpec(host="login", accept_new=True), batch=False, control_path=Path("/c")
+    text = ssh_config_text(spec, batch=True, includes=[Path("/home/a/.ssh/config")])
+    assert text == (
+        "# Written by `mt tunnel` for this tunnel only; rewritten on every start.\n"
+        "Host *\n"
+        "    BatchMode yes\n"
+        "    ConnectTimeout 15\n"
+        "    IdentitiesOnly yes\n"
+        '    IdentityFile "/k/id ed25519"\n'
+        "    NumberOfPasswordPrompts 1\n"
+        "    ServerAliveCountMax 3\n"
+        "    ServerAliveInterval 15\n"
+        "    StrictHostKeyChecking yes\n"
+        '    UserKnownHostsFile "/k/known 100%%"\n'
+        'Include "/home/a/.ssh/config"\n'
     )
-    assert "StrictHostKeyChecking=accept-new" in accept
-    assert "BatchMode=no" in accept
-    assert not any(a.startswith(("IdentitiesOnly", "UserKnownHostsFile")) for a in accept)
+    accept = ssh_config_text(TunnelSpec(host="login", accept_new=True), batch=False, includes=[])
+    assert "    StrictHostKeyChecking accept-new\n" in accept
+    assert "    BatchMode no\n" in accept
+    assert "IdentityFile" not in accept and "UserKnownHostsFile" not in accept
+    with pytest.raises(MTError, match="--identity") as caught:
+        ssh_config_text(TunnelSpec(host="login", identity=Path('/k/"x"')), batch=True, includes=[])
+    assert caught.value.hint
 
 
 def test_destination_with_a_port_is_an_ssh_uri() -> None:

@@ -1,18 +1,24 @@
-"""The OpenSSH engine: the laptop's own ``ssh -N -L``, supervised and restarted.
+"""The OpenSSH engine: the laptop's own ssh, supervised and restarted.
 
 The user's ssh does what it does best: ``~/.ssh/config`` in full, ProxyJump (``-J``), the
 agent, 2FA prompts on the terminal, and a private ControlPath (a 0700 directory) so other
 ssh commands to the login node ride on the tunnel's connection instead of asking again.
-Options that matter here: ``ExitOnForwardFailure=yes`` (no silently dead forward),
+Every hop reads a private generated config (:func:`ssh_config_text`):
 ``ServerAliveInterval``/``CountMax`` (a dead link ends ssh within the keepalive window),
 ``StrictHostKeyChecking=yes`` unless ``accept_new`` (then ``accept-new``: added once, then
-pinned; OpenSSH refuses a changed key either way).
+pinned; OpenSSH refuses a changed key either way), the flags' key and known_hosts.
 
-ssh exiting is the drop signal. While it is down, the local port answers 503 at once
-(tunnels.outage) and ssh is started again after a bounded, jittered backoff, with
-``BatchMode=yes``: a reconnect that would need a password or 2FA fails as an
-authentication error and stops instead of prompting in a loop. A failure of the first
-connection is never retried: it is classified from ssh's stderr and raised.
+Two steps, so that the local port is never unanswered: ``ssh -N -M`` logs in as a
+ControlMaster (the control socket appears once it is authenticated), and only then
+``ssh -O forward -L 127.0.0.1:LOCAL:127.0.0.1:REMOTE`` asks it to listen. Until that
+moment the port may be held by the 503 responder (tunnels.outage), so a reconnect that
+takes the whole connect timeout on a dead link still answers every request at once.
+
+The master exiting is the drop signal. While it is down, the local port answers 503 and
+ssh is started again after a bounded, jittered backoff, with ``BatchMode=yes``: a
+reconnect that would need a password or 2FA fails as an authentication error and stops
+instead of prompting in a loop. A failure of the first connection is never retried: it is
+classified from ssh's stderr and raised.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from hpc.errors import MTError, SSHAuthError, SSHError
+from hpc.privatefile import write_private
 from hpc.sshexec import SSHTransport
 from tunnels.backoff import Backoff, permanent
 from tunnels.engine import Events, TunnelSpec, TunnelStatus
@@ -68,34 +76,73 @@ def destination(host: str) -> str:
     return host
 
 
-def ssh_argv(spec: TunnelSpec, *, batch: bool, control_path: Path) -> list[str]:
-    """The ``ssh`` command line for ``spec`` (pure: golden-testable)."""
-    checking = "accept-new" if spec.accept_new else "yes"
+_SYSTEM_CONFIG = Path("/etc/ssh/ssh_config")
+
+
+def _config_word(path: Path, flag: str) -> str:
+    """``path`` as one ssh_config argument: absolute, double-quoted, ``%`` escaped."""
+    text = str(path.expanduser().absolute())
+    if any(c in text for c in '"\r\n'):
+        raise MTError(
+            f"{flag} {text!r}: ssh_config cannot hold a path with a double quote or a newline",
+            hint=f"move the file to a path without them and pass that to {flag}",
+        )
+    return '"' + text.replace("%", "%%") + '"'
+
+
+def ssh_config_text(spec: TunnelSpec, *, batch: bool, includes: Sequence[Path]) -> str:
+    """The private ssh_config (``-F``) that every hop reads, jump hosts included (pure).
+
+    ssh hands ``-F`` on to the ssh it starts for ProxyJump, but not ``-o`` or ``-i``: options
+    given only on the command line would check the login node's key strictly and let the
+    jump host fall back to the user's defaults. In a ``Host *`` block ahead of the user's
+    own config (Included after it), these values win for every host, since ssh takes the
+    first value it reads.
+    """
     options = {
         "BatchMode": "yes" if batch else "no",
         "ConnectTimeout": f"{int(spec.connect_timeout_s)}",
-        "ControlMaster": "auto",
-        "ControlPath": str(control_path),
-        "ControlPersist": "no",
-        "ExitOnForwardFailure": "yes",
+        # One answer per prompt: a wrong 2FA code ends the login instead of asking again.
+        "NumberOfPasswordPrompts": "1",
         "ServerAliveCountMax": str(spec.keepalive_count),
         "ServerAliveInterval": str(spec.keepalive_s),
-        "StrictHostKeyChecking": checking,
+        "StrictHostKeyChecking": "accept-new" if spec.accept_new else "yes",
     }
     if spec.identity is not None:
         options["IdentitiesOnly"] = "yes"
+        options["IdentityFile"] = _config_word(spec.identity, "--identity")
     if spec.known_hosts is not None:
-        options["UserKnownHostsFile"] = str(spec.known_hosts)
-    argv = ["ssh", "-N", "-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}"]
-    if spec.ssh_config is not None:
-        argv += ["-F", str(spec.ssh_config)]
-    if spec.identity is not None:
-        argv += ["-i", str(spec.identity)]
+        options["UserKnownHostsFile"] = _config_word(spec.known_hosts, "--known-hosts")
+    lines = ["# Written by `mt tunnel` for this tunnel only; rewritten on every start.", "Host *"]
+    lines += [f"    {key} {value}" for key, value in sorted(options.items())]
+    lines += [f"Include {_config_word(path, '--ssh-config')}" for path in includes]
+    return "\n".join(lines) + "\n"
+
+
+def config_includes(spec: TunnelSpec) -> list[Path]:
+    """The configs ssh would read without ``-F``: the user's (or ``--ssh-config``), the system's."""
+    user = spec.ssh_config or Path("~/.ssh/config").expanduser()
+    return [p for p in (user, _SYSTEM_CONFIG) if p.is_file()]
+
+
+def ssh_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
+    """The master ``ssh`` command line for ``spec``, reading the generated ``config`` (pure)."""
+    options = {"ControlMaster": "yes", "ControlPath": str(control_path), "ControlPersist": "no"}
+    argv = ["ssh", "-F", str(config), "-N"]
     if spec.jump:
         argv += ["-J", spec.jump]
     for key, value in sorted(options.items()):
         argv += ["-o", f"{key}={value}"]
     return [*argv, "--", destination(spec.host)]
+
+
+def forward_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
+    """``ssh -O forward``: the running master starts listening on 127.0.0.1 (pure)."""
+    return [
+        "ssh", "-F", str(config), "-S", str(control_path), "-O", "forward",
+        "-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}",
+        "--", destination(spec.host),
+    ]  # fmt: skip
 
 
 def _die_with_parent() -> None:
@@ -118,7 +165,9 @@ class OpenSSHTunnel(TunnelStatus):
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._responder: DownResponder | None = None
-        self.control_path = control_dir() / f"{spec.local_port}-%C"
+        private = control_dir()
+        self.control_path = private / f"{spec.local_port}.ctl"  # one tunnel per local port
+        self.config_path = private / f"{spec.local_port}.ssh_config"
 
     # -- TunnelEngine ------------------------------------------------------------------
     @property
@@ -127,7 +176,7 @@ class OpenSSHTunnel(TunnelStatus):
         return self._proc.pid if self._proc is not None else None
 
     def open(self) -> None:
-        """Start ssh and wait until it listens; a failure is raised, never retried."""
+        """Log in, then listen; a failure is raised, never retried."""
         ensure_free(self.spec.local_port)
         failure = self._start(batch=not sys.stdin.isatty(), wait_s=_FIRST_LOGIN_S)
         if failure is not None:
@@ -142,19 +191,21 @@ class OpenSSHTunnel(TunnelStatus):
             return
         self._stop.set()
         self._terminate()
-        if self._responder is not None:
-            self._responder.close()
-            self._responder = None
+        self._release_port()
         if self._watcher is not None:
             self._watcher.join(timeout=10)
+        self.config_path.unlink(missing_ok=True)
         if self._state != "failed":
             self._state = "closed"
 
     # -- one ssh process ---------------------------------------------------------------
     def _start(self, *, batch: bool, wait_s: float) -> MTError | None:
-        """Run ssh until it listens (None) or exits (the classified error)."""
+        """Run the master until it is logged in, then forward (None), or the error."""
         self._stderr.clear()
-        argv = ssh_argv(self.spec, batch=batch, control_path=self.control_path)
+        self.control_path.unlink(missing_ok=True)  # a stale socket would disable the master
+        text = ssh_config_text(self.spec, batch=batch, includes=config_includes(self.spec))
+        write_private(self.config_path, text.encode())
+        argv = ssh_argv(self.spec, config=self.config_path, control_path=self.control_path)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -173,15 +224,51 @@ class OpenSSHTunnel(TunnelStatus):
             if proc.poll() is not None:
                 reader.join(timeout=2)
                 return self._classify(proc.returncode)
-            if listening(self.spec.local_port):
-                return None
+            if self.control_path.exists():  # made once the master is authenticated
+                return self._forward()
             time.sleep(_POLL_S)
         self._terminate()
         return TunnelError(
-            f"ssh to {self.spec.host} did not open the forward within {wait_s:g}s",
+            f"ssh to {self.spec.host} did not log in within {wait_s:g}s",
             local_port=self.spec.local_port,
             hint=f"`ssh -v {self.spec.host} true` shows where it waits",
         )
+
+    def _forward(self) -> MTError | None:
+        """Hand the local port from the 503 responder (if it holds it) to the master."""
+        self._release_port()
+        argv = forward_argv(self.spec, config=self.config_path, control_path=self.control_path)
+        try:
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+            )
+        except subprocess.TimeoutExpired:
+            done = None
+        if done is not None and done.returncode == 0 and listening(self.spec.local_port):
+            return None
+        self._terminate()
+        port = self.spec.local_port
+        holder = holder_of(port)
+        if holder is not None:
+            return LocalPortInUseError(port, holder)
+        said = done.stderr.decode("utf-8", "replace").strip() if done else "no answer in 30s"
+        return TunnelError(
+            f"ssh logged in to {self.spec.host} but could not listen on 127.0.0.1:{port}: {said}",
+            local_port=port,
+            hint="is the port taken? try another `--local-port`",
+        )
+
+    def _answer_down(self) -> None:
+        """Hold the local port and answer 503 (unless something else took it meanwhile)."""
+        if self._responder is None:
+            message = f"the SSH tunnel to {self.spec.host} is down; reconnecting"
+            with contextlib.suppress(TunnelError):
+                self._responder = DownResponder(bind_local(self.spec.local_port), message)
+
+    def _release_port(self) -> None:
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
 
     def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
         for raw in proc.stderr or ():
@@ -209,6 +296,16 @@ class OpenSSHTunnel(TunnelStatus):
             return LocalPortInUseError(port, holder_of(port))
         if "Host key verification failed" in text or "HOST IDENTIFICATION HAS CHANGED" in text:
             return self._host_key_error(tail)
+        if "Permission denied" in text and "keyboard-interactive" in text:
+            return SSHAuthError(
+                f"SSH login on {self.spec.host} failed: {tail}",
+                host=self.spec.host,
+                port=0,
+                user="",
+                hint="the server asks keyboard-interactive questions (a 2FA code, a "
+                "password): run `mt tunnel` in the foreground on a terminal and type the "
+                "answer when asked; a wrong answer ends the login (no second try)",
+            )
         if "Permission denied" in text or "Too many authentication failures" in text:
             return SSHAuthError(
                 f"SSH login on {self.spec.host} failed: {tail}",
@@ -260,6 +357,7 @@ class OpenSSHTunnel(TunnelStatus):
                 pass
             if self._stop.is_set():
                 return
+            self._answer_down()  # first: the port is free now that the master is gone
             self._state = "down"
             why = " / ".join(list(self._stderr)[-2:]) or f"ssh exited with {proc.returncode}"
             self._events(f"down: {why}; reconnecting")
@@ -267,15 +365,9 @@ class OpenSSHTunnel(TunnelStatus):
                 return
 
     def _reconnect(self, backoff: Backoff) -> bool:
-        message = f"the SSH tunnel to {self.spec.host} is down; reconnecting"
         while not self._stop.is_set():
-            with contextlib.suppress(TunnelError):
-                self._responder = DownResponder(bind_local(self.spec.local_port), message)
-            stopped = self._stop.wait(backoff.next_s())
-            if self._responder is not None:
-                self._responder.close()
-                self._responder = None
-            if stopped:
+            self._answer_down()  # again, if a failed forward gave the port up
+            if self._stop.wait(backoff.next_s()):
                 return False
             failure = self._start(batch=True, wait_s=self.spec.connect_timeout_s + 10)
             if failure is None:

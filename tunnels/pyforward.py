@@ -7,7 +7,9 @@ IdentityFile, ProxyJump), refuses unknown and changed host keys with their finge
 and translates paramiko's errors; this module adds the listener and the forwarding.
 
 Each local connection is one ``direct-tcpip`` channel to 127.0.0.1:remote_port on the
-login node, pumped by its own thread. A watcher thread probes the connection every
+login node, pumped by its own thread. Keyboard-interactive prompts of the first login
+(a 2FA code) are answered on the terminal when there is one (hpc.sshauth); reconnects
+never prompt. A watcher thread probes the connection every
 ``keepalive_s`` (a global request the server must answer); ``keepalive_count`` missed
 answers, or a closed transport, mark the tunnel down. While it is down, the listener
 answers every connection with 503 at once (tunnels.outage), and the watcher reconnects
@@ -19,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import sys
 import threading
 
 import paramiko
 
 from hpc.errors import SSHError
+from hpc.sshauth import terminal_prompter
 from hpc.sshexec import SSHTransport
 from tunnels.backoff import Backoff, permanent
 from tunnels.engine import Events, TunnelSpec, TunnelStatus
@@ -53,6 +57,8 @@ class ParamikoTunnel(TunnelStatus):
             proxy_jump=spec.jump,
             accept_new=spec.accept_new,
             keepalive_s=spec.keepalive_s,
+            # The first login may ask (a 2FA code typed on the terminal); see open().
+            prompter=terminal_prompter() if sys.stdin.isatty() else None,
         )
         self._listener: socket.socket | None = None
         self._transport: paramiko.Transport | None = None
@@ -69,6 +75,9 @@ class ParamikoTunnel(TunnelStatus):
             self._listener.close()
             self._ssh.close()
             raise
+        # Reconnects never prompt: nobody may be watching, and a loop of 2FA prompts is what
+        # must not happen. A server that asks again stops the tunnel with a clear error.
+        self._ssh.prompter = None
         self._state = "up"
         self._threads = [
             threading.Thread(
