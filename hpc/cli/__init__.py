@@ -55,7 +55,9 @@ def _root(
     models: Annotated[
         Path | None,
         typer.Option(
-            "--models", "-m", help="models.yaml (default ./models.yaml, $MT_HOME/models.yaml)."
+            "--models",
+            "-m",
+            help="models.yaml (default $MT_MODELS, else ./models.yaml, else $MT_HOME/models.yaml).",
         ),
     ] = None,
     host: Annotated[
