@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
+from mtcli import mt
 
 from hpc.errors import ChangedHostKeyError, MTError, SSHAuthError, SSHError
 from tunnels.backoff import Backoff, permanent
@@ -90,3 +92,20 @@ def test_unknown_engine_lists_the_known_ones() -> None:
         choose("putty")
     assert "openssh, paramiko" in (caught.value.hint or "")
     assert choose("paramiko") == "paramiko"
+
+
+def _words(text: str) -> str:
+    """Help text without rich's boxes and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_tunnel_help_names_the_host_shorthand_and_where_its_options_are() -> None:
+    shown = _words(mt("tunnel", "--help").stdout)
+    assert "Usage: mt tunnel HOST [OPTIONS] | COMMAND [ARGS]..." in shown
+    assert "`mt tunnel HOST [OPTIONS]` is `mt tunnel open HOST [OPTIONS]`" in shown
+    assert "[user@]host[:port]" in shown
+    assert "listed by `mt tunnel open --help`" in shown
+    # The shorthand really is `open`: its options are parsed (and checked) by `open`.
+    done = mt("tunnel", "login.example", "--local-port", "0", check=False)
+    assert done.returncode == 2
+    assert "mt tunnel open" in done.stderr and "--local-port" in done.stderr

@@ -38,10 +38,22 @@ class _TunnelGroup(TyperGroup):
             args = ["open", *args]
         return super().parse_args(ctx, args)
 
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """The group's only option is --help: `mt tunnel HOST [OPTIONS]`, not `[OPTIONS] HOST`."""
+        return [self.subcommand_metavar or "COMMAND"]
+
 
 app = typer.Typer(
     cls=_TunnelGroup,
-    help="Forward 127.0.0.1:PORT on this laptop to the gateway on a login node over SSH.",
+    # The shorthand is the form the docs use, so the usage line and help name it. In help,
+    # rich markup needs `\\[`; the usage line is plain text.
+    subcommand_metavar="HOST [OPTIONS] | COMMAND [ARGS]...",
+    help=(
+        "Forward 127.0.0.1:PORT on this laptop to the gateway on a login node over SSH.\n\n"
+        "`mt tunnel HOST \\[OPTIONS]` is `mt tunnel open HOST \\[OPTIONS]`: HOST is "
+        "\\[user@]host\\[:port] or an ~/.ssh/config alias. Its options (--local-port, "
+        "--background, -J, -i, -F, …) are listed by `mt tunnel open --help`."
+    ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
