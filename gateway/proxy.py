@@ -98,7 +98,7 @@ def _no_route(routes: RouteTable, model: str, canonical: str, retry_after_s: int
     if routes.is_starting(canonical):
         hint = "a job for it is starting; retry shortly"
     else:
-        hint = f"hint: mt submit {canonical}"
+        hint = f"hint: mt submit {routes.submit_name(canonical)}"
     return openai_error(
         503,
         f"model {model!r} is configured but has no ready endpoint ({hint})",
