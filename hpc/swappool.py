@@ -118,13 +118,18 @@ async def _stream_cold(
     except MTError as exc:
         await _end_with_error(out, exc.message, "model_load_failed")
         return out
-    except BaseException:  # the client left (or the handler is cancelled): stop waiting
+    except BaseException as exc:  # the client left (or the handler is cancelled)
+        # Stop waiting; the load itself goes on for the others (acquire shields it).
         done = not acquiring.cancel() and not acquiring.cancelled()
         if done and acquiring.exception() is None:
             slots.release(acquiring.result())  # it was done: its slot was counted in
+        if isinstance(exc, ConnectionError):
+            return out
         raise
     try:
         return await _relay(request, slots, slot, body, out)
+    except ConnectionError:  # the client left mid-stream: closing the engine's request
+        return out  # (leaving the ``async with``) is what stops its generation
     finally:
         slots.release(slot)
 

@@ -208,3 +208,41 @@ def test_render_writes_the_dry_run_script(
     assert refused.returncode == 1
     assert "kubernetes backend cannot run swap pools" in refused.stderr
     assert "mt render gemma-pool --backend slurm" in refused.stderr
+
+
+def test_a_client_that_leaves_during_the_load_leaves_no_request_behind(pool: str) -> None:
+    record = pool_record(pool)
+    assert record.pid is not None and record.base_url is not None
+    secret = record.api_key.get_secret_value()
+    body = {
+        "model": MODEL_B,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {secret}"}
+    url = record.base_url + "/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        [engine] = wait_for("B's engine", lambda: engines_of(record.pid or 0, MODEL_B), 60)
+        engine.send_signal(signal.SIGSTOP)
+        lines = response.iter_lines()
+        assert next(lines) == f": loading {MODEL_B} in slot 0"
+    # The client is gone; the next keep-alive finds out. The load itself goes on.
+    engine.send_signal(signal.SIGCONT)
+    ready = wait_for(
+        "B loaded with nothing in flight",
+        lambda: (
+            (s := slot_of(pool_status(record), MODEL_B)) is not None
+            and s["state"] == "ready"
+            and s["in_flight"] == 0
+        ),
+        60,
+    )
+    assert ready
+    # A whole request after it: a slot that counted the one that left would stay at 1.
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        assert list(response.iter_lines())[-2:] == ["data: [DONE]", ""]
+    slot = slot_of(pool_status(record), MODEL_B)
+    assert slot is not None and slot["in_flight"] == 0 and slot["loads"] == 1
+    log = mt("logs", pool).stdout
+    assert "serving" in log and "Traceback" not in log and "unhandled" not in log, log
