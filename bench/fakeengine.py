@@ -56,6 +56,10 @@ class Knobs:
     # streaming: after this many chunks an in-band ``data: {"error": …}`` event, then the
     # usage chunk and ``[DONE]`` as vLLM sends them after an error
     error_after: int | None = None
+    # streaming: this many SSE comments (``: keep-alive``), ``comment_gap_s`` apart, before
+    # the first event (as a swap pool sends while it loads the model)
+    comments: int = 0
+    comment_gap_s: float = 0.0
     pad_bytes: int = 0  # streaming: each chunk's text is this many bytes longer
     status_first: int | None = None  # with ``status``: only the first N requests get it
     retry_after: str | None = None  # with ``status``: the error's ``Retry-After`` header
@@ -243,6 +247,10 @@ class FakeUpstream:
         knobs = self.knobs
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)  # headers go out at once, as vLLM's do
+        for turn in range(knobs.comments):
+            if turn:
+                await asyncio.sleep(knobs.comment_gap_s)
+            await response.write(b": keep-alive\n\n")
         await asyncio.sleep(knobs.ttft_s)
         gap = 1 / knobs.tokens_per_s if knobs.tokens_per_s > 0 else 0.0
         chat = request.path.endswith("/chat/completions")

@@ -98,7 +98,7 @@ def _no_route(routes: RouteTable, model: str, canonical: str, retry_after_s: int
     if routes.is_starting(canonical):
         hint = "a job for it is starting; retry shortly"
     else:
-        hint = f"hint: mt submit {canonical}"
+        hint = f"hint: mt submit {routes.submit_name(canonical)}"
     return openai_error(
         503,
         f"model {model!r} is configured but has no ready endpoint ({hint})",
@@ -633,7 +633,9 @@ async def _first_event(
     """Read up to the end of the stream's first event, before the client is promised a 200.
 
     A stream that ends or breaks first, or whose first event is the engine's error, has
-    sent the client nothing yet: another replica may still answer it whole.
+    sent the client nothing yet: another replica may still answer it whole. An SSE comment
+    (``: loading …``, a swap pool loading the model) is a first event like any other: it
+    commits the 200 and stops this clock, and an error after it is relayed in-band.
     """
     data = b""
     try:

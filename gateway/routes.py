@@ -43,6 +43,7 @@ class RouteTable:
     ``aliases`` maps another name to the model it stands for; ``fallbacks`` maps a model
     to the names to serve instead, in order, when none of its replicas answers. Both come
     from ``models.yaml`` (validated there: no alias clashes, no fallback to nothing).
+    ``pools`` maps a catalogue name to the swap pool that serves it (for the 503's hint).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class RouteTable:
         warnings: Iterable[str] = (),
         aliases: Mapping[str, str] | None = None,
         fallbacks: Mapping[str, tuple[str, ...]] | None = None,
+        pools: Mapping[str, str] | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._configured = frozenset(configured)
@@ -60,6 +62,7 @@ class RouteTable:
         self.warnings = tuple(warnings)
         self._aliases = dict(aliases or {})
         self._fallbacks = dict(fallbacks or {})
+        self._pools = dict(pools or {})
         # The only mutable part: where each name's round robin stands. It restarts with
         # every new table, which only shifts which replica goes first.
         self._turns = {name: itertools.count() for name in self._routes}
@@ -106,6 +109,11 @@ class RouteTable:
             or model in self._aliases
         )
 
+    def submit_name(self, model: str) -> str:
+        """What to `mt submit` to serve ``model``: the first pool whose catalogue has it, or
+        the model itself."""
+        return self._pools.get(model, model)
+
     def is_starting(self, model: str) -> bool:
         """True if a job for ``model`` exists but is not ready (pending, starting, draining)."""
         return model in self._starting
@@ -147,8 +155,12 @@ def build_routes(
     configured: list[str] = []
     aliases: dict[str, str] = {}
     fallbacks: dict[str, tuple[str, ...]] = {}
+    pools: dict[str, str] = {}
     if models is not None:
         configured = [spec.name for spec in models.models]
+        for pool in models.pools:
+            for name in pool.models:
+                pools.setdefault(name, pool.name)
         entries: list[ModelSpec | StaticBackend] = [*models.models, *models.static]
         for entry in entries:
             aliases.update((alias, entry.name) for alias in entry.aliases)
@@ -178,4 +190,5 @@ def build_routes(
         warnings=warnings,
         aliases=aliases,
         fallbacks=fallbacks,
+        pools=pools,
     )

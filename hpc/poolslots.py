@@ -133,6 +133,10 @@ class Slots:
         """The ready slot holding ``model``, if any."""
         return next((s for s in self.slots if s.model == model and s.state == "ready"), None)
 
+    def loading_slot(self, model: str) -> Slot | None:
+        """The slot ``model`` is being loaded into, if a slot has been claimed for it."""
+        return next((s for s in self.slots if s.model == model and s.state == "loading"), None)
+
     async def acquire(self, model: str) -> Slot:
         """A ready slot serving ``model`` with this request counted in; loads it if needed.
 

@@ -208,6 +208,11 @@ class PoolSpec(_Strict):
     idle_unload_s: float | None = Field(
         default=None, gt=0, description="unload a model nobody asked for in this long"
     )
+    keepalive_s: float = Field(
+        default=5,
+        gt=0,
+        description="while a model loads, send a streaming request an SSE comment this often",
+    )
 
     @model_validator(mode="after")
     def _gpus_split_evenly(self) -> PoolSpec:

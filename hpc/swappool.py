@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -30,17 +31,24 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import INVALID_REQUEST, SERVER_ERROR, error_middleware, openai_error
+from gateway.errors import (
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    error_body,
+    error_middleware,
+    openai_error,
+)
 from hpc.engines import build_launch
 from hpc.errors import MTError
 from hpc.jobplan import PoolPlan
 from hpc.jobrecord import JobRecord
 from hpc.jobwrap import STOP_SIGNALS, advertised_host
-from hpc.poolslots import Launcher, Slots
+from hpc.poolslots import Launcher, Slot, Slots
 
 PROXIED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _PUBLIC_PATHS = frozenset({"/health"})
 _HOP_HEADERS = ("Content-Type", "Cache-Control")
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 SLOTS = web.AppKey("slots", Slots)
 KEY = web.AppKey("key", str)
@@ -77,31 +85,119 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
             "model_not_found",
             param="model",
         )
+    stream = isinstance(payload, dict) and payload.get("stream") is True
+    if stream and slots.serving(model) is None:
+        return await _stream_cold(request, slots, model, body)
     try:
         slot = await slots.acquire(model)
     except MTError as exc:
         return openai_error(
             503, exc.message, SERVER_ERROR, "model_load_failed", headers={"Retry-After": "5"}
         )
-    response: web.StreamResponse | None = None
     try:
-        headers = {"Authorization": f"Bearer {slot.key}", "Content-Type": "application/json"}
-        async with slots.session.post(slot.url(request.path), data=body, headers=headers) as up:
-            response = web.StreamResponse(
-                status=up.status,
-                headers={h: up.headers[h] for h in _HOP_HEADERS if h in up.headers},
-            )
-            await response.prepare(request)
-            async for chunk in up.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-    except aiohttp.ClientError as exc:
-        if response is not None:
-            raise  # bytes already went out: the client sees the stream end early
-        return openai_error(502, f"{model}'s engine failed: {exc}", SERVER_ERROR, "upstream_error")
+        return await _relay(request, slots, slot, body, None)
     finally:
         slots.release(slot)
+
+
+async def _stream_cold(
+    request: web.Request, slots: Slots, model: str, body: bytes
+) -> web.StreamResponse:
+    """A stream for a model that is not loaded: 200 at once, comments while it loads.
+
+    The client (and the gateway's time-to-first-token clock) gets its first bytes now
+    instead of after the load; SSE clients ignore comment lines. The engine's stream then
+    follows in the same response. A load failure can no longer change the status, so it
+    becomes an in-band error event, with no ``[DONE]``.
+    """
+    out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+    await out.prepare(request)
+    acquiring = asyncio.ensure_future(slots.acquire(model))
+    try:
+        slot = await _keep_alive(out, slots, model, acquiring)
+    except MTError as exc:
+        await _end_with_error(out, exc.message, "model_load_failed")
+        return out
+    except BaseException as exc:  # the client left (or the handler is cancelled)
+        # Stop waiting; the load itself goes on for the others (acquire shields it).
+        done = not acquiring.cancel() and not acquiring.cancelled()
+        if done and acquiring.exception() is None:
+            slots.release(acquiring.result())  # it was done: its slot was counted in
+        if isinstance(exc, ConnectionError):
+            return out
+        raise
+    try:
+        return await _relay(request, slots, slot, body, out)
+    except ConnectionError:  # the client left mid-stream: closing the engine's request
+        return out  # (leaving the ``async with``) is what stops its generation
+    finally:
+        slots.release(slot)
+
+
+async def _keep_alive(
+    out: web.StreamResponse, slots: Slots, model: str, acquiring: asyncio.Future[Slot]
+) -> Slot:
+    """Write ``: loading …`` comments every ``keepalive_s`` until ``acquiring`` is done."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _turn in range(3):  # let acquire start the load and claim an empty slot, if one is
+        await asyncio.sleep(0)
+    slot = slots.loading_slot(model)
+    where = f"in slot {slot.index}" if slot is not None else "(waiting for a free slot)"
+    await out.write(f": loading {model} {where}\n\n".encode())
+    interval = slots.plan.pool.keepalive_s
+    while True:
+        done, _pending = await asyncio.wait({acquiring}, timeout=interval)
+        if done:
+            return acquiring.result()
+        await out.write(f": loading {model} ({loop.time() - started:.0f}s)\n\n".encode())
+
+
+async def _end_with_error(out: web.StreamResponse, message: str, code: str) -> None:
+    """An in-band error event ends a stream whose 200 is already out (no [DONE])."""
+    with contextlib.suppress(ConnectionError):
+        await out.write(b"data: " + error_body(message, SERVER_ERROR, code) + b"\n\n")
+        await out.write_eof()
+
+
+async def _relay(
+    request: web.Request,
+    slots: Slots,
+    slot: Slot,
+    body: bytes,
+    out: web.StreamResponse | None,
+) -> web.StreamResponse:
+    """Forward to ``slot``'s engine and relay its answer chunk by chunk; into ``out`` if it
+    is given (a stream whose 200 already went out while the model loaded)."""
+    model, cold = slot.model, out is not None
+    headers = {"Authorization": f"Bearer {slot.key}", "Content-Type": "application/json"}
+    try:
+        async with slots.session.post(slot.url(request.path), data=body, headers=headers) as up:
+            if out is not None and up.status != 200:
+                answer = await up.read()
+                message = f"{model}'s engine answered {up.status}: {answer[:500]!r}"
+                await _end_with_error(out, message, "upstream_error")
+                return out
+            if out is None:
+                out = web.StreamResponse(
+                    status=up.status,
+                    headers={h: up.headers[h] for h in _HOP_HEADERS if h in up.headers},
+                )
+                await out.prepare(request)
+            async for chunk in up.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+    except aiohttp.ClientError as exc:
+        if out is None:
+            return openai_error(
+                502, f"{model}'s engine failed: {exc}", SERVER_ERROR, "upstream_error"
+            )
+        if not cold:
+            raise  # bytes already went out: the client sees the stream end early
+        # The 200 went out before the engine was asked: the error goes in-band, no [DONE].
+        await _end_with_error(out, f"{model}'s engine failed: {exc}", "upstream_error")
+        return out
 
 
 async def _status(request: web.Request) -> web.Response:

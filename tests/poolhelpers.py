@@ -21,8 +21,10 @@ MODEL_B = "gemma-b"
 N_CTX = {MODEL_A: "1024", MODEL_B: "512"}
 
 
-def pool_models_yaml(path: Path, gguf: Path, pool: dict[str, Any]) -> Path:
-    """Models A and B (the real Gemma) and one pool; JSON lines are valid YAML."""
+def pool_models_yaml(
+    path: Path, gguf: Path, pool: dict[str, Any], extra: tuple[dict[str, Any], ...] = ()
+) -> Path:
+    """Models A and B (the real Gemma), ``extra`` models and one pool; JSON lines are YAML."""
     models = [
         {
             "name": name,
@@ -32,7 +34,7 @@ def pool_models_yaml(path: Path, gguf: Path, pool: dict[str, Any]) -> Path:
             "startup_timeout_s": 120,
         }
         for name, n_ctx in N_CTX.items()
-    ]
+    ] + list(extra)
     lines = ["models:"] + [f"  - {json.dumps(m)}" for m in models]
     lines += ["pools:", f"  - {json.dumps(pool)}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

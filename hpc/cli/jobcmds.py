@@ -13,7 +13,9 @@ from hpc import jobs
 from hpc.backends import JobHandle, JobStatus, get_backend
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
+from hpc.errors import MTError
 from hpc.registry import Record, record_key
+from hpc.spec import PoolSpec
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -193,7 +195,8 @@ def cancel(
 def render(
     ctx: typer.Context,
     models: Annotated[
-        list[str], typer.Argument(help="Model name(s) from models.yaml (several: kubernetes).")
+        list[str],
+        typer.Argument(help="Model name(s), or one swap pool, from models.yaml (several: k8s)."),
     ],
     output: Annotated[
         Path | None,
@@ -207,8 +210,12 @@ def render(
         str, typer.Option("--backend", "-b", help="slurm (default) or kubernetes.")
     ] = "slurm",
 ) -> None:
-    """Write MODEL's job script (slurm) or kustomize directory (kubernetes) to review and apply."""
+    """Write MODEL's (or a swap pool's) job script (slurm) or kustomize directory (kubernetes)."""
     cli: CliContext = ctx.obj
+    pool = cli.models().pool(models[0]) if cli.models_path().is_file() else None
+    if pool is not None:
+        _render_pool(cli, pool, models, output, backend)
+        return
     specs = [cli.spec(name) for name in models]
     if backend == "kubernetes":
         from hpc.k8s.kustomize import layout_tree, model_tree, write_tree
@@ -233,4 +240,24 @@ def render(
     path.write_text(script, encoding="utf-8")
     stderr().print(
         f"wrote {path}; submit it with `sbatch {path}` — the job registers its endpoint itself"
+    )
+
+
+def _render_pool(
+    cli: CliContext, pool: PoolSpec, names: list[str], output: Path | None, backend: str
+) -> None:
+    """A swap pool's sbatch script: the one `mt submit POOL --dry-run` prints."""
+    if backend == "kubernetes":
+        raise MTError(
+            f"{pool.name} is a swap pool, and the kubernetes backend cannot run swap pools "
+            "(it starts one engine per Deployment)",
+            hint=f"mt render {pool.name} --backend slurm, or render its models one by one",
+        )
+    if len(names) != 1:
+        raise typer.BadParameter(f"a swap pool ({pool.name}) is rendered alone")
+    script = jobs.render_pool_script(cli.site(), cli.models(), pool, backend)
+    path = output or Path(f"{pool.name}.sbatch")
+    path.write_text(script, encoding="utf-8")
+    stderr().print(
+        f"wrote {path}; submit it with `sbatch {path}` — the pool registers its endpoint itself"
     )
