@@ -31,6 +31,7 @@ from gateway.ondemandjobs import started_by
 from gateway.server import start
 from hpc.backends import JobHandle, JobStatus
 from hpc.errors import BackendError
+from hpc.poolstatus import on_demand_views
 from hpc.registry import Record, Registry, new_nonce, pending_record, record_key
 from hpc.spec import ModelSpec
 
@@ -511,6 +512,12 @@ async def test_load_over_the_target_starts_one_replica_at_a_time_up_to_max_repli
         await until(lambda: sum(job["in_flight"] for job in shown()) == 12)
         whys = [job["why"] for job in shown()]
         assert ["scale out" in why for why in whys] == [False, True, True], whys
+        # `mt pool status` joins the records and the state file: each job, with its why.
+        views = on_demand_views(registry.records(), json.loads(state_file.read_text())["models"])
+        why_of = {view.job: str(view.why) for view in views}
+        assert set(why_of) == {first.key, second.key, third.key}
+        assert "scale out" not in why_of[first.key]
+        assert "scale out, 6 in flight on 2 replicas" in why_of[third.key], why_of
         await drop(calls)
     assert len(backend.submitted) == 3
 
