@@ -515,6 +515,11 @@ class OnDemandController:
                 state.last_request_at is None or now - state.last_request_at >= state.idle_ttl_s
             )
             if len(live) > 1:
+                spec = self.spec(state.name)
+                target = spec.on_demand.target_in_flight if spec and spec.on_demand else 0
+                left = len(state.upstreams()) + state.others - 1
+                if target and state.in_flight > target * left:
+                    continue  # the others would be over target: it would only start again
                 extra = self._idle_extra(state, live, now, model_idle)
                 if extra is not None:
                     self._stop(self.backend, state, extra, now - extra.used_at)
