@@ -598,3 +598,34 @@ async def test_a_failed_scale_out_does_not_fail_requests_the_ready_replica_serve
         assert len(backend.submitted) == 2  # remembered: no loop of submits under load
         assert state.phase() == "ready"
         await drop(calls)
+
+
+async def test_an_idle_extra_replica_stays_while_the_others_are_over_target(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(
+        tmp_path / "models.yaml", "m", max_replicas=2, target_in_flight=1, idle_ttl_s=1
+    )
+    async with (
+        FakeUpstream(HOLD) as e1,
+        FakeUpstream(HOLD) as e2,
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = load(client, url, "m", 2)  # both wait for the cold start, then go to e1
+        await until(backend.records)
+        [first] = backend.records()
+        backend.run(first, e1.base_url)
+        await until(lambda: len(backend.records()) == 2)
+        second = next(r for r in backend.records() if r.key != first.key)
+        backend.run(second, e2.base_url)
+        state = controller.states["m"]
+        await until(lambda: len(state.upstreams()) == 2 and e1.seen.requests == 2)
+        state.jobs[second.key].used_at = 0.0  # unused for ages, but e1 alone would be over
+        controller._reap()
+        assert not state.jobs[second.key].stopping and backend.cancelled == []
+        await drop(calls)
+        await until(lambda: backend.cancelled)
+        assert backend.cancelled[0] == second.job_id
+        assert e2.seen.requests == 0
