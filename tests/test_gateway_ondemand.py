@@ -461,6 +461,19 @@ async def drop(calls: list[asyncio.Task[tuple[int, str, dict[str, str]]]]) -> No
     await asyncio.gather(*calls, return_exceptions=True)
 
 
+async def two_replicas(
+    backend: FakeScheduler, e1: FakeUpstream, e2: FakeUpstream
+) -> tuple[Record, Record]:
+    """The cold start runs on ``e1``, then the scale-out the load asks for on ``e2``."""
+    await until(backend.records)
+    [first] = backend.records()
+    backend.run(first, e1.base_url)
+    await until(lambda: len(backend.records()) == 2)
+    second = next(r for r in backend.records() if r.key != first.key)
+    backend.run(second, e2.base_url)
+    return first, second
+
+
 async def test_load_over_the_target_starts_one_replica_at_a_time_up_to_max_replicas(
     tmp_path: Path, registry: Registry
 ) -> None:
@@ -555,14 +568,8 @@ async def test_idle_extra_replica_is_cancelled_first_then_the_last_one(
         gateway(tmp_path, backend, models_file=models) as (url, controller),
         aiohttp.ClientSession() as client,
     ):
-        calls = load(client, url, "m", 1)
-        await until(backend.records)
-        [first] = backend.records()
-        backend.run(first, e1.base_url)
-        calls += load(client, url, "m", 1)  # 2 on 1 replica: over the target of 1
-        await until(lambda: len(backend.records()) == 2)
-        second = next(r for r in backend.records() if r.key != first.key)
-        backend.run(second, e2.base_url)
+        calls = load(client, url, "m", 2)  # 2 on 1 replica: over the target of 1
+        first, second = await two_replicas(backend, e1, e2)
         state = controller.states["m"]
         await until(lambda: len(state.upstreams()) == 2)
         await drop(calls)  # both idle now; the extra one (never used) the longest
@@ -614,12 +621,7 @@ async def test_an_idle_extra_replica_stays_while_the_others_are_over_target(
         aiohttp.ClientSession() as client,
     ):
         calls = load(client, url, "m", 2)  # both wait for the cold start, then go to e1
-        await until(backend.records)
-        [first] = backend.records()
-        backend.run(first, e1.base_url)
-        await until(lambda: len(backend.records()) == 2)
-        second = next(r for r in backend.records() if r.key != first.key)
-        backend.run(second, e2.base_url)
+        _first, second = await two_replicas(backend, e1, e2)
         state = controller.states["m"]
         await until(lambda: len(state.upstreams()) == 2 and e1.seen.requests == 2)
         state.jobs[second.key].used_at = 0.0  # unused for ages, but e1 alone would be over
