@@ -517,7 +517,7 @@ class OnDemandController:
             if len(live) > 1:
                 spec = self.spec(state.name)
                 target = spec.on_demand.target_in_flight if spec and spec.on_demand else 0
-                left = len(state.upstreams()) + state.others - 1
+                left = max(len(state.upstreams()) + state.others - 1, 0)
                 if target and state.in_flight > target * left:
                     continue  # the others would be over target: it would only start again
                 extra = self._idle_extra(state, live, now, model_idle)
