@@ -24,6 +24,14 @@ ended without finishing their record), cancels jobs whose model has had no reque
 ``idle_ttl_s`` with nothing in flight, and publishes the state file `mt pool status` reads.
 The gateway cancels only jobs whose record says it started them (``started_by``), and finds
 them again after a restart by that field.
+
+Scale out: when the model's requests in flight (waiting ones included) exceed
+``target_in_flight`` per ready replica, a request (or the monitor, for load that stays)
+starts one more job, up to ``max_replicas``; only one start per model is ever on its way.
+Requests keep going to the ready replicas; the new one joins them when its record is
+ready. Scale in: a replica beyond the oldest that has had no request for ``idle_ttl_s``,
+with none in flight to it, is cancelled, most recently started first; the last one follows
+the model's idle rule above.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ class OnDemandController:
         self._tasks: set[asyncio.Task[None]] = set()
         self._asked_at = 0.0
         self._dirty = True
+        self._busy: tuple[tuple[str, int], ...] = ()
 
     # -- what the proxy calls -----------------------------------------------------------
     def manages(self, model: str) -> bool:
@@ -120,13 +129,16 @@ class OnDemandController:
         """Answer a request for an on-demand model: at once if it is ready, else after a start."""
         state = self._state(model)
         state.in_flight += 1
+        state.requests[info.request_id] = info
+        state.last_request = info
         self._touch(state)
         try:
-            skip = state.unroutable()
-            ready = tuple(c for c in candidates if c.source not in skip) or state.upstreams()
-            if ready:
-                return await proceed(ready, None)
+            ready = self._ready(state, candidates)
             spec = self.spec(model)
+            if ready:
+                if spec is not None and spec.on_demand is not None:
+                    self._scale_out(state, spec, spec.on_demand, len(ready), info)
+                return await proceed(ready, None)
             if spec is None or spec.on_demand is None:
                 return _not_on_demand(model, self.config.retry_after_s)
             refused = self._ensure_start(state, spec, info)
@@ -135,7 +147,21 @@ class OnDemandController:
             return await self._wait(request, info, state, spec, spec.on_demand, stream, proceed)
         finally:
             state.in_flight -= 1
+            state.requests.pop(info.request_id, None)
+            used = state.jobs.get(info.upstream or "")
+            if used is not None:
+                used.used_at = time.time()
             self._touch(state)
+
+    @staticmethod
+    def _ready(state: ModelState, candidates: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+        """The route table's replicas (less those being cancelled) and the model's own ready
+        jobs the table does not list yet (a new replica joins at once)."""
+        skip = state.unroutable()
+        ready = [c for c in candidates if c.source not in skip]
+        state.others = sum(1 for c in ready if c.source not in state.jobs)
+        listed = {c.source for c in ready}
+        return (*ready, *(u for u in state.upstreams() if u.source not in listed))
 
     # -- starting ------------------------------------------------------------------------
     def _state(self, model: str) -> ModelState:
@@ -166,6 +192,58 @@ class OnDemandController:
             if loop.time() < state.failure_until:
                 return self._failure_response(state)
             state.failure = None
+        client = info.client_entry
+        refused = self._gateway_limit(state) or self._key_limit(state, client)
+        if refused is not None:
+            return refused
+        self._start(
+            state, spec, started_by(info.request_id, state.name, client.name if client else None)
+        )
+        return None
+
+    def _scale_out(
+        self,
+        state: ModelState,
+        spec: ModelSpec,
+        on_demand: OnDemand,
+        ready: int,
+        info: RequestInfo,
+    ) -> None:
+        """Start one more replica if every ready one carries more than its target of
+        requests, none is on its way, and the model, the gateway and the key have room.
+
+        A refusal here is silent: the ready replicas still answer; the next request (or
+        the monitor's round) asks again.
+        """
+        live = state.live()
+        if state.is_submitting() or any(not job.ready for job in live):
+            return  # one start per model at a time
+        if len(live) >= on_demand.max_replicas or state.in_flight <= (
+            on_demand.target_in_flight * ready
+        ):
+            return
+        if state.failure is not None:
+            if asyncio.get_running_loop().time() < state.failure_until:
+                return  # a start failed lately: no loop of submits
+            state.failure = None
+        client = info.client_entry
+        if self._gateway_limit(state) or self._key_limit(state, client):
+            return
+        load = f"{state.in_flight} in flight on {ready} replica{'' if ready == 1 else 's'}"
+        self._start(
+            state,
+            spec,
+            started_by(info.request_id, state.name, client.name if client else None, load),
+        )
+
+    def _start(self, state: ModelState, spec: ModelSpec, why: str) -> None:
+        task = asyncio.create_task(self._submit(state, spec, why), name=f"mt-on-demand-{spec.name}")
+        state.submitting = task
+        state.notify()
+        self._dirty = True
+        log.info("starting on demand", extra=fields(model=state.name, why=why))
+
+    def _gateway_limit(self, state: ModelState) -> web.Response | None:
         cap = self.config.max_on_demand_jobs
         running = sum(len(s.live()) + s.is_submitting() for s in self.states.values())
         if cap is not None and running >= cap:
@@ -179,16 +257,6 @@ class OnDemandController:
                 param="model",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
-        client = info.client_entry
-        refused = self._key_limit(state, client)
-        if refused is not None:
-            return refused
-        why = started_by(info.request_id, state.name, client.name if client else None)
-        task = asyncio.create_task(self._submit(state, spec, why), name=f"mt-on-demand-{spec.name}")
-        state.submitting = task
-        state.notify()
-        self._dirty = True
-        log.info("starting on demand", extra=fields(model=state.name, why=why))
         return None
 
     def _key_limit(self, state: ModelState, client: Client | None) -> web.Response | None:
@@ -325,7 +393,7 @@ class OnDemandController:
             handle = JobHandle(record.backend, record.job_id, record.nonce)
             state = self._state(record.model)
             state.jobs[record.key] = OwnJob(
-                record.key, handle, record.created_at, why, client_of(why), record
+                record.key, handle, record.created_at, why, client_of(why), record, used_at=now
             )
             # A full idle period from now: the old gateway's request times are lost.
             state.last_request_at = now
@@ -352,7 +420,14 @@ class OnDemandController:
             seen = await asyncio.to_thread(self._observe, self.backend, jobs, ask)
             for state in list(self.states.values()):
                 self._apply(state, seen)
+        self._scale_out_all()
         self._reap()
+        busy = tuple(
+            (key, state.busy_on(key)) for state in self.states.values() for key in state.jobs
+        )
+        if busy != self._busy:  # requests moved between replicas: the file shows each one's
+            self._busy = busy
+            self._dirty = True
         if self._dirty:
             self._dirty = False
             await asyncio.to_thread(self.write_state)
@@ -404,6 +479,8 @@ class OnDemandController:
             job.record = record or job.record
             if status is not None:
                 job.scheduler = status
+            if job.ready and not was_ready:
+                job.used_at = time.time()  # an extra replica's idle clock starts when ready
             if job.ended and not job.stopping:
                 state.retire(key)
                 self._dirty = True
@@ -417,30 +494,64 @@ class OnDemandController:
             state.notify()
             self._dirty = True
 
+    def _scale_out_all(self) -> None:
+        """Scale out for load that stays: requests already in flight arrive no more."""
+        for state in self.states.values():
+            spec = self.spec(state.name)
+            ready = len(state.upstreams()) + state.others
+            if spec and spec.on_demand and ready and state.last_request is not None:
+                self._scale_out(state, spec, spec.on_demand, ready, state.last_request)
+
     def _reap(self) -> None:
-        """Cancel the jobs of models idle for their TTL with nothing in flight."""
+        """Cancel idle extra replicas one by one, then the last one when the model is idle."""
         if self.backend is None:
             return
         now = time.time()
         for state in self.states.values():
             live = state.live()
-            if not live or state.in_flight or state.is_submitting():
+            if not live or state.is_submitting():
                 continue
-            if state.last_request_at is not None and now - state.last_request_at < state.idle_ttl_s:
-                continue
-            for job in live:
-                job.stopping = True
-                task = asyncio.create_task(self._cancel(self.backend, state, job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            state.notify()
-            self._dirty = True
+            model_idle = not state.in_flight and (
+                state.last_request_at is None or now - state.last_request_at >= state.idle_ttl_s
+            )
+            if len(live) > 1:
+                spec = self.spec(state.name)
+                target = spec.on_demand.target_in_flight if spec and spec.on_demand else 0
+                left = max(len(state.upstreams()) + state.others - 1, 0)
+                if target and state.in_flight > target * left:
+                    continue  # the others would be over target: it would only start again
+                extra = self._idle_extra(state, live, now, model_idle)
+                if extra is not None:
+                    self._stop(self.backend, state, extra, now - extra.used_at)
+            elif model_idle:
+                self._stop(self.backend, state, live[0], now - (state.last_request_at or now))
 
-    async def _cancel(self, backend: Backend, state: ModelState, job: OwnJob) -> None:
-        idle = time.time() - (state.last_request_at or job.started_at)
+    @staticmethod
+    def _idle_extra(
+        state: ModelState, live: list[OwnJob], now: float, model_idle: bool
+    ) -> OwnJob | None:
+        """The most recently started replica beyond the oldest that is idle: ready with no
+        request for the TTL and none in flight to it, or not ready and the model idle."""
+        for job in sorted(live, key=lambda job: job.started_at, reverse=True)[:-1]:
+            if job.ready:
+                if not state.busy_on(job.key) and now - job.used_at >= state.idle_ttl_s:
+                    return job
+            elif model_idle:
+                return job
+        return None
+
+    def _stop(self, backend: Backend, state: ModelState, job: OwnJob, idle: float) -> None:
+        job.stopping = True
+        task = asyncio.create_task(self._cancel(backend, state, job, idle))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        state.notify()
+        self._dirty = True
+
+    async def _cancel(self, backend: Backend, state: ModelState, job: OwnJob, idle: float) -> None:
         log.info(
             "cancelling idle on-demand job",
-            extra=fields(model=state.name, job=job.key, idle_s=round(idle, 1)),
+            extra=fields(model=state.name, job=job.key, idle_s=round(max(idle, 0.0), 1)),
         )
         try:
             await asyncio.to_thread(backend.cancel, job.handle)

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from gateway.routes import Upstream
+from gateway.state import RequestInfo
 from hpc.backends import JobHandle, JobStatus
 from hpc.registry import FINAL_STATES, Record
 
@@ -23,9 +24,11 @@ _KEY_IN_WHY = re.compile(r"\(key ([^)]*)\)$")
 _RETIRED_KEPT = 64
 
 
-def started_by(request_id: str, model: str, client: str | None) -> str:
-    """Why a job was started: ``gateway on demand: request <id> for <model> (key <name>)``."""
-    return f"{STARTED_BY}: request {request_id} for {model} (key {client or '-'})"
+def started_by(request_id: str, model: str, client: str | None, load: str | None = None) -> str:
+    """Why a job was started: ``gateway on demand: request <id> for <model> (key <name>)``,
+    or for an extra replica ``gateway on demand: scale out, <load>: request …``."""
+    scale = f"scale out, {load}: " if load else ""
+    return f"{STARTED_BY}: {scale}request {request_id} for {model} (key {client or '-'})"
 
 
 def client_of(why: str) -> str | None:
@@ -52,6 +55,12 @@ class OwnJob:
     record: Record | None = None
     scheduler: JobStatus | None = None
     stopping: bool = False  # being cancelled: routed to no more
+    # When a request routed to it last ended, or when it became ready: an extra replica
+    # idle for the model's idle_ttl_s since then is cancelled.
+    used_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.used_at = self.used_at or self.started_at
 
     @property
     def ready(self) -> bool:
@@ -103,6 +112,12 @@ class ModelState:
     idle_ttl_s: float
     last_request_at: float | None = None
     in_flight: int = 0  # requests being waited for or proxied
+    # Those requests by id: which replica each went to (``upstream``) says which is busy.
+    requests: dict[str, RequestInfo] = field(default_factory=dict)
+    # Ready replicas of the model it did not start (``mt submit``), as the last request saw.
+    others: int = 0
+    # The latest request: the monitor's scale-out (for load that stays) is on its behalf.
+    last_request: RequestInfo | None = None
     jobs: dict[str, OwnJob] = field(default_factory=dict)
     submitting: asyncio.Task[None] | None = None
     failure: str | None = None
@@ -137,6 +152,10 @@ class ModelState:
         self.retired[key] = None
         while len(self.retired) > _RETIRED_KEPT:  # the oldest left the route table long ago
             del self.retired[next(iter(self.retired))]
+
+    def busy_on(self, key: str) -> int:
+        """Requests in flight to the job ``key``."""
+        return sum(1 for info in self.requests.values() if info.upstream == key)
 
     def is_submitting(self) -> bool:
         """A submit for this model is in flight."""
@@ -174,6 +193,7 @@ class ModelState:
                     "state": job.phase(),
                     "started_at": job.started_at,
                     "why": job.why,
+                    "in_flight": self.busy_on(job.key),
                     "node": job.record.node if job.record is not None else None,
                 }
                 for job in self.jobs.values()

@@ -128,7 +128,10 @@ class OnDemand(_Strict):
     The gateway submits the job through its backend on the first request that finds no
     ready endpoint, holds that request (and every other one for the model) until the job
     is ready or ``start_deadline_s`` has passed, and cancels the job after ``idle_ttl_s``
-    without requests (see docs/on-demand.md).
+    without requests. Under load (more than ``target_in_flight`` requests per ready
+    replica) it starts one more job at a time, up to ``max_replicas``, and cancels the
+    extra ones again when each has had no request for ``idle_ttl_s`` (see
+    docs/on-demand.md).
     """
 
     idle_ttl_s: float = Field(
@@ -136,6 +139,13 @@ class OnDemand(_Strict):
     )
     max_replicas: int = Field(
         default=1, ge=1, le=64, description="jobs for this model the gateway may run at once"
+    )
+    target_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=100_000,
+        description="requests in flight per ready replica beyond which the gateway starts one "
+        "more job (up to max_replicas)",
     )
     start_deadline_s: float = Field(
         default=900,

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fake_upstream import FakeUpstream
+from fake_upstream import FakeUpstream, Knobs
 from pydantic import SecretStr
 
 from gateway.config import GatewayConfig
@@ -31,6 +31,7 @@ from gateway.ondemandjobs import started_by
 from gateway.server import start
 from hpc.backends import JobHandle, JobStatus
 from hpc.errors import BackendError
+from hpc.poolstatus import on_demand_views
 from hpc.registry import Record, Registry, new_nonce, pending_record, record_key
 from hpc.spec import ModelSpec
 
@@ -439,3 +440,194 @@ async def test_stream_past_deadline_is_in_band_error_and_a_client_that_leaves_is
         waiting.cancel()
         await until(lambda: controller.states["m"].in_flight == 0)
     assert len(backend.submitted) == 1
+
+
+# -- scale out and in (max_replicas, target_in_flight) ---------------------------------
+# The engines hold each request (a long time to first token), so requests stay in flight
+# until the test cancels them; every check waits on the controller's state.
+HOLD = Knobs(ttft_s=3600)
+
+
+def load(
+    client: aiohttp.ClientSession, url: str, model: str, n: int
+) -> list[asyncio.Task[tuple[int, str, dict[str, str]]]]:
+    return [asyncio.create_task(ask(client, url, model, i % 2 == 0)) for i in range(n)]
+
+
+async def drop(calls: list[asyncio.Task[tuple[int, str, dict[str, str]]]]) -> None:
+    """The clients leave (the gateway's handlers are cancelled, their requests uncounted)."""
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def two_replicas(
+    backend: FakeScheduler, e1: FakeUpstream, e2: FakeUpstream
+) -> tuple[Record, Record]:
+    """The cold start runs on ``e1``, then the scale-out the load asks for on ``e2``."""
+    await until(backend.records)
+    [first] = backend.records()
+    backend.run(first, e1.base_url)
+    await until(lambda: len(backend.records()) == 2)
+    second = next(r for r in backend.records() if r.key != first.key)
+    backend.run(second, e2.base_url)
+    return first, second
+
+
+async def test_load_over_the_target_starts_one_replica_at_a_time_up_to_max_replicas(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", max_replicas=3, target_in_flight=2)
+    state_file = tmp_path / "ondemand.json"
+    async with (
+        FakeUpstream(HOLD) as e1,
+        FakeUpstream(HOLD) as e2,
+        FakeUpstream(HOLD) as e3,
+        gateway(tmp_path, backend, models_file=models, on_demand_state_file=state_file) as (
+            url,
+            controller,
+        ),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = load(client, url, "m", 1)
+        await until(backend.records)
+        [first] = backend.records()
+        backend.run(first, e1.base_url)
+        calls += load(client, url, "m", 1)  # 2 in flight on 1 replica: at the target
+        state = controller.states["m"]
+        await until(lambda: e1.seen.requests == 2)
+        assert len(backend.submitted) == 1 and not state.is_submitting()
+
+        calls += load(client, url, "m", 4)  # 6 on 1: one more replica, one start only
+        await until(lambda: state.in_flight == 6 and len(backend.records()) == 2)
+        await until(lambda: e1.seen.requests == 6)  # they did not wait for the new one
+        assert len(backend.submitted) == 2
+        second = next(r for r in backend.records() if r.key != first.key)
+        assert second.started_by is not None
+        assert second.started_by.startswith("gateway on demand: scale out, 3 in flight on 1 ")
+
+        backend.run(second, e2.base_url)  # 6 on 2 is still over: the monitor starts a third
+        await until(lambda: len(backend.records()) == 3)
+        third = next(r for r in backend.records() if r.key not in (first.key, second.key))
+        backend.run(third, e3.base_url)
+        await until(lambda: len(state.upstreams()) == 3)
+        calls += load(client, url, "m", 6)  # 12 on 3: over, but max_replicas is reached
+        await until(lambda: state.in_flight == 12)
+        await until(lambda: e2.seen.requests > 0 and e3.seen.requests > 0)
+        assert len(backend.submitted) == 3 and not state.is_submitting()
+
+        def shown() -> list[dict[str, Any]]:
+            entry = json.loads(state_file.read_text()) if state_file.exists() else {}
+            jobs: list[dict[str, Any]] = entry.get("models", {}).get("m", {}).get("jobs", [])
+            return jobs
+
+        await until(lambda: sum(job["in_flight"] for job in shown()) == 12)
+        whys = [job["why"] for job in shown()]
+        assert ["scale out" in why for why in whys] == [False, True, True], whys
+        # `mt pool status` joins the records and the state file: each job, with its why.
+        views = on_demand_views(registry.records(), json.loads(state_file.read_text())["models"])
+        why_of = {view.job: str(view.why) for view in views}
+        assert set(why_of) == {first.key, second.key, third.key}
+        assert "scale out" not in why_of[first.key]
+        assert "scale out, 6 in flight on 2 replicas" in why_of[third.key], why_of
+        await drop(calls)
+    assert len(backend.submitted) == 3
+
+
+async def test_gateway_cap_holds_scale_out_back(tmp_path: Path, registry: Registry) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", max_replicas=4, target_in_flight=1)
+    async with (
+        FakeUpstream(HOLD) as engine,
+        gateway(tmp_path, backend, models_file=models, max_on_demand_jobs=1) as (
+            url,
+            controller,
+        ),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = load(client, url, "m", 1)
+        await until(backend.records)
+        backend.run(backend.records()[0], engine.base_url)
+        calls += load(client, url, "m", 4)
+        await until(lambda: engine.seen.requests == 5)
+        assert len(backend.submitted) == 1 and not controller.states["m"].is_submitting()
+        await drop(calls)
+
+
+async def test_idle_extra_replica_is_cancelled_first_then_the_last_one(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(
+        tmp_path / "models.yaml", "m", max_replicas=2, target_in_flight=1, idle_ttl_s=2
+    )
+    async with (
+        FakeUpstream(HOLD) as e1,
+        FakeUpstream() as e2,
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = load(client, url, "m", 2)  # 2 on 1 replica: over the target of 1
+        first, second = await two_replicas(backend, e1, e2)
+        state = controller.states["m"]
+        await until(lambda: len(state.upstreams()) == 2)
+        await drop(calls)  # both idle now; the extra one (never used) the longest
+        await until(lambda: backend.cancelled)
+        assert backend.cancelled[0] == second.job_id  # the extra one, most recent, first
+        await until(lambda: len(backend.cancelled) == 2 and state.phase() == "idle")
+    assert backend.cancelled == [second.job_id, first.job_id]
+    assert len(backend.submitted) == 2
+
+
+async def test_a_failed_scale_out_does_not_fail_requests_the_ready_replica_serves(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m", max_replicas=2, target_in_flight=1)
+    async with (
+        FakeUpstream(HOLD) as engine,
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = load(client, url, "m", 1)
+        await until(backend.records)
+        backend.refuse = "sbatch: error: QOSMaxSubmitJobPerUserLimit"
+        backend.run(backend.records()[0], engine.base_url)
+        calls += load(client, url, "m", 2)  # 3 on 1: a second replica, which sbatch refuses
+        state = controller.states["m"]
+        await until(lambda: state.failure is not None)
+        assert state.failure is not None and "QOSMaxSubmitJobPerUserLimit" in state.failure
+        engine.knobs = Knobs()  # new requests are answered at once
+        answers = await asyncio.gather(*load(client, url, "m", 4))
+        assert [status for status, _, _ in answers] == [200] * 4
+        assert all("[DONE]" in text or "choices" in text for _, text, _ in answers)
+        assert len(backend.submitted) == 2  # remembered: no loop of submits under load
+        assert state.phase() == "ready"
+        await drop(calls)
+
+
+async def test_an_idle_extra_replica_stays_while_the_others_are_over_target(
+    tmp_path: Path, registry: Registry
+) -> None:
+    backend = FakeScheduler(registry)
+    models = models_yaml(
+        tmp_path / "models.yaml", "m", max_replicas=2, target_in_flight=1, idle_ttl_s=1
+    )
+    async with (
+        FakeUpstream(HOLD) as e1,
+        FakeUpstream(HOLD) as e2,
+        gateway(tmp_path, backend, models_file=models) as (url, controller),
+        aiohttp.ClientSession() as client,
+    ):
+        calls = load(client, url, "m", 2)  # both wait for the cold start, then go to e1
+        _first, second = await two_replicas(backend, e1, e2)
+        state = controller.states["m"]
+        await until(lambda: len(state.upstreams()) == 2 and e1.seen.requests == 2)
+        state.jobs[second.key].used_at = 0.0  # unused for ages, but e1 alone would be over
+        controller._reap()
+        assert not state.jobs[second.key].stopping and backend.cancelled == []
+        await drop(calls)
+        await until(lambda: backend.cancelled)
+        assert backend.cancelled[0] == second.job_id
+        assert e2.seen.requests == 0

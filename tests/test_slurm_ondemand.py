@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +30,16 @@ pytestmark = [pytest.mark.slurm, pytest.mark.llamacpp, pytest.mark.timeout(600)]
 BAD = "gemma-badpart"
 
 
-@pytest.fixture
-def sbatch_log(tmp_path: Path, cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A logging ``sbatch`` first on PATH; returns the log it appends one line per call to."""
-    real = shutil.which("sbatch")
+def logging_shim(tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A logging ``tool`` first on PATH; returns the log it appends one line per call to."""
+    real = shutil.which(tool)
     assert real is not None
-    shim_dir = tmp_path / "shim"
+    shim_dir = tmp_path / f"shim-{tool}"
     shim_dir.mkdir()
-    log = tmp_path / "sbatch-calls.log"
-    shim = shim_dir / "sbatch"
+    log = tmp_path / f"{tool}-calls.log"
+    shim = shim_dir / tool
     shim.write_text(
-        f'#!/bin/sh\necho "sbatch $*" >> {shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n',
+        f'#!/bin/sh\necho "{tool} $*" >> {shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n',
         encoding="utf-8",
     )
     shim.chmod(0o755)
@@ -48,9 +48,14 @@ def sbatch_log(tmp_path: Path, cluster: SlurmCluster, monkeypatch: pytest.Monkey
 
 
 @pytest.fixture
-def models(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The Gemma model on demand, and a variant whose partition Slurm does not have."""
-    gemma = {
+def sbatch_log(tmp_path: Path, cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A logging ``sbatch`` first on PATH; returns its log."""
+    return logging_shim("sbatch", tmp_path, monkeypatch)
+
+
+def gemma_entry(gemma_gguf: Path, **on_demand: object) -> dict[str, object]:
+    """The Gemma model's models.yaml entry, on demand with a 5 s idle TTL."""
+    return {
         "name": GEMMA,
         "engine": "llamacpp",
         "weights": {"source": str(gemma_gguf)},
@@ -59,13 +64,23 @@ def models(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         "engine_args": ["--chat_format", "alpaca", "--n_ctx", "1024"],
         "startup_timeout_s": 120,
         "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
-        "on_demand": {"idle_ttl_s": 5, "start_deadline_s": 240},
+        "on_demand": {"idle_ttl_s": 5, "start_deadline_s": 240, **on_demand},
     }
-    bad = {**gemma, "name": BAD, "slurm": {"partition": "nosuchpartition"}}
+
+
+def use_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *entries: object) -> Path:
     path = tmp_path / "models.yaml"
-    path.write_text(json.dumps({"models": [gemma, bad]}), encoding="utf-8")
+    path.write_text(json.dumps({"models": list(entries)}), encoding="utf-8")
     monkeypatch.setenv("MT_MODELS", str(path))
     return path
+
+
+@pytest.fixture
+def models(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Gemma model on demand, and a variant whose partition Slurm does not have."""
+    gemma = gemma_entry(gemma_gguf)
+    bad = {**gemma, "name": BAD, "slurm": {"partition": "nosuchpartition"}}
+    return use_models(tmp_path, monkeypatch, gemma, bad)
 
 
 def registry() -> Registry:
@@ -161,3 +176,40 @@ def test_bad_partition_fails_every_waiting_request_with_one_sbatch(
             assert error.startswith("503 "), error  # the stream's error comes in-band instead
     assert records_of(BAD) == []
     assert not [j for j in cluster.jobs() if str(j["name"]).startswith(f"mt-{BAD}-")]
+
+
+def test_load_scales_out_to_two_jobs_and_back_to_one(
+    cluster: SlurmCluster, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four clients asking in a loop keep 4 requests in flight: over a target of 1 on one
+    replica, so the gateway starts a second job; when they stop, the second goes first."""
+    use_models(tmp_path, monkeypatch, gemma_entry(gemma_gguf, max_replicas=2, target_in_flight=1))
+    scancel_log = logging_shim("scancel", tmp_path, monkeypatch)
+    stop = threading.Event()
+
+    def client() -> int:
+        answered = 0
+        while not stop.is_set():
+            answered += bool(ask(url, GEMMA, answered % 2 == 0).strip())
+        return answered
+
+    def ready() -> list[Record]:
+        return [r for r in records_of(GEMMA) if r.state == "ready"]
+
+    with running_gateway("--backend", "slurm") as url, ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client) for _ in range(4)]
+        try:
+            wait_for(lambda: len(ready()) == 2, 300, "a second job under load")
+        finally:
+            stop.set()
+        assert all(c.result() > 0 for c in clients)
+        first, second = sorted(records_of(GEMMA), key=lambda r: r.created_at)
+        assert second.started_by is not None and "scale out" in second.started_by
+        assert len(records_of(GEMMA)) == 2  # max_replicas: no third
+
+        # No load: the extra replica is cancelled first, then the last one (scancel's log
+        # has the order as Slurm saw it).
+        wait_for(lambda: state_of(first.key) == state_of(second.key) == "gone", 120, "both cancels")
+        cancels = calls(scancel_log)
+        assert len(cancels) == 2, cancels
+        assert second.job_id in cancels[0] and first.job_id in cancels[1], cancels
