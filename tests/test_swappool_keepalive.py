@@ -14,11 +14,12 @@ import json
 import re
 import signal
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from mtcli import mt, running_gateway
 from poolhelpers import (
@@ -33,6 +34,29 @@ from poolhelpers import (
     slot_of,
     wait_for,
 )
+
+
+def _open(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 180
+) -> Any:
+    """POST ``body`` as JSON; the response, to read (or iterate line by line) as it comes."""
+    request = urllib.request.Request(  # noqa: S310 - a test URL
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
+    )
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - a test URL
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 180) -> tuple[int, dict[str, Any]]:
+    """POST ``body``; the status and the JSON answer, error statuses included."""
+    try:
+        with _open(url, body, timeout=timeout) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
 
@@ -89,11 +113,11 @@ class _RawStream(threading.Thread):
             "stream": True,
         }
         url = self.url + "/chat/completions"
-        with httpx.stream("POST", url, json=body, timeout=180) as response:
-            self.status = response.status_code
+        with _open(url, body) as response:
+            self.status = response.status
             self.content_type = response.headers.get("content-type", "")
-            for line in response.iter_lines():
-                self.lines.append(line.encode())
+            for line in response:
+                self.lines.append(line.rstrip(b"\r\n"))
 
     def progress(self) -> int:
         """How many ``: loading <model> (Ns)`` comments have arrived so far."""
@@ -167,13 +191,12 @@ def test_a_failed_load_ends_the_stream_in_band(pool: str) -> None:
         assert slot["state"] == "empty" and "exited" in slot["last_error"]
 
         # The same model, not streamed: the 503 the pool gives the gateway stays a 503.
-        done = httpx.post(
+        status, answer = _post(
             url + "/chat/completions",
-            json={"model": BROKEN, "messages": [{"role": "user", "content": "x"}]},
-            timeout=180,
+            {"model": BROKEN, "messages": [{"role": "user", "content": "x"}]},
         )
-        assert done.status_code == 503, done.text
-        assert "engine exited" in done.json()["error"]["message"]
+        assert status == 503, answer
+        assert "engine exited" in answer["error"]["message"]
 
 
 def test_the_503_before_the_pool_runs_names_the_pool(
@@ -181,13 +204,13 @@ def test_the_503_before_the_pool_runs_names_the_pool(
 ) -> None:
     monkeypatch.setenv("MT_MODELS", str(_pool_yaml(tmp_path, gemma_gguf)))
     with running_gateway() as gateway:
-        done = httpx.post(
+        status, answer = _post(
             gateway + "/v1/chat/completions",
-            json={"model": MODEL_B, "messages": [{"role": "user", "content": "x"}]},
+            {"model": MODEL_B, "messages": [{"role": "user", "content": "x"}]},
             timeout=30,
         )
-    assert done.status_code == 503
-    error: dict[str, Any] = done.json()["error"]
+    assert status == 503
+    error: dict[str, Any] = answer["error"]
     assert error["code"] == "no_ready_endpoint"
     assert "hint: mt submit gemma-pool" in error["message"], error
 
@@ -222,11 +245,10 @@ def test_a_client_that_leaves_during_the_load_leaves_no_request_behind(pool: str
     }
     headers = {"Authorization": f"Bearer {secret}"}
     url = record.base_url + "/chat/completions"
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+    with _open(url, body, headers, timeout=60) as response:
         [engine] = wait_for("B's engine", lambda: engines_of(record.pid or 0, MODEL_B), 60)
         engine.send_signal(signal.SIGSTOP)
-        lines = response.iter_lines()
-        assert next(lines) == f": loading {MODEL_B} in slot 0"
+        assert response.readline().rstrip(b"\r\n") == f": loading {MODEL_B} in slot 0".encode()
     # The client is gone; the next keep-alive finds out. The load itself goes on.
     engine.send_signal(signal.SIGCONT)
     ready = wait_for(
@@ -240,8 +262,8 @@ def test_a_client_that_leaves_during_the_load_leaves_no_request_behind(pool: str
     )
     assert ready
     # A whole request after it: a slot that counted the one that left would stay at 1.
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
-        assert list(response.iter_lines())[-2:] == ["data: [DONE]", ""]
+    with _open(url, body, headers, timeout=60) as response:
+        assert [line.rstrip(b"\r\n") for line in response][-2:] == [b"data: [DONE]", b""]
     slot = slot_of(pool_status(record), MODEL_B)
     assert slot is not None and slot["in_flight"] == 0 and slot["loads"] == 1
     log = mt("logs", pool).stdout
