@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def terminal_prompter() -> Prompter:
         return [getpass.getpass(text or "Answer: ") for text, _echo in prompts]
 
     return ask
+
+
+def interactive_prompter() -> Prompter | None:
+    """:func:`terminal_prompter` when this process runs on a terminal, else None (cron, CI,
+    a batch job): without one, a server that asks for a code fails the login at once."""
+    return terminal_prompter() if sys.stdin.isatty() else None
 
 
 class KeysThenPrompts(AuthStrategy):

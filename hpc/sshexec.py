@@ -37,7 +37,6 @@ import re
 import select
 import shlex
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -59,7 +58,7 @@ from hpc.sshauth import (
     Prompter,
     PromptNeeded,
     PromptRejected,
-    terminal_prompter,
+    interactive_prompter,
 )
 from hpc.transport import CommandResult, CommandTimeout
 
@@ -696,5 +695,5 @@ def ssh_transport(slurm: SlurmSite) -> SSHTransport:
         connect_timeout_s=slurm.ssh_connect_timeout_s,
         remote_env=slurm.ssh_env,
         # A 2FA code is asked for on the terminal; without one (cron, CI) the login fails.
-        prompter=terminal_prompter() if sys.stdin.isatty() else None,
+        prompter=interactive_prompter(),
     )

@@ -21,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
-import sys
 import threading
 
 import paramiko
 
 from hpc.errors import SSHError
-from hpc.sshauth import terminal_prompter
+from hpc.sshauth import interactive_prompter
 from hpc.sshexec import SSHTransport
 from tunnels.backoff import Backoff, permanent
 from tunnels.engine import Events, TunnelSpec, TunnelStatus
@@ -58,7 +57,7 @@ class ParamikoTunnel(TunnelStatus):
             accept_new=spec.accept_new,
             keepalive_s=spec.keepalive_s,
             # The first login may ask (a 2FA code typed on the terminal); see open().
-            prompter=terminal_prompter() if sys.stdin.isatty() else None,
+            prompter=interactive_prompter(),
         )
         self._listener: socket.socket | None = None
         self._transport: paramiko.Transport | None = None
