@@ -51,7 +51,7 @@ $(VENV)/.llamacpp-stamp: $(BIN)/python pyproject.toml $(WHEELHOUSE)/.built
 deps: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 
 demo: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
-	$(BIN)/python -m hpc.demo
+	$(BIN)/python -m hpc.dev.demo
 
 # LiteLLM's proxy is the peer of the overhead table, never a dependency of ModelTainer:
 # installed into .venv here only (without it, the run skips that column and says so).

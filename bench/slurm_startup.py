@@ -24,7 +24,7 @@ from pathlib import Path
 from hpc.backends.slurm import SlurmBackend
 from hpc.jobs import wait_ready
 from hpc.site import Site, SiteConfig
-from hpc.slurm import SlurmClient
+from hpc.slurm.client import SlurmClient
 from hpc.spec import ModelSpec
 from hpc.transport import LocalTransport
 

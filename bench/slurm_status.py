@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from hpc.jobs import job_views
 from hpc.registry import Record, Registry, new_api_key, new_nonce
 from hpc.site import Site, SiteConfig
-from hpc.slurm import SlurmClient
+from hpc.slurm.client import SlurmClient
 from hpc.transport import LocalTransport
 
 

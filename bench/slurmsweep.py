@@ -1,6 +1,6 @@
 """`mt bench --backend slurm`: the sweep as a Python function in a Slurm job, near the engines.
 
-``run_sweep_job`` submits ``sweep_on_node`` through ``hpc.functionjob`` (submitit with the
+``run_sweep_job`` submits ``sweep_on_node`` through ``hpc.slurm.functionjob`` (submitit with the
 site's partition, account, QOS, modules and Python; awaited through squeue and the result
 file, never sacct, as `mt doctor`'s probe is) and returns the levels the node measured,
 for the caller to write as a local sweep's. The records travel back in submitit's result
@@ -19,8 +19,8 @@ from pathlib import Path
 from bench.loadgen import LevelResult, Target, sweep
 from bench.workload import Schedule, Workload
 from hpc.errors import MTError
-from hpc.functionjob import FunctionJobResult, JobSpec, run_function
 from hpc.site import Site
+from hpc.slurm.functionjob import FunctionJobResult, JobSpec, run_function
 
 JOB_NAME = "mt-bench"
 

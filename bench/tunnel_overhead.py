@@ -1,6 +1,6 @@
 """What a tunnel costs: time to first token and tokens/s directly vs. through each engine.
 
-Opens one tunnel per engine (tunnels.engine, the code `mt tunnel` runs) to the gateway on
+Opens one tunnel per engine (tunnels.engines, the code `mt tunnel` runs) to the gateway on
 ``--host``, then streams the same chat completion ``--requests`` times over each path,
 interleaved (direct, openssh, paramiko, direct, …) so that drift in the engine's speed hits
 every path alike. Prints one table row per path: median and p90 time to first token, and
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnels.engine import TunnelSpec, make_engine
+from tunnels.engines import TunnelSpec, make_engine
 from tunnels.health import check_healthz
 
 

@@ -11,7 +11,7 @@ A probe is the engine's health endpoint, then its load where it exposes one, bot
 per-job key (engines that do not ask for it ignore it):
 
 - health: the path the job wrapper published (``Record.health_path``, from
-  ``hpc.engines``: vLLM and llama.cpp's ``llama-server`` ``/health``; llama-cpp-python's
+  ``hpc.job.engines``: vLLM and llama.cpp's ``llama-server`` ``/health``; llama-cpp-python's
   server has no ``/health`` and its ``/v1/models`` waits behind a generation, so
   ``/openapi.json``). Records written before that field existed say nothing: ``/health``
   is tried, and a 404 switches to ``/v1/models``.

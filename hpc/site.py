@@ -14,7 +14,7 @@ from hpc.spec import SlurmName
 from hpc.transport import LocalTransport, Transport
 
 if TYPE_CHECKING:
-    from hpc.sshexec import SSHTransport
+    from hpc.ssh.exec import SSHTransport
 
 HOME_ENV = "MT_HOME"
 
@@ -135,7 +135,7 @@ class Site:
         if not self.config.slurm.ssh_host:
             return LocalTransport()
         if self._ssh is None:
-            from hpc.sshexec import ssh_transport  # paramiko loads only when SSH is used
+            from hpc.ssh.exec import ssh_transport  # paramiko loads only when SSH is used
 
             self._ssh = ssh_transport(self.config.slurm)
         return self._ssh

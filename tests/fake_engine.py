@@ -17,8 +17,8 @@ Modes of the engine:
 
 Every mode prints the key it was given on purpose: the wrapper must mask it in its log.
 
-``wrap`` runs the real ``hpc.jobwrap.JobWrapper`` with a launcher that returns the
-``EngineLaunch`` of this fake engine, in place of ``hpc.engines.build_launch``.
+``wrap`` runs the real ``hpc.job.wrapper.JobWrapper`` with a launcher that returns the
+``EngineLaunch`` of this fake engine, in place of ``hpc.job.engines.build_launch``.
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def serve(host: str, port: int, mode: str) -> int:
 
 def wrap(plan_path: Path, mode: str) -> int:
     """Run the real job wrapper with this fake engine as its engine."""
-    from hpc.engines import EngineLaunch
-    from hpc.jobplan import read_plan
-    from hpc.jobwrap import JobWrapper
+    from hpc.job.engines import EngineLaunch
+    from hpc.job.plan import read_plan
+    from hpc.job.wrapper import JobWrapper
     from hpc.spec import ModelSpec
 
     def launcher(

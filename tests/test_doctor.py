@@ -16,11 +16,11 @@ import pytest
 from mtcli import mt
 from slurmcluster import SlurmCluster
 
-from hpc.doctor import diagnose, local_checks
-from hpc.nodeprobe import node_probe
-from hpc.probejob import run_probe
+from hpc.doctor.checks import diagnose, local_checks
+from hpc.job.nodeprobe import node_probe
 from hpc.registry import Registry
 from hpc.site import Site, load_site
+from hpc.slurm.probejob import run_probe
 
 HOSTILE = "we ird'\"; echo x"
 
@@ -276,7 +276,7 @@ def test_cli_doctor_unschedulable_probe_is_reported_with_hint(cluster: SlurmClus
 
 
 def test_rocm_check_reports_what_apptainer_rocm_needs() -> None:
-    from hpc.doctor import _rocm_check
+    from hpc.doctor.checks import _rocm_check
 
     ready = {
         "apptainer_rocm": {

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from hpc.engines import EngineLaunch, build_launch, gpus_granted, resolve_gguf
 from hpc.errors import EngineError
+from hpc.job.engines import EngineLaunch, build_launch, gpus_granted, resolve_gguf
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 

@@ -1,6 +1,6 @@
 """The job wrapper, run for real as a subprocess around a fake engine (tests/fake_engine.py).
 
-Each test starts ``python tests/fake_engine.py wrap``, which runs ``hpc.jobwrap.JobWrapper``
+Each test starts ``python tests/fake_engine.py wrap``, which runs ``hpc.job.wrapper.JobWrapper``
 with the fake engine as its engine, and watches the registry record and the job log the
 way the gateway and ``mt logs`` would. Every process a test starts is stopped by pid.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpc.jobplan import JobPlan, write_plan
-from hpc.proctree import alive
+from hpc.job.plan import JobPlan, write_plan
+from hpc.job.proctree import alive
 from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, record_key
 from hpc.spec import ModelSpec, Weights
 

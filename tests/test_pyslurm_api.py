@@ -3,7 +3,7 @@
 pyslurm 25.11 cannot be built here (Debian has Slurm 22.05), so the adapter runs against
 ``tests/fake_pyslurm``: pyslurm's names and signatures, with every call made by the real Slurm
 tools against the test cluster. Both implementations submit the same scripts (one of them
-rendered by hpc.sbatch) to the same slurmctld, and the assertions read what Slurm made of them
+rendered by hpc.slurm.sbatch) to the same slurmctld, and the assertions read what Slurm made of them
 in ``squeue --json``. The fake is on ``sys.path`` only inside the tests that ask for it.
 """
 
@@ -24,8 +24,11 @@ from slurmcluster import SlurmCluster
 
 from hpc.backends.slurm import SlurmBackend
 from hpc.errors import SlurmError
-from hpc.jobplan import JobPlan
-from hpc.pyslurm_api import (
+from hpc.job.plan import JobPlan
+from hpc.registry import Registry, new_nonce, record_key
+from hpc.site import Site, SiteConfig, SlurmSite
+from hpc.slurm.client import PENDING_STATES, RUNNING_STATES, SlurmAPI, SlurmClient, SlurmJob
+from hpc.slurm.pyslurm import (
     PyslurmAPI,
     pyslurm_api_for,
     pyslurm_api_if_usable,
@@ -33,10 +36,7 @@ from hpc.pyslurm_api import (
     signal_name,
     submit_description,
 )
-from hpc.registry import Registry, new_nonce, record_key
-from hpc.sbatch import SbatchJob, render
-from hpc.site import Site, SiteConfig, SlurmSite
-from hpc.slurm import PENDING_STATES, RUNNING_STATES, SlurmAPI, SlurmClient, SlurmJob
+from hpc.slurm.sbatch import SbatchJob, render
 from hpc.spec import ModelSpec
 from hpc.transport import CommandTimeout, LocalTransport
 
@@ -90,7 +90,7 @@ def api(request: pytest.FixtureRequest, cluster: SlurmCluster) -> SlurmAPI:
 def stand_in_python(tmp_path: Path) -> Path:
     """Stands in for the Python with ModelTainer: holds the job until signalled or cancelled.
 
-    The script execs it as ``<python> -m hpc.jobwrap --plan -``; once its traps are set it
+    The script execs it as ``<python> -m hpc.job.wrapper --plan -``; once its traps are set it
     leaves ``<path>.ready`` (squeue says RUNNING before the script runs, so a signal sent then
     could beat the trap); on USR1 it leaves ``<path>.usr1`` and exits 0.
     """
@@ -117,7 +117,7 @@ def render_tiny(
     nonce: str = "0123abcd",
     **spec: Any,
 ) -> tuple[str, SbatchJob]:
-    """One of our own scripts, as hpc.sbatch renders it, logging into a hostile directory."""
+    """One of our own scripts, as hpc.slurm.sbatch renders it, logging into a hostile directory."""
     model = ModelSpec.model_validate({**TINY, **spec})
     plan = JobPlan(
         spec=model,

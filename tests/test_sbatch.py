@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from hpc.jobplan import JobPlan
-from hpc.sbatch import render
+from hpc.job.plan import JobPlan
 from hpc.site import SlurmSite
+from hpc.slurm.sbatch import render
 from hpc.spec import ModelSpec
 
 GOLDEN = Path(__file__).parent / "golden" / "sbatch"

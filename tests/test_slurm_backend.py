@@ -20,7 +20,7 @@ from slurmcluster import SlurmCluster
 from hpc.backends.slurm import SlurmBackend
 from hpc.registry import Record, Registry, new_api_key
 from hpc.site import load_site
-from hpc.slurm import SlurmClient
+from hpc.slurm.client import SlurmClient
 from hpc.transport import CommandResult, CommandTimeout, LocalTransport
 
 pytestmark = [pytest.mark.slurm, pytest.mark.llamacpp, pytest.mark.timeout(300)]

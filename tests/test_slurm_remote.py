@@ -25,8 +25,8 @@ from hpc.backends.slurm import SlurmBackend
 from hpc.configfile import load_models
 from hpc.registry import Record, Registry, record_key
 from hpc.site import load_site
-from hpc.slurm import PENDING_STATES, RUNNING_STATES, SlurmClient
-from hpc.sshexec import SSHTransport
+from hpc.slurm.client import PENDING_STATES, RUNNING_STATES, SlurmClient
+from hpc.ssh.exec import SSHTransport
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ssh, pytest.mark.timeout(240)]
 

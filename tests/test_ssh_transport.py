@@ -27,8 +27,8 @@ from hpc.errors import (
     SSHError,
     UnknownHostKeyError,
 )
-from hpc.slurm import SlurmClient
-from hpc.sshexec import ConnectionLost, SSHTransport
+from hpc.slurm.client import SlurmClient
+from hpc.ssh.exec import ConnectionLost, SSHTransport
 from hpc.transport import CommandTimeout
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(60)]

@@ -19,11 +19,11 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from hpc.engines import EngineLaunch
-from hpc.jobplan import PoolPlan
-from hpc.poolslots import Slots
+from hpc.job.engines import EngineLaunch
+from hpc.job.plan import PoolPlan
+from hpc.job.slots import Slots
+from hpc.job.swappool import create_app
 from hpc.spec import ModelSpec, PoolSpec
-from hpc.swappool import create_app
 
 TOKENS = 40
 KEY = "mtj-test-pool-key"

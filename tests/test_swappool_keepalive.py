@@ -224,7 +224,7 @@ def test_render_writes_the_dry_run_script(
     dry = mt("submit", "gemma-pool", "--dry-run", "--backend", "slurm").stdout
     rendered = out.read_text(encoding="utf-8")
     nonce = re.compile(r"mt-gemma-pool-[0-9a-f]{8}|\bmt:[0-9a-f]{8}\b|\b[0-9a-f]{8}\b")
-    assert "#SBATCH" in rendered and "hpc.swappool" in rendered
+    assert "#SBATCH" in rendered and "hpc.job.swappool" in rendered
     assert nonce.sub("NONCE", rendered) == nonce.sub("NONCE", dry)
 
     refused = mt("render", "gemma-pool", "--backend", "kubernetes", check=False)

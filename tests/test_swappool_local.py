@@ -1,6 +1,6 @@
 """A swap pool under the local backend with the real Gemma model under two names.
 
-`mt submit <pool>` starts `python -m hpc.swappool`; the real gateway routes both names to it;
+`mt submit <pool>` starts `python -m hpc.job.swappool`; the real gateway routes both names to it;
 the official openai client asks. Nothing is faked: the engines are llama.cpp servers.
 """
 

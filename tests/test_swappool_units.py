@@ -14,13 +14,13 @@ from pydantic import SecretStr, ValidationError
 from gateway.routes import build_routes
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, EngineError, MTError
-from hpc.jobplan import PoolPlan
+from hpc.job.plan import PoolPlan
+from hpc.job.slots import split_gpus
 from hpc.jobs import submit_pool
-from hpc.poolslots import split_gpus
 from hpc.poolstatus import on_demand_views, read_ondemand_state, status_url
 from hpc.registry import Record, State, new_nonce
-from hpc.sbatch import render
 from hpc.site import Site, SiteConfig, SlurmSite
+from hpc.slurm.sbatch import render
 from hpc.spec import ModelsFile, PoolSpec
 
 GOLDEN = Path(__file__).parent / "golden" / "sbatch"
@@ -126,7 +126,7 @@ def test_pool_sbatch_golden(tmp_path: Path) -> None:
     )
     assert job.name == "mt-small-models-0123abcd"
     assert "#SBATCH --gres=gpu:4" in script and "#SBATCH --qos=long" in script
-    assert "exec /opt/mt/venv/bin/python -m hpc.swappool --plan - <<'MT_PLAN'" in script
+    assert "exec /opt/mt/venv/bin/python -m hpc.job.swappool --plan - <<'MT_PLAN'" in script
     assert "mtj-" not in script  # no key
     path = GOLDEN / "pool_two_slots.sbatch"
     if UPDATE:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc import troubledocs
+from hpc.dev import troubledocs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def _copy_packages(tmp_path: Path) -> Path:
 
 def test_a_new_error_and_its_hint_appear(tmp_path: Path) -> None:
     root = _copy_packages(tmp_path)
-    target = root / "hpc" / "jobplan.py"
+    target = root / "hpc" / "job" / "plan.py"
     target.write_text(
         target.read_text(encoding="utf-8")
         + "\n\ndef _brand_new(name: str) -> None:\n"

@@ -6,7 +6,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tunnels.engine import TunnelSpec
+from tunnels.engines import TunnelSpec
 from tunnels.errors import TunnelError
 
 

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from hpc.errors import MTError, SSHAuthError, SSHError
 from hpc.privatefile import write_private
-from hpc.sshexec import SSHTransport
+from hpc.ssh.exec import SSHTransport
 from tunnels.backoff import Backoff, permanent
-from tunnels.engine import Events, TunnelSpec, TunnelStatus
+from tunnels.engines import Events, TunnelSpec, TunnelStatus
 from tunnels.errors import LocalPortInUseError, TunnelDownError, TunnelError
 from tunnels.localport import bind_local, ensure_free, holder_of, listening
 from tunnels.outage import DownResponder

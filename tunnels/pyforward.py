@@ -1,14 +1,14 @@
-"""The pure-Python engine: a small paramiko port forwarder on hpc.sshexec's connection.
+"""The pure-Python engine: a small paramiko port forwarder on hpc.ssh.exec's connection.
 
 Not sshtunnel: it cannot check a host key against known_hosts (it takes one key, or none),
 does not nest ProxyJump channels, and does not import with paramiko 4+ (``DSSKey``).
-hpc.sshexec.SSHTransport already resolves ``~/.ssh/config`` (HostName, User, Port,
+hpc.ssh.exec.SSHTransport already resolves ``~/.ssh/config`` (HostName, User, Port,
 IdentityFile, ProxyJump), refuses unknown and changed host keys with their fingerprints,
 and translates paramiko's errors; this module adds the listener and the forwarding.
 
 Each local connection is one ``direct-tcpip`` channel to 127.0.0.1:remote_port on the
 login node, pumped by its own thread. Keyboard-interactive prompts of the first login
-(a 2FA code) are answered on the terminal when there is one (hpc.sshauth); reconnects
+(a 2FA code) are answered on the terminal when there is one (hpc.ssh.auth); reconnects
 never prompt. A watcher thread probes the connection every
 ``keepalive_s`` (a global request the server must answer); ``keepalive_count`` missed
 answers, or a closed transport, mark the tunnel down. While it is down, the listener
@@ -26,10 +26,10 @@ import threading
 import paramiko
 
 from hpc.errors import SSHError
-from hpc.sshauth import interactive_prompter
-from hpc.sshexec import SSHTransport
+from hpc.ssh.auth import interactive_prompter
+from hpc.ssh.exec import SSHTransport
 from tunnels.backoff import Backoff, permanent
-from tunnels.engine import Events, TunnelSpec, TunnelStatus
+from tunnels.engines import Events, TunnelSpec, TunnelStatus
 from tunnels.errors import TunnelDownError
 from tunnels.localport import bind_local
 from tunnels.outage import answer_down

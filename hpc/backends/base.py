@@ -72,7 +72,7 @@ class ScriptBackend(Protocol):
 
 @runtime_checkable
 class PoolBackend(Protocol):
-    """A backend that can run a swap pool (``python -m hpc.swappool``) as one job."""
+    """A backend that can run a swap pool (``python -m hpc.job.swappool``) as one job."""
 
     def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
         """Start one job that serves ``pool``'s catalogue, swapping models in its slots."""

@@ -18,15 +18,15 @@ from pathlib import Path
 
 from hpc.backends.base import JobHandle, JobStatus
 from hpc.errors import BackendError
-from hpc.jobplan import JobPlan, PoolPlan, write_plan
-from hpc.proctree import alive, create_time, stop_tree, wait_gone
+from hpc.job.plan import JobPlan, PoolPlan, write_plan
+from hpc.job.proctree import alive, create_time, stop_tree, wait_gone
 from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
 from hpc.site import Site
 from hpc.spec import ModelSpec, PoolSpec
 
 
 class LocalBackend:
-    """Runs each job as ``python -m hpc.jobwrap`` in a new session on this machine."""
+    """Runs each job as ``python -m hpc.job.wrapper`` in a new session on this machine."""
 
     name = "local"
 
@@ -52,11 +52,11 @@ class LocalBackend:
             started_by=started_by,
         )
         return self._launch(
-            plan, "hpc.jobwrap", model=spec.name, engine=spec.engine, started_by=started_by
+            plan, "hpc.job.wrapper", model=spec.name, engine=spec.engine, started_by=started_by
         )
 
     def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
-        """Start a swap pool (``python -m hpc.swappool``) detached, like a model's job."""
+        """Start a swap pool (``python -m hpc.job.swappool``) detached, like a model's job."""
         nonce = new_nonce()
         plan = PoolPlan(
             pool=pool,
@@ -68,7 +68,7 @@ class LocalBackend:
             engine_host=self.site.config.engine_host or "127.0.0.1",
         )
         return self._launch(
-            plan, "hpc.swappool", model=pool.name, engine="pool", serves=pool.models
+            plan, "hpc.job.swappool", model=pool.name, engine="pool", serves=pool.models
         )
 
     def _launch(

@@ -1,6 +1,6 @@
 """The Slurm backend: a model spec becomes an sbatch script that runs the job wrapper.
 
-Submit renders the script (hpc.sbatch), runs ``sbatch --parsable`` and then creates the
+Submit renders the script (hpc.slurm.sbatch), runs ``sbatch --parsable`` and then creates the
 job's ``pending`` record unless the job, already running, has written its own. If sbatch
 times out, the job is looked up by its nonce (``--comment=mt:<nonce>``) before anything is
 resubmitted, so one submit never makes two jobs. Status asks squeue once for all jobs.
@@ -16,12 +16,10 @@ from pathlib import Path
 
 from hpc.backends.base import JobHandle, JobStatus
 from hpc.errors import BackendError, MTError
-from hpc.jobplan import JobPlan, PoolPlan
-from hpc.pyslurm_api import pyslurm_api_for
+from hpc.job.plan import JobPlan, PoolPlan
 from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
-from hpc.sbatch import SbatchJob, render
 from hpc.site import Site
-from hpc.slurm import (
+from hpc.slurm.client import (
     CANCELLED_STATES,
     DONE_STATES,
     PENDING_STATES,
@@ -30,6 +28,8 @@ from hpc.slurm import (
     SlurmClient,
     SlurmJob,
 )
+from hpc.slurm.pyslurm import pyslurm_api_for
+from hpc.slurm.sbatch import SbatchJob, render
 from hpc.spec import ModelSpec, PoolSpec
 from hpc.transport import CommandTimeout
 

@@ -8,9 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hpc import doctor as lib
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
+from hpc.doctor import checks as lib
 
 _MARKS = {
     True: "[green]✓[/]",

@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from hpc.cli.output import age, print_json, stderr, stdout
 from hpc.errors import MTError
-from tunnels.engine import ENGINES, TunnelEngine, TunnelSpec, choose, make_engine
+from tunnels.engines import ENGINES, TunnelEngine, TunnelSpec, choose, make_engine
 from tunnels.health import check_healthz
 from tunnels.state import TunnelRecord, TunnelStates, tunnels_dir
 

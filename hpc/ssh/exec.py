@@ -12,7 +12,7 @@ HostName, User, Port, IdentityFile, IdentitiesOnly, UserKnownHostsFile and Proxy
 jump is a ``direct-tcpip`` channel through the previous host, whose key is checked too; the
 jump hosts' own ProxyJump lines are not followed). Arguments given here win over the config.
 Keys, the agent and keyboard-interactive prompts (a 2FA code after the key) are tried as
-OpenSSH tries them (hpc.sshauth); prompts are answered by the caller's ``prompter`` and,
+OpenSSH tries them (hpc.ssh.auth); prompts are answered by the caller's ``prompter`` and,
 without one, fail at once with a clear error. Not supported: ProxyCommand, host
 certificates (``@cert-authority``) and plain password logins; for those, run `mt` on the
 login node itself.
@@ -53,7 +53,7 @@ from hpc.errors import (
     SSHError,
     UnknownHostKeyError,
 )
-from hpc.sshauth import (
+from hpc.ssh.auth import (
     KeysThenPrompts,
     Prompter,
     PromptNeeded,

@@ -35,7 +35,7 @@ class JobPlan(BaseModel):
 
 
 class PoolPlan(BaseModel):
-    """Everything the swap pool (``python -m hpc.swappool``) needs: the pool and its catalogue.
+    """Everything the swap pool (``python -m hpc.job.swappool``) needs: the pool and its catalogue.
 
     The catalogue's specs are copied in whole, so the job does not read ``models.yaml`` (which
     may have changed, or not be on the node) and the pool serves what was submitted.

@@ -3,10 +3,10 @@
 ``local_checks`` looks at the machine mt runs on: the Slurm commands and whether
 ``squeue --json`` answers (through ``SlurmClient``, like every Slurm command), accounting,
 Apptainer, the registry directory, and the Python that jobs will run. ``probe_checks``
-turns what the probe job (``hpc.probejob.run_probe``) saw on its node into report lines,
+turns what the probe job (``hpc.slurm.probejob.run_probe``) saw on its node into report lines,
 and ``diagnose`` runs both into a ``Diagnosis``. This module holds the checks and the
-report; submitting and awaiting the probe lives in ``hpc.probejob``, and what runs on the
-node in ``hpc.nodeprobe``.
+report; submitting and awaiting the probe lives in ``hpc.slurm.probejob``, and what runs on the
+node in ``hpc.job.nodeprobe``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 from hpc import __version__
 from hpc.errors import SlurmError
-from hpc.probejob import ProbeResult, run_probe
 from hpc.site import Site
-from hpc.slurm import SlurmClient, hint_for
+from hpc.slurm.client import SlurmClient, hint_for
+from hpc.slurm.probejob import ProbeResult, run_probe
 from hpc.transport import CommandTimeout, LocalTransport
 
 _APPTAINER_HINT = (
@@ -125,7 +125,7 @@ def _squeue_check(client: SlurmClient) -> Check:
     if result.returncode != 0:
         first = next((ln.strip() for ln in result.stderr.splitlines() if ln.strip()), "")
         if "json" in result.stderr.lower() or "unrecognized" in result.stderr.lower():
-            # Slurm before 20.11: hpc.slurm falls back to --format with a separator.
+            # Slurm before 20.11: hpc.slurm.client falls back to --format with a separator.
             return Check("squeue --json", None, f"not supported ({first}): mt uses --format")
         return Check(
             "squeue --json",

@@ -7,7 +7,7 @@ or failed. submitit learns job states from ``sacct``. Where accounting is off, e
 fails, submitit logs "Bypassing sacct error" and calls the state ``UNKNOWN``, and a job
 that dies without a result is waited for forever. So this never asks submitit for a
 state: squeue (``SlurmClient.jobs``) says pending, running or gone; the result pickle says
-done. `mt doctor`'s probe (``hpc.probejob``) and `mt bench --backend slurm` use it.
+done. `mt doctor`'s probe (``hpc.slurm.probejob``) and `mt bench --backend slurm` use it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hpc.errors import MTError, SlurmError
 from hpc.site import Site
-from hpc.slurm import PENDING_STATES, RUNNING_STATES, SlurmAPI, SlurmClient, SlurmJob, hint_for
+from hpc.slurm.client import (
+    PENDING_STATES,
+    RUNNING_STATES,
+    SlurmAPI,
+    SlurmClient,
+    SlurmJob,
+    hint_for,
+)
 from hpc.transport import CommandTimeout, LocalTransport
 
 if TYPE_CHECKING:

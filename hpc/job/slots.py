@@ -24,11 +24,11 @@ from typing import IO, Literal
 
 import aiohttp
 
-from hpc.engines import EngineLaunch, build_launch
 from hpc.errors import EngineError, MTError, PoolLoadError
-from hpc.jobplan import PoolPlan
-from hpc.jobwrap import LogPump, free_port, start_engine
-from hpc.proctree import stop_tree
+from hpc.job.engines import EngineLaunch, build_launch
+from hpc.job.plan import PoolPlan
+from hpc.job.proctree import stop_tree
+from hpc.job.wrapper import LogPump, free_port, start_engine
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 

@@ -1,10 +1,10 @@
 """The doctor's probe as a Slurm job: submit ``node_probe``, wait, report.
 
-``run_probe`` submits ``hpc.nodeprobe.node_probe`` through ``hpc.functionjob`` (submitit,
+``run_probe`` submits ``hpc.job.nodeprobe.node_probe`` through ``hpc.slurm.functionjob`` (submitit,
 awaited through squeue and the result file, never sacct) and returns a ``ProbeResult``:
 ok with the node's report, rejected by sbatch, still pending (cancelled, with Slurm's
 reason and a hint), timed out, or failed. It is apart from the doctor's checks because it
-is the one part that submits a job, and apart from ``hpc.nodeprobe`` because that runs
+is the one part that submits a job, and apart from ``hpc.job.nodeprobe`` because that runs
 on the node.
 """
 
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.functionjob import JobSpec, Outcome, pending_hint, run_function
-from hpc.nodeprobe import node_probe
+from hpc.job.nodeprobe import node_probe
 from hpc.site import Site
-from hpc.slurm import SlurmAPI
+from hpc.slurm.client import SlurmAPI
+from hpc.slurm.functionjob import JobSpec, Outcome, pending_hint, run_function
 
 __all__ = ["JOB_NAME", "PROBE_TIME_LIMIT_MIN", "ProbeResult", "pending_hint", "run_probe"]
 

@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any
 
 from hpc.errors import SlurmError
-from hpc.slurm import SlurmClient, SlurmJob, hint_for
+from hpc.slurm.client import SlurmClient, SlurmJob, hint_for
 from hpc.transport import CommandTimeout
 
 # libslurm's SLURM_PROTOCOL_SOCKET_IMPL_TIMEOUT, "Socket timed out on send/recv operation".

@@ -6,7 +6,7 @@ Slurm gave it, GPU drivers, Apptainer and what ``--nv`` needs, whether it can bi
 doctor and the probe job because it runs inside a submitit job, under whatever Python
 ``slurm.python`` names: it imports only the standard library (and ``hpc.__version__``), so
 the node needs nothing beyond ModelTainer itself, and submitit unpickles it by reference
-as ``hpc.nodeprobe.node_probe``.
+as ``hpc.job.nodeprobe.node_probe``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Generate docs/troubleshooting.md from the code: every error `mt` and the gateway can give.
 
-    python -m hpc.troubledocs            # rewrite docs/troubleshooting.md
-    python -m hpc.troubledocs --check    # exit 1 if the committed file is out of date
+    python -m hpc.dev.troubledocs            # rewrite docs/troubleshooting.md
+    python -m hpc.dev.troubledocs --check    # exit 1 if the committed file is out of date
 
 The entries are read with :mod:`ast`, never by importing or running the code:
 
@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("hpc", "gateway", "tunnels")
 DOC = Path("docs") / "troubleshooting.md"
-REGENERATE = "python -m hpc.troubledocs"
+REGENERATE = "python -m hpc.dev.troubledocs"
 
 # What a client (or the admin reading the gateway's log) should do about each gateway code.
 GATEWAY_ADVICE: dict[str, str] = {
@@ -321,7 +321,7 @@ def render(root: Path = ROOT) -> str:
     if missing:
         raise SystemExit(
             f"gateway codes without advice: {', '.join(missing)}: add them to GATEWAY_ADVICE "
-            "in hpc/troubledocs.py"
+            "in hpc/dev/troubledocs.py"
         )
     out = [
         "# Troubleshooting",
@@ -376,7 +376,7 @@ def render(root: Path = ROOT) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Write docs/troubleshooting.md, or with --check say whether it is up to date."""
-    parser = argparse.ArgumentParser(prog="python -m hpc.troubledocs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hpc.dev.troubledocs", description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if the doc is stale")
     args = parser.parse_args(argv)
     text = render()

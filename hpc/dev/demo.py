@@ -219,8 +219,8 @@ def run(home: Path, max_tokens: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m hpc.demo``."""
-    parser = argparse.ArgumentParser(prog="python -m hpc.demo", description=__doc__)
+    """Entry point of ``python -m hpc.dev.demo``."""
+    parser = argparse.ArgumentParser(prog="python -m hpc.dev.demo", description=__doc__)
     parser.add_argument("--home", type=Path, help="MT_HOME for the demo (default: a temp dir)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Render a model's sbatch script from its template: one pure function, golden-tested.
 
-The templates (``hpc/templates/<engine>.sbatch``) are plain files users can read. Flags
+The templates (``hpc/slurm/templates/<engine>.sbatch``) are plain files users can read. Flags
 come out sorted, one ``#SBATCH`` line each, values ``shlex.quote``d; every value that reaches
 a directive was validated by the spec's patterns, so none can carry a newline (a new
 directive or a shell line). The job plan goes in as JSON inside a quoted heredoc: JSON
@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from hpc.jobplan import JobPlan, PoolPlan
+from hpc.job.plan import JobPlan, PoolPlan
 from hpc.site import SlurmSite
 from hpc.spec import Resources, Runtime, SlurmOptions
 
@@ -92,7 +92,11 @@ def _directive(flag: str, value: str | None) -> str:
 
 def template(kind: str) -> str:
     """The template text for ``kind`` (``vllm``, ``llamacpp``, or ``pool``)."""
-    return resources.files("hpc.templates").joinpath(f"{kind}.sbatch").read_text(encoding="utf-8")
+    return (
+        resources.files("hpc.slurm.templates")
+        .joinpath(f"{kind}.sbatch")
+        .read_text(encoding="utf-8")
+    )
 
 
 def _runtime_note(runtime: Runtime | None) -> str:
@@ -113,7 +117,7 @@ def render(
     """The sbatch script for ``plan`` and the job's name and log pattern.
 
     ``spec`` is the plan's model (``plan.spec``), or its swap pool (``plan.pool``), whose
-    script runs ``python -m hpc.swappool`` instead of the job wrapper.
+    script runs ``python -m hpc.job.swappool`` instead of the job wrapper.
     """
     name = job_name(spec, plan.nonce)
     log_pattern = str(log_dir / "%x-%j.log")

@@ -1,0 +1,301 @@
+"""The job wrapper (``python -m hpc.job.wrapper --plan FILE``): the code that runs inside every job.
+
+It picks a free port, starts the engine as a child in its own process group, waits for the
+engine's health under the startup deadline, and only then publishes the record ``ready``.
+TERM, INT, USR1 and USR2 (Slurm's preemption/time-limit warning) mark the record
+``draining``, stop the engine's whole process tree and mark it ``gone``. An engine that dies
+or never becomes healthy is recorded ``failed`` with the reason and its last log lines.
+Engine output is copied to the wrapper's stdout (the job log) with the per-job key masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from hpc.errors import MTError
+from hpc.job.engines import EngineLaunch, build_launch
+from hpc.job.plan import JobPlan, read_plan
+from hpc.job.record import JobRecord
+from hpc.registry import Record, State
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+TAIL_LINES = 40
+_PORT_RETRIES = 3
+
+# build_launch's signature: tests pass another launcher (a fake engine) in its place.
+Launcher = Callable[..., EngineLaunch]
+
+
+def free_port(host: str) -> int:
+    """A port the OS says is free on ``host`` now (the engine binds it a moment later)."""
+    bind_host = "" if host in ("0.0.0.0", "::") else host  # noqa: S104 - compared, not bound
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((bind_host, 0))
+        return int(s.getsockname()[1])
+
+
+def advertised_host(engine_host: str) -> str:
+    """The host other machines use to reach an engine bound to ``engine_host``."""
+    if engine_host in ("0.0.0.0", "::", ""):  # noqa: S104 - compared, not bound
+        return socket.gethostname()
+    return engine_host
+
+
+def probe(url: str, key: str | None, timeout_s: float = 2.0) -> bool:
+    """True if ``url`` answers 200."""
+    request = urllib.request.Request(url)  # noqa: S310 - an http URL we built ourselves
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+            return int(response.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class LogPump:
+    """Copies the engine's output to our stdout line by line, masks the key, keeps a tail."""
+
+    def __init__(self, stream: IO[bytes], out: IO[str], secret: str) -> None:
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._stream = stream
+        self._out = out
+        self._secret = secret
+        self._thread = threading.Thread(target=self._run, name="engine-log", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for raw in iter(self._stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n").replace(self._secret, "***")
+            self.tail.append(line)
+            with contextlib.suppress(OSError, ValueError):
+                self._out.write(line + "\n")
+                self._out.flush()
+
+    def join(self, timeout_s: float = 2.0) -> list[str]:
+        self._thread.join(timeout_s)
+        return list(self.tail)
+
+
+def start_engine(
+    launch: EngineLaunch, environ: Mapping[str, str], out: IO[str], secret: str
+) -> tuple[subprocess.Popen[bytes], LogPump]:
+    """Start an engine in its own process group, its output pumped to ``out`` (key masked)."""
+    proc = subprocess.Popen(
+        launch.argv,
+        env={**environ, **launch.env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group, so stopping it reaches every child
+    )
+    if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
+        raise OSError("engine started without a stdout pipe")
+    return proc, LogPump(proc.stdout, out, secret)
+
+
+class JobWrapper:
+    """Runs one engine for one job and keeps its registry record true."""
+
+    def __init__(
+        self,
+        plan: JobPlan,
+        environ: Mapping[str, str],
+        out: IO[str],
+        launcher: Launcher = build_launch,
+    ) -> None:
+        self.plan = plan
+        self.launcher = launcher
+        self._secret = ""
+        self.environ = environ
+        self.out = out
+        self.job = JobRecord(
+            plan.registry_dir,
+            backend=plan.backend,
+            job_id=plan.job_id,
+            environ=environ,
+            say=self._say,
+        )
+        self.registry = self.job.registry
+        self.job_id = self.job.job_id
+        self.generation = self.job.generation
+        self.key = self.job.key
+        self.stop_signal: int | None = None
+
+    # -- record keeping ---------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        self.out.write(f"[mt jobwrap] {message}\n")
+        self.out.flush()
+
+    def _claim_record(self) -> Record:
+        """The backend's pending record, or a new one for a job submitted by hand."""
+        spec = self.plan.spec
+        return self.job.claim(
+            nonce=self.plan.nonce,
+            model=spec.name,
+            engine=spec.engine,
+            started_by=self.plan.started_by,
+        )
+
+    def _set(self, record: Record, state: State, **fields: object) -> Record:
+        return self.job.set(record, state, **fields)
+
+    # -- signals ------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_signal = signum
+
+    def _install_signals(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    # -- the engine -----------------------------------------------------------------------
+    def _start(self, launch: EngineLaunch) -> tuple[subprocess.Popen[bytes], LogPump]:
+        self._say("starting engine: " + " ".join(launch.argv))
+        return start_engine(launch, self.environ, self.out, self._secret)
+
+    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        from hpc.job.proctree import stop_tree
+
+        stop_tree(proc.pid, grace_s=self.plan.stop_grace_s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code (0 stopped, 1 failed)."""
+        self._install_signals()
+        record = self._claim_record()
+        self._secret = record.api_key.get_secret_value()
+        spec = self.plan.spec
+        wildcard = self.plan.engine_host in ("0.0.0.0", "::", "")  # noqa: S104 - compared
+        probe_host = "127.0.0.1" if wildcard else self.plan.engine_host
+        for _attempt in range(_PORT_RETRIES):
+            port = free_port(self.plan.engine_host)
+            try:
+                launch = self.launcher(
+                    spec,
+                    host=self.plan.engine_host,
+                    port=port,
+                    api_key=self._secret,
+                    environ=self.environ,
+                )
+            except MTError as exc:
+                self._set(record, "failed", reason=exc.message, port=None)
+                self._say(f"failed: {exc.message}")
+                return 1
+            record = self._set(record, "starting", port=port)
+            try:
+                proc, pump = self._start(launch)
+            except OSError as exc:
+                reason = f"cannot start {launch.argv[0]}: {exc.strerror}"
+                self._set(record, "failed", reason=reason)
+                self._say(f"failed: {reason}")
+                return 1
+            health_url = f"http://{probe_host}:{port}{launch.health_path}"
+            outcome = self._await_health(
+                proc, health_url, launch.health_needs_key, spec.startup_timeout_s
+            )
+            if outcome == "healthy":
+                break
+            if outcome == "stopped":
+                return self._drain(record, proc)
+            self._stop(proc)
+            tail = pump.join()
+            if outcome == "exited" and any(
+                "address already in use" in line.lower() for line in tail
+            ):
+                self._say(f"port {port} was taken before the engine bound it; trying another")
+                continue
+            reason = (
+                f"engine exited with code {proc.returncode} before it was healthy"
+                if outcome == "exited"
+                else f"engine not healthy within startup_timeout_s={spec.startup_timeout_s:g}"
+            )
+            self._set(record, "failed", reason=reason, log_tail=tail)
+            self._say(f"failed: {reason}")
+            return 1
+        else:
+            self._set(record, "failed", reason="no free port after retries")
+            return 1
+
+        base_url = f"http://{advertised_host(self.plan.engine_host)}:{port}/v1"
+        record = self._set(
+            record,
+            "ready",
+            base_url=base_url,
+            engine_pid=proc.pid,
+            # What the gateway probes from now on (the engine is loaded by now).
+            health_path=launch.probe_path or launch.health_path,
+        )
+        while self.stop_signal is None and proc.poll() is None:
+            time.sleep(0.2)
+        if self.stop_signal is None:
+            # scancel signals the engine and this wrapper at once: give our own signal a
+            # moment to arrive before calling the engine's exit a failure.
+            time.sleep(1.0)
+        if self.stop_signal is not None:
+            return self._drain(record, proc)
+        tail = pump.join()
+        reason = f"engine exited with code {proc.returncode} while serving"
+        self._set(record, "failed", reason=reason, log_tail=tail)
+        self._say(f"failed: {reason}")
+        return 1
+
+    def _await_health(
+        self, proc: subprocess.Popen[bytes], url: str, needs_key: bool, timeout_s: float
+    ) -> str:
+        """'healthy', 'exited', 'stopped' (a signal came) or 'timeout'."""
+        deadline = time.monotonic() + timeout_s
+        key = self._secret if needs_key else None
+        # Small models answer within a second or two, large ones take minutes: probe often
+        # at first (a refused loopback connect costs microseconds), then back off to 2 s.
+        interval = 0.05
+        while time.monotonic() < deadline:
+            if self.stop_signal is not None:
+                return "stopped"
+            if proc.poll() is not None:
+                return "exited"
+            if probe(url, key):
+                return "healthy"
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.25, 2.0)
+        return "timeout"
+
+    def _drain(self, record: Record, proc: subprocess.Popen[bytes]) -> int:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
+        record = self._set(record, "draining", reason=f"received {name}")
+        self._stop(proc)
+        self._set(record, "gone", reason=f"stopped by {name}", engine_pid=None)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m hpc.job.wrapper``."""
+    parser = argparse.ArgumentParser(prog="python -m hpc.job.wrapper", description=__doc__)
+    parser.add_argument(
+        "--plan", required=True, help="the job plan JSON file, or - to read it from stdin"
+    )
+    args = parser.parse_args(argv)
+    if args.plan == "-":
+        plan = JobPlan.model_validate_json(sys.stdin.read())
+    else:
+        plan = read_plan(Path(args.plan))
+    return JobWrapper(plan, os.environ, sys.stdout).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

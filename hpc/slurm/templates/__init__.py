@@ -1,0 +1,1 @@
+"""sbatch templates, one per engine; hpc.slurm.sbatch fills them in."""

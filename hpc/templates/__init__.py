@@ -1,1 +1,0 @@
-"""sbatch templates, one per engine; hpc.sbatch fills them in."""
