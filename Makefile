@@ -72,6 +72,7 @@ lint: $(VENV)/.dev-stamp
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp
 	MT_LITELLM=$(LITELLM_VENV)/bin/litellm $(BIN)/pytest -q -ra
