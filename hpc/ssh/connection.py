@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import paramiko
 
@@ -21,40 +22,44 @@ from hpc.ssh.failures import closed_error, connect_error, jump_error, quiet_para
 from hpc.ssh.hostkeys import read_known_hosts, trust
 from hpc.ssh.target import SSHTarget, jump_hops, load_ssh_config, resolve_target
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
 KEEPALIVE_S = 30
+
+
+class LinkOptions(TypedDict, total=False):
+    """How to reach and log in to a host; each is optional (the ssh config fills the rest)."""
+
+    user: str | None
+    port: int | None
+    key_filename: Path | None
+    known_hosts: Path | None
+    ssh_config: Path | None
+    connect_timeout_s: float  # default 15
+    proxy_jump: str | None  # overrides the config's ProxyJump (`-J`), comma-separated
+    accept_new: bool  # OpenSSH's accept-new (hpc.ssh.hostkeys); default False
+    keepalive_s: int  # default KEEPALIVE_S
+    # Who answers keyboard-interactive prompts (a 2FA code): None means nobody (no
+    # terminal), and such a login fails at once with a clear error.
+    prompter: Prompter | None
 
 
 class SSHConnection:
     """A host-key-checked SSH connection to ``host``: made on first use, again after a drop."""
 
-    def __init__(
-        self,
-        host: str,
-        *,
-        user: str | None = None,
-        port: int | None = None,
-        key_filename: Path | None = None,
-        known_hosts: Path | None = None,
-        ssh_config: Path | None = None,
-        connect_timeout_s: float = 15.0,
-        proxy_jump: str | None = None,
-        accept_new: bool = False,
-        keepalive_s: int = KEEPALIVE_S,
-        prompter: Prompter | None = None,
-    ) -> None:
+    def __init__(self, host: str, **options: Unpack[LinkOptions]) -> None:
         self.host = host
-        self.user = user
-        self.port = port
-        self.key_filename = key_filename
-        self.known_hosts = known_hosts
-        self.ssh_config = ssh_config
-        self.connect_timeout_s = connect_timeout_s
-        self.proxy_jump = proxy_jump  # overrides the config's ProxyJump (`-J`), comma-separated
-        self.accept_new = accept_new
-        self.keepalive_s = keepalive_s
-        # Who answers keyboard-interactive prompts (a 2FA code): None means nobody (no
-        # terminal), and such a login fails at once with a clear error.
-        self.prompter = prompter
+        self.user = options.get("user")
+        self.port = options.get("port")
+        self.key_filename = options.get("key_filename")
+        self.known_hosts = options.get("known_hosts")
+        self.ssh_config = options.get("ssh_config")
+        self.connect_timeout_s = options.get("connect_timeout_s", 15.0)
+        self.proxy_jump = options.get("proxy_jump")
+        self.accept_new = options.get("accept_new", False)
+        self.keepalive_s = options.get("keepalive_s", KEEPALIVE_S)
+        self.prompter = options.get("prompter")
         self.connections = 0  # connections made so far: one per `mt` command, unless one dropped
         self._lock = threading.Lock()
         self._clients: list[paramiko.SSHClient] = []  # jump hosts first, the target last

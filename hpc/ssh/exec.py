@@ -19,16 +19,19 @@ import select
 import shlex
 import time
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paramiko
 
 from hpc.site import SlurmSite
-from hpc.ssh.auth import Prompter, interactive_prompter
-from hpc.ssh.connection import KEEPALIVE_S, SSHConnection
+from hpc.ssh.auth import interactive_prompter
+from hpc.ssh.connection import LinkOptions, SSHConnection
 from hpc.ssh.failures import ConnectionLost, exec_error
 from hpc.ssh.target import SSHTarget
 from hpc.transport import CommandResult, CommandTimeout
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 COMMAND_NOT_FOUND = 127  # what sh (and `env`) exit with when the command does not exist
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -43,35 +46,14 @@ class SSHTransport:
         self,
         host: str,
         *,
-        user: str | None = None,
-        port: int | None = None,
-        key_filename: Path | None = None,
-        known_hosts: Path | None = None,
-        ssh_config: Path | None = None,
-        connect_timeout_s: float = 15.0,
         remote_env: Mapping[str, str] | None = None,
-        proxy_jump: str | None = None,
-        accept_new: bool = False,
-        keepalive_s: int = KEEPALIVE_S,
-        prompter: Prompter | None = None,
+        **options: Unpack[LinkOptions],
     ) -> None:
         bad = [name for name in (remote_env or {}) if not _ENV_NAME.match(name)]
         if bad:
             raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
         self.remote_env = dict(remote_env or {})
-        self.link = SSHConnection(
-            host,
-            user=user,
-            port=port,
-            key_filename=key_filename,
-            known_hosts=known_hosts,
-            ssh_config=ssh_config,
-            connect_timeout_s=connect_timeout_s,
-            proxy_jump=proxy_jump,
-            accept_new=accept_new,
-            keepalive_s=keepalive_s,
-            prompter=prompter,
-        )
+        self.link = SSHConnection(host, **options)
 
     @property
     def target(self) -> SSHTarget:
