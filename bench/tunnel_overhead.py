@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnels.engines import TunnelSpec, make_engine
+from tunnels.base import TunnelSpec
+from tunnels.engines import make_engine
 from tunnels.health import check_healthz
 
 

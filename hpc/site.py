@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
 from hpc.spec import SlurmName
 from hpc.transport import LocalTransport, Transport
-
-if TYPE_CHECKING:
-    from hpc.ssh.exec import SSHTransport
 
 HOME_ENV = "MT_HOME"
 
@@ -113,9 +110,16 @@ class SiteConfig(_Strict):
 
 
 class Site:
-    """The site config with every path resolved against the state directory."""
+    """The site config with every path resolved against the state directory.
 
-    def __init__(self, config: SiteConfig, home: Path) -> None:
+    Config only: a Site opens nothing. Where Slurm commands run is handed in by whoever
+    builds the site for a command (hpc.cli.context, with hpc.ssh.exec.ssh_transport), and
+    that caller closes it; without one, commands run here.
+    """
+
+    def __init__(
+        self, config: SiteConfig, home: Path, *, transport: Transport | None = None
+    ) -> None:
         self.config = config
         self.home = home
         # A relative path in site.yaml means under the state directory, not under whatever
@@ -123,27 +127,23 @@ class Site:
         self.registry_dir = home / (config.registry_dir or Path("registry")).expanduser()
         self.log_dir = home / (config.log_dir or Path("logs")).expanduser()
         self.jobs_dir = home / "jobs"
-        self._ssh: SSHTransport | None = None
+        self._transport = transport
 
     def slurm_transport(self) -> Transport:
-        """Where Slurm commands run: the login node over SSH if ``slurm.ssh_host`` is set.
+        """Where Slurm commands run: the transport handed in, else this machine.
 
-        The SSH transport is made once per site, so one `mt` command keeps one connection
-        (opened by its first Slurm command, closed by :meth:`close`); without ``ssh_host``,
-        commands run here.
+        A site whose ``slurm.ssh_host`` is set but that was given no transport refuses, rather
+        than run the cluster's commands on the wrong machine.
         """
-        if not self.config.slurm.ssh_host:
-            return LocalTransport()
-        if self._ssh is None:
-            from hpc.ssh.exec import ssh_transport  # paramiko loads only when SSH is used
-
-            self._ssh = ssh_transport(self.config.slurm)
-        return self._ssh
-
-    def close(self) -> None:
-        """Close the SSH connection to the login node, if one was opened. Safe to call twice."""
-        if self._ssh is not None:
-            self._ssh.close()
+        if self._transport is not None:
+            return self._transport
+        if self.config.slurm.ssh_host:
+            # A programming error, not a user's: the CLI always hands one in.
+            raise ValueError(
+                "slurm.ssh_host is set but the site was built without a transport "
+                "(pass transport=hpc.ssh.exec.ssh_transport(config.slurm))"
+            )
+        return LocalTransport()
 
 
 def load_site(path: Path | None, environ: Mapping[str, str] | None = None) -> Site:

@@ -24,9 +24,9 @@ from sshd import SSHServer
 from hpc.backends.slurm import SlurmBackend
 from hpc.configfile import load_models
 from hpc.registry import Record, Registry, record_key
-from hpc.site import load_site
+from hpc.site import Site, load_site
 from hpc.slurm.client import PENDING_STATES, RUNNING_STATES, SlurmClient
-from hpc.ssh.exec import SSHTransport
+from hpc.ssh.exec import SSHTransport, ssh_transport
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ssh, pytest.mark.timeout(240)]
 
@@ -153,7 +153,9 @@ def test_backend_submit_over_ssh_records_the_failure(
     """SlurmBackend built from site.yaml's ssh_host runs sbatch on the login node; the job
     really runs on the cluster: its wrapper records that the weights are missing."""
     write_site(cluster, ssh_config, ssh_host="login")
-    site = load_site(None)
+    loaded = load_site(None)
+    transport = ssh_transport(loaded.config.slurm)  # what `mt` builds once per command
+    site = Site(loaded.config, loaded.home, transport=transport)
     logins = sshd.logins()
     try:
         backend = SlurmBackend(site)
@@ -166,7 +168,7 @@ def test_backend_submit_over_ssh_records_the_failure(
         status = SlurmBackend(site).status([handle])[handle.job_id]  # same site: same connection
         assert status.state in ("failed", "done", "missing"), status
     finally:
-        site.close()
+        transport.close()
     assert sshd.logins() == logins + 1
 
 

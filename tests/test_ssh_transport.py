@@ -28,7 +28,8 @@ from hpc.errors import (
     UnknownHostKeyError,
 )
 from hpc.slurm.client import SlurmClient
-from hpc.ssh.exec import ConnectionLost, SSHTransport
+from hpc.ssh.exec import SSHTransport
+from hpc.ssh.failures import ConnectionLost
 from hpc.transport import CommandTimeout
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(60)]

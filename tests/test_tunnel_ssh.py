@@ -54,6 +54,11 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(
     assert "Traceback" not in done.stderr
     assert known.read_text() == ""
     assert sshd.logins() == before
+    # Detached, the same error reaches the command that started it (through its record),
+    # and no record is left behind.
+    background = run_tunnel(engine, config, login_http, "--background")
+    assert (background.returncode, background.stderr) == (1, done.stderr)
+    assert json.loads(mt("tunnel", "status", "--json").stdout) == []
 
 
 def _impostor_line(tmp_path: Path, sshd: SSHServer) -> str:

@@ -11,7 +11,8 @@ from mtcli import mt
 
 from hpc.errors import ChangedHostKeyError, MTError, SSHAuthError, SSHError
 from tunnels.backoff import Backoff, permanent
-from tunnels.engines import TunnelSpec, choose
+from tunnels.base import TunnelSpec
+from tunnels.engines import choose
 from tunnels.openssh import destination, forward_argv, ssh_argv, ssh_config_text
 
 

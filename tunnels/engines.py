@@ -1,94 +1,18 @@
-"""The tunnel interface (a Protocol), what a tunnel is asked to do, and the engine registry."""
+"""The tunnel engines by name (``openssh``, ``paramiko``), and ``auto``'s choice between them."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Protocol
 
 from hpc.errors import MTError
-
-State = Literal["connecting", "up", "down", "failed", "closed"]
-Events = Callable[[str], None]  # one line of news for the user: "down: …", "up again"
-
-
-@dataclass(frozen=True)
-class TunnelSpec:
-    """127.0.0.1:``local_port`` here → 127.0.0.1:``remote_port`` on ``host`` (via ``jump``)."""
-
-    host: str  # [user@]host[:port] or an ~/.ssh/config alias
-    local_port: int = 8081
-    remote_port: int = 8081
-    jump: str | None = None  # ProxyJump: [user@]host[:port], comma-separated
-    identity: Path | None = None
-    known_hosts: Path | None = None  # default: the ssh config's, else ~/.ssh/known_hosts
-    ssh_config: Path | None = None  # default: ~/.ssh/config
-    accept_new: bool = False  # OpenSSH's accept-new: add an unknown key once, then pin it
-    keepalive_s: int = 15
-    keepalive_count: int = 3
-    connect_timeout_s: float = 15.0
-    backoff_max_s: float = 30.0
-
-    @property
-    def url(self) -> str:
-        """The local base URL of the gateway."""
-        return f"http://127.0.0.1:{self.local_port}"
-
-
-class TunnelStatus:
-    """What every engine reports of itself; engines set the three fields as things happen."""
-
-    def __init__(self) -> None:
-        self._state: State = "connecting"
-        self._error: MTError | None = None
-        self._reconnects = 0
-
-    @property
-    def state(self) -> State:
-        """Where the tunnel is now."""
-        return self._state
-
-    @property
-    def error(self) -> MTError | None:
-        """Why reconnecting stopped, if it did."""
-        return self._error
-
-    @property
-    def reconnects(self) -> int:
-        """Connections made again after a drop."""
-        return self._reconnects
-
-
-class TunnelEngine(Protocol):
-    """One forwarded port, kept up: connect once (errors raised), then reconnect on drops."""
-
-    name: str
-    spec: TunnelSpec
-
-    def open(self) -> None:
-        """Connect and listen on 127.0.0.1; raises MTError (auth, host key, port in use)."""
-
-    def close(self) -> None:
-        """Stop forwarding and release the port; idempotent."""
-
-    @property
-    def state(self) -> State:
-        """Where the tunnel is now."""
-
-    @property
-    def error(self) -> MTError | None:
-        """Why the tunnel is ``failed`` (reconnecting stopped), else None."""
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the connection was made again after a drop."""
-
+from tunnels.base import Events, TunnelEngine, TunnelSpec
 
 EngineFactory = Callable[[TunnelSpec, Events], TunnelEngine]
 
 
+# The engines are imported when one is made, not here: `mt` imports this registry for its
+# help text, and every `mt` command would otherwise pay for loading paramiko.
 def _openssh(spec: TunnelSpec, events: Events) -> TunnelEngine:
     from tunnels.openssh import OpenSSHTunnel
 

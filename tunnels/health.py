@@ -6,7 +6,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tunnels.engines import TunnelSpec
+from tunnels.base import TunnelSpec
 from tunnels.errors import TunnelError
 
 

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from hpc.errors import MTError, SSHAuthError, SSHError
 from hpc.privatefile import write_private
-from hpc.ssh.exec import SSHTransport
+from hpc.ssh.connection import SSHConnection
 from tunnels.backoff import Backoff, permanent
-from tunnels.engines import Events, TunnelSpec, TunnelStatus
+from tunnels.base import Events, TunnelSpec, TunnelStatus
 from tunnels.errors import LocalPortInUseError, TunnelDownError, TunnelError
 from tunnels.localport import bind_local, ensure_free, holder_of, listening
 from tunnels.outage import DownResponder
@@ -324,7 +324,7 @@ class OpenSSHTunnel(TunnelStatus):
 
     def _host_key_error(self, tail: str) -> MTError:
         """OpenSSH does not print an unknown key's fingerprint: ask paramiko for the details."""
-        probe = SSHTransport(
+        probe = SSHConnection(
             self.spec.host,
             key_filename=self.spec.identity,
             known_hosts=self.spec.known_hosts,
@@ -333,7 +333,7 @@ class OpenSSHTunnel(TunnelStatus):
             proxy_jump=self.spec.jump,
         )
         try:
-            probe.connection()
+            probe.transport()
         except SSHError as exc:
             if permanent(exc):
                 return exc

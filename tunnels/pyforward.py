@@ -1,8 +1,8 @@
-"""The pure-Python engine: a small paramiko port forwarder on hpc.ssh.exec's connection.
+"""The pure-Python engine: a small paramiko port forwarder on an hpc.ssh.connection link.
 
 Not sshtunnel: it cannot check a host key against known_hosts (it takes one key, or none),
 does not nest ProxyJump channels, and does not import with paramiko 4+ (``DSSKey``).
-hpc.ssh.exec.SSHTransport already resolves ``~/.ssh/config`` (HostName, User, Port,
+hpc.ssh.connection.SSHConnection already resolves ``~/.ssh/config`` (HostName, User, Port,
 IdentityFile, ProxyJump), refuses unknown and changed host keys with their fingerprints,
 and translates paramiko's errors; this module adds the listener and the forwarding.
 
@@ -27,9 +27,9 @@ import paramiko
 
 from hpc.errors import SSHError
 from hpc.ssh.auth import interactive_prompter
-from hpc.ssh.exec import SSHTransport
+from hpc.ssh.connection import SSHConnection
 from tunnels.backoff import Backoff, permanent
-from tunnels.engines import Events, TunnelSpec, TunnelStatus
+from tunnels.base import Events, TunnelSpec, TunnelStatus
 from tunnels.errors import TunnelDownError
 from tunnels.localport import bind_local
 from tunnels.outage import answer_down
@@ -47,7 +47,7 @@ class ParamikoTunnel(TunnelStatus):
         super().__init__()
         self.spec = spec
         self._events = events
-        self._ssh = SSHTransport(
+        self._link = SSHConnection(
             spec.host,
             key_filename=spec.identity,
             known_hosts=spec.known_hosts,
@@ -69,14 +69,14 @@ class ParamikoTunnel(TunnelStatus):
         """Bind 127.0.0.1:local_port, connect (errors raised as they are), start forwarding."""
         self._listener = bind_local(self.spec.local_port)
         try:
-            self._transport = self._ssh.connection()
+            self._transport = self._link.transport()
         except BaseException:
             self._listener.close()
-            self._ssh.close()
+            self._link.close()
             raise
         # Reconnects never prompt: nobody may be watching, and a loop of 2FA prompts is what
         # must not happen. A server that asks again stops the tunnel with a clear error.
-        self._ssh.prompter = None
+        self._link.prompter = None
         self._state = "up"
         self._threads = [
             threading.Thread(
@@ -96,7 +96,7 @@ class ParamikoTunnel(TunnelStatus):
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
-        self._ssh.close()
+        self._link.close()
         for thread in self._threads:
             thread.join(timeout=5)
         if self._state != "failed":
@@ -175,7 +175,7 @@ class ParamikoTunnel(TunnelStatus):
                 continue
             self._state = "down"
             self._events(f"down: lost the connection to {self.spec.host}; reconnecting")
-            self._ssh.close()
+            self._link.close()
             if not self._reconnect(backoff):
                 return
             since_probe = 0.0
@@ -186,7 +186,7 @@ class ParamikoTunnel(TunnelStatus):
             if self._stop.wait(delay):
                 return False
             try:
-                self._transport = self._ssh.connection()
+                self._transport = self._link.transport()
             except SSHError as exc:
                 if permanent(exc):
                     self._fail(exc)

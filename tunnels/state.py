@@ -3,7 +3,9 @@
 ``$MT_HOME/tunnels/<local_port>.json`` (directory 0700, files 0600, written atomically by
 hpc.privatefile) is written by the process that holds the tunnel once it is up, updated
 on every state change, and removed when it ends. A file whose process is gone is stale:
-listed as such and removed by ``close``.
+listed as such and removed by ``close``. A background tunnel that cannot come up leaves
+its record in state ``failed`` with the error, for the command that started it to report
+and remove.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hpc.privatefile import write_private
 from hpc.site import mt_home
+
+
+class TunnelFailure(BaseModel):
+    """Why a background tunnel could not come up: its error, for the command that started it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    hint: str | None = None
 
 
 class TunnelRecord(BaseModel):
@@ -35,6 +46,7 @@ class TunnelRecord(BaseModel):
     started_at: float = Field(default_factory=time.time)
     log_file: str | None = None
     control_path: str | None = None
+    failure: TunnelFailure | None = None  # set with state "failed" by a background tunnel
 
     def alive(self) -> bool:
         """Whether the process holding the tunnel still runs."""

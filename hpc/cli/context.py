@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, ConfigIssue
 from hpc.site import Site, SiteConfig, load_site, mt_home
 from hpc.spec import ModelsFile, ModelSpec
+
+if TYPE_CHECKING:
+    from hpc.ssh.exec import SSHTransport
 
 
 def models_path(explicit: Path | None) -> Path:
@@ -34,15 +38,23 @@ class CliContext:
     host: str | None = None  # `mt --host`: Slurm commands run there over SSH
     identity: Path | None = None  # `mt --identity`: the SSH key for it
     _site: Site | None = field(default=None, init=False)
+    _ssh: SSHTransport | None = field(default=None, init=False)
     _models: ModelsFile | None = field(default=None, init=False)
 
     def site(self) -> Site:
         """The site config (defaults if there is no site.yaml)."""
         if self._site is None:
             site = load_site(self.site_file)
+            config = site.config
             if self.host is not None or self.identity is not None:
-                site = Site(self._ssh_override(site.config), site.home)
-            self._site = site
+                config = self._ssh_override(config)
+            if config.slurm.ssh_host:
+                # Imported here: paramiko loads only for commands that reach a login node.
+                from hpc.ssh.exec import ssh_transport
+
+                # One transport per command: one SSH login however many Slurm commands run.
+                self._ssh = ssh_transport(config.slurm)
+            self._site = Site(config, site.home, transport=self._ssh)
         return self._site
 
     def _ssh_override(self, config: SiteConfig) -> SiteConfig:
@@ -53,8 +65,8 @@ class CliContext:
 
     def close(self) -> None:
         """Close what the command opened (the SSH connection to the login node)."""
-        if self._site is not None:
-            self._site.close()
+        if self._ssh is not None:
+            self._ssh.close()
 
     def models_path(self) -> Path:
         """The models.yaml this command reads."""

@@ -7,7 +7,6 @@ the host), so the short form in the docs works and `status`/`close` stay subcomm
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -15,18 +14,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
-import psutil
 import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
 from hpc.cli.output import age, print_json, stderr, stdout
-from hpc.errors import MTError
-from tunnels.engines import ENGINES, TunnelEngine, TunnelSpec, choose, make_engine
-from tunnels.health import check_healthz
+from tunnels.base import TunnelSpec
+from tunnels.engines import ENGINES, choose
 from tunnels.state import TunnelRecord, TunnelStates, tunnels_dir
-
-_BACKGROUND_WAIT_S = 330.0
+from tunnels.supervisor import HeldTunnel, close_tunnels, start_background
 
 
 class _TunnelGroup(TyperGroup):
@@ -125,6 +121,9 @@ def open_tunnel(
     background: Annotated[
         bool, typer.Option("--background", help="Keep the tunnel open after this command returns.")
     ] = False,
+    detached: Annotated[
+        bool, typer.Option("--detached", hidden=True, help="Started by --background.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Open a tunnel and keep it up (Ctrl-C ends it) or, with --background, leave it running."""
@@ -153,24 +152,35 @@ def open_tunnel(
         ):
             if value is not None:
                 argv += [flag, str(value)]
-        argv += ["--accept-new"] * accept_new + ["--no-check"] * no_check
-        record = _spawn_background(argv, states, local_port)
+        argv += ["--accept-new"] * accept_new + ["--no-check"] * no_check + ["--detached"]
+        record = start_background(argv, states, local_port)
         _render_up(spec, record.engine, record, as_json)
         return
-    _run_foreground(spec, chosen, states, check=not no_check, as_json=as_json)
+    _run_foreground(spec, chosen, states, check=not no_check, detached=detached, as_json=as_json)
 
 
 def _render_up(spec: TunnelSpec, engine: str, record: TunnelRecord, as_json: bool) -> None:
     if as_json:
-        print_json(record.model_dump(mode="json"))
+        print_json(_row(record))
         return
     for line in ready_text(spec, engine):
         sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
+def _row(record: TunnelRecord) -> dict[str, Any]:
+    """A record as `--json` shows it (a background failure is reported as an error instead)."""
+    return record.model_dump(mode="json", exclude={"failure"})
+
+
 def _run_foreground(
-    spec: TunnelSpec, engine_name: str, states: TunnelStates, *, check: bool, as_json: bool
+    spec: TunnelSpec,
+    engine_name: str,
+    states: TunnelStates,
+    *,
+    check: bool,
+    detached: bool,
+    as_json: bool,
 ) -> None:
     err = stderr()
     stop = threading.Event()
@@ -181,78 +191,22 @@ def _run_foreground(
     def ask_stop(_sig: int, _frame: FrameType | None) -> None:
         stop.set()
 
-    tunnel: TunnelEngine = make_engine(engine_name, spec, news)
-    tunnel.open()
+    held = HeldTunnel(spec, engine_name, states, news, detached=detached)
+    record = held.open(check=check)
     try:
-        if check:
-            check_healthz(spec)
-        record = TunnelRecord(
-            local_port=spec.local_port,
-            remote_port=spec.remote_port,
-            host=spec.host,
-            engine=engine_name,
-            pid=_own_pid(),
-            url=spec.url,
-            state=tunnel.state,
-            control_path=str(getattr(tunnel, "control_path", "")) or None,
-        )
-        states.write(record)
         _render_up(spec, engine_name, record, as_json)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, ask_stop)
-        last = (tunnel.state, tunnel.reconnects)
-        while not stop.wait(0.25):
-            now = (tunnel.state, tunnel.reconnects)
-            if now != last:
-                last = now
-                states.write(record.model_copy(update={"state": now[0], "reconnects": now[1]}))
-            if tunnel.state == "failed":
-                failure = tunnel.error
-                raise failure if failure is not None else MTError("the tunnel failed")
+        held.hold(stop)
     finally:
-        tunnel.close()
-        states.remove(spec.local_port, pid=_own_pid())
-
-
-def _own_pid() -> int:
-    return psutil.Process().pid
-
-
-def _spawn_background(argv: list[str], states: TunnelStates, local_port: int) -> TunnelRecord:
-    """Start the tunnel as a detached `mt tunnel open`, return its record once it is up."""
-    states.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log = states.directory / f"{local_port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
-    deadline = time.monotonic() + _BACKGROUND_WAIT_S
-    while time.monotonic() < deadline:
-        record = states.read(local_port)
-        if record is not None and record.pid == proc.pid and record.state == "up":
-            return record.model_copy(update={"log_file": str(log)})
-        if proc.poll() is not None:
-            lines = log.read_text(errors="replace").splitlines()
-            message = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
-            hint = [ln.removeprefix("hint: ") for ln in lines if ln.startswith("hint: ")]
-            raise MTError(
-                "\n".join(message) or f"the background tunnel exited with {proc.returncode}",
-                hint=" ".join(hint) or f"see {log}",
-            )
-        time.sleep(0.1)
-    proc.terminate()
-    raise MTError(
-        f"the background tunnel was not up within {_BACKGROUND_WAIT_S:g}s", hint=f"see {log}"
-    )
+        held.close()
 
 
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The tunnels open on this machine (foreground and background)."""
     records = TunnelStates(tunnels_dir()).records()
-    rows = [
-        r.model_dump(mode="json") | {"state": r.state if r.alive() else "stale"} for r in records
-    ]
+    rows = [_row(r) | {"state": r.state if r.alive() else "stale"} for r in records]
     if as_json:
         print_json(rows)
         return
@@ -285,37 +239,10 @@ def close(
     as_json: JsonOpt = False,
 ) -> None:
     """End tunnels by their process id and forget them."""
-    states = TunnelStates(tunnels_dir())
-    records = states.records()
-    if local_port is not None:
-        records = [r for r in records if r.local_port == local_port]
-        if not records:
-            raise MTError(f"no tunnel on local port {local_port}", hint="`mt tunnel status`")
-    elif not close_all and len(records) > 1:
-        ports = ", ".join(str(r.local_port) for r in records)
-        raise MTError(f"several tunnels are open ({ports})", hint="name a port, or use --all")
-    closed = []
-    for record in records:
-        _stop_process(record)
-        states.remove(record.local_port)
-        closed.append(record.local_port)
+    closed = close_tunnels(TunnelStates(tunnels_dir()), local_port, every=close_all)
     if as_json:
         print_json({"closed": closed})
     elif closed:
         stderr().print("closed " + ", ".join(f"127.0.0.1:{p}" for p in closed))
     else:
         stderr().print("no tunnels open")
-
-
-def _stop_process(record: TunnelRecord) -> None:
-    """SIGTERM the tunnel's process (if it is still `mt tunnel`), then SIGKILL after 10s."""
-    try:
-        proc = psutil.Process(record.pid)
-        if "tunnel" not in proc.cmdline():
-            return  # the pid was reused by something else: leave it alone
-        proc.terminate()
-        proc.wait(timeout=10)
-    except psutil.TimeoutExpired:
-        proc.kill()
-    except psutil.Error:
-        return
