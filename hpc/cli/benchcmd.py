@@ -283,9 +283,7 @@ def _v1(url: str) -> str:
 
 
 def _site_gateway(cli: CliContext) -> str:
-    gateway = cli.site().config.gateway
-    host = "127.0.0.1" if gateway.host in ("0.0.0.0", "::", "") else gateway.host  # noqa: S104
-    return f"http://{host}:{gateway.port}"
+    return cli.site().config.gateway.url(wildcard_as="127.0.0.1")  # the bench runs here
 
 
 def _first_model(base_url: str, api_key: str | None) -> str:
