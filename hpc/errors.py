@@ -8,7 +8,7 @@
     ├── UnknownBackendError       a backend name that is not registered
     ├── BackendError              a scheduler or process call failed (argv, stderr)
     │   ├── SlurmError            a Slurm command failed: argv, return code, stderr, hint
-    │   ├── KubernetesError       (hpc.backends.kubernetes) the API refused a call: HTTP status
+    │   ├── KubernetesError       (hpc.k8s.apierrors) the API refused a call: HTTP status
     │   └── SSHError              the SSH connection to the login node failed: host, port
     │       ├── UnknownHostKeyError   its host key is not in known_hosts: the fingerprint
     │       ├── ChangedHostKeyError   known_hosts holds another key: the file and line

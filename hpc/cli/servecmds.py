@@ -78,7 +78,9 @@ def _gateway_option(field: str, flag: str) -> Any:
     from gateway.config import GatewayConfig
 
     info = GatewayConfig.model_fields[field]
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+    # The field's own FieldInfo as Annotated metadata: its type with its constraints.
+    annotated: Any = Annotated
+    adapter: TypeAdapter[Any] = TypeAdapter(annotated[info.annotation, info])
     bounds = [
         f"{sign} {getattr(rule, attr)}"
         for rule in info.metadata
@@ -164,12 +166,12 @@ def gateway(
     """Run the OpenAI-compatible gateway in the foreground."""
     from gateway.config import GatewayConfig
     from gateway.server import run
-    from hpc.backends import get_backend
+    from hpc.jobs import service
 
     cli: CliContext = ctx.obj
     site = cli.site()
     # Built now (no I/O) so that a bad name fails before the gateway listens.
-    on_demand_backend = get_backend(backend or site.config.default_backend, site)
+    on_demand_backend = service(site, backend)
     models_file = cli.models_path()
     config = GatewayConfig(
         host=host or site.config.gateway.host,
