@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from test_swappool_units import _record
 
 from gateway.routes import build_routes
 from hpc.catalog import catalog, served_models
-from hpc.registry import Record, State, new_nonce
 from hpc.spec import ModelsFile
 
 MODELS = ModelsFile.model_validate(
@@ -27,20 +26,6 @@ MODELS = ModelsFile.model_validate(
         "static": [{"name": "small", "base_url": "http://h/v1", "aliases": ["tiny"]}],
     }
 )
-
-
-def _record(model: str, state: State, serves: tuple[str, ...] = ()) -> Record:
-    return Record(
-        backend="slurm",
-        job_id=new_nonce(),
-        nonce=new_nonce(),
-        model=model,
-        engine="pool" if serves else "vllm",
-        state=state,
-        base_url="http://gpu1:4242/v1",
-        api_key=SecretStr("mtj-key"),
-        serves=serves,
-    )
 
 
 RECORDS = [
