@@ -206,7 +206,8 @@ class JobService:
         """Stop the job; return once its record is final (finished here if the job could not)."""
         key = record_key(self.name, handle.job_id)
         record = self.registry.read(key)
-        self.scheduler.cancel(handle_of(record) if record is not None else handle)
+        handle = handle_of(record) if record is not None else handle
+        self.scheduler.cancel(handle)
         deadline = time.monotonic() + self.cancel_wait_s
         status = JobStatus("unknown")
         while time.monotonic() < deadline:
