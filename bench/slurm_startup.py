@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from hpc.backends.slurm import SlurmBackend
-from hpc.jobs import wait_ready
+from hpc.jobs import JobService, wait_ready
 from hpc.site import Site, SiteConfig
 from hpc.slurm.client import SlurmClient
 from hpc.spec import ModelSpec
@@ -45,7 +45,7 @@ def _healthy(url: str) -> bool:
 
 def time_mt(site: Site, spec: ModelSpec) -> float:
     """Seconds from submit to a `ready` record (the wrapper has probed health itself)."""
-    backend = SlurmBackend(site)
+    backend = JobService(site, SlurmBackend(site))
     started = time.perf_counter()
     handle = backend.submit(spec)
     wait_ready(site, handle, timeout_s=300)  # the defaults `mt submit --wait` uses

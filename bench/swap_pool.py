@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from hpc.backends.slurm import SlurmBackend
-from hpc.jobs import wait_ready
+from hpc.jobs import JobService, wait_ready
 from hpc.registry import Record
 from hpc.site import Site, SiteConfig
 from hpc.spec import ModelSpec, PoolSpec
@@ -95,7 +95,7 @@ def specs(gguf: Path) -> tuple[ModelSpec, ModelSpec, PoolSpec]:
 
 def time_new_job(site: Site, spec: ModelSpec) -> float:
     """Seconds from submitting ``spec``'s own job to its first content chunk."""
-    backend = SlurmBackend(site)
+    backend = JobService(site, SlurmBackend(site))
     started = time.perf_counter()
     handle = backend.submit(spec)
     try:
@@ -114,7 +114,7 @@ def compare(
     Alternating puts both paths under the same load of a shared machine. The pool's idle
     engine uses no CPU while the new job starts.
     """
-    backend = SlurmBackend(site)
+    backend = JobService(site, SlurmBackend(site))
     handle = backend.submit_pool(pool, (a, b))
     swap_s: list[float] = []
     load_s: list[float] = []

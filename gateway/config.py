@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpc.site import GatewaySite
+
 MIB = 1024 * 1024
 
 
@@ -14,8 +16,14 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(default=8081, ge=0, lt=65536, description="0 binds an ephemeral port")
+    # Where to listen defaults to site.yaml's defaults (`gateway:`), the one place they live.
+    host: str = Field(default=GatewaySite.model_fields["host"].default, min_length=1)
+    port: int = Field(
+        default=GatewaySite.model_fields["port"].default,
+        ge=0,
+        lt=65536,
+        description="0 binds an ephemeral port",
+    )
     registry_dir: Path = Field(description="the registry directory of job records")
     models_file: Path | None = Field(
         default=None, description="models.yaml: configured names and static backends"

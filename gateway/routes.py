@@ -10,8 +10,9 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hpc.registry import FINAL_STATES, Record
-from hpc.spec import ModelsFile, ModelSpec, StaticBackend
+from hpc.catalog import Endpoint, catalog
+from hpc.registry import Record
+from hpc.spec import ModelsFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,25 @@ class RouteTable:
         return model in self._starting
 
 
+def _upstream(name: str, endpoint: Endpoint, env: Mapping[str, str]) -> Upstream:
+    """The upstream for one of ``name``'s catalog endpoints, with the key the gateway sends."""
+    record = endpoint.record
+    if record is not None:
+        return Upstream(
+            model=name,
+            base_url=endpoint.base_url,
+            api_key=record.api_key.get_secret_value(),
+            source=record.key,
+            created=int(record.created_at),
+            engine=record.engine,
+            health_path=record.health_path,
+        )
+    key = env.get(endpoint.api_key_env) if endpoint.api_key_env is not None else None
+    return Upstream(
+        model=name, base_url=endpoint.base_url, api_key=key or None, source=f"static:{name}"
+    )
+
+
 def build_routes(
     records: Iterable[Record],
     models: ModelsFile | None,
@@ -126,69 +146,27 @@ def build_routes(
 ) -> RouteTable:
     """A table from the registry's records and the static backends of ``models.yaml``.
 
-    Only ``ready`` records with a base URL route; other live records make their name known,
-    so a request gets 503 (retry later) rather than 404. A swap pool's record routes (or
-    makes known) every name in its ``serves``. A static backend's key comes from
-    the environment variable it names.
+    Which names exist and which endpoints serve them is :func:`hpc.catalog.catalog`'s
+    answer (the one `mt models` and `mt export` use): only ``ready`` records with a base URL
+    route, other live records make their name known, so a request gets 503 (retry later)
+    rather than 404. A static backend's key comes from the environment variable it names.
     """
-    routes: dict[str, list[Upstream]] = {}
-    starting: set[str] = set()
-    warnings: list[str] = []
-    for record in records:
-        # A swap pool's one endpoint answers for every name of its catalogue.
-        names = record.serves or (record.model,)
-        if record.state == "ready" and record.base_url:
-            for name in names:
-                routes.setdefault(name, []).append(
-                    Upstream(
-                        model=name,
-                        base_url=record.base_url,
-                        api_key=record.api_key.get_secret_value(),
-                        source=record.key,
-                        created=int(record.created_at),
-                        engine=record.engine,
-                        health_path=record.health_path,
-                    )
-                )
-        elif record.state not in FINAL_STATES:
-            starting.update(names)
-    configured: list[str] = []
-    aliases: dict[str, str] = {}
-    fallbacks: dict[str, tuple[str, ...]] = {}
-    pools: dict[str, str] = {}
-    if models is not None:
-        configured = [spec.name for spec in models.models]
-        for pool in models.pools:
-            for name in pool.models:
-                pools.setdefault(name, pool.name)
-        entries: list[ModelSpec | StaticBackend] = [*models.models, *models.static]
-        for entry in entries:
-            aliases.update((alias, entry.name) for alias in entry.aliases)
-            if entry.fallbacks:
-                fallbacks[entry.name] = entry.fallbacks
-        for static in models.static:
-            key: str | None = None
-            if static.api_key_env is not None:
-                key = env.get(static.api_key_env)
-                if not key:
-                    warnings.append(
-                        f"static backend {static.name!r}: environment variable "
-                        f"{static.api_key_env} is not set; sending no key"
-                    )
-            routes.setdefault(static.name, []).append(
-                Upstream(
-                    model=static.name,
-                    base_url=static.base_url,
-                    api_key=key or None,
-                    source=f"static:{static.name}",
-                )
-            )
+    served = catalog(models, records)
+    warnings = [
+        f"static backend {static.name!r}: environment variable "
+        f"{static.api_key_env} is not set; sending no key"
+        for static in (models.static if models is not None else ())
+        if static.api_key_env is not None and not env.get(static.api_key_env)
+    ]
     return RouteTable(
-        {name: tuple(ups) for name, ups in routes.items()},
-        configured=configured,
-        starting=starting - routes.keys(),
+        {
+            name: tuple(_upstream(name, endpoint, env) for endpoint in endpoints)
+            for name, endpoints in served.routable().items()
+        },
+        configured=served.configured,
+        starting=served.starting,
         warnings=warnings,
-        aliases=aliases,
-        fallbacks=fallbacks,
-        pools=pools,
+        aliases=served.aliases,
+        fallbacks=served.fallbacks,
+        pools=served.pools,
     )

@@ -4,16 +4,28 @@
     ├── ConfigError               a config file is bad: one ConfigIssue per bad field
     ├── RegistryError             the registry directory or a record cannot be used
     ├── JobNotFoundError          no record and no job with that id
+    ├── WaitFailed                (hpc.jobs) a job waited for ended before it was ready
     ├── UnknownBackendError       a backend name that is not registered
     ├── BackendError              a scheduler or process call failed (argv, stderr)
     │   ├── SlurmError            a Slurm command failed: argv, return code, stderr, hint
+    │   ├── KubernetesError       (hpc.k8s.apierrors) the API refused a call: HTTP status
     │   └── SSHError              the SSH connection to the login node failed: host, port
     │       ├── UnknownHostKeyError   its host key is not in known_hosts: the fingerprint
     │       ├── ChangedHostKeyError   known_hosts holds another key: the file and line
     │       └── SSHAuthError          no key was accepted: the user and host
     ├── EngineError               an engine cannot be started (not installed, bad args)
     │   └── PoolLoadError         a swap pool could not load a model: the reason, the log tail
-    └── ImageError                a recipe or image is unusable, or `apptainer build` failed
+    ├── ImageError                a recipe or image is unusable, or `apptainer build` failed
+    ├── ExportError               (hpc.export) an export cannot be written (bad URL, no model)
+    └── TunnelError               (tunnels.errors) a tunnel cannot be opened or kept: local port
+        ├── LocalPortInUseError   127.0.0.1:PORT is taken: names the process if visible
+        └── TunnelDownError       the tunnel dropped and cannot come back (auth, host key)
+
+The classes marked with a module live beside the one code that raises them and subclass
+this tree, so ``except MTError`` and the CLI's ``error:``/``hint:`` cover them too. The
+gateway answers HTTP errors in OpenAI's shape (gateway/errors.py) rather than raising;
+``hpc.transport.CommandTimeout`` is not an error to report but a signal the backends turn
+into "unknown" (a timeout is not a failure).
 
 Foreign exceptions (OSError from the filesystem, yaml, pydantic, paramiko) are translated at
 the one place that calls them, with ``raise ... from exc``.

@@ -114,7 +114,8 @@ def litellm_direct_config(models: Sequence[ServedModel]) -> tuple[dict[str, Any]
             skipped.append(model.name)
         for endpoint in model.endpoints:
             params = {
-                "model": f"openai/{model.name}",
+                # Straight at the engine: it knows the model's own name, not an alias.
+                "model": f"openai/{model.alias_of or model.name}",
                 "api_base": endpoint.base_url,
                 "api_key": _direct_key(endpoint),
             }

@@ -1,31 +1,87 @@
-"""Job operations the CLI (and later the gateway) call: submit, wait, list, cancel.
+"""The job service: submit → record, wait, list, cancel, and reconcile records with schedulers.
 
-Each joins the registry's view of a job with the scheduler's, so that a record is never
-trusted alone: a record that says ``ready`` for a job the scheduler no longer has is stale.
+Backends make scheduler calls only; this module writes each job's ``pending`` record once the
+scheduler has accepted it, and joins the registry's view of a job with the scheduler's, so
+that a record is never trusted alone: :func:`reconcile` is the one place that decides what a
+record becomes when its job ended without finishing it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from pydantic import SecretStr
+
 from hpc.backends import (
-    Backend,
     JobHandle,
+    JobRequest,
     JobStatus,
-    PoolBackend,
-    ScriptBackend,
-    get_backend,
+    Scheduler,
+    Submitted,
+    get_scheduler,
 )
-from hpc.backends.slurm import SlurmBackend
 from hpc.errors import JobNotFoundError, MTError
-from hpc.registry import FINAL_STATES, Record, Registry, record_key
+from hpc.registry import (
+    FINAL_STATES,
+    Record,
+    Registry,
+    new_api_key,
+    new_nonce,
+    pending_record,
+    record_key,
+)
 from hpc.site import Site
 from hpc.spec import ModelsFile, ModelSpec, PoolSpec
 
 # Scheduler states that mean the job no longer runs.
-_ENDED = ("done", "failed", "cancelled", "missing")
+ENDED = frozenset({"done", "failed", "cancelled", "missing"})
+# Fields reconcile may change; only these are written back, over the newest record.
+_RECONCILED = ("state", "reason", "base_url", "engine_pid")
+
+
+def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
+    """``record`` as it should be, given what its scheduler says now (pure: writes nothing).
+
+    A final record stays as it is. A job with no wrapper to write its record (Kubernetes)
+    moves on by ``status.serving``. A job that ended without finishing its record (killed,
+    preempted, never ran) ends it here: ``gone`` if we ``cancelled`` it (its engine pid
+    cleared), if it had been ready or the scheduler no longer knows it ("stale"); ``failed``
+    if it ended (done, failed, cancelled) before it was ready.
+    Returns ``record`` itself when nothing changes.
+    """
+    if record.state in FINAL_STATES:
+        return record
+    if status.serving == "ready" and record.state != "ready":
+        base_url = f"http://{record.node}:{record.port}/v1"
+        return record.model_copy(update={"state": "ready", "base_url": base_url, "reason": None})
+    if status.serving == "starting" and record.state in ("pending", "ready"):
+        return record.model_copy(update={"state": "starting"})
+    if cancelled:
+        return record.model_copy(
+            update={"state": "gone", "reason": "cancelled", "engine_pid": None}
+        )
+    if status.state not in ENDED:
+        return record
+    if record.state in ("ready", "draining") or status.state == "missing":
+        # It served once, or the scheduler forgot it (deleted behind our back): stale.
+        reason = f"stale: scheduler says {status.state}"
+        return record.model_copy(update={"state": "gone", "reason": reason})
+    reason = record.reason or f"the job ended ({status.state}) before it was ready"
+    return record.model_copy(update={"state": "failed", "reason": reason})
+
+
+def handle_of(record: Record) -> JobHandle:
+    """The backend handle for a record (with what its backend may need of it)."""
+    return JobHandle(
+        record.backend,
+        record.job_id,
+        record.nonce,
+        node=record.node,
+        log_path=record.log_path,
+        engine_pid=record.engine_pid,
+    )
 
 
 @dataclass(frozen=True)
@@ -41,55 +97,168 @@ class JobView:
         return handle_of(self.record)
 
 
-def handle_of(record: Record) -> JobHandle:
-    """The backend handle for a record."""
-    return JobHandle(record.backend, record.job_id, record.nonce)
+class JobService:
+    """One backend with the registry in front of it: the ``Backend`` the gateway and CLI use.
+
+    ``submit`` writes the pending record once the scheduler has accepted the job (a failed
+    submit leaves nothing behind); ``status`` moves records on with :func:`reconcile`;
+    ``cancel`` waits (up to ``cancel_wait_s``) for the job's wrapper to finish its record,
+    and finishes it itself if the job ended without doing so.
+    """
+
+    def __init__(self, site: Site, scheduler: Scheduler, *, cancel_wait_s: float = 60.0) -> None:
+        self.site = site
+        self.scheduler = scheduler
+        self.name = scheduler.name
+        self.registry = Registry(site.registry_dir)
+        self.cancel_wait_s = cancel_wait_s
+
+    def _submitted(
+        self,
+        submitted: Submitted,
+        request: JobRequest,
+        *,
+        model: str,
+        engine: str,
+        serves: tuple[str, ...] = (),
+    ) -> JobHandle:
+        record = pending_record(
+            self.name,
+            submitted.handle.job_id,
+            request.nonce,
+            model=model,
+            engine=engine,
+            log_path=submitted.log_path,
+            started_by=request.started_by,
+        )
+        update = {"api_key": request.api_key, "serves": serves}
+        if submitted.node is not None:  # where it will listen; routable only once ready
+            update |= {"node": submitted.node, "port": submitted.port}
+        # create, not write: a job that started early has written its own, newer record.
+        self.registry.create(record.model_copy(update=update))
+        return submitted.handle
+
+    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
+        """Start a job that serves ``spec``, then write its pending record."""
+        request = _request(started_by)
+        self.registry.ensure()
+        submitted = self.scheduler.submit(spec, request)
+        return self._submitted(submitted, request, model=spec.name, engine=spec.engine)
+
+    def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
+        """Start swap pool ``pool`` as one job, then write its pending record."""
+        if not self.scheduler.capabilities.pools:
+            raise MTError(
+                f"the {self.name} backend cannot run swap pools (it starts one engine per "
+                "Deployment)",
+                hint="run the pool with --backend slurm or --backend local",
+            )
+        request = _request(None)
+        self.registry.ensure()
+        submitted = self.scheduler.submit_pool(pool, catalogue, request)
+        return self._submitted(
+            submitted, request, model=pool.name, engine="pool", serves=pool.models
+        )
+
+    def render_script(self, spec: ModelSpec) -> str:
+        """The job script the backend would submit for ``spec`` (Slurm's sbatch script)."""
+        self._need_scripts()
+        return self.scheduler.render_script(spec)
+
+    def render_pool_script(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> str:
+        """The job script of swap pool ``pool``."""
+        self._need_scripts(pools=True)
+        return self.scheduler.render_pool_script(pool, catalogue)
+
+    def _need_scripts(self, *, pools: bool = False) -> None:
+        can = self.scheduler.capabilities
+        if not can.scripts or (pools and not can.pools):
+            raise MTError(
+                f"the {self.name} backend has no job script to show",
+                hint="--dry-run and mt render work with --backend slurm",
+            )
+
+    def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
+        """The scheduler's state of each job (one call), each record reconciled with it."""
+        records = {h.job_id: self.registry.read(record_key(self.name, h.job_id)) for h in handles}
+        asked = [
+            handle_of(record) if (record := records[h.job_id]) is not None else h for h in handles
+        ]
+        statuses = self.scheduler.status(asked)
+        for job_id, record in records.items():
+            if record is not None and job_id in statuses:
+                self.settle(record, statuses[job_id])
+        return statuses
+
+    def settle(self, record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
+        """Write :func:`reconcile`'s answer for ``record`` (re-read first: it may just have
+        finished its record itself); returns the record as stored now."""
+        current = self.registry.read(record.key) or record
+        wanted = reconcile(current, status, cancelled=cancelled)
+        if wanted is current:
+            return current
+        changes = {
+            f: getattr(wanted, f) for f in _RECONCILED if getattr(wanted, f) != getattr(current, f)
+        }
+        return self.registry.update(current.key, **changes)
+
+    def cancel(self, handle: JobHandle) -> None:
+        """Stop the job; return once its record is final (finished here if the job could not)."""
+        key = record_key(self.name, handle.job_id)
+        record = self.registry.read(key)
+        handle = handle_of(record) if record is not None else handle
+        self.scheduler.cancel(handle)
+        deadline = time.monotonic() + self.cancel_wait_s
+        status = JobStatus("unknown")
+        while time.monotonic() < deadline:
+            record = self.registry.read(key)
+            if record is None or record.state in FINAL_STATES:
+                return
+            status = self.scheduler.status([handle]).get(handle.job_id, status)
+            if status.state in ENDED:
+                break  # the job ended but never finished its record (killed, or never ran)
+            time.sleep(0.5)
+        record = self.registry.read(key)
+        if record is not None:
+            self.settle(record, status, cancelled=True)
+
+    def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
+        """The job's log lines; with ``follow``, until the job ends."""
+        record = self.registry.read(record_key(self.name, handle.job_id))
+        return self.scheduler.logs(handle_of(record) if record else handle, follow=follow)
+
+
+def _request(started_by: str | None) -> JobRequest:
+    return JobRequest(new_nonce(), SecretStr(new_api_key()), started_by)
+
+
+def service(site: Site, backend_name: str | None = None) -> JobService:
+    """The job service for the named backend (the site's default if None)."""
+    return JobService(site, get_scheduler(backend_name or site.config.default_backend, site))
 
 
 def submit(site: Site, spec: ModelSpec, backend_name: str | None = None) -> JobHandle:
     """Submit ``spec`` to the named backend (the site's default if None)."""
-    backend = get_backend(backend_name or site.config.default_backend, site)
-    return backend.submit(spec)
+    return service(site, backend_name).submit(spec)
 
 
 def render_script(site: Site, spec: ModelSpec, backend_name: str | None = None) -> str:
     """The job script the backend would submit for ``spec`` (Slurm's sbatch script)."""
-    name = backend_name or site.config.default_backend
-    backend = get_backend(name, site)
-    if not isinstance(backend, ScriptBackend):
-        raise MTError(
-            f"the {name} backend has no job script to show",
-            hint="--dry-run and mt render work with --backend slurm",
-        )
-    return backend.render_script(spec)
+    return service(site, backend_name).render_script(spec)
 
 
 def submit_pool(
     site: Site, models: ModelsFile, pool: PoolSpec, backend_name: str | None = None
 ) -> JobHandle:
     """Submit swap pool ``pool`` (its catalogue taken from ``models``) as one job."""
-    name = backend_name or site.config.default_backend
-    backend = get_backend(name, site)
-    if not isinstance(backend, PoolBackend):
-        raise MTError(
-            f"the {name} backend cannot run swap pools (it starts one engine per Deployment)",
-            hint="run the pool with --backend slurm or --backend local",
-        )
-    return backend.submit_pool(pool, models.catalogue(pool))
+    return service(site, backend_name).submit_pool(pool, models.catalogue(pool))
 
 
 def render_pool_script(
     site: Site, models: ModelsFile, pool: PoolSpec, backend_name: str | None = None
 ) -> str:
     """The sbatch script of swap pool ``pool``."""
-    name = backend_name or site.config.default_backend
-    backend = get_backend(name, site)
-    if not isinstance(backend, SlurmBackend):
-        raise MTError(
-            f"the {name} backend has no job script to show",
-            hint="--dry-run and mt render work with --backend slurm",
-        )
-    return backend.render_pool_script(pool, models.catalogue(pool))
+    return service(site, backend_name).render_pool_script(pool, models.catalogue(pool))
 
 
 class WaitFailed(MTError):
@@ -118,36 +287,27 @@ def wait_ready(
 
     The record (a small local file) is read every ``poll_s``; the scheduler is asked only
     every ``scheduler_every_s``, since squeue every fraction of a second loads a busy
-    controller. ``on_poll`` gets the record and scheduler status at every poll, so a CLI can
-    show progress and elapsed time; the library itself prints nothing.
+    controller (asking also reconciles the record). ``on_poll`` gets the record and
+    scheduler status at every poll, so a CLI can show progress and elapsed time; the
+    library itself prints nothing.
     """
-    registry = Registry(site.registry_dir)
-    backend = get_backend(handle.backend, site)
+    jobs = service(site, handle.backend)
     key = record_key(handle.backend, handle.job_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = JobStatus("unknown")
     asked_at: float | None = None
     while True:
-        record = registry.read(key)
         if asked_at is None or time.monotonic() - asked_at >= scheduler_every_s:
-            status = backend.status([handle]).get(handle.job_id, JobStatus("unknown"))
+            status = jobs.status([handle]).get(handle.job_id, JobStatus("unknown"))
             asked_at = time.monotonic()
+        record = jobs.registry.read(key)
         if on_poll is not None:
             on_poll(record, status)
         if record is not None and record.state == "ready":
             return record
         if record is not None and record.state in FINAL_STATES:
             raise WaitFailed(record)
-        if status.state in _ENDED:
-            # The job ended without finishing its record: re-read once (it may just have).
-            record = registry.read(key)
-            if record is not None and record.state == "ready":
-                return record
-            if record is not None:
-                record = registry.update(
-                    key, state="failed", reason=record.reason or f"job ended ({status.state})"
-                )
-                raise WaitFailed(record)
+        if record is None and status.state in ENDED:
             raise MTError(f"job {handle.job_id} ended ({status.state}) without a record")
         if deadline is not None and time.monotonic() > deadline:
             raise MTError(
@@ -161,32 +321,26 @@ def wait_ready(
 def job_views(site: Site, *, include_final: bool = True) -> list[JobView]:
     """Every record joined with its scheduler's state (one status call per backend).
 
-    A record that is not final but whose job the scheduler no longer runs is stale: it is
-    marked ``gone`` so that nothing routes to it again.
+    Asking reconciles each record (:func:`reconcile`): one whose job the scheduler no
+    longer runs is finished, so that nothing routes to it again.
     """
     registry = Registry(site.registry_dir)
-    records = registry.records()
     by_backend: dict[str, list[Record]] = {}
-    for record in records:
+    for record in registry.records():
         by_backend.setdefault(record.backend, []).append(record)
     views: list[JobView] = []
     for name, group in by_backend.items():
-        backend: Backend | None
+        jobs: JobService | None
         try:
-            backend = get_backend(name, site)
+            jobs = service(site, name)
         except MTError:
-            backend = None
-        statuses = backend.status([handle_of(r) for r in group]) if backend else {}
+            jobs = None
+        statuses = jobs.status([handle_of(r) for r in group]) if jobs else {}
         for listed in group:
             unknown = JobStatus("unknown", f"backend {name} unavailable")
-            status = statuses.get(listed.job_id, unknown)
-            # A backend whose jobs run no wrapper (Kubernetes) moves records on in status().
-            stored = registry.read(listed.key) or listed
-            record = stored
-            if stored.state not in FINAL_STATES and status.state in _ENDED:
-                reason = f"stale: scheduler says {status.state}"
-                record = registry.update(stored.key, state="gone", reason=reason)
-            views.append(JobView(record, status))
+            views.append(
+                JobView(registry.read(listed.key) or listed, statuses.get(listed.job_id, unknown))
+            )
     views.sort(key=lambda v: v.record.created_at)
     if not include_final:
         views = [v for v in views if v.record.state not in FINAL_STATES]
@@ -204,5 +358,6 @@ def find_record(site: Site, job: str) -> Record:
 def cancel(site: Site, job: str) -> Record:
     """Cancel a job by id or key; returns its record afterwards."""
     record = find_record(site, job)
-    get_backend(record.backend, site).cancel(handle_of(record))
-    return Registry(site.registry_dir).read(record.key) or record
+    jobs = service(site, record.backend)
+    jobs.cancel(handle_of(record))
+    return jobs.registry.read(record.key) or record

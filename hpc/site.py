@@ -86,11 +86,31 @@ class SlurmSite(_Strict):
     )
 
 
+# Addresses that bind every interface: no client can connect to them by that name.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared, never bound
+
+
+def is_wildcard(host: str) -> bool:
+    """True for an address that binds every interface (``0.0.0.0``, ``::``, empty)."""
+    return host in WILDCARD_HOSTS
+
+
 class GatewaySite(_Strict):
     """Where ``mt gateway`` listens by default."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8081, gt=0, lt=65536)
+
+    def url(self, *, wildcard_as: str) -> str:
+        """The gateway's OpenAI root (``http://host:port/v1``) as a client reaches it.
+
+        A wildcard bind has no address to connect to: ``wildcard_as`` names the host to use
+        instead (this machine's name for another tool's config, loopback for a client here).
+        """
+        host = wildcard_as if is_wildcard(self.host) else self.host
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        return f"http://{host}:{self.port}/v1"
 
 
 class SiteConfig(_Strict):

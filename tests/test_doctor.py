@@ -16,7 +16,8 @@ import pytest
 from mtcli import mt
 from slurmcluster import SlurmCluster
 
-from hpc.doctor.checks import diagnose, local_checks
+from hpc.doctor.checks import local_checks
+from hpc.doctor.diagnosis import diagnose
 from hpc.job.nodeprobe import node_probe
 from hpc.registry import Registry
 from hpc.site import Site, load_site
@@ -276,7 +277,7 @@ def test_cli_doctor_unschedulable_probe_is_reported_with_hint(cluster: SlurmClus
 
 
 def test_rocm_check_reports_what_apptainer_rocm_needs() -> None:
-    from hpc.doctor.checks import _rocm_check
+    from hpc.doctor.probe import _rocm_check
 
     ready = {
         "apptainer_rocm": {

@@ -43,7 +43,12 @@ MODELS = ModelsFile.model_validate(
     {
         "models": [
             {"name": "gemma-3-270m", "engine": "llamacpp", "weights": {"source": "/m.gguf"}},
-            {"name": "llama-3.1-8b", "engine": "vllm", "weights": {"source": "org/llama"}},
+            {
+                "name": "llama-3.1-8b",
+                "engine": "vllm",
+                "weights": {"source": "org/llama"},
+                "aliases": ["llama"],
+            },
         ],
         "static": [
             {"name": "shared", "base_url": "http://10.0.0.5:8000/v1", "api_key_env": "SHARED_KEY"}
@@ -68,7 +73,8 @@ def _record(model: str, job_id: str, port: int, state: str = "ready") -> Record:
 
 
 def served() -> list[ServedModel]:
-    """Two configured models (one running twice, one not), a static backend, a job-only name."""
+    """Two configured models (one running twice, one not, the running one with an alias), a
+    static backend, a job-only name."""
     records = [
         _record("llama-3.1-8b", "101", 8001),
         _record("llama-3.1-8b", "102", 8002),
@@ -78,7 +84,7 @@ def served() -> list[ServedModel]:
     return served_models(MODELS, records)
 
 
-NAMES = ["gemma-3-270m", "llama-3.1-8b", "shared", "qwen-7b"]
+NAMES = ["gemma-3-270m", "llama-3.1-8b", "shared", "qwen-7b", "llama"]
 CASES: list[tuple[Tool, bool]] = [(tool, False) for tool in TOOLS] + [("litellm", True)]
 
 
@@ -159,7 +165,12 @@ def test_litellm_direct_routes_each_ready_endpoint_under_its_name() -> None:
         ("llama-3.1-8b", "http://gpu1:8002/v1", f"os.environ/{job_key_env('slurm-102')}"),
         ("shared", "http://10.0.0.5:8000/v1", "os.environ/SHARED_KEY"),
         ("qwen-7b", "http://gpu1:8004/v1", f"os.environ/{job_key_env('slurm-104')}"),
+        ("llama", "http://gpu1:8001/v1", f"os.environ/{job_key_env('slurm-101')}"),
+        ("llama", "http://gpu1:8002/v1", f"os.environ/{job_key_env('slurm-102')}"),
     ]
+    # An alias goes straight to the engine, which knows only the model's own name.
+    models = {m["model_name"]: m["litellm_params"]["model"] for m in doc["model_list"]}
+    assert models["llama"] == "openai/llama-3.1-8b"
     assert job_key_env("slurm-101") == "MT_JOB_KEY_SLURM_101"
     assert exported.skipped == ("gemma-3-270m",)  # nothing serves it now: named, not routed
     assert "# not exported (no ready endpoint): gemma-3-270m" in exported.text

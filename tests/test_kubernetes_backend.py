@@ -13,8 +13,9 @@ pytest.importorskip("kubernetes", reason="pip install -e '.[kubernetes]'")
 from fake_k8s_api import FakeKubeAPI
 
 from hpc import jobs
-from hpc.backends import get_backend
-from hpc.backends.kubernetes import KubernetesBackend, KubernetesError
+from hpc.backends.kubernetes import KubernetesBackend
+from hpc.jobs import JobService
+from hpc.k8s.apierrors import KubernetesError
 from hpc.registry import Registry, record_key
 from hpc.site import Site, SiteConfig
 from hpc.spec import ModelSpec
@@ -45,15 +46,16 @@ def site(tmp_path: Path) -> Site:
 @pytest.fixture
 def backend(
     api: FakeKubeAPI, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> KubernetesBackend:
+) -> JobService:
+    """The Kubernetes backend behind the job service (which writes and moves its records)."""
     monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
-    backend = get_backend("kubernetes", site)
-    assert isinstance(backend, KubernetesBackend)
+    backend = jobs.service(site, "kubernetes")
+    assert isinstance(backend.scheduler, KubernetesBackend)
     return backend
 
 
 def test_submit_available_ready_cancel_gone(
-    api: FakeKubeAPI, backend: KubernetesBackend, site: Site
+    api: FakeKubeAPI, backend: JobService, site: Site
 ) -> None:
     handle = backend.submit(SPEC)
     name = handle.job_id
@@ -105,7 +107,7 @@ def test_submit_available_ready_cancel_gone(
     assert backend.status([handle])[name].state == "missing"
 
 
-def test_status_is_one_list_per_namespace(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+def test_status_is_one_list_per_namespace(api: FakeKubeAPI, backend: JobService) -> None:
     handles = [backend.submit(SPEC) for _ in range(3)]
     for h in handles:
         api.set_available(h.job_id, NS)
@@ -116,7 +118,7 @@ def test_status_is_one_list_per_namespace(api: FakeKubeAPI, backend: KubernetesB
 
 
 def test_forbidden_is_translated_and_nothing_is_left(
-    api: FakeKubeAPI, backend: KubernetesBackend, site: Site
+    api: FakeKubeAPI, backend: JobService, site: Site
 ) -> None:
     api.fail(
         "POST",
@@ -136,7 +138,7 @@ def test_forbidden_is_translated_and_nothing_is_left(
         assert api.names(plural, NS) == [], plural
 
 
-def test_quota_exceeded_hint(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+def test_quota_exceeded_hint(api: FakeKubeAPI, backend: JobService) -> None:
     api.fail(
         "POST",
         "deployments",
@@ -158,12 +160,12 @@ def test_unauthorized_hint(
     config.write_text(config.read_text().replace("fake-token", "stale"), encoding="utf-8")
     monkeypatch.setenv("KUBECONFIG", str(config))
     with pytest.raises(KubernetesError) as info:
-        KubernetesBackend(site).submit(SPEC)
+        JobService(site, KubernetesBackend(site)).submit(SPEC)
     assert info.value.status == 401
     assert "log in again" in (info.value.hint or "")
 
 
-def test_unschedulable_reason_names_the_label(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+def test_unschedulable_reason_names_the_label(api: FakeKubeAPI, backend: JobService) -> None:
     handle = backend.submit(SPEC)
     api.set_unschedulable(
         handle.job_id,
@@ -177,7 +179,7 @@ def test_unschedulable_reason_names_the_label(api: FakeKubeAPI, backend: Kuberne
 
 
 def test_deleted_behind_our_back_is_marked_gone(
-    api: FakeKubeAPI, backend: KubernetesBackend, site: Site
+    api: FakeKubeAPI, backend: JobService, site: Site
 ) -> None:
     handle = backend.submit(SPEC)
     api.objects.pop(("apps/v1", "deployments", NS, handle.job_id))
@@ -186,7 +188,7 @@ def test_deleted_behind_our_back_is_marked_gone(
     assert views[0].scheduler.state == "missing"
 
 
-def test_logs_of_the_engine_container(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+def test_logs_of_the_engine_container(api: FakeKubeAPI, backend: JobService) -> None:
     handle = backend.submit(SPEC)
     (pod,) = api.names("pods", NS)
     api.pod_logs[pod] = "loading model\nserver listening\n"
@@ -194,7 +196,7 @@ def test_logs_of_the_engine_container(api: FakeKubeAPI, backend: KubernetesBacke
     assert list(backend.logs(handle, follow=True)) == ["loading model", "server listening"]
 
 
-def test_route_is_created_and_deleted(api: FakeKubeAPI, backend: KubernetesBackend) -> None:
+def test_route_is_created_and_deleted(api: FakeKubeAPI, backend: JobService) -> None:
     spec = SPEC.model_copy(
         update={"kubernetes": SPEC.kubernetes.model_copy(update={"route": True})}
     )
@@ -209,5 +211,5 @@ def test_no_kubeconfig_is_a_clear_error(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(KubernetesError) as info:
-        KubernetesBackend(site).submit(SPEC)
+        JobService(site, KubernetesBackend(site)).submit(SPEC)
     assert "KUBECONFIG" in (info.value.hint or "")

@@ -25,6 +25,7 @@ from slurmcluster import SlurmCluster
 from hpc.backends.slurm import SlurmBackend
 from hpc.errors import SlurmError
 from hpc.job.plan import JobPlan
+from hpc.jobs import JobService
 from hpc.registry import Registry, new_nonce, record_key
 from hpc.site import Site, SiteConfig, SlurmSite
 from hpc.slurm.client import PENDING_STATES, RUNNING_STATES, SlurmAPI, SlurmClient, SlurmJob
@@ -284,15 +285,16 @@ def test_backend_uses_pyslurm_only_when_the_site_opts_in_and_versions_match(
 
     def backend(**slurm: Any) -> SlurmBackend:
         config = SiteConfig(slurm=SlurmSite(python=str(python), **slurm))
-        return SlurmBackend(Site(config, tmp_path / "mt-home"), cancel_wait_s=30)
+        return SlurmBackend(Site(config, tmp_path / "mt-home"))
 
     assert isinstance(backend().client, SlurmClient)  # not asked for
     assert fake_pyslurm.__version__ == "25.11.0"
     assert isinstance(backend(use_pyslurm=True).client, SlurmClient)  # built for another Slurm
 
     monkeypatch.setattr(fake_pyslurm, "__version__", "22.5.3")  # as pyslurm spells 22.05
-    chosen = backend(use_pyslurm=True)
-    assert isinstance(chosen.client, PyslurmAPI)
+    scheduler = backend(use_pyslurm=True)
+    assert isinstance(scheduler.client, PyslurmAPI)
+    chosen = JobService(scheduler.site, scheduler, cancel_wait_s=30)
 
     spec = ModelSpec.model_validate(TINY)
     handle = chosen.submit(spec)

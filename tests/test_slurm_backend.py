@@ -18,6 +18,7 @@ from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
 from slurmcluster import SlurmCluster
 
 from hpc.backends.slurm import SlurmBackend
+from hpc.jobs import JobService
 from hpc.registry import Record, Registry, new_api_key
 from hpc.site import load_site
 from hpc.slurm.client import SlurmClient
@@ -213,7 +214,7 @@ class _SbatchTimesOut:
 def test_sbatch_timeout_finds_the_job_by_nonce(cluster: SlurmCluster, models: Path) -> None:
     site = load_site(None)
     transport = _SbatchTimesOut()
-    backend = SlurmBackend(site, client=SlurmClient(transport, timeout_s=30))
+    backend = JobService(site, SlurmBackend(site, client=SlurmClient(transport, timeout_s=30)))
     spec = next(m for m in __import__("hpc.configfile").configfile.load_models(models).models)
     handle = backend.submit(spec)
     assert transport.sbatch_calls == 1

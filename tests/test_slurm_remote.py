@@ -23,6 +23,7 @@ from sshd import SSHServer
 
 from hpc.backends.slurm import SlurmBackend
 from hpc.configfile import load_models
+from hpc.jobs import JobService
 from hpc.registry import Record, Registry, record_key
 from hpc.site import Site, load_site
 from hpc.slurm.client import PENDING_STATES, RUNNING_STATES, SlurmClient
@@ -158,7 +159,7 @@ def test_backend_submit_over_ssh_records_the_failure(
     site = Site(loaded.config, loaded.home, transport=transport)
     logins = sshd.logins()
     try:
-        backend = SlurmBackend(site)
+        backend = JobService(site, SlurmBackend(site))
         spec = load_models(models).models[0]
         handle = backend.submit(spec)
         record = wait_record(record_key("slurm", handle.job_id), ("failed",))

@@ -1,4 +1,4 @@
-"""Backends behind one Protocol, registered by name in a plain dict."""
+"""Backends behind one Protocol (scheduler calls only), registered by name in a plain dict."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 from hpc.backends.base import (
     Backend,
+    Capabilities,
     JobHandle,
+    JobRequest,
     JobStatus,
-    PoolBackend,
+    Scheduler,
     SchedulerState,
-    ScriptBackend,
+    Submitted,
 )
 from hpc.backends.kubernetes import KubernetesBackend
 from hpc.backends.local import LocalBackend
@@ -18,16 +20,16 @@ from hpc.backends.slurm import SlurmBackend
 from hpc.errors import UnknownBackendError
 from hpc.site import Site
 
-BackendFactory = Callable[[Site], Backend]
+SchedulerFactory = Callable[[Site], Scheduler]
 
-BACKENDS: dict[str, BackendFactory] = {
+BACKENDS: dict[str, SchedulerFactory] = {
     "local": LocalBackend,
     "slurm": SlurmBackend,
     "kubernetes": KubernetesBackend,
 }
 
 
-def get_backend(name: str, site: Site) -> Backend:
+def get_scheduler(name: str, site: Site) -> Scheduler:
     """The backend called ``name``, built for ``site``; an unknown name lists the known ones."""
     try:
         factory = BACKENDS[name]
@@ -39,10 +41,12 @@ def get_backend(name: str, site: Site) -> Backend:
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Capabilities",
     "JobHandle",
+    "JobRequest",
     "JobStatus",
-    "PoolBackend",
+    "Scheduler",
     "SchedulerState",
-    "ScriptBackend",
-    "get_backend",
+    "Submitted",
+    "get_scheduler",
 ]

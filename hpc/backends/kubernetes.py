@@ -2,16 +2,16 @@
 ConfigMap, PVC and, on OpenShift, a Route), through the official ``kubernetes`` client.
 
 No job wrapper runs inside the pod (the engine is the container), so the transitions the
-wrapper writes under Slurm happen here instead, in :meth:`KubernetesBackend.status`: when
-the Deployment's ``Available`` condition is true, the record becomes ``ready`` with the
-Service's DNS name and URL; while the pod runs but is not yet available it is ``starting``.
-``mt status`` and ``mt submit --wait`` call ``status``, so whoever asks moves the record on.
+wrapper writes under Slurm come from :meth:`KubernetesBackend.status` instead, as
+``JobStatus.serving``: ``ready`` when the Deployment's ``Available`` condition is true,
+``starting`` while the pod runs but is not yet available. The job service
+(hpc.jobs.reconcile) moves the record on from them, so whoever asks moves it.
 Since the Service's DNS name resolves only inside the cluster, a gateway that routes to it
 runs in the cluster (or on a machine that reaches cluster DNS).
 
 The client is imported and configured on first use: ``mt render`` and ``mt status`` of
-other backends work without it. API errors are translated in :func:`api_error`, the one
-place that sees ``ApiException``.
+other backends work without it. API errors are translated in
+:func:`hpc.k8s.apierrors.api_error`, the one place that sees ``ApiException``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpc.backends.base import JobHandle, JobStatus
-from hpc.errors import BackendError
+from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
+from hpc.k8s.apierrors import KubernetesError, api_error, unschedulable_hint
 from hpc.k8s.kustomize import to_yaml
 from hpc.k8s.manifests import (
     ENGINE_CONTAINER,
@@ -34,94 +34,12 @@ from hpc.k8s.manifests import (
     model_objects,
     names_for,
 )
-from hpc.registry import FINAL_STATES, Record, Registry, new_nonce, pending_record, record_key
+from hpc.registry import new_nonce
 from hpc.site import Site
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 
 _TIMEOUT_S = 30
 _IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
-class KubernetesError(BackendError):
-    """The Kubernetes API refused or failed a call; ``status`` is its HTTP status (or None)."""
-
-    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.status = status
-
-
-def _api_message(body: object) -> str:
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    if isinstance(body, str):
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return body.strip()
-        if isinstance(data, dict) and data.get("message"):
-            return str(data["message"])
-        return body.strip()
-    return ""
-
-
-def api_error(exc: Exception, *, action: str, namespace: str) -> KubernetesError:
-    """A Kubernetes client exception as a KubernetesError with a hint (the one boundary)."""
-    from kubernetes.client.exceptions import ApiException
-
-    if not isinstance(exc, ApiException):  # urllib3: the API server did not answer
-        return KubernetesError(
-            f"cannot reach the Kubernetes API server to {action}: {exc}",
-            hint="check the cluster address in your kubeconfig (`kubectl cluster-info`)",
-        )
-    status = int(exc.status or 0)
-    detail = _api_message(exc.body) or str(exc.reason or "")
-    where = f"in namespace {namespace}"
-    if status == 401:
-        hint = "your kubeconfig's credentials were refused: log in again (`oc login`, `kubectl`)"
-        return KubernetesError(f"cannot {action}: unauthorized", status=status, hint=hint)
-    if status == 403 and "exceeded quota" in detail:
-        return KubernetesError(
-            f"cannot {action} {where}: quota exceeded: {detail}",
-            status=status,
-            hint=f"`kubectl describe resourcequota -n {namespace}` shows what is left; ask for "
-            "fewer GPUs, CPUs or memory in resources:, or for a larger quota",
-        )
-    if status == 403:
-        return KubernetesError(
-            f"cannot {action} {where}: forbidden: {detail}",
-            status=status,
-            hint="your account needs a Role there that allows deployments, services, secrets, "
-            "configmaps, persistentvolumeclaims, pods and pods/log "
-            f"(`kubectl auth can-i create deployments -n {namespace}`)",
-        )
-    if status == 404 and "namespace" in detail.lower():
-        return KubernetesError(
-            f"cannot {action}: {detail}",
-            status=status,
-            hint="set kubernetes.namespace in models.yaml to a namespace you can use",
-        )
-    if status == 422:
-        return KubernetesError(
-            f"the API server rejected the manifests ({action}): {detail}",
-            status=status,
-            hint="`mt submit --dry-run --backend kubernetes MODEL` shows what was sent",
-        )
-    return KubernetesError(f"cannot {action} {where}: HTTP {status}: {detail}", status=status)
-
-
-def unschedulable_hint(spec_role: tuple[str, str] | None, message: str) -> str:
-    """Why a pod waits for a node, and what to do about it."""
-    if "affinity" in message or "selector" in message:
-        if spec_role:
-            label, role = spec_role
-            return (
-                f"no node matches {label}={role}: label a GPU node "
-                f"(`kubectl label node NODE {label}={role}`) or change kubernetes.role"
-            )
-        return "no node matches kubernetes.node_selector: check the node labels"
-    if "Insufficient" in message:
-        return "no node has enough free GPUs, CPUs or memory: wait, or ask for less"
-    return "`kubectl describe pod` shows the scheduler's events"
 
 
 def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -146,10 +64,10 @@ class KubernetesBackend:
     """Creates each model's objects with the official client; status lists them in bulk."""
 
     name = "kubernetes"
+    capabilities = Capabilities(scripts=True, pools=False)
 
     def __init__(self, site: Site, *, kubeconfig: Path | None = None) -> None:
         self.site = site
-        self.registry = Registry(site.registry_dir)
         self.kubeconfig = kubeconfig
         self._api: Any = None
         self._default_ns: str | None = None
@@ -225,24 +143,24 @@ class KubernetesBackend:
 
     # --- the Protocol --------------------------------------------------------------------
 
-    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
-        """Create the objects; write the pending record only once the API accepted them all."""
+    def render_pool_script(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> str:
+        """No swap pools here (``capabilities.pools`` is False): one engine per Deployment."""
+        raise KubernetesError("the kubernetes backend cannot run swap pools")
+
+    def submit_pool(
+        self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...], request: JobRequest
+    ) -> Submitted:
+        """No swap pools here (``capabilities.pools`` is False): one engine per Deployment."""
+        raise KubernetesError("the kubernetes backend cannot run swap pools")
+
+    # --- the Protocol --------------------------------------------------------------------
+
+    def submit(self, spec: ModelSpec, request: JobRequest) -> Submitted:
+        """Create the objects; the service writes the pending record once all were accepted."""
         namespace = self._namespace(spec)
-        nonce = new_nonce()
-        names = names_for(spec, namespace=namespace, nonce=nonce)
-        record = pending_record(
-            self.name,
-            names.instance,
-            nonce,
-            model=spec.name,
-            engine=spec.engine,
-            log_path=None,
-            started_by=started_by,
-        )
-        record.node = names.service_host  # where it will listen; routable only once ready
-        record.port = spec.kubernetes.port
-        self.registry.ensure()
-        objects = model_objects(spec, names, api_key=record.api_key.get_secret_value(), nonce=nonce)
+        names = names_for(spec, namespace=namespace, nonce=request.nonce)
+        key = request.api_key.get_secret_value()
+        objects = model_objects(spec, names, api_key=key, nonce=request.nonce)
         created: list[Manifest] = []
         try:
             for obj in objects:
@@ -252,8 +170,9 @@ class KubernetesBackend:
             for obj in reversed(created):
                 self._delete(obj["kind"], obj["metadata"]["name"], namespace, quiet=True)
             raise
-        self.registry.create(record)
-        return JobHandle(self.name, names.instance, nonce)
+        # Where it will listen (routable only once ready): the Service's DNS name and port.
+        handle = JobHandle(self.name, names.instance, request.nonce, node=names.service_host)
+        return Submitted(handle, node=names.service_host, port=spec.kubernetes.port)
 
     def _create(self, obj: Manifest, namespace: str) -> bool:
         """Create one object; False if it is a PVC that already exists (weights are kept)."""
@@ -309,13 +228,10 @@ class KubernetesBackend:
                 return
             raise
 
-    def _record(self, job_id: str) -> Record | None:
-        return self.registry.read(record_key(self.name, job_id))
-
-    def _ns_of(self, record: Record | None) -> str:
-        # The record's node is the Service's DNS name, <service>.<namespace>.svc.
-        if record is not None and record.node and record.node.count(".") >= 2:
-            return record.node.split(".")[1]
+    def _ns_of(self, handle: JobHandle) -> str:
+        # A job's node is its Service's DNS name, <service>.<namespace>.svc.
+        if handle.node and handle.node.count(".") >= 2:
+            return handle.node.split(".")[1]
         self._client()
         return self._default_ns or "default"
 
@@ -335,23 +251,22 @@ class KubernetesBackend:
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """One list of deployments (and of pods, if any waits) per namespace.
 
-        Also moves the records on, since no wrapper runs in the pod: Available → ``ready``
-        with the Service's DNS name; a running pod → ``starting``.
+        Says what the server itself does, since no wrapper runs in the pod to write it:
+        Available → ``serving="ready"``; a running pod → ``serving="starting"``.
         """
-        by_ns: dict[str, list[tuple[JobHandle, Record | None]]] = {}
+        by_ns: dict[str, list[JobHandle]] = {}
         for handle in handles:
-            record = self._record(handle.job_id)
-            by_ns.setdefault(self._ns_of(record), []).append((handle, record))
+            by_ns.setdefault(self._ns_of(handle), []).append(handle)
         out: dict[str, JobStatus] = {}
         for namespace, group in by_ns.items():
             try:
                 deployments = self._list("deployments", namespace, MANAGED_SELECTOR)
             except KubernetesError as exc:
-                out |= {h.job_id: JobStatus("unknown", exc.message) for h, _ in group}
+                out |= {h.job_id: JobStatus("unknown", exc.message) for h in group}
                 continue
             found = {d["metadata"]["name"]: d for d in deployments}
             pods: list[dict[str, Any]] | None = None
-            for handle, record in group:
+            for handle in group:
                 dep = found.get(handle.job_id)
                 if dep is None:
                     out[handle.job_id] = JobStatus("missing", "no such Deployment")
@@ -359,9 +274,8 @@ class KubernetesBackend:
                 available = _condition(dep, "Available")
                 if available and available.get("status") == "True":
                     out[handle.job_id] = JobStatus(
-                        "running", f"available at {record and record.node}"
+                        "running", f"available at {handle.node}", serving="ready"
                     )
-                    self._mark(record, "ready")
                     continue
                 progressing = _condition(dep, "Progressing")
                 if progressing and progressing.get("reason") == "ProgressDeadlineExceeded":
@@ -379,12 +293,10 @@ class KubernetesBackend:
                         pods = self._list("pods", namespace, MANAGED_SELECTOR)
                     except KubernetesError:
                         pods = []
-                out[handle.job_id] = self._pod_status(handle.job_id, pods, record)
+                out[handle.job_id] = self._pod_status(handle.job_id, pods)
         return out
 
-    def _pod_status(
-        self, job_id: str, pods: list[dict[str, Any]], record: Record | None
-    ) -> JobStatus:
+    def _pod_status(self, job_id: str, pods: list[dict[str, Any]]) -> JobStatus:
         mine = [
             p for p in pods if (p["metadata"].get("labels") or {}).get(INSTANCE_LABEL) == job_id
         ]
@@ -398,27 +310,14 @@ class KubernetesBackend:
             return JobStatus("pending", f"unschedulable: {message} (hint: {hint})")
         phase = (pod.get("status") or {}).get("phase", "Pending")
         if phase == "Running":
-            self._mark(record, "starting")
-            return JobStatus("running", "engine loading the model")
+            return JobStatus("running", "engine loading the model", serving="starting")
         if phase == "Failed":
             return JobStatus("failed", "pod failed")
         return JobStatus("pending", f"pod {phase.lower()}")
 
-    def _mark(self, record: Record | None, state: str) -> None:
-        if record is None or record.state in FINAL_STATES or record.state == state:
-            return
-        if state == "starting" and record.state not in ("pending", "ready"):
-            return
-        if state == "ready":
-            url = f"http://{record.node}:{record.port}/v1"
-            self.registry.update(record.key, state=state, base_url=url, reason=None)
-        else:
-            self.registry.update(record.key, state=state)
-
     def cancel(self, handle: JobHandle) -> None:
-        """Delete the job's objects (its weights PVC stays, a cache); the record is gone."""
-        record = self._record(handle.job_id)
-        namespace = self._ns_of(record)
+        """Delete the job's objects (its weights PVC stays, a cache)."""
+        namespace = self._ns_of(handle)
         names = Names(handle.job_id, namespace, pvc="")
         for kind, name in (
             ("Deployment", names.instance),
@@ -428,12 +327,10 @@ class KubernetesBackend:
             ("ConfigMap", names.configmap),
         ):
             self._delete(kind, name, namespace)
-        if record is not None and record.state not in FINAL_STATES:
-            self.registry.update(record.key, state="gone", reason="cancelled")
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """The engine container's log in the job's newest pod; with ``follow``, streamed."""
-        namespace = self._ns_of(self._record(handle.job_id))
+        namespace = self._ns_of(handle)
         pods = self._list("pods", namespace, f"{INSTANCE_LABEL}={handle.job_id}")
         if not pods:
             raise KubernetesError(

@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hpc.backends.base import JobHandle, JobStatus
+from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError
 from hpc.job.plan import JobPlan, PoolPlan, write_plan
 from hpc.job.proctree import alive, create_time, stop_tree, wait_gone
-from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
+from hpc.registry import record_key
 from hpc.site import Site
 from hpc.spec import ModelSpec, PoolSpec
 
@@ -29,76 +29,59 @@ class LocalBackend:
     """Runs each job as ``python -m hpc.job.wrapper`` in a new session on this machine."""
 
     name = "local"
+    capabilities = Capabilities(scripts=False, pools=True)
 
     def __init__(self, site: Site, *, stop_timeout_s: float = 30.0) -> None:
         self.site = site
-        self.registry = Registry(site.registry_dir)
         self.stop_timeout_s = stop_timeout_s
 
     def _paths(self, key: str) -> tuple[Path, Path, Path]:
         jobs = self.site.jobs_dir
         return jobs / f"{key}.json", jobs / f"{key}.pid", self.site.log_dir / f"{key}.log"
 
-    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
-        """Write the plan and the pending record, then start the wrapper detached."""
-        nonce = new_nonce()
+    def submit(self, spec: ModelSpec, request: JobRequest) -> Submitted:
+        """Write the plan, then start the wrapper detached."""
         plan = JobPlan(
             spec=spec,
             backend=self.name,
-            job_id=nonce,
-            nonce=nonce,
+            job_id=request.nonce,
+            nonce=request.nonce,
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
-            started_by=started_by,
+            started_by=request.started_by,
         )
-        return self._launch(
-            plan, "hpc.job.wrapper", model=spec.name, engine=spec.engine, started_by=started_by
-        )
+        return self._launch(plan, "hpc.job.wrapper")
 
-    def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
+    def submit_pool(
+        self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...], request: JobRequest
+    ) -> Submitted:
         """Start a swap pool (``python -m hpc.job.swappool``) detached, like a model's job."""
-        nonce = new_nonce()
         plan = PoolPlan(
             pool=pool,
             catalogue=catalogue,
             backend=self.name,
-            job_id=nonce,
-            nonce=nonce,
+            job_id=request.nonce,
+            nonce=request.nonce,
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
         )
-        return self._launch(
-            plan, "hpc.job.swappool", model=pool.name, engine="pool", serves=pool.models
-        )
+        return self._launch(plan, "hpc.job.swappool")
 
-    def _launch(
-        self,
-        plan: JobPlan | PoolPlan,
-        module: str,
-        *,
-        model: str,
-        engine: str,
-        serves: tuple[str, ...] = (),
-        started_by: str | None = None,
-    ) -> JobHandle:
-        nonce = plan.nonce
-        job_id = nonce
+    def render_script(self, spec: ModelSpec) -> str:
+        """Local jobs are processes, not scripts (``capabilities.scripts`` is False)."""
+        raise BackendError("the local backend has no job script to show")
+
+    def render_pool_script(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> str:
+        """Local jobs are processes, not scripts (``capabilities.scripts`` is False)."""
+        raise BackendError("the local backend has no job script to show")
+
+    def _launch(self, plan: JobPlan | PoolPlan, module: str) -> Submitted:
+        job_id = plan.nonce  # a local job's id is its nonce: known before it starts
         key = record_key(self.name, job_id)
         plan_path, pid_path, log_path = self._paths(key)
-        self.registry.ensure()
         for directory in (self.site.jobs_dir, self.site.log_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_plan(plan, plan_path)
-        record = pending_record(
-            self.name,
-            job_id,
-            nonce,
-            model=model,
-            engine=engine,
-            log_path=str(log_path),
-            started_by=started_by,
-        )
-        self.registry.write(record.model_copy(update={"serves": serves}))
         argv = [sys.executable, "-m", module, "--plan", str(plan_path)]
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -114,7 +97,6 @@ class LocalBackend:
             finally:
                 os.close(log_fd)
         except OSError as exc:
-            self.registry.remove(key)
             with contextlib.suppress(FileNotFoundError):
                 plan_path.unlink()
             raise BackendError(
@@ -124,7 +106,7 @@ class LocalBackend:
             ) from exc
         started = create_time(proc.pid) or time.time()
         pid_path.write_text(f"{proc.pid} {started}\n", encoding="utf-8")
-        return JobHandle(self.name, job_id, nonce)
+        return Submitted(JobHandle(self.name, job_id, plan.nonce), log_path=str(log_path))
 
     def _pid(self, job_id: str) -> tuple[int, float] | None:
         _, pid_path, _ = self._paths(record_key(self.name, job_id))
@@ -149,21 +131,16 @@ class LocalBackend:
 
     def cancel(self, handle: JobHandle) -> None:
         """TERM the wrapper (it drains and marks the record gone); force it if it hangs."""
-        key = record_key(self.name, handle.job_id)
         pid = self._pid(handle.job_id)
         if pid is not None and alive(*pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid[0], signal.SIGTERM)
             if not wait_gone(pid[0], self.stop_timeout_s):
                 stop_tree(pid[0], grace_s=2.0)
-        record = self.registry.read(key)
-        if record is None:
-            return
-        # A wrapper killed with -9 cannot stop its engine or finish its record: do both here.
-        if record.engine_pid is not None and alive(record.engine_pid):
-            stop_tree(record.engine_pid, grace_s=5.0)
-        if record.state not in FINAL_STATES:
-            self.registry.update(key, state="gone", reason="cancelled", engine_pid=None)
+        # A wrapper killed with -9 cannot stop its engine: do it here (the service then
+        # finishes its record).
+        if handle.engine_pid is not None and alive(handle.engine_pid):
+            stop_tree(handle.engine_pid, grace_s=5.0)
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """Lines of the job's log file; with ``follow``, until the wrapper has exited."""

@@ -1,9 +1,10 @@
 """The Slurm backend: a model spec becomes an sbatch script that runs the job wrapper.
 
-Submit renders the script (hpc.slurm.sbatch), runs ``sbatch --parsable`` and then creates the
-job's ``pending`` record unless the job, already running, has written its own. If sbatch
-times out, the job is looked up by its nonce (``--comment=mt:<nonce>``) before anything is
-resubmitted, so one submit never makes two jobs. Status asks squeue once for all jobs.
+Submit renders the script (hpc.slurm.sbatch) and runs ``sbatch --parsable``; the job service
+then creates the job's ``pending`` record unless the job, already running, has written its
+own. If sbatch times out, the job is looked up by its nonce (``--comment=mt:<nonce>``)
+before anything is resubmitted, so one submit never makes two jobs. Status asks squeue once
+for all jobs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc.backends.base import JobHandle, JobStatus
+from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError, MTError
 from hpc.job.plan import JobPlan, PoolPlan
-from hpc.registry import FINAL_STATES, Registry, new_nonce, pending_record, record_key
+from hpc.registry import new_nonce
 from hpc.site import Site
 from hpc.slurm.client import (
     CANCELLED_STATES,
@@ -61,14 +62,9 @@ class SlurmBackend:
     """Submits model jobs with sbatch; the job wrapper does the rest on the node."""
 
     name = "slurm"
+    capabilities = Capabilities(scripts=True, pools=True)
 
-    def __init__(
-        self,
-        site: Site,
-        *,
-        client: SlurmAPI | None = None,
-        cancel_wait_s: float = 60.0,
-    ) -> None:
+    def __init__(self, site: Site, *, client: SlurmAPI | None = None) -> None:
         self.site = site
         slurm = site.config.slurm
         if client is None:
@@ -76,9 +72,7 @@ class SlurmBackend:
             if slurm.use_pyslurm and not slurm.ssh_host:  # libslurm reaches no remote cluster
                 client = pyslurm_api_for(client) or client
         self.client = client
-        self.registry = Registry(site.registry_dir)
         self.python = slurm.python or sys.executable
-        self.cancel_wait_s = cancel_wait_s
 
     def _check_python(self) -> None:
         if self.site.config.slurm.ssh_host and not self.site.config.slurm.python:
@@ -108,14 +102,16 @@ class SlurmBackend:
         )
         return PreparedJob(script, plan, job)
 
-    def prepare_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> PreparedJob:
+    def prepare_pool(
+        self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...], *, nonce: str | None = None
+    ) -> PreparedJob:
         """Render a swap pool's script (pure, like :meth:`prepare`)."""
         self._check_python()
         plan = PoolPlan(
             pool=pool,
             catalogue=catalogue,
             backend=self.name,
-            nonce=new_nonce(),
+            nonce=nonce or new_nonce(),
             registry_dir=self.site.registry_dir,
             engine_host=self._engine_host(),
         )
@@ -128,37 +124,23 @@ class SlurmBackend:
         """The sbatch script of a swap pool; sbatch'd by hand, it still registers itself."""
         return self.prepare_pool(pool, catalogue).script
 
-    def submit_pool(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> JobHandle:
+    def submit_pool(
+        self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...], request: JobRequest
+    ) -> Submitted:
         """sbatch a swap pool: one allocation serving ``pool.models``."""
-        return self._sbatch(
-            self.prepare_pool(pool, catalogue), model=pool.name, engine="pool", serves=pool.models
-        )
+        return self._sbatch(self.prepare_pool(pool, catalogue, nonce=request.nonce))
 
     def render_script(self, spec: ModelSpec) -> str:
         """The sbatch script for ``spec``; sbatch'd by hand, it still registers its endpoint."""
         return self.prepare(spec).script
 
-    def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:
-        """sbatch the job, then create its pending record (unless the job already did)."""
-        return self._sbatch(
-            self.prepare(spec, started_by=started_by),
-            model=spec.name,
-            engine=spec.engine,
-            started_by=started_by,
-        )
+    def submit(self, spec: ModelSpec, request: JobRequest) -> Submitted:
+        """sbatch the job (the service then creates its pending record)."""
+        return self._sbatch(self.prepare(spec, nonce=request.nonce, started_by=request.started_by))
 
-    def _sbatch(
-        self,
-        prepared: PreparedJob,
-        *,
-        model: str,
-        engine: str,
-        serves: tuple[str, ...] = (),
-        started_by: str | None = None,
-    ) -> JobHandle:
+    def _sbatch(self, prepared: PreparedJob) -> Submitted:
         nonce = prepared.plan.nonce
         self.site.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.registry.ensure()
         try:
             job_id = self.client.sbatch(prepared.script)
         except CommandTimeout as exc:
@@ -172,17 +154,9 @@ class SlurmBackend:
                     hint="the scheduler is slow or down; try again in a minute (`squeue --me`)",
                 ) from exc
             job_id = found
-        record = pending_record(
-            self.name,
-            job_id,
-            nonce,
-            model=model,
-            engine=engine,
-            log_path=prepared.job.log_path(job_id),
-            started_by=started_by,
+        return Submitted(
+            JobHandle(self.name, job_id, nonce), log_path=prepared.job.log_path(job_id)
         )
-        self.registry.create(record.model_copy(update={"serves": serves}))
-        return JobHandle(self.name, job_id, nonce)
 
     def _find_after_timeout(self, comment: str) -> str | None:
         for _ in range(3):
@@ -218,18 +192,6 @@ class SlurmBackend:
     def cancel(self, handle: JobHandle) -> None:
         """scancel: Slurm TERMs the wrapper, which drains, stops the engine and marks it gone."""
         self.client.scancel(handle.job_id)
-        key = record_key(self.name, handle.job_id)
-        deadline = time.monotonic() + self.cancel_wait_s
-        while time.monotonic() < deadline:
-            record = self.registry.read(key)
-            if record is None or record.state in FINAL_STATES:
-                return
-            if not self._active(handle.job_id):
-                break  # the job ended but never finished its record (killed, or never ran)
-            time.sleep(0.5)
-        record = self.registry.read(key)
-        if record is not None and record.state not in FINAL_STATES:
-            self.registry.update(key, state="gone", reason="cancelled")
 
     def _active(self, job_id: str) -> bool:
         """Pending or running (squeue keeps listing ended jobs until it purges them)."""
@@ -238,10 +200,9 @@ class SlurmBackend:
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """The job's output file (on the shared filesystem); with ``follow``, until it ends."""
-        record = self.registry.read(record_key(self.name, handle.job_id))
-        if record is None or not record.log_path:
+        if not handle.log_path:
             raise BackendError(f"no log path known for job {handle.job_id}")
-        path = Path(record.log_path)
+        path = Path(handle.log_path)
         deadline = time.monotonic() + 600
         while not path.exists():
             if not follow or not self._active(handle.job_id):

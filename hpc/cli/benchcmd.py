@@ -157,6 +157,7 @@ def bench(
         raise typer.BadParameter(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if requests is not None and duration_s is not None:
         raise typer.BadParameter("give --requests or --duration-s, not both")
+    from bench.endpoint import first_model
     from bench.loadgen import Progress, Target, sweep
     from bench.report import summaries, write_results
     from bench.workload import Schedule, Workload
@@ -180,7 +181,7 @@ def bench(
         raise typer.BadParameter("give a base URL or a model name (or --compare a,b)")
     elif _is_url(target):
         base_url = _v1(target)
-        models = (model or _first_model(base_url, api_key),)
+        models = (model or first_model(base_url, api_key),)
     else:
         base_url, models = _v1(gateway), (target,)
 
@@ -283,31 +284,7 @@ def _v1(url: str) -> str:
 
 
 def _site_gateway(cli: CliContext) -> str:
-    gateway = cli.site().config.gateway
-    host = "127.0.0.1" if gateway.host in ("0.0.0.0", "::", "") else gateway.host  # noqa: S104
-    return f"http://{host}:{gateway.port}"
-
-
-def _first_model(base_url: str, api_key: str | None) -> str:
-    import json
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(base_url + "/models")  # noqa: S310 - the user's URL
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            listed = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise MTError(
-            f"cannot list the models at {base_url}/models: {exc}",
-            hint="pass --model NAME, or check the URL (it should end with /v1)",
-        ) from exc
-    data = listed.get("data") if isinstance(listed, dict) else None
-    if not data or not isinstance(data[0], dict) or "id" not in data[0]:
-        raise MTError(f"{base_url}/models lists no model", hint="pass --model NAME")
-    return str(data[0]["id"])
+    return cli.site().config.gateway.url(wildcard_as="127.0.0.1")  # the bench runs here
 
 
 def _overhead(

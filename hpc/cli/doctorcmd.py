@@ -10,7 +10,7 @@ from rich.table import Table
 
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
-from hpc.doctor import checks as lib
+from hpc.doctor import diagnosis as lib
 
 _MARKS = {
     True: "[green]✓[/]",

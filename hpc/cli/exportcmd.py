@@ -30,16 +30,9 @@ class ToolChoice(str, Enum):
     olsconfig = "olsconfig"
 
 
-# Addresses that bind every interface: no client can connect to them by that name.
-_WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared, never bound
-
-
 def default_gateway_url(gateway: GatewaySite) -> str:
     """Where site.yaml says the gateway listens; a wildcard bind becomes this host's name."""
-    host = socket.getfqdn() if gateway.host in _WILDCARDS else gateway.host
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 literal
-    return f"http://{host}:{gateway.port}/v1"
+    return gateway.url(wildcard_as=socket.getfqdn())
 
 
 def export(

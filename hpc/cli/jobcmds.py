@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from hpc import jobs
-from hpc.backends import JobHandle, JobStatus, get_backend
+from hpc.backends import JobHandle, JobStatus
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
 from hpc.errors import MTError
@@ -170,9 +170,10 @@ def logs(
     """Print a job's log (the engine's output, with its key masked)."""
     cli: CliContext = ctx.obj
     record = jobs.find_record(cli.site(), job)
-    backend = get_backend(record.backend, cli.site())
     try:
-        for line in backend.logs(jobs.handle_of(record), follow=follow):
+        for line in jobs.service(cli.site(), record.backend).logs(
+            jobs.handle_of(record), follow=follow
+        ):
             typer.echo(line)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -31,7 +31,7 @@ def served(cli: CliContext) -> list[ServedModel]:
 
 
 def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """What the gateway would serve: configured models, static backends, ready jobs."""
+    """What the gateway would serve: configured models, static backends, ready jobs, aliases."""
     cli: CliContext = ctx.obj
     rows: dict[str, dict[str, object]] = {
         model.name: {
@@ -39,6 +39,7 @@ def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             "source": model.source,
             "engine": model.engine,
             "endpoints": [endpoint.base_url for endpoint in model.endpoints],
+            "alias_of": model.alias_of,
         }
         for model in served(cli)
     }
@@ -59,11 +60,54 @@ def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             endpoints = []
         table.add_row(
             str(row["name"]),
-            str(row["source"]),
+            f"alias of {row['alias_of']}" if row["alias_of"] else str(row["source"]),
             str(row["engine"]),
             ", ".join(endpoints) or "[dim]none (mt submit it)[/]",
         )
     stdout().print(table)
+
+
+def _gateway_option(field: str, flag: str) -> Any:
+    """A typer option for ``GatewayConfig.<field>``: its help and bounds come from the model.
+
+    The model is the one source of the gateway's defaults, bounds and help: the option
+    checks a value with the field's own validator, so a bad one is a usage error (exit 2).
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    from gateway.config import GatewayConfig
+
+    info = GatewayConfig.model_fields[field]
+    # The field's own FieldInfo as Annotated metadata: its type with its constraints.
+    annotated: Any = Annotated
+    adapter: TypeAdapter[Any] = TypeAdapter(annotated[info.annotation, info])
+    bounds = [
+        f"{sign} {getattr(rule, attr)}"
+        for rule in info.metadata
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if hasattr(rule, attr)
+    ]
+    if field.endswith("_s"):
+        bounds.insert(0, "seconds")
+    description = info.description or ""
+    text = description[:1].upper() + description[1:] + (f" ({', '.join(bounds)}).")
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            raise typer.BadParameter(exc.errors()[0]["msg"]) from None
+
+    return typer.Option(flag, help=text, callback=check)
+
+
+def _gateway_default(field: str) -> Any:
+    """The default of ``GatewayConfig.<field>``, for the option that sets it."""
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig.model_fields[field].default
 
 
 def gateway(
@@ -77,35 +121,23 @@ def gateway(
         typer.Option("--keys", help="keys.yaml: require these API keys (mt keys create)."),
     ] = None,
     connect_timeout: Annotated[
-        float, typer.Option("--connect-timeout", min=0.001, help="Seconds to connect upstream.")
-    ] = 10,
+        float, _gateway_option("connect_timeout_s", "--connect-timeout")
+    ] = _gateway_default("connect_timeout_s"),
     first_token_timeout: Annotated[
-        float,
-        typer.Option(
-            "--first-token-timeout",
-            min=0.001,
-            help="Seconds to the upstream's first byte (a whole non-streaming answer).",
-        ),
-    ] = 600,
+        float, _gateway_option("first_token_timeout_s", "--first-token-timeout")
+    ] = _gateway_default("first_token_timeout_s"),
     idle_timeout: Annotated[
-        float,
-        typer.Option(
-            "--idle-timeout", min=0.001, help="Longest upstream silence between chunks (s)."
-        ),
-    ] = 120,
+        float, _gateway_option("idle_timeout_s", "--idle-timeout")
+    ] = _gateway_default("idle_timeout_s"),
     max_in_flight: Annotated[
-        int | None,
-        typer.Option("--max-in-flight", min=1, help="Requests at once in all; beyond: 503."),
-    ] = None,
+        int | None, _gateway_option("max_in_flight", "--max-in-flight")
+    ] = _gateway_default("max_in_flight"),
     max_in_flight_per_model: Annotated[
-        int | None,
-        typer.Option(
-            "--max-in-flight-per-model", min=1, help="Requests at once per model; beyond: 503."
-        ),
-    ] = None,
+        int | None, _gateway_option("max_in_flight_per_model", "--max-in-flight-per-model")
+    ] = _gateway_default("max_in_flight_per_model"),
     retry_after: Annotated[
-        int, typer.Option("--retry-after", min=1, help="Retry-After (s) sent with a 503.")
-    ] = 5,
+        int, _gateway_option("retry_after_s", "--retry-after")
+    ] = _gateway_default("retry_after_s"),
     backend: Annotated[
         str | None,
         typer.Option(
@@ -113,51 +145,33 @@ def gateway(
         ),
     ] = None,
     max_on_demand_jobs: Annotated[
-        int | None,
-        typer.Option(
-            "--max-on-demand-jobs", min=1, help="On-demand jobs at once, all models; beyond: 503."
-        ),
-    ] = None,
+        int | None, _gateway_option("max_on_demand_jobs", "--max-on-demand-jobs")
+    ] = _gateway_default("max_on_demand_jobs"),
     header_timeout: Annotated[
-        float,
-        typer.Option(
-            "--header-timeout",
-            min=0.01,
-            help="Seconds a connection may take to send its request head; idle keep-alive too.",
-        ),
-    ] = 30,
+        float, _gateway_option("header_timeout_s", "--header-timeout")
+    ] = _gateway_default("header_timeout_s"),
     shutdown_grace: Annotated[
-        float,
-        typer.Option(
-            "--shutdown-grace", min=0, help="On SIGTERM, seconds in-flight requests may finish."
-        ),
-    ] = 30,
+        float, _gateway_option("shutdown_grace_s", "--shutdown-grace")
+    ] = _gateway_default("shutdown_grace_s"),
     health_interval: Annotated[
-        float,
-        typer.Option(
-            "--health-interval", min=0.01, help="Seconds between health/load probes of each job."
-        ),
-    ] = 5,
+        float, _gateway_option("health_interval_s", "--health-interval")
+    ] = _gateway_default("health_interval_s"),
     health_timeout: Annotated[
-        float,
-        typer.Option("--health-timeout", min=0.01, help="A probe slower than this failed."),
-    ] = 2,
+        float, _gateway_option("health_timeout_s", "--health-timeout")
+    ] = _gateway_default("health_timeout_s"),
     health_failures: Annotated[
-        int,
-        typer.Option(
-            "--health-failures", min=1, help="Failed probes in a row before a job gets no requests."
-        ),
-    ] = 3,
+        int, _gateway_option("health_failures_to_eject", "--health-failures")
+    ] = _gateway_default("health_failures_to_eject"),
 ) -> None:
     """Run the OpenAI-compatible gateway in the foreground."""
     from gateway.config import GatewayConfig
     from gateway.server import run
-    from hpc.backends import get_backend
+    from hpc.jobs import service
 
     cli: CliContext = ctx.obj
     site = cli.site()
     # Built now (no I/O) so that a bad name fails before the gateway listens.
-    on_demand_backend = get_backend(backend or site.config.default_backend, site)
+    on_demand_backend = service(site, backend)
     models_file = cli.models_path()
     config = GatewayConfig(
         host=host or site.config.gateway.host,
