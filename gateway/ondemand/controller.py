@@ -1,5 +1,8 @@
 """On-demand models: start a model's job when a request asks for it, cancel it when idle.
 
+The controller holds no HTTP: refusals are ``ErrorReply`` values, and the waiting
+requests' side (keep-alives, 503s, in-band errors) is ``gateway.ondemand.wait``.
+
 A model with ``on_demand:`` in ``models.yaml`` and no ready endpoint makes the gateway submit
 its job through the configured backend, once per burst however many requests arrive: the
 check-and-start runs on the event loop without awaiting in between, so the first request
@@ -38,39 +41,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
-
-from aiohttp import web
+from collections.abc import Callable, Sequence
 
 from gateway.config import GatewayConfig
-from gateway.errors import INVALID_REQUEST, SERVER_ERROR, openai_error
-from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
-from gateway.ondemandjobs import ModelState, OwnJob, client_of, is_own, started_by
+from gateway.ondemand.jobs import Asker, ModelState, OwnJob, client_of, is_own, started_by
+from gateway.ondemand.refusals import (
+    failed,
+    gateway_at_capacity,
+    key_at_limit,
+)
+from gateway.ondemand.statefile import state_document, write_state
 from gateway.routes import Upstream
-from gateway.state import RequestInfo
 from hpc.backends import Backend, JobHandle, JobStatus
 from hpc.errors import MTError
-from hpc.privatefile import write_private
+from hpc.ondemandstate import default_path
+from hpc.openai import ErrorReply
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.spec import ModelsFile, ModelSpec, OnDemand
 
 log = logging.getLogger(f"{LOGGER_NAME}.ondemand")
 
-# Forwards a request to these upstreams, relaying a stream into the given (already
-# prepared) response if there is one: the proxy's own path after routing.
-Proceed = Callable[[tuple[Upstream, ...], web.StreamResponse | None], Awaitable[web.StreamResponse]]
-
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 # squeue for the pending reason this often, not at every record read: a busy controller
 # must not see a call per poll from every gateway.
 SCHEDULER_EVERY_S = 3.0
@@ -86,9 +79,14 @@ class OnDemandController:
         config: GatewayConfig,
         backend: Backend | None,
         models: Callable[[], ModelsFile | None],
+        outstanding: Callable[[str], int] = lambda _source: 0,
     ) -> None:
+        """``models`` gives the live models.yaml; ``outstanding`` the requests in flight
+        to a replica (the balancer counts them), which says which replica is busy."""
         self.config = config
         self.backend = backend
+        self.outstanding = outstanding
+        self.state_file = config.on_demand_state_file or default_path(config.registry_dir)
         self.registry = Registry(config.registry_dir)
         self._models = models
         self._specs_of: ModelsFile | None = None
@@ -117,41 +115,32 @@ class OnDemandController:
             }
         return self._specs.get(model)
 
-    async def serve(
-        self,
-        request: web.Request,
-        info: RequestInfo,
-        model: str,
-        stream: bool,
-        candidates: tuple[Upstream, ...],
-        proceed: Proceed,
-    ) -> web.StreamResponse:
-        """Answer a request for an on-demand model: at once if it is ready, else after a start."""
+    def enter(self, model: str, asker: Asker) -> ModelState:
+        """Count a request for ``model`` in (until ``leave``); its state, to wait on."""
         state = self._state(model)
         state.in_flight += 1
-        state.requests[info.request_id] = info
-        state.last_request = info
+        state.last_request = asker
         self._touch(state)
-        try:
-            ready = self._ready(state, candidates)
-            spec = self.spec(model)
-            if ready:
-                if spec is not None and spec.on_demand is not None:
-                    self._scale_out(state, spec, spec.on_demand, len(ready), info)
-                return await proceed(ready, None)
-            if spec is None or spec.on_demand is None:
-                return _not_on_demand(model, self.config.retry_after_s)
-            refused = self._ensure_start(state, spec, info)
-            if refused is not None:
-                return refused
-            return await self._wait(request, info, state, spec, spec.on_demand, stream, proceed)
-        finally:
-            state.in_flight -= 1
-            state.requests.pop(info.request_id, None)
-            used = state.jobs.get(info.upstream or "")
-            if used is not None:
-                used.used_at = time.time()
-            self._touch(state)
+        return state
+
+    def leave(self, state: ModelState, used: str | None) -> None:
+        """Count the request out; ``used`` is the replica that answered it, if one did."""
+        state.in_flight -= 1
+        job = state.jobs.get(used or "")
+        if job is not None:
+            job.used_at = time.time()
+        self._touch(state)
+
+    def ready(
+        self, state: ModelState, candidates: tuple[Upstream, ...], asker: Asker
+    ) -> tuple[Upstream, ...]:
+        """The model's ready replicas (``candidates`` are the route table's); when there
+        are some, one more is started if they carry more than their target."""
+        ready = self._ready(state, candidates)
+        spec = self.spec(state.name)
+        if ready and spec is not None and spec.on_demand is not None:
+            self._scale_out(state, spec, spec.on_demand, len(ready), asker)
+        return ready
 
     @staticmethod
     def _ready(state: ModelState, candidates: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
@@ -177,10 +166,10 @@ class OnDemandController:
         state.last_request_at = time.time()
         self._dirty = True
 
-    def _ensure_start(
-        self, state: ModelState, spec: ModelSpec, info: RequestInfo
-    ) -> web.Response | None:
-        """Start a job unless one is on its way; a refusal (failure, a cap) as a response.
+    def start(self, state: ModelState, spec: ModelSpec, asker: Asker) -> ErrorReply | None:
+        """Start a job unless one is on its way; else None, or why not (a failure
+        remembered, a cap). A waiting request asks again on every change of the model's
+        state: a job that ended under it is started again.
 
         No await between the checks and the task's creation: concurrent requests cannot
         both see "nothing started" on one event loop.
@@ -190,15 +179,12 @@ class OnDemandController:
         loop = asyncio.get_running_loop()
         if state.failure is not None:
             if loop.time() < state.failure_until:
-                return self._failure_response(state)
+                return failed(state, loop.time())
             state.failure = None
-        client = info.client_entry
-        refused = self._gateway_limit(state) or self._key_limit(state, client)
+        refused = self._gateway_limit(state) or self._key_limit(state, asker)
         if refused is not None:
             return refused
-        self._start(
-            state, spec, started_by(info.request_id, state.name, client.name if client else None)
-        )
+        self._start(state, spec, started_by(asker.request_id, state.name, asker.client))
         return None
 
     def _scale_out(
@@ -207,7 +193,7 @@ class OnDemandController:
         spec: ModelSpec,
         on_demand: OnDemand,
         ready: int,
-        info: RequestInfo,
+        asker: Asker,
     ) -> None:
         """Start one more replica if every ready one carries more than its target of
         requests, none is on its way, and the model, the gateway and the key have room.
@@ -226,15 +212,10 @@ class OnDemandController:
             if asyncio.get_running_loop().time() < state.failure_until:
                 return  # a start failed lately: no loop of submits
             state.failure = None
-        client = info.client_entry
-        if self._gateway_limit(state) or self._key_limit(state, client):
+        if self._gateway_limit(state) or self._key_limit(state, asker):
             return
         load = f"{state.in_flight} in flight on {ready} replica{'' if ready == 1 else 's'}"
-        self._start(
-            state,
-            spec,
-            started_by(info.request_id, state.name, client.name if client else None, load),
-        )
+        self._start(state, spec, started_by(asker.request_id, state.name, asker.client, load))
 
     def _start(self, state: ModelState, spec: ModelSpec, why: str) -> None:
         task = asyncio.create_task(self._submit(state, spec, why), name=f"mt-on-demand-{spec.name}")
@@ -243,39 +224,23 @@ class OnDemandController:
         self._dirty = True
         log.info("starting on demand", extra=fields(model=state.name, why=why))
 
-    def _gateway_limit(self, state: ModelState) -> web.Response | None:
+    def _gateway_limit(self, state: ModelState) -> ErrorReply | None:
         cap = self.config.max_on_demand_jobs
         running = sum(len(s.live()) + s.is_submitting() for s in self.states.values())
         if cap is not None and running >= cap:
-            return openai_error(
-                503,
-                f"model {state.name!r} is not running, and the gateway already runs {running} "
-                f"on-demand jobs, its limit (max_on_demand_jobs {cap}); retry when one has "
-                "gone idle",
-                SERVER_ERROR,
-                "on_demand_at_capacity",
-                param="model",
-                headers={"Retry-After": str(self.config.retry_after_s)},
-            )
+            return gateway_at_capacity(state.name, running, cap, self.config.retry_after_s)
         return None
 
-    def _key_limit(self, state: ModelState, client: Client | None) -> web.Response | None:
-        limit = client.entry.max_on_demand_jobs if client is not None else None
-        if client is None or limit is None:
+    def _key_limit(self, state: ModelState, asker: Asker) -> ErrorReply | None:
+        limit = asker.max_jobs
+        if asker.client is None or limit is None:
             return None
-        mine = sum(1 for s in self.states.values() for job in s.live() if job.client == client.name)
+        mine = sum(
+            1 for s in self.states.values() for job in s.live() if job.client == asker.client
+        )
         if mine < limit:
             return None
-        return openai_error(
-            429,
-            f"model {state.name!r} is not running, and key {client.name!r} has already started "
-            f"{mine} on-demand jobs, its limit (max_on_demand_jobs {limit}); retry when one has "
-            "gone idle",
-            INVALID_REQUEST,
-            "on_demand_key_limit",
-            param="model",
-            headers={"Retry-After": str(self.config.retry_after_s)},
-        )
+        return key_at_limit(state.name, asker.client, mine, limit, self.config.retry_after_s)
 
     async def _submit(self, state: ModelState, spec: ModelSpec, why: str) -> None:
         backend = self.backend
@@ -309,77 +274,6 @@ class OnDemandController:
         log.warning("on-demand start failed", extra=fields(model=state.name, error=message))
         state.notify()
         self._dirty = True
-
-    # -- waiting -------------------------------------------------------------------------
-    async def _wait(
-        self,
-        request: web.Request,
-        info: RequestInfo,
-        state: ModelState,
-        spec: ModelSpec,
-        on_demand: OnDemand,
-        stream: bool,
-        proceed: Proceed,
-    ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + on_demand.start_deadline_s
-        out: web.StreamResponse | None = None
-        if stream:
-            out = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            await out.prepare(request)
-        while True:
-            ready = state.upstreams()
-            if ready:
-                break
-            if state.failure is not None:
-                return await _refuse(out, self._failure_response(state))
-            refused = self._ensure_start(state, spec, info)  # the job ended under us
-            if refused is not None:
-                return await _refuse(out, refused)
-            phase = state.phase()
-            if out is not None:
-                try:
-                    await out.write(f": {phase}\n\n".encode())
-                except ConnectionResetError:
-                    info.outcome = "client_disconnected"
-                    return out
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return await _refuse(out, self._not_ready_response(state, on_demand))
-            changed = state.changed
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    changed.wait(), min(self.config.on_demand_keepalive_s, remaining)
-                )
-        response = await proceed(ready, out)
-        if out is not None and response is not out:
-            return await _refuse(out, response)
-        return response
-
-    def _failure_response(self, state: ModelState) -> web.Response:
-        loop = asyncio.get_running_loop()
-        retry_after = max(1, round(state.failure_until - loop.time()))
-        return openai_error(
-            503,
-            f"model {state.name!r} could not be started on demand: {state.failure}",
-            SERVER_ERROR,
-            "on_demand_start_failed",
-            param="model",
-            headers={"Retry-After": str(retry_after)},
-        )
-
-    def _not_ready_response(self, state: ModelState, on_demand: OnDemand) -> web.Response:
-        jobs = ", ".join(job.key for job in state.live()) or "being submitted"
-        return openai_error(
-            503,
-            f"model {state.name!r} is starting on demand (job {jobs}: {state.phase()}) and was "
-            f"not ready within its start_deadline_s of {on_demand.start_deadline_s:g} s; "
-            "retry later (the job keeps starting)",
-            SERVER_ERROR,
-            "on_demand_starting",
-            param="model",
-            headers={"Retry-After": str(self.config.retry_after_s)},
-        )
 
     # -- watching and stopping -----------------------------------------------------------
     async def adopt(self) -> None:
@@ -423,14 +317,14 @@ class OnDemandController:
         self._scale_out_all()
         self._reap()
         busy = tuple(
-            (key, state.busy_on(key)) for state in self.states.values() for key in state.jobs
+            (key, self.outstanding(key)) for state in self.states.values() for key in state.jobs
         )
         if busy != self._busy:  # requests moved between replicas: the file shows each one's
             self._busy = busy
             self._dirty = True
         if self._dirty:
             self._dirty = False
-            await asyncio.to_thread(self.write_state)
+            await self.publish()
 
     def _observe(
         self, backend: Backend, jobs: Sequence[OwnJob], ask: bool
@@ -457,14 +351,7 @@ class OnDemandController:
                 statuses[job.key] = status
                 record = records[job.key]
                 if status.state in _ENDED and record is not None:
-                    # Ended without finishing its record (killed, or never ran): re-read once.
-                    record = self.registry.read(job.key) or record
-                    if record.state not in FINAL_STATES | {"ready"}:
-                        reason = (
-                            record.reason or f"the job ended ({status.state}) before it was ready"
-                        )
-                        record = self.registry.update(job.key, state="failed", reason=reason)
-                    records[job.key] = record
+                    records[job.key] = _finish_ended(self.registry, record, status)
         return {job.key: (records[job.key], statuses.get(job.key)) for job in jobs}
 
     def _apply(
@@ -520,7 +407,7 @@ class OnDemandController:
                 left = max(len(state.upstreams()) + state.others - 1, 0)
                 if target and state.in_flight > target * left:
                     continue  # the others would be over target: it would only start again
-                extra = self._idle_extra(state, live, now, model_idle)
+                extra = self._idle_extra(state, live, now, model_idle, self.outstanding)
                 if extra is not None:
                     self._stop(self.backend, state, extra, now - extra.used_at)
             elif model_idle:
@@ -528,13 +415,17 @@ class OnDemandController:
 
     @staticmethod
     def _idle_extra(
-        state: ModelState, live: list[OwnJob], now: float, model_idle: bool
+        state: ModelState,
+        live: list[OwnJob],
+        now: float,
+        model_idle: bool,
+        outstanding: Callable[[str], int],
     ) -> OwnJob | None:
         """The most recently started replica beyond the oldest that is idle: ready with no
         request for the TTL and none in flight to it, or not ready and the model idle."""
         for job in sorted(live, key=lambda job: job.started_at, reverse=True)[:-1]:
             if job.ready:
-                if not state.busy_on(job.key) and now - job.used_at >= state.idle_ttl_s:
+                if not outstanding(job.key) and now - job.used_at >= state.idle_ttl_s:
                     return job
             elif model_idle:
                 return job
@@ -576,28 +467,11 @@ class OnDemandController:
                 await task
 
     # -- the state file ------------------------------------------------------------------
-    def state_document(self) -> dict[str, object]:
-        """What the state file holds (see docs/on-demand.md for its shape)."""
-        now = time.time()
-        return {
-            "version": 1,
-            "updated_at": now,
-            "gateway_pid": os.getpid(),
-            "backend": self.backend.name if self.backend is not None else None,
-            "models": {name: state.snapshot(now) for name, state in sorted(self.states.items())},
-        }
-
-    def write_state(self) -> None:
-        """Publish the state file (0600, atomic). Blocking: run it in a worker thread."""
-        path: Path = self.config.state_file()
-        data = json.dumps(self.state_document(), indent=2).encode("utf-8")
-        try:
-            write_private(path, data)
-        except OSError as exc:
-            log.error(
-                "cannot write the on-demand state file",
-                extra=fields(path=str(path), error=exc.strerror),
-            )
+    async def publish(self) -> None:
+        """Write the state file: the document taken on the loop, written in a thread."""
+        backend = self.backend.name if self.backend is not None else None
+        document = state_document(self.states, backend, self.outstanding)
+        await asyncio.to_thread(write_state, self.state_file, document)
 
 
 def _job_failure(record: Record) -> str:
@@ -606,53 +480,12 @@ def _job_failure(record: Record) -> str:
     return f"job {record.key} {record.state}: {reason}" + (f" (log: {tail})" if tail else "")
 
 
-def _not_on_demand(model: str, retry_after_s: int) -> web.Response:
-    return openai_error(
-        503,
-        f"model {model!r} has no ready endpoint and is no longer on demand in models.yaml "
-        f"(hint: mt submit {model})",
-        SERVER_ERROR,
-        "no_ready_endpoint",
-        param="model",
-        headers={"Retry-After": str(retry_after_s)},
-    )
-
-
-async def _refuse(
-    out: web.StreamResponse | None, response: web.StreamResponse
-) -> web.StreamResponse:
-    """``response`` itself, or, on a stream already started, its error as an in-band event
-    (and no ``[DONE]``, so the client knows the answer is not whole)."""
-    if out is None:
-        return response
-    body = response.body if isinstance(response, web.Response) else None
-    event = body if isinstance(body, bytes) else b'{"error": {"message": "no answer"}}'
-    with contextlib.suppress(ConnectionResetError):
-        await out.write(b"data: " + event + b"\n\n")
-        await out.write_eof()
-    return out
-
-
-ON_DEMAND = web.AppKey("on_demand", OnDemandController)
-
-
-def on_demand_context(
-    key: web.AppKey[OnDemandController],
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A ``cleanup_ctx`` entry: adopt the gateway's jobs, then watch them until shutdown."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        controller = app[key]
-        if controller.backend is None:
-            yield
-            return
-        await controller.adopt()
-        task = asyncio.create_task(controller.run(), name="mt-gateway-on-demand")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await controller.close()
-        await asyncio.to_thread(controller.write_state)
-
-    return context
+def _finish_ended(registry: Registry, record: Record, status: JobStatus) -> Record:
+    """The record of a job the scheduler says ended: finished as ``failed`` if the job
+    ended without finishing it (killed, or never ran)."""
+    # TODO(merge): hpc.jobs.reconcile computes this same fact; call it once it lands.
+    record = registry.read(record.key) or record  # re-read once: it may have just finished
+    if record.state in FINAL_STATES | {"ready"}:
+        return record
+    reason = record.reason or f"the job ended ({status.state}) before it was ready"
+    return registry.update(record.key, state="failed", reason=reason)

@@ -1,0 +1,1 @@
+"""On-demand models: jobs started when a request asks for their model, stopped when idle."""
