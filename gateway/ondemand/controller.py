@@ -1,40 +1,12 @@
-"""On-demand models: start a model's job when a request asks for it, cancel it when idle.
+"""The on-demand controller: submit, adopt, scale out and in, reap; no HTTP here.
 
-The controller holds no HTTP: refusals are ``ErrorReply`` values, and the waiting
-requests' side (keep-alives, 503s, in-band errors) is ``gateway.ondemand.wait``.
-
-A model with ``on_demand:`` in ``models.yaml`` and no ready endpoint makes the gateway submit
-its job through the configured backend, once per burst however many requests arrive: the
-check-and-start runs on the event loop without awaiting in between, so the first request
-creates the one submit task and every later one joins it. Backend calls block (sbatch, a
-Kubernetes API call, squeue), so each runs in a worker thread; the event loop only waits.
-
-While the job is pending or starting, a streaming request already has its 200 and gets an
-SSE comment (``: pending (Priority)``, ``: starting``) every ``on_demand_keepalive_s`` and
-on every change, so proxies and clients keep the connection; then the engine's answer is
-relayed into the same response. A non-streaming request waits up to the model's
-``start_deadline_s`` and then gets 503 + Retry-After with the state in the message.
-
-A failed start (sbatch refuses a partition, the job fails before it is healthy) answers
-every waiting request with the reason (503, or an in-band ``data: {"error": …}`` event with
-no ``[DONE]`` on a stream already started) and is remembered for
-``on_demand_failure_backoff_s``: requests in that time get the same answer and nothing is
-resubmitted, so a bad spec never turns into a loop of submits.
-
-A monitor task reads the records of the gateway's own jobs every ``on_demand_poll_s`` (and
-asks the scheduler, batched, every few seconds for the pending reason and for jobs that
-ended without finishing their record), cancels jobs whose model has had no request for
-``idle_ttl_s`` with nothing in flight, and publishes the state file `mt pool status` reads.
-The gateway cancels only jobs whose record says it started them (``started_by``), and finds
-them again after a restart by that field.
-
-Scale out: when the model's requests in flight (waiting ones included) exceed
-``target_in_flight`` per ready replica, a request (or the monitor, for load that stays)
-starts one more job, up to ``max_replicas``; only one start per model is ever on its way.
-Requests keep going to the ready replicas; the new one joins them when its record is
-ready. Scale in: a replica beyond the oldest that has had no request for ``idle_ttl_s``,
-with none in flight to it, is cancelled, most recently started first; the last one follows
-the model's idle rule above.
+Refusals are ``ErrorReply`` values (``refusals``); the waiting requests' side (keep-alives,
+503s, in-band errors) is ``wait``. The check-and-start runs on the event loop without
+awaiting in between, so the first request of a burst creates the one submit task and every
+later one joins it. Backend calls block (sbatch, a Kubernetes API call, squeue), so each
+runs in a worker thread; the event loop only waits. A monitor task reads the records of the
+gateway's own jobs every ``on_demand_poll_s`` (and asks the scheduler every few seconds:
+``observe``), cancels idle jobs, and publishes the state file (``statefile``).
 """
 
 from __future__ import annotations
@@ -43,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from gateway.config import GatewayConfig
 from gateway.logs import LOGGER_NAME, fields
 from gateway.ondemand.jobs import Asker, ModelState, OwnJob, client_of, is_own, started_by
+from gateway.ondemand.observe import ENDED, job_failure, observe
 from gateway.ondemand.refusals import (
     failed,
     gateway_at_capacity,
@@ -67,8 +40,6 @@ log = logging.getLogger(f"{LOGGER_NAME}.ondemand")
 # squeue for the pending reason this often, not at every record read: a busy controller
 # must not see a call per poll from every gateway.
 SCHEDULER_EVERY_S = 3.0
-_ENDED = frozenset({"done", "failed", "cancelled", "missing"})
-_LOG_LINES_IN_ERROR = 5
 
 
 class OnDemandController:
@@ -136,21 +107,11 @@ class OnDemandController:
     ) -> tuple[Upstream, ...]:
         """The model's ready replicas (``candidates`` are the route table's); when there
         are some, one more is started if they carry more than their target."""
-        ready = self._ready(state, candidates)
+        ready = state.ready_with(candidates)
         spec = self.spec(state.name)
         if ready and spec is not None and spec.on_demand is not None:
             self._scale_out(state, spec, spec.on_demand, len(ready), asker)
         return ready
-
-    @staticmethod
-    def _ready(state: ModelState, candidates: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
-        """The route table's replicas (less those being cancelled) and the model's own ready
-        jobs the table does not list yet (a new replica joins at once)."""
-        skip = state.unroutable()
-        ready = [c for c in candidates if c.source not in skip]
-        state.others = sum(1 for c in ready if c.source not in state.jobs)
-        listed = {c.source for c in ready}
-        return (*ready, *(u for u in state.upstreams() if u.source not in listed))
 
     # -- starting ------------------------------------------------------------------------
     def _state(self, model: str) -> ModelState:
@@ -327,32 +288,14 @@ class OnDemandController:
             await self.publish()
 
     def _observe(
-        self, backend: Backend, jobs: Sequence[OwnJob], ask: bool
+        self, backend: Backend, jobs: list[OwnJob], ask: bool
     ) -> dict[str, tuple[Record | None, JobStatus | None]]:
-        """Each job's record, and (every few seconds) what the scheduler says of those not
-        ready; a job the scheduler no longer runs gets its record finished here."""
-        records = {job.key: self.registry.read(job.key) for job in jobs}
-        statuses: dict[str, JobStatus] = {}
-        unready = [
-            job
-            for job in jobs
-            if (rec := records[job.key]) is None or rec.state not in FINAL_STATES | {"ready"}
-        ]
-        if ask and unready:
-            try:
-                by_id = backend.status([job.handle for job in unready])
-            except MTError as exc:  # the scheduler (or the SSH link to it) is down: next round
-                log.warning("scheduler status failed", extra=fields(error=exc.message))
-                by_id = {}
-            for job in unready:
-                status = by_id.get(job.handle.job_id)
-                if status is None:
-                    continue
-                statuses[job.key] = status
-                record = records[job.key]
-                if status.state in _ENDED and record is not None:
-                    records[job.key] = _finish_ended(self.registry, record, status)
-        return {job.key: (records[job.key], statuses.get(job.key)) for job in jobs}
+        """``observe``, and the records of jobs that ended unfinished finished. Blocking."""
+        seen = observe(self.registry, backend, jobs, ask)
+        for key, (record, status) in seen.items():
+            if status is not None and status.state in ENDED and record is not None:
+                seen[key] = (_finish_ended(self.registry, record, status), status)
+        return seen
 
     def _apply(
         self, state: ModelState, seen: dict[str, tuple[Record | None, JobStatus | None]]
@@ -372,7 +315,7 @@ class OnDemandController:
                 state.retire(key)
                 self._dirty = True
                 if not was_ready and job.record is not None and job.record.state == "failed":
-                    self._fail(state, _job_failure(job.record))
+                    self._fail(state, job_failure(job.record))
                 log.info(
                     "on-demand job ended",
                     extra=fields(model=state.name, job=key, state=job.record and job.record.state),
@@ -407,29 +350,11 @@ class OnDemandController:
                 left = max(len(state.upstreams()) + state.others - 1, 0)
                 if target and state.in_flight > target * left:
                     continue  # the others would be over target: it would only start again
-                extra = self._idle_extra(state, live, now, model_idle, self.outstanding)
+                extra = state.idle_extra(live, now, model_idle, self.outstanding)
                 if extra is not None:
                     self._stop(self.backend, state, extra, now - extra.used_at)
             elif model_idle:
                 self._stop(self.backend, state, live[0], now - (state.last_request_at or now))
-
-    @staticmethod
-    def _idle_extra(
-        state: ModelState,
-        live: list[OwnJob],
-        now: float,
-        model_idle: bool,
-        outstanding: Callable[[str], int],
-    ) -> OwnJob | None:
-        """The most recently started replica beyond the oldest that is idle: ready with no
-        request for the TTL and none in flight to it, or not ready and the model idle."""
-        for job in sorted(live, key=lambda job: job.started_at, reverse=True)[:-1]:
-            if job.ready:
-                if not outstanding(job.key) and now - job.used_at >= state.idle_ttl_s:
-                    return job
-            elif model_idle:
-                return job
-        return None
 
     def _stop(self, backend: Backend, state: ModelState, job: OwnJob, idle: float) -> None:
         job.stopping = True
@@ -472,12 +397,6 @@ class OnDemandController:
         backend = self.backend.name if self.backend is not None else None
         document = state_document(self.states, backend, self.outstanding)
         await asyncio.to_thread(write_state, self.state_file, document)
-
-
-def _job_failure(record: Record) -> str:
-    tail = " | ".join(line.strip() for line in record.log_tail[-_LOG_LINES_IN_ERROR:])
-    reason = record.reason or "no reason recorded"
-    return f"job {record.key} {record.state}: {reason}" + (f" (log: {tail})" if tail else "")
 
 
 def _finish_ended(registry: Registry, record: Record, status: JobStatus) -> Record:

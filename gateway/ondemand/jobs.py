@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.routes import Upstream
@@ -157,6 +158,28 @@ class ModelState:
         self.retired[key] = None
         while len(self.retired) > _RETIRED_KEPT:  # the oldest left the route table long ago
             del self.retired[next(iter(self.retired))]
+
+    def ready_with(self, candidates: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+        """The route table's replicas (less those being cancelled) and the model's own ready
+        jobs the table does not list yet (a new replica joins at once)."""
+        skip = self.unroutable()
+        ready = [c for c in candidates if c.source not in skip]
+        self.others = sum(1 for c in ready if c.source not in self.jobs)
+        listed = {c.source for c in ready}
+        return (*ready, *(u for u in self.upstreams() if u.source not in listed))
+
+    def idle_extra(
+        self, live: list[OwnJob], now: float, model_idle: bool, outstanding: Callable[[str], int]
+    ) -> OwnJob | None:
+        """The most recently started replica beyond the oldest that is idle: ready with no
+        request for the TTL and none in flight to it, or not ready and the model idle."""
+        for job in sorted(live, key=lambda job: job.started_at, reverse=True)[:-1]:
+            if job.ready:
+                if not outstanding(job.key) and now - job.used_at >= self.idle_ttl_s:
+                    return job
+            elif model_idle:
+                return job
+        return None
 
     def is_submitting(self) -> bool:
         """A submit for this model is in flight."""

@@ -34,6 +34,7 @@ class Failure:
     retry_after: str | None = None
 
     def response(self) -> web.Response:
+        """The client's answer, when no other replica could give one."""
         headers = {"Retry-After": self.retry_after} if self.retry_after else None
         return openai_error(self.status, self.message, SERVER_ERROR, self.code, headers=headers)
 
@@ -50,6 +51,7 @@ SHUTTING_DOWN = "the gateway is shutting down; send the request again"
 
 
 def shutting_down(config: GatewayConfig) -> web.Response:
+    """503 + Retry-After: the gateway ended the request for its shutdown."""
     # Another gateway (or this one, restarted) may answer it: 503 + Retry-After.
     return openai_error(
         503,
@@ -61,6 +63,7 @@ def shutting_down(config: GatewayConfig) -> web.Response:
 
 
 def no_route(routes: RouteTable, model: str, canonical: str, retry_after_s: int) -> web.Response:
+    """404 for a name not served here; 503 for a model with no ready endpoint."""
     if not routes.is_known(model):
         return openai_error(
             404,
@@ -84,6 +87,7 @@ def no_route(routes: RouteTable, model: str, canonical: str, retry_after_s: int)
 
 
 def at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
+    """503: admission control found the model (or the gateway) full."""
     if full == "model":
         message = f"model {model!r} has as many requests in flight as it may; retry shortly"
     else:
@@ -98,6 +102,7 @@ def at_capacity(model: str, full: str, retry_after_s: int) -> web.Response:
 
 
 def unreachable(code: str, model: str, tried: int, config: GatewayConfig) -> Failure:
+    """No replica could be connected to (``code`` from ``upstream.send``): retryable."""
     if code == "upstream_connect_timeout":
         return Failure(
             504,
@@ -114,6 +119,7 @@ def unreachable(code: str, model: str, tried: int, config: GatewayConfig) -> Fai
 
 
 def timeout_message(upstream: Upstream, code: str, config: GatewayConfig) -> str:
+    """What a client is told when a clock ran out (``code`` says which)."""
     if code == "upstream_first_token_timeout":
         return (
             f"upstream {upstream.source} sent no first token within "
@@ -123,10 +129,12 @@ def timeout_message(upstream: Upstream, code: str, config: GatewayConfig) -> str
 
 
 def timeout_error(upstream: Upstream, code: str, config: GatewayConfig) -> web.Response:
+    """504: a clock ran out; final (the time-to-first-token is spent)."""
     return openai_error(504, timeout_message(upstream, code, config), SERVER_ERROR, code)
 
 
 def bad_upstream(upstream: Upstream, what: str) -> web.Response:
+    """502: the upstream answered something the client must not get; final."""
     return openai_error(
         502, f"upstream {upstream.source} failed: {what}", SERVER_ERROR, "upstream_error"
     )

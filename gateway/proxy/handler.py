@@ -56,11 +56,6 @@ from gateway.state import (
 )
 from hpc.openai import API_PREFIX, INVALID_REQUEST
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout_at
-else:  # aiohttp itself depends on async-timeout before Python 3.11
-    from async_timeout import timeout_at  # type: ignore[import-not-found,unused-ignore]
-
 log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 # The in-band error of a stream whose answer was no plain response (not reached today).
 _NO_ANSWER = b'{"error": {"message": "no answer"}}'
@@ -295,8 +290,7 @@ async def _forward(
             # The time-to-first-token clock runs from here to the first byte of the body.
             first_byte_by = loop.time() + config.first_token_timeout_s
             try:
-                async with timeout_at(first_byte_by):
-                    sent = await send(session, upstream, suffix, body, info.request_id)
+                sent = await send(session, upstream, suffix, body, info.request_id, first_byte_by)
             except asyncio.TimeoutError:
                 return timeout_error(upstream, "upstream_first_token_timeout", config), upstream
             except aiohttp.ClientError as exc:

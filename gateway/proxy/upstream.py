@@ -54,22 +54,30 @@ class Primed:
 
 
 async def send(
-    session: aiohttp.ClientSession, upstream: Upstream, suffix: str, body: bytes, request_id: str
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    suffix: str,
+    body: bytes,
+    request_id: str,
+    first_byte_by: float,
 ) -> aiohttp.ClientResponse | str:
     """The upstream's response (headers read), or the error code if it cannot be reached:
-    ``upstream_connect_timeout`` or ``upstream_unavailable``."""
+    ``upstream_connect_timeout`` or ``upstream_unavailable``. ``asyncio.TimeoutError`` if
+    the headers are not in by ``first_byte_by`` (loop time: the time-to-first-token clock).
+    """
     headers = _upstream_headers(upstream, request_id)
     error: aiohttp.ClientError | None = None
-    for _ in range(2):
-        try:
-            return await session.post(upstream.url(suffix), data=body, headers=headers)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            error = exc
-            break
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # Perhaps a pooled keep-alive connection the engine closed just as it was
-            # reused: one more try, on a fresh connection, before the next replica.
-            error = exc
+    async with timeout_at(first_byte_by):
+        for _ in range(2):
+            try:
+                return await session.post(upstream.url(suffix), data=body, headers=headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                error = exc
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # Perhaps a pooled keep-alive connection the engine closed just as it was
+                # reused: one more try, on a fresh connection, before the next replica.
+                error = exc
     log.warning(
         "upstream unreachable",
         extra=fields(
