@@ -632,3 +632,15 @@ async def test_an_idle_extra_replica_stays_while_the_others_are_over_target(
         await until(lambda: backend.cancelled)
         assert backend.cancelled[0] == second.job_id
         assert e2.seen.requests == 0
+
+
+def test_the_controller_speaks_no_http() -> None:
+    # Refusals are values (ErrorReply); only gateway.ondemand.wait turns them into HTTP.
+    import ast
+
+    from gateway.ondemand import controller
+
+    tree = ast.parse(Path(controller.__file__).read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [name for name in imported if name.split(".")[0] == "aiohttp"]

@@ -92,7 +92,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # goes to the job's log, never to the client.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return openai_error(
-            500, f"internal pool error ({type(exc).__name__})", SERVER_ERROR, "internal_error"
+            500, f"internal gateway error ({type(exc).__name__})", SERVER_ERROR, "internal_error"
         )
 
 
