@@ -22,14 +22,15 @@ from aiohttp.typedefs import Handler
 from gateway.admission import Admission
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
-from gateway.errors import INVALID_REQUEST, error_middleware, openai_error
+from gateway.errors import error_middleware, openai_error
 from gateway.health import health_context
 from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import CONTENT_TYPE, Metrics, render_probes
-from gateway.ondemand import ON_DEMAND, OnDemandController, on_demand_context
+from gateway.ondemand.controller import OnDemandController
+from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
-from gateway.proxy import PROXIED_PATHS, proxy
+from gateway.proxy.handler import proxy
 from gateway.ratelimit import Limiter
 from gateway.reload import CleanupContext, reload_context
 from gateway.state import (
@@ -45,6 +46,7 @@ from gateway.state import (
     RequestInfo,
 )
 from hpc.backends import Backend
+from hpc.openai import INVALID_REQUEST, PROXIED_PATHS
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
@@ -210,12 +212,18 @@ def create_app(
     app[CONFIG] = config
     app[LIMITER] = Limiter()
     app[METRICS] = Metrics()
-    app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
+    balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     app[INFLIGHT] = Inflight()
     # Reload first: if the config is bad, startup fails before a session is opened.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
-    app[ON_DEMAND] = OnDemandController(config, backend, lambda: app[LIVE].snapshot.models)
+    app[ON_DEMAND] = OnDemandController(
+        config,
+        backend,
+        lambda: app[LIVE].snapshot.models,
+        # Requests in flight to a replica: which of a model's jobs is busy.
+        lambda source: balancer.snapshot().get(source, (0, False))[0],
+    )
     app.cleanup_ctx.append(on_demand_context(ON_DEMAND))
     app.cleanup_ctx.append(_session_context(config))
     app.cleanup_ctx.append(health_context(config, BALANCER, LIVE))

@@ -2,7 +2,9 @@
 
     {"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
 
-Handlers return ``openai_error(...)`` themselves; ``error_middleware`` catches the rest: the
+The wire format itself (error bodies, in-band stream errors) is ``hpc.openai``'s, shared
+with the swap pool; this module is its aiohttp side. Handlers return ``openai_error(...)``
+themselves; ``error_middleware`` catches the rest: the
 HTTP exceptions aiohttp raises (404 unknown path, 405, 413 from ``client_max_size``) and
 any exception a handler let escape (500, logged with its traceback).
 
@@ -31,7 +33,6 @@ clients that branch on them keep working; ``code`` says what happened.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 
@@ -39,20 +40,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.logs import LOGGER_NAME, fields
+from hpc.openai import SERVER_ERROR, ErrorReply, error_body, http_error, kept_headers
 
 log = logging.getLogger(f"{LOGGER_NAME}.errors")
-
-INVALID_REQUEST = "invalid_request_error"
-SERVER_ERROR = "server_error"
-
-# Headers of aiohttp's own error responses that describe its plain-text body, not ours.
-_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
-
-
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    """The JSON bytes of an OpenAI error object (also used for in-band stream errors)."""
-    error = {"message": message, "type": type_, "param": param, "code": code}
-    return json.dumps({"error": error}).encode("utf-8")
 
 
 def openai_error(
@@ -73,23 +63,20 @@ def openai_error(
     )
 
 
+def reply_response(reply: ErrorReply) -> web.Response:
+    """The response for an error answer given as a value."""
+    headers = {"Retry-After": reply.retry_after} if reply.retry_after else None
+    return openai_error(
+        reply.status, reply.message, reply.type, reply.code, param=reply.param, headers=headers
+    )
+
+
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> web.Response:
-    headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-    status = exc.status
-    code: str | None
-    if status == 404:
-        message, code = f"no route for {request.method} {request.path}", "not_found"
-    elif status == 405:
-        message = f"method {request.method} is not allowed on {request.path}"
-        code = "method_not_allowed"
-    elif status == 413:
-        limit = request.client_max_size
-        message = f"request body is larger than the gateway's limit of {limit} bytes"
-        code = "request_too_large"
-    else:
-        message, code = exc.reason or f"HTTP {status}", None
-    type_ = INVALID_REQUEST if status < 500 else SERVER_ERROR
-    return openai_error(status, message, type_, code, headers=headers)
+    headers = kept_headers(exc.headers)
+    message, type_, code = http_error(
+        exc.status, request.method, request.path, exc.reason, request.client_max_size
+    )
+    return openai_error(exc.status, message, type_, code, headers=headers)
 
 
 @web.middleware

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -15,13 +14,17 @@ from gateway.config import GatewayConfig
 from gateway.inflight import Inflight
 from gateway.keys import Client
 from gateway.metrics import Metrics
-from gateway.ratelimit import KeyBuckets, Limiter
+from gateway.ratelimit import Limiter
 from gateway.reload import Live
 
 
 @dataclass
 class RequestInfo:
-    """What one request's log line says beyond method, path and status; handlers fill it."""
+    """What one request's log line says beyond method, path and status; handlers fill it.
+
+    Log fields only (and the key the auth middleware found, and the rate-limit headers the
+    response echoes): the proxy's working state is its own ``Exchange``.
+    """
 
     request_id: str
     started: float = field(default_factory=time.monotonic)
@@ -32,19 +35,10 @@ class RequestInfo:
     upstream: str | None = None
     outcome: str | None = None
     routed: bool = False  # the model is one the gateway knows (bounds metric labels)
-    buckets: KeyBuckets | None = None  # the client's rate-limit buckets, if it has limits
     ratelimit_headers: dict[str, str] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    committed: bool = False  # a stream's 200 is out: the answer can no longer change
     tokens_estimated: bool = False  # charged by estimate: the usage never came
-    # For the estimate of a stream cut or abandoned before its usage event.
-    payload: dict[str, Any] | None = field(default=None, repr=False)
-    events_relayed: int = 0
-    # time.monotonic() (the loop's clock) of the steps the timing histograms measure.
-    sent_at: float | None = None  # sent to the replica that answered
-    upstream_first_at: float | None = None  # its first body byte (non-streaming: its body)
-    client_first_at: float | None = None  # the first body byte written to the client
 
 
 CONFIG = web.AppKey("config", GatewayConfig)

@@ -2,8 +2,9 @@
 
 A pool's record says where it listens; only the pool knows what it has loaded, so each live
 pool is asked ``GET /pool/status`` with its job's key. Jobs the gateway started on demand
-carry ``started_by`` in their record; the gateway's ``ondemand-state.json`` (next to the
-registry directory) adds when each was last asked for and its idle TTL, when it exists.
+carry ``started_by`` in their record; the gateway's on-demand state file
+(``hpc.ondemandstate``, beside the registry directory) adds when each was last asked for
+and its idle TTL, when it exists.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from hpc.jobs import job_views
+from hpc.ondemandstate import ModelEntry, OnDemandState, default_path
 from hpc.registry import Record
 from hpc.site import Site
-
-ONDEMAND_STATE = "ondemand-state.json"
 
 
 @dataclass(frozen=True)
@@ -100,90 +103,78 @@ def fetch_pool_status(record: Record, timeout_s: float = 5.0) -> PoolView:
     return PoolView(record, data)
 
 
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def read_ondemand_state(path: Path) -> dict[str, dict[str, Any]]:
+def read_ondemand_state(path: Path) -> dict[str, ModelEntry]:
     """The gateway's per-model on-demand bookkeeping; empty if the file is absent or bad.
 
     The gateway rewrites it atomically, so a bad file is another program's, not a torn one;
     status output should not fail for it.
     """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return OnDemandState.model_validate_json(path.read_bytes()).models
+    except (OSError, ValidationError):
         return {}
-    if isinstance(data, dict) and isinstance(data.get("models"), dict):
-        data = data["models"]
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
-
-
-def _jobs_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    jobs = entry.get("jobs")
-    return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
 
 
 _ENDED = ("gone", "cancelled", "failed", "idle")
 
 
-def on_demand_views(records: list[Record], state: dict[str, dict[str, Any]]) -> list[OnDemandView]:
+def on_demand_views(records: list[Record], state: Mapping[str, ModelEntry]) -> list[OnDemandView]:
     """Live records with ``started_by``, joined with the gateway's entry for their model.
 
-    The gateway's state file (``gateway/ondemandjobs.py`` writes it) keeps per model its
-    idle clock and a ``jobs`` list (``job`` key, ``state``, ``started_at``, ``why``). A job
-    the file knows but with no live record yet (submitted a moment ago) is shown by itself,
-    and so is a model being submitted, unless its state says it ended.
+    The gateway's state file (``gateway/ondemand/statefile.py`` writes it) keeps per model
+    its idle clock and its jobs. A job the file knows but with no live record yet (submitted
+    a moment ago) is shown by itself, and so is a model being submitted, unless its state
+    says it ended.
     """
     views: list[OnDemandView] = []
     shown: set[str] = set()
     for record in records:
         if record.started_by is None:
             continue
-        entry = state.get(record.model, {})
-        job = next((j for j in _jobs_of(entry) if j.get("job") == record.key), None)
+        entry = state.get(record.model)
+        job = next((j for j in entry.jobs if j.job == record.key), None) if entry else None
         if job is None:
-            entry, job = {}, {}  # the gateway's entry is about other jobs of the model
+            entry = None  # the gateway's entry is about other jobs of the model
         shown.add(record.key)
         views.append(
             OnDemandView(
                 model=record.model,
                 job=record.key,
                 state=record.state,
-                started_at=_number(job.get("started_at")) or record.created_at,
+                started_at=(job.started_at if job else None) or record.created_at,
                 why=record.started_by,
-                last_request_at=_number(entry.get("last_request_at")),
-                idle_ttl_s=_number(entry.get("idle_ttl_s")),
+                last_request_at=entry.last_request_at if entry else None,
+                idle_ttl_s=entry.idle_ttl_s if entry else None,
             )
         )
     for model, entry in state.items():
-        jobs = _jobs_of(entry)
-        entry_state = _text(entry.get("state")) or "unknown"
-        if not jobs and entry_state not in _ENDED:
-            jobs = [{"state": entry_state}]  # being submitted: no job id yet
-        for job in jobs:
-            key = _text(job.get("job"))
-            job_state = _text(job.get("state")) or entry_state
-            if (key is not None and key in shown) or job_state in _ENDED:
+        if not entry.jobs and entry.state not in _ENDED:
+            # Being submitted: no job id yet.
+            views.append(_view(model, entry, None, entry.state, None, None))
+        for job in entry.jobs:
+            if job.job in shown or job.state in _ENDED:
                 continue
-            views.append(
-                OnDemandView(
-                    model=model,
-                    job=key,
-                    state=job_state,
-                    started_at=_number(job.get("started_at")),
-                    why=_text(job.get("why")),
-                    last_request_at=_number(entry.get("last_request_at")),
-                    idle_ttl_s=_number(entry.get("idle_ttl_s")),
-                )
-            )
+            views.append(_view(model, entry, job.job, job.state, job.started_at, job.why))
     return views
+
+
+def _view(
+    model: str,
+    entry: ModelEntry,
+    job: str | None,
+    state: str,
+    started_at: float | None,
+    why: str | None,
+) -> OnDemandView:
+    return OnDemandView(
+        model=model,
+        job=job,
+        state=state,
+        started_at=started_at,
+        why=why,
+        last_request_at=entry.last_request_at,
+        idle_ttl_s=entry.idle_ttl_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -206,5 +197,5 @@ def pool_report(site: Site, timeout_s: float = 5.0) -> PoolReport:
     """Live pools (each asked for its slots) and on-demand jobs, checked against schedulers."""
     records = [view.record for view in job_views(site, include_final=False)]
     pools = [fetch_pool_status(r, timeout_s) for r in records if r.engine == "pool"]
-    state = read_ondemand_state(site.registry_dir.parent / ONDEMAND_STATE)
+    state = read_ondemand_state(default_path(site.registry_dir))
     return PoolReport(pools, on_demand_views(records, state), time.time())

@@ -130,15 +130,15 @@ async def test_an_engines_in_band_error_is_passed_on_and_ends_the_stream(tmp_pat
 
 
 def test_only_an_error_at_the_start_of_a_data_event_counts() -> None:
-    from gateway.proxy import _engine_error_at
+    from gateway.proxy.sse import engine_error_at
 
     # Inside content, JSON escapes the quotes: no match.
     quoted = b'data: {"choices": [{"delta": {"content": "{\\"error\\": 1}"}}]}\n\n'
-    assert _engine_error_at(quoted) == -1
-    assert _engine_error_at(b'data: {"x": {"error": 1}}\n\n') == -1
+    assert engine_error_at(quoted) == -1
+    assert engine_error_at(b'data: {"x": {"error": 1}}\n\n') == -1
     first = b'data: {"choices": []}\n\n'
-    assert _engine_error_at(first + b'data: {"error": {"message": "m"}}\n\n') == len(first)
-    assert _engine_error_at(b'data:{"error": "oom"}\n\n') == 0
+    assert engine_error_at(first + b'data: {"error": {"message": "m"}}\n\n') == len(first)
+    assert engine_error_at(b'data:{"error": "oom"}\n\n') == 0
 
 
 def test_admission_caps_per_model_and_in_total() -> None:

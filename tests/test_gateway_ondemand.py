@@ -26,12 +26,13 @@ from pydantic import SecretStr
 
 from gateway.config import GatewayConfig
 from gateway.keys import create_key
-from gateway.ondemand import ON_DEMAND, OnDemandController
-from gateway.ondemandjobs import started_by
+from gateway.ondemand.controller import OnDemandController
+from gateway.ondemand.jobs import started_by
+from gateway.ondemand.wait import ON_DEMAND
 from gateway.server import start
 from hpc.backends import JobHandle, JobStatus
 from hpc.errors import BackendError
-from hpc.poolstatus import on_demand_views
+from hpc.poolstatus import on_demand_views, read_ondemand_state
 from hpc.registry import Record, Registry, new_nonce, pending_record, record_key
 from hpc.spec import ModelSpec
 
@@ -526,7 +527,7 @@ async def test_load_over_the_target_starts_one_replica_at_a_time_up_to_max_repli
         whys = [job["why"] for job in shown()]
         assert ["scale out" in why for why in whys] == [False, True, True], whys
         # `mt pool status` joins the records and the state file: each job, with its why.
-        views = on_demand_views(registry.records(), json.loads(state_file.read_text())["models"])
+        views = on_demand_views(registry.records(), read_ondemand_state(state_file))
         why_of = {view.job: str(view.why) for view in views}
         assert set(why_of) == {first.key, second.key, third.key}
         assert "scale out" not in why_of[first.key]
@@ -631,3 +632,15 @@ async def test_an_idle_extra_replica_stays_while_the_others_are_over_target(
         await until(lambda: backend.cancelled)
         assert backend.cancelled[0] == second.job_id
         assert e2.seen.requests == 0
+
+
+def test_the_controller_speaks_no_http() -> None:
+    # Refusals are values (ErrorReply); only gateway.ondemand.wait turns them into HTTP.
+    import ast
+
+    from gateway.ondemand import controller
+
+    tree = ast.parse(Path(controller.__file__).read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [name for name in imported if name.split(".")[0] == "aiohttp"]

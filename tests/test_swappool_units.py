@@ -17,6 +17,7 @@ from hpc.errors import ConfigError, EngineError, MTError
 from hpc.job.plan import PoolPlan
 from hpc.job.slots import split_gpus
 from hpc.jobs import submit_pool
+from hpc.ondemandstate import STATE_FILE, JobEntry, ModelEntry, OnDemandState
 from hpc.poolstatus import on_demand_views, read_ondemand_state, status_url
 from hpc.registry import Record, State, new_nonce
 from hpc.site import Site, SiteConfig, SlurmSite
@@ -191,19 +192,58 @@ def test_status_url_of_a_pool() -> None:
 
 
 def test_ondemand_state_is_optional_and_read_leniently(tmp_path: Path) -> None:
-    path = tmp_path / "ondemand-state.json"
+    path = tmp_path / STATE_FILE
     assert read_ondemand_state(path) == {}
     path.write_text("{not json", encoding="utf-8")
     assert read_ondemand_state(path) == {}
+    # Not the gateway's shape (another program's file): ignored whole, not picked over.
     path.write_text(json.dumps({"models": {"m": {"state": "ready"}, "bad": 3}}), "utf-8")
-    assert read_ondemand_state(path) == {"m": {"state": "ready"}}
+    assert read_ondemand_state(path) == {}
+    written = {"updated_at": 1.0, "gateway_pid": 1, "backend": None, "models": {}}
+    written["models"] = {"m": {"state": "ready"}}
+    path.write_text(json.dumps(written), "utf-8")
+    assert read_ondemand_state(path) == {"m": ModelEntry(state="ready")}
+
+
+def test_ondemand_state_file_round_trips_the_gateways_json(tmp_path: Path) -> None:
+    # The JSON a running gateway writes today reads back, and is written the same again.
+    document = {
+        "version": 1,
+        "updated_at": 1000.5,
+        "gateway_pid": 42,
+        "backend": "slurm",
+        "models": {
+            "m": {
+                "state": "ready",
+                "idle_ttl_s": 300,
+                "last_request_at": 990.0,
+                "idle_for_s": 10.5,
+                "in_flight": 0,
+                "error": None,
+                "failed_at": None,
+                "jobs": [
+                    {
+                        "job": "slurm-1",
+                        "state": "ready",
+                        "started_at": 900.0,
+                        "why": "gateway on demand: request r1 for m (key -)",
+                        "in_flight": 0,
+                        "node": "gpu1",
+                    }
+                ],
+            }
+        },
+    }
+    state = OnDemandState.model_validate_json(json.dumps(document))
+    assert state.model_dump(mode="json") == document
+    assert json.dumps(state.model_dump(mode="json")) == json.dumps(document)
 
 
 def test_on_demand_jobs_join_the_gateways_bookkeeping() -> None:
     started = _record("m", "ready", started_by="gateway: on demand, request from alice")
     plain = _record("other", "ready")
-    # The shape gateway/ondemandjobs.py writes (the "models" part of the file).
-    state = {
+    # The shape gateway/ondemand/statefile.py writes (the "models" part of the file).
+    raw = {
         "m": {
             "state": "ready",
             "last_request_at": 1000.0,
@@ -217,6 +257,7 @@ def test_on_demand_jobs_join_the_gateways_bookkeeping() -> None:
         "old": {"state": "idle", "jobs": []},
         "new": {"state": "submitting", "jobs": []},
     }
+    state = {name: ModelEntry.model_validate(entry) for name, entry in raw.items()}
     views = on_demand_views([started, plain], state)
     assert [(v.model, v.job, v.state) for v in views] == [
         ("m", started.key, "ready"),
@@ -231,8 +272,9 @@ def test_on_demand_jobs_join_the_gateways_bookkeeping() -> None:
 
 def test_bookkeeping_of_another_job_of_the_model_is_not_mixed_in() -> None:
     started = _record("m", "ready", started_by="gateway")
-    other = {"job": "slurm-1", "state": "ready"}
-    views = on_demand_views([started], {"m": {"idle_ttl_s": 5, "jobs": [other]}})
+    other = JobEntry(job="slurm-1", state="ready")
+    entry = ModelEntry(state="ready", idle_ttl_s=5, jobs=[other])
+    views = on_demand_views([started], {"m": entry})
     assert [(v.job, v.idle_ttl_s) for v in views] == [(started.key, None), ("slurm-1", 5)]
 
 

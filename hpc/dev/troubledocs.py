@@ -9,7 +9,8 @@ The entries are read with :mod:`ast`, never by importing or running the code:
   in the ``MTError`` tree (hpc/errors.py), plus the messages such classes compose in their own
   ``__init__`` and the ``ConfigIssue`` messages a bad config file gets;
 - the gateway's error codes, from the status/type/code table in gateway/errors.py's docstring,
-  with the message of every ``openai_error(...)`` call that names its code literally.
+  with the message of every ``openai_error(...)`` or ``ErrorReply(...)`` call that names its
+  code literally.
 
 f-strings are shown with their fields as ``{name}``. Hints that are module constants or
 local variables are resolved; anything else is shown as the expression. A gateway code
@@ -246,6 +247,8 @@ def error_entries(modules: list[tuple[str, ast.Module]]) -> list[ErrorEntry]:
     return entries
 
 
+# Calls that name a gateway error code: a response, or a refusal returned as a value.
+_ERROR_CALLS = ("openai_error", "ErrorReply")
 _TABLE_ROW = re.compile(r"^\s+(\d{3})?\s+(\w+_error)?\s+(.*?)\s*$")
 
 
@@ -276,7 +279,7 @@ def gateway_codes(modules: list[tuple[str, ast.Module]]) -> list[GatewayCode]:
         for _, node, body in _functions(tree):
             scopes = [_assignments(body)]
             for sub in ast.walk(node):
-                if not (isinstance(sub, ast.Call) and _call_name(sub) == "openai_error"):
+                if not (isinstance(sub, ast.Call) and _call_name(sub) in _ERROR_CALLS):
                     continue
                 if len(sub.args) < 4:
                     continue

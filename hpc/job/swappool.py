@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 import signal
 import socket
@@ -31,27 +32,68 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import (
-    INVALID_REQUEST,
-    SERVER_ERROR,
-    error_body,
-    error_middleware,
-    openai_error,
-)
 from hpc.errors import MTError
 from hpc.job.engines import build_launch
 from hpc.job.plan import PoolPlan
 from hpc.job.record import JobRecord
 from hpc.job.slots import Launcher, Slot, Slots
 from hpc.job.wrapper import STOP_SIGNALS, advertised_host
+from hpc.openai import (
+    INVALID_REQUEST,
+    PROXIED_PATHS,
+    SERVER_ERROR,
+    SSE_HEADERS,
+    error_body,
+    error_event,
+    error_object,
+    http_error,
+    kept_headers,
+)
 
-PROXIED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+log = logging.getLogger("mt.swappool")
+
 _PUBLIC_PATHS = frozenset({"/health"})
 _HOP_HEADERS = ("Content-Type", "Cache-Control")
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 SLOTS = web.AppKey("slots", Slots)
 KEY = web.AppKey("key", str)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    *,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """A JSON error response in OpenAI's shape."""
+    body = error_object(message, type_, code, param)
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own HTTP errors (404, 405, 413) and escaped exceptions (500, logged) in
+    OpenAI's shape, as the gateway answers them."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message, type_, code = http_error(
+            exc.status, request.method, request.path, exc.reason, request.client_max_size
+        )
+        headers = kept_headers(exc.headers)
+        return openai_error(exc.status, message, type_, code, headers=headers)
+    except Exception as exc:
+        # The pool's one boundary where an unexpected error becomes a 500; the traceback
+        # goes to the job's log, never to the client.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return openai_error(
+            500, f"internal gateway error ({type(exc).__name__})", SERVER_ERROR, "internal_error"
+        )
 
 
 @web.middleware
@@ -110,7 +152,7 @@ async def _stream_cold(
     follows in the same response. A load failure can no longer change the status, so it
     becomes an in-band error event, with no ``[DONE]``.
     """
-    out = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+    out = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await out.prepare(request)
     acquiring = asyncio.ensure_future(slots.acquire(model))
     try:
@@ -156,7 +198,7 @@ async def _keep_alive(
 async def _end_with_error(out: web.StreamResponse, message: str, code: str) -> None:
     """An in-band error event ends a stream whose 200 is already out (no [DONE])."""
     with contextlib.suppress(ConnectionError):
-        await out.write(b"data: " + error_body(message, SERVER_ERROR, code) + b"\n\n")
+        await out.write(error_event(error_body(message, SERVER_ERROR, code)))
         await out.write_eof()
 
 

@@ -1,18 +1,17 @@
 """What the on-demand controller knows of one model and of the jobs it started for it.
 
-Plain data, changed only on the event loop: the controller (``gateway.ondemand``) owns it,
-the request handlers read it, and the state file (``snapshot``) publishes it for
-`mt pool status`.
+Plain data, changed only on the event loop: the controller owns it, the waiting requests
+read it, and the state file (``statefile``) publishes it for `mt pool status`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.routes import Upstream
-from gateway.state import RequestInfo
 from hpc.backends import JobHandle, JobStatus
 from hpc.registry import FINAL_STATES, Record
 
@@ -22,6 +21,15 @@ STARTED_BY = "gateway on demand"
 _KEY_IN_WHY = re.compile(r"\(key ([^)]*)\)$")
 # Ended jobs whose routes are skipped; the route table drops them within a reload or two.
 _RETIRED_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Who asks for a model: the request, and the key it came with (for its job limit)."""
+
+    request_id: str
+    client: str | None = None  # the key's name
+    max_jobs: int | None = None  # the key's max_on_demand_jobs
 
 
 def started_by(request_id: str, model: str, client: str | None, load: str | None = None) -> str:
@@ -112,12 +120,10 @@ class ModelState:
     idle_ttl_s: float
     last_request_at: float | None = None
     in_flight: int = 0  # requests being waited for or proxied
-    # Those requests by id: which replica each went to (``upstream``) says which is busy.
-    requests: dict[str, RequestInfo] = field(default_factory=dict)
     # Ready replicas of the model it did not start (``mt submit``), as the last request saw.
     others: int = 0
     # The latest request: the monitor's scale-out (for load that stays) is on its behalf.
-    last_request: RequestInfo | None = None
+    last_request: Asker | None = None
     jobs: dict[str, OwnJob] = field(default_factory=dict)
     submitting: asyncio.Task[None] | None = None
     failure: str | None = None
@@ -153,9 +159,27 @@ class ModelState:
         while len(self.retired) > _RETIRED_KEPT:  # the oldest left the route table long ago
             del self.retired[next(iter(self.retired))]
 
-    def busy_on(self, key: str) -> int:
-        """Requests in flight to the job ``key``."""
-        return sum(1 for info in self.requests.values() if info.upstream == key)
+    def ready_with(self, candidates: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+        """The route table's replicas (less those being cancelled) and the model's own ready
+        jobs the table does not list yet (a new replica joins at once)."""
+        skip = self.unroutable()
+        ready = [c for c in candidates if c.source not in skip]
+        self.others = sum(1 for c in ready if c.source not in self.jobs)
+        listed = {c.source for c in ready}
+        return (*ready, *(u for u in self.upstreams() if u.source not in listed))
+
+    def idle_extra(
+        self, live: list[OwnJob], now: float, model_idle: bool, outstanding: Callable[[str], int]
+    ) -> OwnJob | None:
+        """The most recently started replica beyond the oldest that is idle: ready with no
+        request for the TTL and none in flight to it, or not ready and the model idle."""
+        for job in sorted(live, key=lambda job: job.started_at, reverse=True)[:-1]:
+            if job.ready:
+                if not outstanding(job.key) and now - job.used_at >= self.idle_ttl_s:
+                    return job
+            elif model_idle:
+                return job
+        return None
 
     def is_submitting(self) -> bool:
         """A submit for this model is in flight."""
@@ -175,27 +199,3 @@ class ModelState:
         if any(job.stopping for job in self.jobs.values()):
             return "stopping"
         return "idle"
-
-    def snapshot(self, now: float) -> dict[str, object]:
-        """The model's entry in the state file."""
-        idle_for = None if self.last_request_at is None else max(0.0, now - self.last_request_at)
-        return {
-            "state": self.phase(),
-            "idle_ttl_s": self.idle_ttl_s,
-            "last_request_at": self.last_request_at,
-            "idle_for_s": None if self.in_flight else idle_for,
-            "in_flight": self.in_flight,
-            "error": self.failure,
-            "failed_at": self.failed_at,
-            "jobs": [
-                {
-                    "job": job.key,
-                    "state": job.phase(),
-                    "started_at": job.started_at,
-                    "why": job.why,
-                    "in_flight": self.busy_on(job.key),
-                    "node": job.record.node if job.record is not None else None,
-                }
-                for job in self.jobs.values()
-            ],
-        }

@@ -1,0 +1,56 @@
+"""What the gateway's on-demand jobs are doing: their records, and the scheduler's word.
+
+The records say ``ready``; only the scheduler knows a pending reason, or that a job ended
+without finishing its record (killed, or never ran: ``ENDED``). It is asked batched, and
+only about jobs not yet ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from gateway.logs import LOGGER_NAME, fields
+from gateway.ondemand.jobs import OwnJob
+from hpc.backends import Backend, JobStatus
+from hpc.errors import MTError
+from hpc.registry import FINAL_STATES, Record, Registry
+
+log = logging.getLogger(f"{LOGGER_NAME}.ondemand")
+
+# Scheduler states of a job that no longer runs.
+ENDED = frozenset({"done", "failed", "cancelled", "missing"})
+_LOG_LINES_IN_ERROR = 5
+
+
+def observe(
+    registry: Registry, backend: Backend, jobs: Sequence[OwnJob], ask: bool
+) -> dict[str, tuple[Record | None, JobStatus | None]]:
+    """Each job's record, and (if ``ask``) what the scheduler says of those not ready.
+    Blocking: the monitor runs it in a worker thread."""
+    records = {job.key: registry.read(job.key) for job in jobs}
+    statuses: dict[str, JobStatus] = {}
+    unready = [
+        job
+        for job in jobs
+        if (rec := records[job.key]) is None or rec.state not in FINAL_STATES | {"ready"}
+    ]
+    if ask and unready:
+        try:
+            by_id = backend.status([job.handle for job in unready])
+        except MTError as exc:  # the scheduler (or the SSH link to it) is down: next round
+            log.warning("scheduler status failed", extra=fields(error=exc.message))
+            by_id = {}
+        for job in unready:
+            status = by_id.get(job.handle.job_id)
+            if status is None:
+                continue
+            statuses[job.key] = status
+    return {job.key: (records[job.key], statuses.get(job.key)) for job in jobs}
+
+
+def job_failure(record: Record) -> str:
+    """Why a job failed before it was ready, with its log's last lines, for the waiters."""
+    tail = " | ".join(line.strip() for line in record.log_tail[-_LOG_LINES_IN_ERROR:])
+    reason = record.reason or "no reason recorded"
+    return f"job {record.key} {record.state}: {reason}" + (f" (log: {tail})" if tail else "")

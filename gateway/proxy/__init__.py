@@ -1,0 +1,1 @@
+"""The gateway's hot path: an OpenAI request forwarded to an upstream that serves its model."""

@@ -1,0 +1,32 @@
+"""One proxied request's working state on the hot path (what its log line says is RequestInfo).
+
+The handler makes one per request and hands it down the forward, the relay and the token
+charge; nothing outside ``gateway.proxy`` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gateway.ratelimit import KeyBuckets
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The request's body, its key's buckets, its stream once open, and what came back."""
+
+    payload: dict[str, Any]  # the parsed body, for the estimate of a cut stream's prompt
+    buckets: KeyBuckets | None = None  # the client's rate-limit buckets, if it has limits
+    # The client's stream once its 200 is out (an on-demand wait may open it with
+    # keep-alives before any upstream answers): from then on the answer cannot change.
+    out: web.StreamResponse | None = None
+    events_relayed: int = 0
+    prompt_tokens: int | None = None  # as the upstream reported them
+    completion_tokens: int | None = None
+    # time.monotonic() (the loop's clock) of the steps the timing histograms measure.
+    sent_at: float | None = None  # sent to the replica that answered
+    upstream_first_at: float | None = None  # its first body byte (non-streaming: its body)
+    client_first_at: float | None = None  # the first body byte written to the client

@@ -1,0 +1,364 @@
+"""The hot path's entry: parse, authorise, plan, find replicas, forward, respond.
+
+The body is read once (``client_max_size`` caps it), parsed once for ``model`` and
+``stream``, and the original bytes go upstream. The plan is the model, then its fallbacks
+(those the key may use); each is tried only when every replica of the one before failed
+with nothing sent to the client yet (least outstanding requests first, see ``balancer``;
+what counts as failed is ``failures``). An on-demand model is waited for first
+(``gateway.ondemand.wait``); the handler then carries on with the replicas it is given.
+Admission control (``admission``) is checked before any upstream is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import openai_error
+from gateway.keys import Client
+from gateway.logs import LOGGER_NAME, fields
+from gateway.metrics import Metrics
+from gateway.ondemand.jobs import Asker
+from gateway.ondemand.wait import ON_DEMAND, Ready, end_stream, ready
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.failures import (
+    Failure,
+    at_capacity,
+    bad_upstream,
+    no_route,
+    shutting_down,
+    timeout_error,
+    unreachable,
+)
+from gateway.proxy.relay import relay_stream
+from gateway.proxy.upstream import attempt, send
+from gateway.proxy.usage import charge, with_usage
+from gateway.ratelimit import KeyBuckets
+from gateway.routes import Upstream
+from gateway.state import (
+    ADMISSION,
+    BALANCER,
+    CONFIG,
+    INFLIGHT,
+    LIMITER,
+    LIVE,
+    METRICS,
+    REQUEST_INFO,
+    SESSION,
+    RequestInfo,
+)
+from hpc.openai import API_PREFIX, INVALID_REQUEST
+
+log = logging.getLogger(f"{LOGGER_NAME}.proxy")
+# The in-band error of a stream whose answer was no plain response (not reached today).
+_NO_ANSWER = b'{"error": {"message": "no answer"}}'
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+    info = request[REQUEST_INFO]
+    body = await request.read()
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return openai_error(400, "request body is not valid JSON", INVALID_REQUEST, "invalid_json")
+    if not isinstance(payload, dict):
+        return openai_error(
+            400, "request body must be a JSON object", INVALID_REQUEST, "invalid_body"
+        )
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return openai_error(
+            400,
+            "request body needs a 'model' (a name from GET /v1/models)",
+            INVALID_REQUEST,
+            "missing_model",
+            param="model",
+        )
+    info.model = model[:200]
+    exchange = Exchange(payload)
+    stream = payload.get("stream") is True
+
+    config = request.app[CONFIG]
+    routes = request.app[LIVE].snapshot.routes
+    canonical = routes.resolve(model)
+    client = info.client_entry
+    if client is not None and not (client.allows(model) or client.allows(canonical)):
+        return openai_error(
+            403,
+            f"this key may not use model {model[:200]!r}",
+            INVALID_REQUEST,
+            "model_not_allowed",
+            param="model",
+        )
+    if client is not None:
+        exchange.buckets, limited = _rate_limit(request, client, info)
+        if limited is not None:
+            return limited
+
+    if request.app[ON_DEMAND].manages(canonical):
+        info.routed = True
+        return await _on_demand(request, info, exchange, body, stream, canonical)
+    # The model itself, then its fallbacks (those the key may use), each tried only when
+    # every replica of the one before failed with nothing sent to the client yet.
+    plan = [canonical]
+    plan += [f for f in routes.fallbacks(canonical) if client is None or client.allows(f)]
+    if not any(routes.upstreams(served) for served in plan):
+        info.routed = routes.is_known(model)
+        return no_route(routes, model[:200], canonical, config.retry_after_s)
+    info.routed = True
+    response, _used = await _proceed(request, exchange, body, stream, info, plan, None)
+    return response
+
+
+async def _on_demand(
+    request: web.Request,
+    info: RequestInfo,
+    exchange: Exchange,
+    body: bytes,
+    stream: bool,
+    model: str,
+) -> web.StreamResponse:
+    """Wait for the on-demand model's replicas (its job may have to start first), then
+    forward to them; the controller counts the request in flight until it is answered."""
+    controller = request.app[ON_DEMAND]
+    client = info.client_entry
+    asker = Asker(
+        info.request_id,
+        client.name if client is not None else None,
+        client.entry.max_on_demand_jobs if client is not None else None,
+    )
+    state = controller.enter(model, asker)
+    used: str | None = None
+    try:
+        candidates = request.app[LIVE].snapshot.routes.pick(model)
+        waited = await ready(request, controller, state, asker, candidates, stream, info)
+        if not isinstance(waited, Ready):
+            return waited  # refused (or the client left while it waited)
+        exchange.out = waited.out
+        response, used = await _proceed(
+            request, exchange, body, stream, info, [model], waited.replicas
+        )
+        if waited.out is not None and response is not waited.out:
+            # No replica answered, and the wait's keep-alives have committed the 200.
+            error = response.body if isinstance(response, web.Response) else None
+            await end_stream(waited.out, error if isinstance(error, bytes) else _NO_ANSWER)
+            return waited.out
+        return response
+    finally:
+        controller.leave(state, used)
+
+
+def _rate_limit(
+    request: web.Request, client: Client, info: RequestInfo
+) -> tuple[KeyBuckets | None, web.Response | None]:
+    """The client's buckets (None without limits), and a 429 if they are empty (else one
+    request is taken)."""
+    entry = client.entry
+    buckets = request.app[LIMITER].buckets(
+        client.name, entry.requests_per_min, entry.tokens_per_min
+    )
+    if buckets is None:
+        return None, None
+    verdict = buckets.admit()
+    info.ratelimit_headers = verdict.headers
+    if verdict.allowed:
+        return buckets, None
+    per_min = "requests" if verdict.limited == "requests" else "tokens"
+    return buckets, openai_error(
+        429,
+        f"rate limit reached: {per_min} per minute for key {client.name!r}; "
+        f"retry in {verdict.retry_after_s} s",
+        INVALID_REQUEST,
+        f"rate_limit_{per_min}",
+        headers={"Retry-After": str(verdict.retry_after_s)},
+    )
+
+
+async def _proceed(
+    request: web.Request,
+    exchange: Exchange,
+    body: bytes,
+    stream: bool,
+    info: RequestInfo,
+    plan: list[str],
+    candidates: tuple[Upstream, ...] | None,
+) -> tuple[web.StreamResponse, str | None]:
+    """Admit, then forward to the replicas of each name in ``plan`` in turn (the model, then
+    its fallbacks); the answer, and the replica that gave it (None if none did).
+    ``candidates``, if given, are the first name's replicas (an on-demand wait found them
+    ready)."""
+    config = request.app[CONFIG]
+    routes = request.app[LIVE].snapshot.routes
+    payload = exchange.payload
+    model = payload["model"]
+    canonical = plan[0]
+    strip_usage = False
+    if stream and not request.path.endswith("/embeddings"):
+        body, strip_usage = with_usage(payload, body)
+
+    admission = request.app[ADMISSION]
+    full = admission.enter(canonical)
+    if full is not None:
+        return at_capacity(model[:200], full, config.retry_after_s), None
+    inflight = request.app[INFLIGHT]
+    task = asyncio.current_task()
+    if task is not None:
+        inflight.enter(task)
+    try:
+        failure: Failure | None = None
+        for served in plan:
+            replicas = candidates if candidates and served == canonical else routes.pick(served)
+            if not replicas:
+                continue
+            info.served_model = served
+            # The engine knows its model by its own name, not by an alias or the name
+            # the client asked for; only then is the body re-serialized.
+            served_body = body if served == model else _renamed(payload, served)
+            answer = await _forward(
+                request, replicas, served_body, stream, strip_usage, info, exchange
+            )
+            if not isinstance(answer, Failure):
+                if served != canonical:
+                    request.app[METRICS].fallbacks[(canonical, served)] += 1
+                response, upstream = answer
+                return response, upstream.source
+            failure = answer
+        if failure is None:  # not reached: the table is immutable, and checked above
+            return no_route(routes, model[:200], canonical, config.retry_after_s), None
+        info.upstream = None
+        info.outcome = failure.code
+        return failure.response(), None
+    except asyncio.CancelledError:
+        if task is None or not inflight.cancelled_by_shutdown(task) or exchange.out is not None:
+            raise  # the client left, or a stream's 200 is out: the connection just closes
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        info.outcome = "gateway_shutting_down"
+        return shutting_down(config), None
+    finally:
+        admission.leave(canonical)
+        if task is not None:
+            inflight.leave(task)
+
+
+def _renamed(payload: dict[str, Any], model: str) -> bytes:
+    return json.dumps({**payload, "model": model}).encode("utf-8")
+
+
+async def _forward(
+    request: web.Request,
+    candidates: tuple[Upstream, ...],
+    body: bytes,
+    stream: bool,
+    strip_usage: bool,
+    info: RequestInfo,
+    exchange: Exchange,
+) -> tuple[web.StreamResponse, Upstream] | Failure:
+    """Send to the best replica; on to the next while nothing has reached the client.
+
+    A replica that cannot be reached, answers 5xx, breaks before its first event, or opens
+    its stream with an error event is passed over (and counted against it by the balancer);
+    the client gets the last replica's failure if none answers. 4xx and timeouts are final:
+    the client's request is at fault, or the time-to-first-token clock has run out. When
+    every replica failed, the last failure is returned (the caller may try a fallback);
+    otherwise the answer and the replica that gave it.
+    """
+    config = request.app[CONFIG]
+    session = request.app[SESSION]
+    balancer = request.app[BALANCER]
+    metrics = request.app[METRICS]
+    inflight = request.app[INFLIGHT]
+    task = asyncio.current_task()
+    suffix = request.path[len(API_PREFIX) :]
+    loop = asyncio.get_running_loop()
+    model = candidates[0].model
+    failure = unreachable("upstream_unavailable", model, len(candidates), config)
+    for upstream in balancer.order(candidates):
+        info.upstream = upstream.source
+        balancer.started(upstream)
+        response: aiohttp.ClientResponse | None = None
+        try:
+            sent_at = exchange.sent_at = time.monotonic()
+            # The time-to-first-token clock runs from here to the first byte of the body.
+            first_byte_by = loop.time() + config.first_token_timeout_s
+            try:
+                sent = await send(session, upstream, suffix, body, info.request_id, first_byte_by)
+            except asyncio.TimeoutError:
+                return timeout_error(upstream, "upstream_first_token_timeout", config), upstream
+            except aiohttp.ClientError as exc:
+                return bad_upstream(upstream, f"{type(exc).__name__}: {exc}"), upstream
+            if isinstance(sent, str):
+                failure = unreachable(sent, model, len(candidates), config)
+                balancer.failed(upstream)
+                metrics.upstream_failures[upstream.source] += 1
+                continue
+            response = sent
+            if task is not None:
+                inflight.reading(task, response.content)
+            metrics.upstream_latency.observe(model, time.monotonic() - sent_at)
+            answer = await attempt(config, response, upstream, stream, exchange, first_byte_by)
+            if isinstance(answer, Failure):
+                failure = answer
+                balancer.failed(upstream)
+                metrics.upstream_failures[upstream.source] += 1
+                log.warning(
+                    "upstream failed before the first byte",
+                    extra=fields(
+                        request_id=info.request_id,
+                        upstream=upstream.source,
+                        status=answer.status,
+                        error=answer.message,
+                    ),
+                )
+                continue
+            balancer.succeeded(upstream)
+            if isinstance(answer, web.StreamResponse):
+                exchange.client_first_at = time.monotonic()
+                _observe_timing(metrics, info, exchange, model)
+                charge(metrics, info, exchange, stream=False)
+                return answer, upstream
+            try:
+                relayed = await relay_stream(
+                    request, response, upstream, answer.first, strip_usage, info, exchange
+                )
+                return relayed, upstream
+            finally:
+                _observe_timing(metrics, info, exchange, model)
+                charge(metrics, info, exchange, stream=True)
+        finally:
+            if response is not None:
+                if task is not None:
+                    inflight.reading(task, None)
+                # A response read to its end goes back to the pool; anything else (a cut
+                # stream, a client that left, a cancelled handler) closes the connection,
+                # which is what tells the engine to stop generating.
+                if response.content.at_eof():
+                    response.release()
+                else:
+                    response.close()
+            balancer.finished(upstream)
+
+    return failure
+
+
+def _observe_timing(metrics: Metrics, info: RequestInfo, exchange: Exchange, model: str) -> None:
+    """Queue time, time to first token and the gateway's own share, once per request."""
+    sent, upstream_first = exchange.sent_at, exchange.upstream_first_at
+    client_first = exchange.client_first_at
+    if sent is None:
+        return
+    queue_s = sent - info.started
+    metrics.queue.observe(model, queue_s)
+    if client_first is None:
+        return
+    metrics.time_to_first_token.observe(model, client_first - info.started)
+    if upstream_first is not None:
+        metrics.overhead.observe(model, queue_s + max(0.0, client_first - upstream_first))
