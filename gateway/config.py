@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpc.ondemandstate import STATE_FILE, default_path
 from hpc.site import GatewaySite
 
 MIB = 1024 * 1024
@@ -102,9 +103,9 @@ class GatewayConfig(BaseModel):
     on_demand_state_file: Path | None = Field(
         default=None,
         description="where the on-demand state is published (default: "
-        "<registry_dir>/../ondemand-state.json)",
+        "<registry_dir>/../" + STATE_FILE + ")",
     )
 
     def state_file(self) -> Path:
         """The on-demand state file `mt pool status` reads."""
-        return self.on_demand_state_file or self.registry_dir.parent / "ondemand-state.json"
+        return self.on_demand_state_file or default_path(self.registry_dir)

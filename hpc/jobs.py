@@ -72,6 +72,22 @@ def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> 
     return record.model_copy(update={"state": "failed", "reason": reason})
 
 
+def settle(
+    registry: Registry, record: Record, status: JobStatus, *, cancelled: bool = False
+) -> Record:
+    """Write :func:`reconcile`'s answer for ``record`` (re-read first: it may just have
+    finished its record itself); returns the record as stored now. Only the fields
+    reconcile decides are written, over the newest record."""
+    current = registry.read(record.key) or record
+    wanted = reconcile(current, status, cancelled=cancelled)
+    if wanted is current:
+        return current
+    changes = {
+        f: getattr(wanted, f) for f in _RECONCILED if getattr(wanted, f) != getattr(current, f)
+    }
+    return registry.update(current.key, **changes)
+
+
 def handle_of(record: Record) -> JobHandle:
     """The backend handle for a record (with what its backend may need of it)."""
     return JobHandle(
@@ -191,16 +207,8 @@ class JobService:
         return statuses
 
     def settle(self, record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
-        """Write :func:`reconcile`'s answer for ``record`` (re-read first: it may just have
-        finished its record itself); returns the record as stored now."""
-        current = self.registry.read(record.key) or record
-        wanted = reconcile(current, status, cancelled=cancelled)
-        if wanted is current:
-            return current
-        changes = {
-            f: getattr(wanted, f) for f in _RECONCILED if getattr(wanted, f) != getattr(current, f)
-        }
-        return self.registry.update(current.key, **changes)
+        """Write :func:`reconcile`'s answer for ``record``; see :func:`settle`."""
+        return settle(self.registry, record, status, cancelled=cancelled)
 
     def cancel(self, handle: JobHandle) -> None:
         """Stop the job; return once its record is final (finished here if the job could not)."""

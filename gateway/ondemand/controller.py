@@ -20,7 +20,7 @@ from collections.abc import Callable
 from gateway.config import GatewayConfig
 from gateway.logs import LOGGER_NAME, fields
 from gateway.ondemand.jobs import Asker, ModelState, OwnJob, client_of, is_own, started_by
-from gateway.ondemand.observe import ENDED, job_failure, observe
+from gateway.ondemand.observe import job_failure, observe
 from gateway.ondemand.refusals import (
     failed,
     gateway_at_capacity,
@@ -30,7 +30,7 @@ from gateway.ondemand.statefile import state_document, write_state
 from gateway.routes import Upstream
 from hpc.backends import Backend, JobHandle, JobStatus
 from hpc.errors import MTError
-from hpc.ondemandstate import default_path
+from hpc.jobs import ENDED, settle
 from hpc.openai import ErrorReply
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.spec import ModelsFile, ModelSpec, OnDemand
@@ -57,7 +57,7 @@ class OnDemandController:
         self.config = config
         self.backend = backend
         self.outstanding = outstanding
-        self.state_file = config.on_demand_state_file or default_path(config.registry_dir)
+        self.state_file = config.state_file()
         self.registry = Registry(config.registry_dir)
         self._models = models
         self._specs_of: ModelsFile | None = None
@@ -294,7 +294,9 @@ class OnDemandController:
         seen = observe(self.registry, backend, jobs, ask)
         for key, (record, status) in seen.items():
             if status is not None and status.state in ENDED and record is not None:
-                seen[key] = (_finish_ended(self.registry, record, status), status)
+                # The job ended without finishing its record (killed, never ran):
+                # hpc.jobs.settle ends it, as `mt status` would.
+                seen[key] = (settle(self.registry, record, status), status)
         return seen
 
     def _apply(
@@ -397,14 +399,3 @@ class OnDemandController:
         backend = self.backend.name if self.backend is not None else None
         document = state_document(self.states, backend, self.outstanding)
         await asyncio.to_thread(write_state, self.state_file, document)
-
-
-def _finish_ended(registry: Registry, record: Record, status: JobStatus) -> Record:
-    """The record of a job the scheduler says ended: finished as ``failed`` if the job
-    ended without finishing it (killed, or never ran)."""
-    # TODO(merge): hpc.jobs.reconcile computes this same fact; call it once it lands.
-    record = registry.read(record.key) or record  # re-read once: it may have just finished
-    if record.state in FINAL_STATES | {"ready"}:
-        return record
-    reason = record.reason or f"the job ended ({status.state}) before it was ready"
-    return registry.update(record.key, state="failed", reason=reason)

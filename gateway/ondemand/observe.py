@@ -18,8 +18,6 @@ from hpc.registry import FINAL_STATES, Record, Registry
 
 log = logging.getLogger(f"{LOGGER_NAME}.ondemand")
 
-# Scheduler states of a job that no longer runs.
-ENDED = frozenset({"done", "failed", "cancelled", "missing"})
 _LOG_LINES_IN_ERROR = 5
 
 

@@ -49,6 +49,7 @@ from hpc.openai import (
     http_error,
     kept_headers,
 )
+from hpc.site import is_wildcard
 
 log = logging.getLogger("mt.swappool")
 
@@ -299,7 +300,7 @@ class SwapPool:
 
     def _listen(self) -> socket.socket:
         host = self.plan.engine_host
-        bind_host = "" if host in ("0.0.0.0", "::") else host  # noqa: S104 - compared
+        bind_host = "" if is_wildcard(host) else host
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((bind_host, 0))  # the OS picks the port and we hold it: no race

@@ -32,6 +32,7 @@ from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.plan import JobPlan, read_plan
 from hpc.job.record import JobRecord
 from hpc.registry import Record, State
+from hpc.site import is_wildcard
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
@@ -43,7 +44,7 @@ Launcher = Callable[..., EngineLaunch]
 
 def free_port(host: str) -> int:
     """A port the OS says is free on ``host`` now (the engine binds it a moment later)."""
-    bind_host = "" if host in ("0.0.0.0", "::") else host  # noqa: S104 - compared, not bound
+    bind_host = "" if is_wildcard(host) else host
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((bind_host, 0))
         return int(s.getsockname()[1])
@@ -51,7 +52,7 @@ def free_port(host: str) -> int:
 
 def advertised_host(engine_host: str) -> str:
     """The host other machines use to reach an engine bound to ``engine_host``."""
-    if engine_host in ("0.0.0.0", "::", ""):  # noqa: S104 - compared, not bound
+    if is_wildcard(engine_host):
         return socket.gethostname()
     return engine_host
 
@@ -181,7 +182,7 @@ class JobWrapper:
         record = self._claim_record()
         self._secret = record.api_key.get_secret_value()
         spec = self.plan.spec
-        wildcard = self.plan.engine_host in ("0.0.0.0", "::", "")  # noqa: S104 - compared
+        wildcard = is_wildcard(self.plan.engine_host)
         probe_host = "127.0.0.1" if wildcard else self.plan.engine_host
         for _attempt in range(_PORT_RETRIES):
             port = free_port(self.plan.engine_host)
