@@ -53,20 +53,16 @@ deps: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 demo: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 	$(BIN)/python -m hpc.dev.demo
 
-# LiteLLM's proxy is the peer of the overhead table, never a dependency of ModelTainer:
-# installed into .venv here only (without it, the run skips that column and says so).
-$(VENV)/.litellm-stamp: $(VENV)/.dev-stamp
-	$(BIN)/pip install --quiet 'litellm[proxy]'
-	touch $@
-
 $(LITELLM_VENV)/.stamp:
 	@echo "==> LiteLLM $(LITELLM_VERSION) into its own venv $(LITELLM_VENV) (once, about a minute)"
 	$(PYTHON) -m venv $(LITELLM_VENV)
 	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
 	touch $@
 
-bench: $(VENV)/.dev-stamp $(VENV)/.litellm-stamp
-	$(BIN)/python -m bench.overhead --concurrency 1,64 --requests 256 --max-tokens 64 --paths direct,bare,mt,litellm --rss-after 10000 --out bench-results/overhead
+# LiteLLM's proxy is the peer of the overhead table, never a dependency of ModelTainer: it
+# runs from its own venv (the one `make test` uses), found through MT_LITELLM.
+bench: $(VENV)/.dev-stamp $(LITELLM_VENV)/.stamp
+	MT_LITELLM=$(LITELLM_VENV)/bin/litellm $(BIN)/python -m bench.overhead --concurrency 1,64 --requests 256 --max-tokens 64 --paths direct,bare,mt,litellm --rss-after 10000 --out bench-results/overhead
 
 lint: $(VENV)/.dev-stamp
 	$(BIN)/ruff check .

@@ -109,8 +109,20 @@ class OverheadResult:
         return next((r for r in self.rows if r.path == path and r.concurrency == concurrency), None)
 
 
+def litellm_python() -> str:
+    """The Python that runs LiteLLM's proxy: the one beside ``$MT_LITELLM`` (its own venv,
+    made by `make bench`/`make test`), else this one."""
+    command = os.environ.get("MT_LITELLM")
+    return str(Path(command).with_name("python")) if command else sys.executable
+
+
 def litellm_missing() -> str | None:
     """Why LiteLLM's proxy cannot run here, or None when it can."""
+    if os.environ.get("MT_LITELLM"):
+        python = litellm_python()
+        if not Path(python).exists():
+            return f"MT_LITELLM names no venv with a python: {python} is missing"
+        return None
     for module in ("litellm", "fastapi", "uvicorn"):
         if importlib.util.find_spec(module) is None:
             return f"LiteLLM's proxy is not installed ({module} is missing): " + (
@@ -207,7 +219,7 @@ def start_litellm(engine_url: str, workdir: Path) -> tuple[ServerProcess, str]:
     key = "sk-bench-" + secrets.token_hex(16)
     env["LITELLM_MASTER_KEY"] = key  # it refuses to start without one, as it should
     code = "from litellm.proxy.proxy_cli import run_server; run_server()"
-    argv = [sys.executable, "-c", code, "--config", str(config), "--host", "127.0.0.1"]
+    argv = [litellm_python(), "-c", code, "--config", str(config), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--num_workers", "1"]
     proxy = ServerProcess("LiteLLM proxy", argv, workdir / "litellm.log", env)
     proxy.wait_http_ok(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=120)

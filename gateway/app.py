@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timezone
 
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -31,6 +30,7 @@ from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
 from gateway.proxy.handler import proxy
+from gateway.proxy.pool import UPSTREAMS, Pool
 from gateway.ratelimit import Limiter
 from gateway.reload import CleanupContext, reload_context
 from gateway.state import (
@@ -42,7 +42,6 @@ from gateway.state import (
     LIVE,
     METRICS,
     REQUEST_INFO,
-    SESSION,
     RequestInfo,
 )
 from hpc.backends import Backend
@@ -179,20 +178,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
 
 
-def _session_context(config: GatewayConfig) -> CleanupContext:
+def _upstreams_context(config: GatewayConfig) -> CleanupContext:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        # Only the connect limit is aiohttp's; the proxy keeps its own clocks for the first
-        # byte and for the silence between chunks, and no total limit: a long, healthy
-        # stream must never be cut.
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=None
-        )
-        # No pool limit: every client request holds one upstream connection for as long as
-        # it streams, and a limit would queue streams behind each other.
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            app[SESSION] = session
+        # Only connecting has a limit of the pool's; the proxy keeps its own clocks for the
+        # first byte and for the silence between chunks, and no total limit: a long,
+        # healthy stream must never be cut. No limit on connections either (see pool.py).
+        pool = Pool(connect_timeout_s=config.connect_timeout_s)
+        app[UPSTREAMS] = pool
+        try:
             yield
+        finally:
+            pool.close()
 
     return context
 
@@ -215,7 +211,7 @@ def create_app(
     balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     app[INFLIGHT] = Inflight()
-    # Reload first: if the config is bad, startup fails before a session is opened.
+    # Reload first: if the config is bad, startup fails before the upstream pool is made.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
     app[ON_DEMAND] = OnDemandController(
         config,
@@ -225,7 +221,7 @@ def create_app(
         lambda source: balancer.snapshot().get(source, (0, False))[0],
     )
     app.cleanup_ctx.append(on_demand_context(ON_DEMAND))
-    app.cleanup_ctx.append(_session_context(config))
+    app.cleanup_ctx.append(_upstreams_context(config))
     app.cleanup_ctx.append(health_context(config, BALANCER, LIVE))
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/healthz", healthz)

@@ -15,20 +15,31 @@ Bookkeeping is one dict insert and delete per request; nothing per chunk.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
-import aiohttp
+from typing import Any, Protocol
 
 
 class ShuttingDown(Exception):
     """Raised by an upstream read when the gateway ends the request for its shutdown."""
 
 
+class UpstreamBody(Protocol):
+    """What ``end_all`` needs of an upstream's body (``gateway.proxy.http1``'s connection)."""
+
+    def set_exception(self, exc: BaseException) -> None:
+        """End the body with ``exc``."""
+
+    def exception(self) -> BaseException | None:
+        """What ended the body, if it failed."""
+
+    def at_eof(self) -> bool:
+        """True once the body has ended."""
+
+
 class Inflight:
     """Tasks of proxied requests, each with the upstream body it is reading, if any."""
 
     def __init__(self) -> None:
-        self._requests: dict[asyncio.Task[Any], aiohttp.StreamReader | None] = {}
+        self._requests: dict[asyncio.Task[Any], UpstreamBody | None] = {}
         self._cancelled: set[asyncio.Task[Any]] = set()
 
     def __len__(self) -> int:
@@ -38,7 +49,7 @@ class Inflight:
         """``task`` is now proxying a request."""
         self._requests[task] = None
 
-    def reading(self, task: asyncio.Task[Any], content: aiohttp.StreamReader | None) -> None:
+    def reading(self, task: asyncio.Task[Any], content: UpstreamBody | None) -> None:
         """``task`` now reads ``content`` (an upstream response's body), or nothing."""
         if task in self._requests:
             self._requests[task] = content

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admission import Admission
@@ -43,7 +42,6 @@ class RequestInfo:
 
 CONFIG = web.AppKey("config", GatewayConfig)
 LIVE = web.AppKey("live", Live)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 LIMITER = web.AppKey("limiter", Limiter)
 METRICS = web.AppKey("metrics", Metrics)
 BALANCER = web.AppKey("balancer", Balancer)

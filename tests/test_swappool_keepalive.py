@@ -190,7 +190,12 @@ def test_a_failed_load_ends_the_stream_in_band(pool: str) -> None:
         slot = pool_status(record)["slots"][0]
         assert slot["state"] == "empty" and "exited" in slot["last_error"]
 
-        # The same model, not streamed: the 503 the pool gives the gateway stays a 503.
+    # The same model, not streamed: the 503 the pool gives the gateway stays a 503. The
+    # pool loads it again first, silently (no keep-alives without a stream), and how long a
+    # broken engine takes to exit depends on the machine's load: this gateway waits for it.
+    with running_gateway("--first-token-timeout", "60") as gateway:
+        url = gateway + "/v1"
+        wait_for("the gateway to route the catalogue", lambda: listed(url, BROKEN), 15)
         status, answer = _post(
             url + "/chat/completions",
             {"model": BROKEN, "messages": [{"role": "user", "content": "x"}]},

@@ -18,7 +18,6 @@ import sys
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from gateway.errors import openai_error
@@ -37,8 +36,10 @@ from gateway.proxy.failures import (
     timeout_error,
     unreachable,
 )
+from gateway.proxy.http1 import UpstreamError
+from gateway.proxy.pool import UPSTREAMS
 from gateway.proxy.relay import relay_stream
-from gateway.proxy.upstream import attempt, send
+from gateway.proxy.upstream import Sent, attempt, send
 from gateway.proxy.usage import charge, with_usage
 from gateway.ratelimit import KeyBuckets
 from gateway.routes import Upstream
@@ -51,7 +52,6 @@ from gateway.state import (
     LIVE,
     METRICS,
     REQUEST_INFO,
-    SESSION,
     RequestInfo,
 )
 from hpc.openai import API_PREFIX, INVALID_REQUEST
@@ -272,7 +272,7 @@ async def _forward(
     otherwise the answer and the replica that gave it.
     """
     config = request.app[CONFIG]
-    session = request.app[SESSION]
+    pool = request.app[UPSTREAMS]
     balancer = request.app[BALANCER]
     metrics = request.app[METRICS]
     inflight = request.app[INFLIGHT]
@@ -284,27 +284,26 @@ async def _forward(
     for upstream in balancer.order(candidates):
         info.upstream = upstream.source
         balancer.started(upstream)
-        response: aiohttp.ClientResponse | None = None
+        sent: Sent | str | None = None
         try:
             sent_at = exchange.sent_at = time.monotonic()
             # The time-to-first-token clock runs from here to the first byte of the body.
             first_byte_by = loop.time() + config.first_token_timeout_s
             try:
-                sent = await send(session, upstream, suffix, body, info.request_id, first_byte_by)
+                sent = await send(pool, upstream, suffix, body, info.request_id, first_byte_by)
             except asyncio.TimeoutError:
                 return timeout_error(upstream, "upstream_first_token_timeout", config), upstream
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 return bad_upstream(upstream, f"{type(exc).__name__}: {exc}"), upstream
             if isinstance(sent, str):
                 failure = unreachable(sent, model, len(candidates), config)
                 balancer.failed(upstream)
                 metrics.upstream_failures[upstream.source] += 1
                 continue
-            response = sent
             if task is not None:
-                inflight.reading(task, response.content)
+                inflight.reading(task, sent.conn)
             metrics.upstream_latency.observe(model, time.monotonic() - sent_at)
-            answer = await attempt(config, response, upstream, stream, exchange, first_byte_by)
+            answer = await attempt(config, sent, upstream, stream, exchange, first_byte_by)
             if isinstance(answer, Failure):
                 failure = answer
                 balancer.failed(upstream)
@@ -327,23 +326,20 @@ async def _forward(
                 return answer, upstream
             try:
                 relayed = await relay_stream(
-                    request, response, upstream, answer.first, strip_usage, info, exchange
+                    request, sent.conn, upstream, answer.first, strip_usage, info, exchange
                 )
                 return relayed, upstream
             finally:
                 _observe_timing(metrics, info, exchange, model)
                 charge(metrics, info, exchange, stream=True)
         finally:
-            if response is not None:
+            if isinstance(sent, Sent):
                 if task is not None:
                     inflight.reading(task, None)
-                # A response read to its end goes back to the pool; anything else (a cut
-                # stream, a client that left, a cancelled handler) closes the connection,
+                # A connection whose answer was read whole goes back to the pool; anything
+                # else (a cut stream, a client that left, a cancelled handler) closes it,
                 # which is what tells the engine to stop generating.
-                if response.content.at_eof():
-                    response.release()
-                else:
-                    response.close()
+                pool.release(sent.conn)
             balancer.finished(upstream)
 
     return failure

@@ -1,9 +1,10 @@
 """One attempt at one upstream, and the three clocks that bound it.
 
 ``send`` posts the original bytes with the upstream's own key (the client's key never
-leaves the gateway); ``attempt`` reads the answer up to what decides it: a plain body
-whole, a stream up to the end of its first event (``Primed``), or a ``Failure`` another
-replica may fix. The clocks: connecting (aiohttp's ``connect`` timeout), the first event of
+leaves the gateway) over the gateway's own HTTP/1.1 client (``http1``, ``pool``);
+``attempt`` reads the answer up to what decides it: a plain body whole, a stream up to the
+end of its first event (``Primed``), or a ``Failure`` another replica may fix. The clocks:
+connecting (the pool's ``connect_timeout_s``), the first event of
 a stream or the first byte of a plain body (``first_token_timeout_s``, from sending), and
 the silence between chunks after it (``idle_timeout_s``, kept by ``Watch``). None is a
 total timeout, and none runs while the gateway waits for a slow client.
@@ -17,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from gateway.config import GatewayConfig
@@ -34,6 +34,16 @@ from gateway.proxy.failures import (
     shutting_down,
     timeout_error,
 )
+from gateway.proxy.http1 import (
+    Head,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamUnreachable,
+    request_bytes,
+)
+from gateway.proxy.pool import Pool, endpoint
 from gateway.proxy.sse import MAX_CARRY_BYTES, engine_error_at
 from gateway.proxy.usage import note_usage, read_usage
 from gateway.routes import Upstream
@@ -47,6 +57,14 @@ log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 
 
 @dataclass(frozen=True, slots=True)
+class Sent:
+    """An upstream's answer whose head is in; its body is read from ``conn``."""
+
+    conn: UpstreamConnection
+    head: Head
+
+
+@dataclass(frozen=True, slots=True)
 class Primed:
     """A stream whose status and first whole event are in: it is safe to commit the 200."""
 
@@ -54,30 +72,31 @@ class Primed:
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    pool: Pool,
     upstream: Upstream,
     suffix: str,
     body: bytes,
     request_id: str,
     first_byte_by: float,
-) -> aiohttp.ClientResponse | str:
-    """The upstream's response (headers read), or the error code if it cannot be reached:
-    ``upstream_connect_timeout`` or ``upstream_unavailable``. ``asyncio.TimeoutError`` if
-    the headers are not in by ``first_byte_by`` (loop time: the time-to-first-token clock).
+) -> Sent | str:
+    """The upstream's connection with the answer's head in, or the error code if it cannot
+    be reached: ``upstream_connect_timeout`` or ``upstream_unavailable``.
+    ``asyncio.TimeoutError`` if the head is not in by ``first_byte_by`` (loop time: the
+    time-to-first-token clock); ``UpstreamProtocolError`` if the answer is not HTTP.
     """
-    headers = _upstream_headers(upstream, request_id)
-    error: aiohttp.ClientError | None = None
-    async with timeout_at(first_byte_by):
-        for _ in range(2):
-            try:
-                return await session.post(upstream.url(suffix), data=body, headers=headers)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                error = exc
-                break
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # Perhaps a pooled keep-alive connection the engine closed just as it was
-                # reused: one more try, on a fresh connection, before the next replica.
-                error = exc
+    try:
+        target = endpoint(upstream.base_url)
+        data = request_bytes(
+            "POST",
+            target.path + suffix,
+            target.host_header,
+            _upstream_headers(upstream, request_id),
+            body,
+        )
+        async with timeout_at(first_byte_by):
+            return Sent(*await pool.request(target, data))
+    except (UpstreamUnreachable, UpstreamClosed) as exc:
+        error: UpstreamError = exc
     log.warning(
         "upstream unreachable",
         extra=fields(
@@ -88,7 +107,7 @@ async def send(
             error=f"{type(error).__name__}: {error}",
         ),
     )
-    if isinstance(error, aiohttp.ConnectionTimeoutError):
+    if isinstance(error, UpstreamConnectTimeout):
         return "upstream_connect_timeout"
     return "upstream_unavailable"
 
@@ -99,6 +118,7 @@ def _upstream_headers(upstream: Upstream, request_id: str) -> dict[str, str]:
         "Content-Type": "application/json",
         # Uncompressed: the bytes are relayed as they come, and the links are local.
         "Accept-Encoding": "identity",
+        "Accept": "application/json, text/event-stream",
         "X-Request-Id": request_id,
     }
     if upstream.api_key:
@@ -108,56 +128,57 @@ def _upstream_headers(upstream: Upstream, request_id: str) -> dict[str, str]:
 
 async def attempt(
     config: GatewayConfig,
-    response: aiohttp.ClientResponse,
+    sent: Sent,
     upstream: Upstream,
     stream: bool,
     exchange: Exchange,
     first_byte_by: float,
 ) -> web.StreamResponse | Primed | Failure:
     """The final answer, a stream ready to relay, or a failure another replica may fix."""
-    if response.status in (401, 403):
+    conn, head = sent.conn, sent.head
+    if head.status in (401, 403):
         # The upstream refused the gateway's key, not the client's: passing the status on
         # would tell the client its own key is wrong.
         return bad_upstream(
-            upstream, f"it answered {response.status} to the gateway's key (stale record?)"
+            upstream, f"it answered {head.status} to the gateway's key (stale record?)"
         )
-    if stream and response.status == 200 and response.content_type == "text/event-stream":
-        return await _first_event(response.content, upstream, first_byte_by, config, exchange)
+    if stream and head.status == 200 and head.content_type == "text/event-stream":
+        return await _first_event(conn, upstream, first_byte_by, config, exchange)
     try:
-        body = await _read_body(response.content, first_byte_by, config.idle_timeout_s)
+        body = await _read_body(conn, first_byte_by, config.idle_timeout_s)
     except UpstreamTimeout as exc:
         return timeout_error(upstream, exc.code, config)
     except ShuttingDown:
         return shutting_down(config)
-    except aiohttp.ClientError as exc:
+    except UpstreamError as exc:
         return Failure(
             502, "upstream_error", f"upstream {upstream.source} failed: {type(exc).__name__}"
         )
     exchange.upstream_first_at = time.monotonic()
-    headers = {"Content-Type": response.headers.get("Content-Type", "application/json")}
-    retry_after = response.headers.get("Retry-After")
-    if response.status >= 500:
-        message = f"upstream {upstream.source} answered {response.status}"
+    headers = {"Content-Type": head.headers.get("content-type", "application/json")}
+    retry_after = head.headers.get("retry-after")
+    if head.status >= 500:
+        message = f"upstream {upstream.source} answered {head.status}"
         if is_json_object(body):
             message += f": {error_message(body)}"
-        if response.status == 503:
+        if head.status == 503:
             return Failure(503, "upstream_unavailable", message, retry_after or "1")
         return Failure(502, "upstream_error", message)
-    if response.status >= 400:
+    if head.status >= 400:
         if not is_json_object(body):
-            return bad_upstream(upstream, f"it answered {response.status} without a JSON error")
-        if retry_after is not None and response.status == 429:
+            return bad_upstream(upstream, f"it answered {head.status} without a JSON error")
+        if retry_after is not None and head.status == 429:
             headers["Retry-After"] = retry_after
-    if response.status == 200:
+    if head.status == 200:
         at = body.rfind(b'"usage"')
         usage = read_usage(body, at) if at >= 0 else None
         if usage is not None:
             note_usage(exchange, usage)
-    return web.Response(status=response.status, body=body, headers=headers)
+    return web.Response(status=head.status, body=body, headers=headers)
 
 
 async def _first_event(
-    content: aiohttp.StreamReader,
+    conn: UpstreamConnection,
     upstream: Upstream,
     first_byte_by: float,
     config: GatewayConfig,
@@ -176,7 +197,7 @@ async def _first_event(
             while b"\n\n" not in data and b"\r\n\r\n" not in data:
                 if len(data) >= MAX_CARRY_BYTES:
                     break
-                chunk = await content.readany()
+                chunk = await conn.read()
                 if not chunk:
                     return Failure(
                         502,
@@ -190,7 +211,7 @@ async def _first_event(
         return timeout_error(upstream, "upstream_first_token_timeout", config)
     except ShuttingDown:
         return shutting_down(config)
-    except aiohttp.ClientError as exc:
+    except UpstreamError as exc:
         return Failure(
             502,
             "upstream_error",
@@ -203,7 +224,7 @@ async def _first_event(
     return Primed(data)
 
 
-async def _read_body(content: aiohttp.StreamReader, first_byte_by: float, idle_s: float) -> bytes:
+async def _read_body(conn: UpstreamConnection, first_byte_by: float, idle_s: float) -> bytes:
     """The whole body: its first byte by ``first_byte_by``, no gap after it over ``idle_s``."""
     parts: list[bytes] = []
     code = "upstream_first_token_timeout"
@@ -212,7 +233,7 @@ async def _read_body(content: aiohttp.StreamReader, first_byte_by: float, idle_s
     while True:
         try:
             async with timeout_at(deadline):
-                chunk = await content.readany()
+                chunk = await conn.read()
         except asyncio.TimeoutError:
             raise UpstreamTimeout(code) from None
         if not chunk:
@@ -226,16 +247,16 @@ class Watch:
     """Bounds the upstream's silence in a stream while the gateway waits for it.
 
     One timer per stream that wakes up about once per limit, instead of a timer armed and
-    cancelled around every read (a few microseconds per chunk): a read only notes when it
-    started waiting. When a wait passes ``idle_s``, the upstream's stream is failed with
-    ``UpstreamTimeout``, which the pending read raises. The watch starts once the first
+    cancelled around every piece (a few microseconds per chunk): the relay only notes since
+    when it has been waiting. When a wait passes ``idle_s``, the upstream's body is failed
+    with ``UpstreamTimeout``, which ends the relay. The watch starts once the first
     event is in (``_first_event`` keeps the time-to-first-token clock until then).
     """
 
-    __slots__ = ("_content", "_handle", "_idle_s", "_loop", "waiting_since")
+    __slots__ = ("_conn", "_handle", "_idle_s", "_loop", "waiting_since")
 
-    def __init__(self, content: aiohttp.StreamReader, idle_s: float) -> None:
-        self._content = content
+    def __init__(self, conn: UpstreamConnection, idle_s: float) -> None:
+        self._conn = conn
         self._idle_s = idle_s
         self._loop = asyncio.get_running_loop()
         self.waiting_since: float | None = None
@@ -252,7 +273,7 @@ class Watch:
         if now < limit_at:
             self._handle = self._loop.call_at(limit_at, self._check)
             return
-        self._content.set_exception(UpstreamTimeout("upstream_idle_timeout"))
+        self._conn.set_exception(UpstreamTimeout("upstream_idle_timeout"))
 
     def close(self) -> None:
         """Stop the timer."""
