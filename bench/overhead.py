@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
-import os
-import secrets
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -37,16 +33,20 @@ import aiohttp
 
 from bench.loadgen import Progress, Target, run_level
 from bench.metrics import LevelSummary
+from bench.overheadservers import (
+    MODEL,
+    litellm_missing,
+    start_bare,
+    start_engine,
+    start_litellm,
+    start_mt_gateway,
+)
 from bench.proxyproc import ServerProcess, UsageMeter
 from bench.report import environment
 from bench.workload import Schedule, Workload
 
-MODEL = "fake-model"
 PATHS = ("direct", "bare", "mt", "litellm")
 _MIB = 1024 * 1024
-# Far above anything the run sends, so that the limiter runs on every request but never
-# answers 429: 10,000 requests of ~100 tokens in a minute stay well under both.
-_RATE_LIMITS = {"requests_per_min": 10_000_000, "tokens_per_min": 10_000_000_000}
 _RSS_CONCURRENCY = 16
 
 
@@ -107,124 +107,6 @@ class OverheadResult:
     def row(self, path: str, concurrency: int) -> PathLevel | None:
         """The row of ``path`` at ``concurrency``, if it was measured."""
         return next((r for r in self.rows if r.path == path and r.concurrency == concurrency), None)
-
-
-def litellm_python() -> str:
-    """The Python that runs LiteLLM's proxy: the one beside ``$MT_LITELLM`` (its own venv,
-    made by `make bench`/`make test`), else this one."""
-    command = os.environ.get("MT_LITELLM")
-    return str(Path(command).with_name("python")) if command else sys.executable
-
-
-def litellm_missing() -> str | None:
-    """Why LiteLLM's proxy cannot run here, or None when it can."""
-    if os.environ.get("MT_LITELLM"):
-        python = litellm_python()
-        if not Path(python).exists():
-            return f"MT_LITELLM names no venv with a python: {python} is missing"
-        return None
-    for module in ("litellm", "fastapi", "uvicorn"):
-        if importlib.util.find_spec(module) is None:
-            return f"LiteLLM's proxy is not installed ({module} is missing): " + (
-                "pip install 'litellm[proxy]'"
-            )
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _base_env(workdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MT_", "OPENAI_"))}
-    env["MT_HOME"] = str(workdir / "mt-home")  # an empty registry: only the static route
-    return env
-
-
-def start_engine(config: OverheadConfig, workdir: Path) -> ServerProcess:
-    """The fast fake engine in its own process."""
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.fakeengine",
-        "--model",
-        MODEL,
-        "--tokens",
-        str(config.max_tokens),
-        "--tokens-per-s",
-        str(config.engine_tokens_per_s),
-        "--ttft-ms",
-        str(config.engine_ttft_ms),
-    ]
-    engine = ServerProcess("fake engine", argv, workdir / "engine.log", _base_env(workdir))
-    engine.wait_listening_line()
-    return engine
-
-
-def start_bare(engine_url: str, workdir: Path) -> ServerProcess:
-    """The bare pass-through proxy (``bench.bareproxy``) in front of the engine."""
-    upstream = engine_url.removesuffix("/v1")
-    argv = [sys.executable, "-m", "bench.bareproxy", "--upstream", upstream]
-    proxy = ServerProcess("bare proxy", argv, workdir / "bare.log", _base_env(workdir))
-    proxy.wait_listening_line()
-    return proxy
-
-
-def start_mt_gateway(engine_url: str, workdir: Path) -> tuple[ServerProcess, str]:
-    """`mt gateway` with auth and rate limits on and a static route to the engine; returns
-    it and its key."""
-    from gateway.keys import create_key
-
-    models = workdir / "models.yaml"
-    models.write_text(
-        f"static:\n  - name: {MODEL}\n    base_url: {json.dumps(engine_url)}\n", encoding="utf-8"
-    )
-    keys = workdir / "keys.yaml"
-    key = create_key(
-        keys,
-        "bench",
-        models=("fake-*",),
-        requests_per_min=_RATE_LIMITS["requests_per_min"],
-        tokens_per_min=_RATE_LIMITS["tokens_per_min"],
-    )
-    argv = [sys.executable, "-m", "hpc.cli", "--models", str(models), "gateway", "--port", "0"]
-    argv += ["--keys", str(keys)]
-    gateway = ServerProcess("mt gateway", argv, workdir / "gateway.log", _base_env(workdir))
-    gateway.wait_listening_line()
-    return gateway, key
-
-
-def start_litellm(engine_url: str, workdir: Path) -> tuple[ServerProcess, str]:
-    """LiteLLM's proxy, one worker, auth on (a master key, no database), routing ``MODEL``
-    to the same engine; returns it and its key."""
-    config = workdir / "litellm.yaml"
-    config.write_text(
-        "model_list:\n"
-        f"  - model_name: {MODEL}\n"
-        "    litellm_params:\n"
-        f"      model: openai/{MODEL}\n"
-        f"      api_base: {json.dumps(engine_url)}\n"
-        "      api_key: unused\n"
-        "litellm_settings:\n"
-        "  drop_params: true\n",
-        encoding="utf-8",
-    )
-    port = _free_port()
-    env = _base_env(workdir)
-    # No network here: the bundled cost map, no telemetry, errors only in its log.
-    env |= {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-    env |= {"LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
-    key = "sk-bench-" + secrets.token_hex(16)
-    env["LITELLM_MASTER_KEY"] = key  # it refuses to start without one, as it should
-    code = "from litellm.proxy.proxy_cli import run_server; run_server()"
-    argv = [litellm_python(), "-c", code, "--config", str(config), "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--num_workers", "1"]
-    proxy = ServerProcess("LiteLLM proxy", argv, workdir / "litellm.log", env)
-    proxy.wait_http_ok(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=120)
-    proxy.url = f"http://127.0.0.1:{port}"
-    return proxy, key
 
 
 async def _measure(
@@ -320,7 +202,9 @@ def run_overhead(
         work.mkdir(parents=True, exist_ok=True)
         servers: list[ServerProcess] = []
         try:
-            engine = start_engine(config, work)
+            engine = start_engine(
+                config.max_tokens, config.engine_tokens_per_s, config.engine_ttft_ms, work
+            )
             servers.append(engine)
             targets: dict[str, tuple[Target, ServerProcess | None]] = {}
             if "direct" in config.paths:
