@@ -36,11 +36,13 @@ from gateway.reload import CleanupContext, reload_context
 from gateway.state import (
     ADMISSION,
     BALANCER,
+    CLIENT,
     CONFIG,
     INFLIGHT,
     LIMITER,
     LIVE,
     METRICS,
+    RATELIMIT_HEADERS,
     REQUEST_INFO,
     RequestInfo,
 )
@@ -104,8 +106,9 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
         response.headers[REQUEST_ID_HEADER] = info.request_id
         if info.served_model is not None:
             response.headers[SERVED_MODEL_HEADER] = info.served_model
-        if info.ratelimit_headers:
-            response.headers.update(info.ratelimit_headers)
+    ratelimit = request.get(RATELIMIT_HEADERS)
+    if ratelimit:
+        response.headers.update(ratelimit)
 
 
 @web.middleware
@@ -140,7 +143,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     info = request[REQUEST_INFO]
     info.client = client.name
-    info.client_entry = client
+    request[CLIENT] = client
     return await handler(request)
 
 

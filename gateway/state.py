@@ -21,20 +21,19 @@ from gateway.reload import Live
 class RequestInfo:
     """What one request's log line says beyond method, path and status; handlers fill it.
 
-    Log fields only (and the key the auth middleware found, and the rate-limit headers the
-    response echoes): the proxy's working state is its own ``Exchange``.
+    Log fields only: the key the auth middleware found is ``CLIENT``, the rate-limit headers
+    a response echoes are ``RATELIMIT_HEADERS``, and the proxy's working state is its own
+    ``Exchange``.
     """
 
     request_id: str
     started: float = field(default_factory=time.monotonic)
     client: str | None = None
-    client_entry: Client | None = None
     model: str | None = None  # as the client asked (perhaps an alias)
     served_model: str | None = None  # the model that answers (itself, or a fallback)
     upstream: str | None = None
     outcome: str | None = None
     routed: bool = False  # the model is one the gateway knows (bounds metric labels)
-    ratelimit_headers: dict[str, str] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_estimated: bool = False  # charged by estimate: the usage never came
@@ -48,3 +47,6 @@ BALANCER = web.AppKey("balancer", Balancer)
 ADMISSION = web.AppKey("admission", Admission)
 INFLIGHT = web.AppKey("inflight", Inflight)
 REQUEST_INFO = web.RequestKey("request_info", RequestInfo)
+CLIENT = web.RequestKey("client", Client)  # the key the auth middleware found (with keys on)
+# X-RateLimit-* of the client's buckets, echoed on the response (with limits on).
+RATELIMIT_HEADERS = web.RequestKey("ratelimit_headers", dict)

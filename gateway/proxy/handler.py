@@ -46,11 +46,13 @@ from gateway.routes import Upstream
 from gateway.state import (
     ADMISSION,
     BALANCER,
+    CLIENT,
     CONFIG,
     INFLIGHT,
     LIMITER,
     LIVE,
     METRICS,
+    RATELIMIT_HEADERS,
     REQUEST_INFO,
     RequestInfo,
 )
@@ -89,7 +91,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     routes = request.app[LIVE].snapshot.routes
     canonical = routes.resolve(model)
-    client = info.client_entry
+    client = request.get(CLIENT)
     if client is not None and not (client.allows(model) or client.allows(canonical)):
         return openai_error(
             403,
@@ -129,7 +131,7 @@ async def _on_demand(
     """Wait for the on-demand model's replicas (its job may have to start first), then
     forward to them; the controller counts the request in flight until it is answered."""
     controller = request.app[ON_DEMAND]
-    client = info.client_entry
+    client = request.get(CLIENT)
     asker = Asker(
         info.request_id,
         client.name if client is not None else None,
@@ -168,7 +170,7 @@ def _rate_limit(
     if buckets is None:
         return None, None
     verdict = buckets.admit()
-    info.ratelimit_headers = verdict.headers
+    request[RATELIMIT_HEADERS] = verdict.headers
     if verdict.allowed:
         return buckets, None
     per_min = "requests" if verdict.limited == "requests" else "tokens"
