@@ -57,6 +57,13 @@ class SlurmSite(_Strict):
         "(default: the one running mt)",
     )
     command_timeout_s: float = Field(default=60, gt=0, description="for each Slurm command")
+    submit_lookup_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="after an sbatch whose outcome is unknown (a timeout, or a lost "
+        "controller), how long to look for the job by its nonce before saying nothing was "
+        "submitted (default: twice the controller's MessageTimeout, at least 30 s)",
+    )
     use_pyslurm: bool = Field(
         default=False,
         description="talk to Slurm through pyslurm when it is built for this cluster's Slurm "

@@ -18,9 +18,10 @@ from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
 from slurmcluster import SlurmCluster
 
 from hpc.backends.slurm import SlurmBackend
+from hpc.errors import BackendError
 from hpc.jobs import JobService
 from hpc.registry import Record, Registry, new_api_key
-from hpc.site import load_site
+from hpc.site import Site, load_site
 from hpc.slurm.client import SlurmClient
 from hpc.transport import CommandResult, CommandTimeout, LocalTransport
 
@@ -223,6 +224,80 @@ def test_sbatch_timeout_finds_the_job_by_nonce(cluster: SlurmCluster, models: Pa
     record = registry().find(handle.job_id)
     assert record is not None and record.nonce == handle.nonce
     backend.cancel(handle)
+
+
+_LOST_CONTROLLER = (
+    "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation\n"
+)
+
+
+class _SbatchLosesTheController:
+    """The real transport, except that sbatch then fails as it does when it lost the
+    controller mid-call: exit 1 and Slurm's transport error, after the job was queued
+    (``queue=True``) or without it."""
+
+    def __init__(self, *, queue: bool) -> None:
+        self.inner = LocalTransport()
+        self.queue = queue
+        self.sbatch_calls = 0
+
+    def run(self, argv: list[str], *, stdin: str | None = None, timeout_s: float) -> CommandResult:
+        if argv[0] != "sbatch":
+            return self.inner.run(argv, stdin=stdin, timeout_s=timeout_s)
+        self.sbatch_calls += 1
+        if self.queue:
+            self.inner.run(argv, stdin=stdin, timeout_s=timeout_s)
+        return CommandResult(argv, 1, "", _LOST_CONTROLLER)
+
+
+def _service(transport: object, *, lookup_s: float | None = None) -> JobService:
+    site = load_site(None)
+    if lookup_s is not None:
+        slurm = site.config.slurm.model_copy(update={"submit_lookup_s": lookup_s})
+        site = Site(site.config.model_copy(update={"slurm": slurm}), site.home)
+    client = SlurmClient(transport, timeout_s=30)  # type: ignore[arg-type]
+    return JobService(site, SlurmBackend(site, client=client))
+
+
+def test_sbatch_that_lost_the_controller_after_queueing_finds_the_job(
+    cluster: SlurmCluster, models: Path
+) -> None:
+    transport = _SbatchLosesTheController(queue=True)
+    jobs = _service(transport)
+    spec = next(m for m in __import__("hpc.configfile").configfile.load_models(models).models)
+    handle = jobs.submit(spec)
+    assert transport.sbatch_calls == 1  # looked up, not resubmitted
+    mine = [j for j in cluster.jobs() if j.get("comment") == f"mt:{handle.nonce}"]
+    assert [str(j["job_id"]) for j in mine] == [handle.job_id]
+    record = registry().find(handle.job_id)
+    assert record is not None and record.nonce == handle.nonce
+    jobs.cancel(handle)
+
+
+def test_sbatch_that_lost_the_controller_before_queueing_submitted_nothing(
+    cluster: SlurmCluster, models: Path
+) -> None:
+    transport = _SbatchLosesTheController(queue=False)
+    jobs = _service(transport, lookup_s=3)
+    spec = next(m for m in __import__("hpc.configfile").configfile.load_models(models).models)
+    before = {str(j["job_id"]) for j in cluster.jobs()}
+    with pytest.raises(BackendError) as caught:
+        jobs.submit(spec)
+    message = caught.value.message
+    assert "Socket timed out on send/recv operation" in message
+    assert "within 3s: nothing was submitted" in message and caught.value.hint
+    assert transport.sbatch_calls == 1
+    assert {str(j["job_id"]) for j in cluster.jobs()} == before
+    assert registry().records() == []  # a failed submit leaves no record behind
+
+
+def test_the_lookup_window_follows_the_controllers_message_timeout(cluster: SlurmCluster) -> None:
+    backend = SlurmBackend(load_site(None), client=SlurmClient(LocalTransport(), timeout_s=30))
+    config = LocalTransport().run(["scontrol", "show", "config"], timeout_s=30).stdout
+    line = next(li for li in config.splitlines() if li.startswith("MessageTimeout"))
+    seconds = float(line.split("=", 1)[1].split()[0])
+    assert backend.client.message_timeout_s() == seconds
+    assert backend.lookup_window_s() == max(30.0, 2 * seconds)
 
 
 def test_record_of_a_vanished_job_is_marked_stale(cluster: SlurmCluster, models: Path) -> None:

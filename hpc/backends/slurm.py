@@ -2,8 +2,11 @@
 
 Submit renders the script (hpc.slurm.sbatch) and runs ``sbatch --parsable``; the job service
 then creates the job's ``pending`` record unless the job, already running, has written its
-own. If sbatch times out, the job is looked up by its nonce (``--comment=mt:<nonce>``)
-before anything is resubmitted, so one submit never makes two jobs. Status asks squeue once
+own. If sbatch's outcome is unknown (it timed out, or it lost the controller: "Socket timed
+out on send/recv operation" and the like, after which the job may still be queued), the job
+is looked up by its nonce (``--comment=mt:<nonce>``) for up to twice the controller's
+MessageTimeout before anything is reported or resubmitted, so one submit never makes two
+jobs. Status asks squeue once
 for all jobs.
 """
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
-from hpc.errors import BackendError, MTError
+from hpc.errors import BackendError, MTError, SlurmError
 from hpc.job.plan import JobPlan, PoolPlan
 from hpc.registry import new_nonce
 from hpc.site import Site
@@ -28,11 +31,17 @@ from hpc.slurm.client import (
     SlurmAPI,
     SlurmClient,
     SlurmJob,
+    is_transport_error,
 )
 from hpc.slurm.pyslurm import pyslurm_api_for
 from hpc.slurm.sbatch import SbatchJob, render
 from hpc.spec import ModelSpec, PoolSpec
 from hpc.transport import CommandTimeout
+
+# The shortest look for a job whose sbatch had an unknown outcome (Slurm's default
+# MessageTimeout is 10 s), and how often squeue is asked meanwhile.
+_MIN_LOOKUP_S = 30.0
+_LOOKUP_POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -144,30 +153,56 @@ class SlurmBackend:
         try:
             job_id = self.client.sbatch(prepared.script)
         except CommandTimeout as exc:
-            # sbatch may have queued the job before timing out: find it before retrying.
-            found = self._find_after_timeout(f"mt:{nonce}")
-            if found is None:
-                raise BackendError(
-                    f"sbatch did not answer within {exc.timeout_s:g}s and no job with nonce "
-                    f"{nonce} is queued: nothing was submitted",
-                    argv=exc.argv,
-                    hint="the scheduler is slow or down; try again in a minute (`squeue --me`)",
-                ) from exc
-            job_id = found
+            what = f"sbatch did not answer within {exc.timeout_s:g}s"
+            job_id = self._find_unknown(nonce, what, exc.argv, exc)
+        except SlurmError as exc:
+            if not is_transport_error(exc.stderr or ""):
+                raise
+            # sbatch lost the controller mid-call; it may have queued the job all the same.
+            what = f"sbatch failed ({exc.message.removeprefix('sbatch failed: ')})"
+            job_id = self._find_unknown(nonce, what, exc.argv, exc)
         return Submitted(
             JobHandle(self.name, job_id, nonce), log_path=prepared.job.log_path(job_id)
         )
 
-    def _find_after_timeout(self, comment: str) -> str | None:
-        for _ in range(3):
+    def _find_unknown(self, nonce: str, what: str, argv: list[str] | None, exc: Exception) -> str:
+        """The id of the job an sbatch of unknown outcome queued, found by its nonce before
+        anything is reported or resubmitted; BackendError if none appears in the window."""
+        window_s = self.lookup_window_s()
+        found = self._find_by_nonce(f"mt:{nonce}", window_s)
+        if found is None:
+            raise BackendError(
+                f"{what}, and no job with nonce {nonce} appeared in squeue within "
+                f"{window_s:g}s: nothing was submitted",
+                argv=argv,
+                hint="the Slurm controller is slow or down; check `squeue --me`, then submit "
+                "again (slurm.submit_lookup_s in site.yaml sets how long mt looks)",
+            ) from exc
+        return found
+
+    def lookup_window_s(self) -> float:
+        """How long to look for a job whose sbatch had an unknown outcome: site.yaml's
+        ``slurm.submit_lookup_s``, else twice the controller's MessageTimeout (the longest a
+        queued job can take to show), at least ``_MIN_LOOKUP_S``."""
+        configured = self.site.config.slurm.submit_lookup_s
+        if configured is not None:
+            return configured
+        message_s = self.client.message_timeout_s() or 0.0
+        return max(_MIN_LOOKUP_S, 2 * message_s)
+
+    def _find_by_nonce(self, comment: str, window_s: float) -> str | None:
+        deadline = time.monotonic() + window_s
+        while True:
             try:
                 job = self.client.find_by_comment(comment)
-            except CommandTimeout:
-                job = None
+            except (CommandTimeout, SlurmError):
+                job = None  # the controller is still away: keep looking until the deadline
             if job is not None:
                 return job.job_id
-            time.sleep(2)
-        return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(_LOOKUP_POLL_S, left))
 
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """One squeue for every job; sacct (if the cluster has it) for those squeue forgot."""

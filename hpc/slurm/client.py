@@ -70,6 +70,23 @@ class SlurmJob:
     nodes: str
 
 
+# What Slurm's tools print when they lost touch with the controller mid-RPC: the request
+# may have been carried out (sbatch: the job may be queued), so the answer is "unknown".
+TRANSPORT_ERRORS = (
+    "Socket timed out on send/recv operation",
+    "Unable to contact slurm controller",
+    "Zero Bytes were transmitted or received",
+    "Transport endpoint is not connected",
+    "Communication connection failure",
+)
+_MESSAGE_TIMEOUT = re.compile(r"^MessageTimeout\s*=\s*(\d+)", re.MULTILINE)
+
+
+def is_transport_error(stderr: str) -> bool:
+    """True if ``stderr`` says the controller was not (or no longer) reachable."""
+    return any(text in stderr for text in TRANSPORT_ERRORS)
+
+
 def hint_for(stderr: str) -> str | None:
     """A hint for a known Slurm error message, or None."""
     return next((hint for pattern, hint in _HINTS if pattern.search(stderr)), None)
@@ -102,6 +119,10 @@ class SlurmAPI(Protocol):
         """Final states from accounting; None where the cluster keeps none."""
         ...
 
+    def message_timeout_s(self) -> float | None:
+        """The controller's ``MessageTimeout`` (how long one RPC may take), if known."""
+        ...
+
 
 class SlurmClient:
     """Slurm's command-line tools, run through a transport (local or SSH)."""
@@ -111,6 +132,7 @@ class SlurmClient:
         self.timeout_s = timeout_s
         self._json: bool | None = None  # does this squeue speak --json? learnt on first use
         self._has_accounting: bool | None = None  # learnt from the first sacct call
+        self._message_timeout_s: float | None = None  # learnt from scontrol show config
 
     def run(
         self, argv: list[str], *, stdin: str | None = None, check: bool = True
@@ -182,6 +204,17 @@ class SlurmClient:
     def find_by_comment(self, comment: str) -> SlurmJob | None:
         """The job whose comment is ``comment`` (``mt:<nonce>``), if squeue shows one."""
         return next((job for job in self.jobs().values() if job.comment == comment), None)
+
+    def message_timeout_s(self) -> float | None:
+        """``MessageTimeout`` from ``scontrol show config`` (asked once); None if unknown."""
+        if self._message_timeout_s is None:
+            try:
+                text = self.run(["scontrol", "show", "config"], check=False).stdout
+            except (SlurmError, CommandTimeout):
+                return None
+            found = _MESSAGE_TIMEOUT.search(text)
+            self._message_timeout_s = float(found.group(1)) if found else 0.0
+        return self._message_timeout_s or None
 
     def accounting(self, job_ids: Sequence[str]) -> dict[str, SlurmJob] | None:
         """Final states from sacct, or None when the cluster has no accounting storage."""

@@ -188,8 +188,8 @@ class PyslurmAPI:
 
     def __init__(self, pyslurm: ModuleType, *, message_timeout_s: float = 10.0) -> None:
         self.pyslurm = pyslurm
-        # Only for the CommandTimeout message: libslurm waits MessageTimeout (slurm.conf).
-        self.message_timeout_s = message_timeout_s
+        # libslurm waits MessageTimeout (slurm.conf) per RPC: the CommandTimeout's number.
+        self._message_timeout_s = message_timeout_s
 
     @contextmanager
     def _rpc(self, call: str) -> Iterator[None]:
@@ -199,11 +199,15 @@ class PyslurmAPI:
             yield
         except self.pyslurm.RPCError as exc:
             if getattr(exc, "errno", None) == SOCKET_TIMEOUT_ERRNO:
-                raise CommandTimeout(argv, self.message_timeout_s) from exc
+                raise CommandTimeout(argv, self._message_timeout_s) from exc
             message = str(exc) or f"errno {getattr(exc, 'errno', '?')}"
             raise SlurmError(
                 f"{argv[0]} failed: {message}", argv=argv, stderr=message, hint=hint_for(message)
             ) from exc
+
+    def message_timeout_s(self) -> float | None:
+        """The ``MessageTimeout`` this adapter was made with."""
+        return self._message_timeout_s
 
     def sbatch(self, script: str) -> str:
         """Submit ``script`` with its ``#SBATCH`` options given explicitly; returns the job id."""
