@@ -130,7 +130,8 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def __aenter__(self) -> FakeUpstream:
-        app = web.Application()
+        # Real engines take large bodies (base64 images); aiohttp's default cap is 1 MiB.
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             app.router.add_post(path, self._handle)
         app.router.add_get("/health", self._health)

@@ -2,8 +2,11 @@
 
 A request past a cap is refused at once with 503 and ``Retry-After`` rather than queued,
 so an overloaded model sheds load instead of collapsing under it (engines slow down for
-everyone when they take more than they can batch). Counting is two integer updates per
-request: no locks (one event loop) and no I/O.
+everyone when they take more than they can batch). The gateway-wide cap is checked before
+a request's body is read, and counts requests whose bodies are still arriving: clients that
+send headers and then trickle their bodies cannot hold more than the cap between them (the
+body timeout ends each of them). Counting is a few integer updates per request: no locks
+(one event loop) and no I/O.
 """
 
 from __future__ import annotations
@@ -12,13 +15,26 @@ from __future__ import annotations
 class Admission:
     """Requests in flight through the proxy, checked against the configured caps."""
 
-    __slots__ = ("_max_per_model", "_max_total", "_per_model", "total")
+    __slots__ = ("_max_per_model", "_max_total", "_per_model", "reading", "total")
 
     def __init__(self, max_total: int | None, max_per_model: int | None) -> None:
         self._max_total = max_total
         self._max_per_model = max_per_model
         self._per_model: dict[str, int] = {}
         self.total = 0
+        self.reading = 0  # requests whose bodies are still being read
+
+    def start_reading(self) -> bool:
+        """Before a request's body is read: False if the gateway is full (refuse it before
+        reading anything), else a reading slot the caller gives back with ``stop_reading``."""
+        if self._max_total is not None and self.total + self.reading >= self._max_total:
+            return False
+        self.reading += 1
+        return True
+
+    def stop_reading(self) -> None:
+        """The body is read (or the request gave up); the slot ``start_reading`` took."""
+        self.reading -= 1
 
     def enter(self, model: str) -> str | None:
         """Take a slot for ``model``: None if admitted, else which cap is full (``gateway``

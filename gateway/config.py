@@ -32,7 +32,17 @@ class GatewayConfig(BaseModel):
     keys_file: Path | None = Field(
         default=None, description="keys.yaml with hashed client keys; None turns auth off"
     )
-    max_body_bytes: int = Field(default=4 * MIB, gt=0, description="larger request bodies: 413")
+    max_body_mb: float = Field(
+        default=4,
+        gt=0,
+        description="larger request bodies get 413 (raise it for large base64 images)",
+    )
+    body_timeout_s: float = Field(
+        default=60,
+        gt=0,
+        description="a request's body must arrive whole within this after its headers; a "
+        "client that trickles it gets 408 and its connection is closed",
+    )
     connect_timeout_s: float = Field(
         default=10, gt=0, description="to open a connection to an upstream (504 after it)"
     )
@@ -105,6 +115,11 @@ class GatewayConfig(BaseModel):
         description="where the on-demand state is published (default: "
         "<registry_dir>/../" + STATE_FILE + ")",
     )
+
+    @property
+    def max_body_bytes(self) -> int:
+        """``max_body_mb`` in bytes (aiohttp's ``client_max_size``)."""
+        return int(self.max_body_mb * MIB)
 
     def state_file(self) -> Path:
         """The on-demand state file `mt pool status` reads."""

@@ -14,6 +14,7 @@ any exception a handler let escape (500, logged with its traceback).
     403     invalid_request_error   model_not_allowed
     404     invalid_request_error   model_not_found · not_found (path)
     405     invalid_request_error   method_not_allowed
+    408     invalid_request_error   request_timeout
     413     invalid_request_error   request_too_large
     429     invalid_request_error   rate_limit_requests · rate_limit_tokens ·
                                     on_demand_key_limit (+ Retry-After)

@@ -232,7 +232,7 @@ async def test_body_over_the_limit_is_413_in_openai_shape(tmp_path: Path) -> Non
         add_record(tmp_path / "registry", "m", fake.base_url)
         big = {"model": "m", "prompt": "x" * 4096}
         async with (
-            gateway(tmp_path, max_body_bytes=1024) as url,
+            gateway(tmp_path, max_body_mb=1024 / (1024 * 1024)) as url,
             aiohttp.ClientSession() as client,
             client.post(url + "/v1/completions", json=big) as resp,
         ):

@@ -26,6 +26,7 @@ from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import Metrics
 from gateway.ondemand.jobs import Asker
 from gateway.ondemand.wait import ON_DEMAND, Ready, end_stream, ready
+from gateway.proxy.body import read_body
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failures import (
     Failure,
@@ -66,29 +67,15 @@ _NO_ANSWER = b'{"error": {"message": "no answer"}}'
 async def proxy(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
     info = request[REQUEST_INFO]
-    body = await request.read()
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return openai_error(400, "request body is not valid JSON", INVALID_REQUEST, "invalid_json")
-    if not isinstance(payload, dict):
-        return openai_error(
-            400, "request body must be a JSON object", INVALID_REQUEST, "invalid_body"
-        )
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        return openai_error(
-            400,
-            "request body needs a 'model' (a name from GET /v1/models)",
-            INVALID_REQUEST,
-            "missing_model",
-            param="model",
-        )
+    config = request.app[CONFIG]
+    read = await read_body(request, config, request.app[ADMISSION])
+    if isinstance(read, web.Response):
+        return read
+    body, payload, model = read.raw, read.payload, read.model
     info.model = model[:200]
     exchange = Exchange(payload)
     stream = payload.get("stream") is True
 
-    config = request.app[CONFIG]
     routes = request.app[LIVE].snapshot.routes
     canonical = routes.resolve(model)
     client = request.get(CLIENT)

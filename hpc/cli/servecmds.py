@@ -150,6 +150,12 @@ def gateway(
     header_timeout: Annotated[
         float, _gateway_option("header_timeout_s", "--header-timeout")
     ] = _gateway_default("header_timeout_s"),
+    body_timeout: Annotated[
+        float, _gateway_option("body_timeout_s", "--body-timeout")
+    ] = _gateway_default("body_timeout_s"),
+    max_body_mb: Annotated[
+        float, _gateway_option("max_body_mb", "--max-body-mb")
+    ] = _gateway_default("max_body_mb"),
     shutdown_grace: Annotated[
         float, _gateway_option("shutdown_grace_s", "--shutdown-grace")
     ] = _gateway_default("shutdown_grace_s"),
@@ -186,6 +192,8 @@ def gateway(
         max_in_flight_per_model=max_in_flight_per_model,
         shutdown_grace_s=shutdown_grace,
         header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_body_mb=max_body_mb,
         retry_after_s=retry_after,
         health_interval_s=health_interval,
         health_timeout_s=health_timeout,
