@@ -52,6 +52,13 @@ class GatewayConfig(BaseModel):
         description="from sending the request to the first byte of the upstream's body; a "
         "non-streaming answer arrives whole, so for it this bounds the whole generation",
     )
+    unhealthy_first_token_timeout_s: float = Field(
+        default=10,
+        gt=0,
+        description="when every replica of a model is failing its health probes, one is "
+        "still tried, but gets this long (at most first_token_timeout_s) for its first "
+        "byte; then 503 naming the model, instead of a wait of the full first-token timeout",
+    )
     idle_timeout_s: float = Field(
         default=120,
         gt=0,

@@ -443,3 +443,49 @@ async def test_llama_server_without_metrics_reports_its_load_through_slots(
     assert samples[running] == 1
     assert samples[engine_requests(record.key, "waiting")] == 0
     assert server.asked.count("/metrics") == 1  # a 501 means "not here": not asked again
+
+
+async def test_when_every_replica_fails_its_probes_one_is_tried_on_a_short_clock(
+    tmp_path: Path,
+) -> None:
+    # Hung: its health endpoint and its answers never come (a SIGSTOPped engine).
+    hung_knobs = Knobs(health_hang=True, ttft_s=120)
+    async with FakeUpstream(hung_knobs) as hung:
+        key = add_job(tmp_path / "registry", hung)
+        settings = {"health_interval_s": 0.05, "health_timeout_s": 0.3}
+        async with (
+            gateway(
+                tmp_path,
+                health_failures_to_eject=2,
+                unhealthy_first_token_timeout_s=1,
+                retry_after_s=3,
+                **settings,
+            ) as url,
+            aiohttp.ClientSession() as client,
+        ):
+            await wait_for_metrics(client, url, lambda m: m.get(healthy(key)) == 0)
+            for body in (chat("m"), chat("m", stream=True)):
+                async with client.post(url + CHAT, json=body) as resp:
+                    assert resp.status == 503
+                    assert resp.headers["Retry-After"] == "3"
+                    error = (await resp.json())["error"]
+            assert error["code"] == "upstream_unavailable"
+            assert "every replica of model 'm' is failing its health checks" in error["message"]
+    assert hung.seen.requests == 2  # one try each, not a refusal without trying
+
+    # Probes that are wrong (the engine serves, its health endpoint says 503): still served.
+    async with FakeUpstream(Knobs(health_status=503)) as misprobed:
+        key = add_job(tmp_path / "registry2", misprobed)
+        async with (
+            gateway(
+                tmp_path,
+                registry_dir=tmp_path / "registry2",
+                health_failures_to_eject=2,
+                unhealthy_first_token_timeout_s=1,
+                **settings,
+            ) as url,
+            aiohttp.ClientSession() as client,
+        ):
+            await wait_for_metrics(client, url, lambda m: m.get(healthy(key)) == 0)
+            async with client.post(url + CHAT, json=chat("m")) as resp:
+                assert resp.status == 200

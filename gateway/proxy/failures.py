@@ -133,6 +133,19 @@ def timeout_error(upstream: Upstream, code: str, config: GatewayConfig) -> web.R
     return openai_error(504, timeout_message(upstream, code, config), SERVER_ERROR, code)
 
 
+def unhealthy(model: str, limit_s: float, retry_after_s: int) -> web.Response:
+    """503: every replica of ``model`` fails its health probes, and the one tried anyway
+    sent nothing within ``limit_s``."""
+    return openai_error(
+        503,
+        f"every replica of model {model!r} is failing its health checks, and the one tried "
+        f"sent nothing within {limit_s:g} s",
+        SERVER_ERROR,
+        "upstream_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def bad_upstream(upstream: Upstream, what: str) -> web.Response:
     """502: the upstream answered something the client must not get; final."""
     return openai_error(

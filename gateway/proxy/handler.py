@@ -35,6 +35,7 @@ from gateway.proxy.failures import (
     no_route,
     shutting_down,
     timeout_error,
+    unhealthy,
     unreachable,
 )
 from gateway.proxy.http1 import UpstreamError
@@ -270,17 +271,28 @@ async def _forward(
     loop = asyncio.get_running_loop()
     model = candidates[0].model
     failure = unreachable("upstream_unavailable", model, len(candidates), config)
-    for upstream in balancer.order(candidates):
+    ordered = balancer.order(candidates)
+    limit_s = config.first_token_timeout_s
+    # Every replica fails its health probes (they sort last, so the first says it): one is
+    # still tried, in case the probes are wrong, but on a short clock, so that a hung engine
+    # costs the client seconds and a 503 naming the model, not the full first-token timeout.
+    unhealthy_all = bool(ordered) and balancer.ejected(ordered[0].source)
+    if unhealthy_all:
+        ordered = ordered[:1]
+        limit_s = min(limit_s, config.unhealthy_first_token_timeout_s)
+    for upstream in ordered:
         info.upstream = upstream.source
         balancer.started(upstream)
         sent: Sent | str | None = None
         try:
             sent_at = exchange.sent_at = time.monotonic()
             # The time-to-first-token clock runs from here to the first byte of the body.
-            first_byte_by = loop.time() + config.first_token_timeout_s
+            first_byte_by = loop.time() + limit_s
             try:
                 sent = await send(pool, upstream, suffix, body, info.request_id, first_byte_by)
             except asyncio.TimeoutError:
+                if unhealthy_all:
+                    return unhealthy(model, limit_s, config.retry_after_s), upstream
                 return timeout_error(upstream, "upstream_first_token_timeout", config), upstream
             except UpstreamError as exc:
                 return bad_upstream(upstream, f"{type(exc).__name__}: {exc}"), upstream
@@ -293,6 +305,9 @@ async def _forward(
                 inflight.reading(task, sent.conn)
             metrics.upstream_latency.observe(model, time.monotonic() - sent_at)
             answer = await attempt(config, sent, upstream, stream, exchange, first_byte_by)
+            if unhealthy_all and isinstance(answer, web.Response) and answer.status == 504:
+                # The short clock ran out (attempt's only 504s are its clocks).
+                return unhealthy(model, limit_s, config.retry_after_s), upstream
             if isinstance(answer, Failure):
                 failure = answer
                 balancer.failed(upstream)

@@ -126,6 +126,10 @@ def gateway(
     first_token_timeout: Annotated[
         float, _gateway_option("first_token_timeout_s", "--first-token-timeout")
     ] = _gateway_default("first_token_timeout_s"),
+    unhealthy_first_token_timeout: Annotated[
+        float,
+        _gateway_option("unhealthy_first_token_timeout_s", "--unhealthy-first-token-timeout"),
+    ] = _gateway_default("unhealthy_first_token_timeout_s"),
     idle_timeout: Annotated[
         float, _gateway_option("idle_timeout_s", "--idle-timeout")
     ] = _gateway_default("idle_timeout_s"),
@@ -187,6 +191,7 @@ def gateway(
         keys_file=keys,
         connect_timeout_s=connect_timeout,
         first_token_timeout_s=first_token_timeout,
+        unhealthy_first_token_timeout_s=unhealthy_first_token_timeout,
         idle_timeout_s=idle_timeout,
         max_in_flight=max_in_flight,
         max_in_flight_per_model=max_in_flight_per_model,
