@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from fake_upstream import FakeUpstream, Knobs
 from test_gateway_proxy import CHAT, add_record, assert_openai_error, chat, gateway
 
@@ -138,3 +139,55 @@ async def test_a_first_token_timeout_is_final_not_retried(tmp_path: Path, stream
             assert resp.status == 504
             assert_openai_error(await resp.json(), "upstream_first_token_timeout")
     assert one.seen.requests + two.seen.requests == 1
+
+
+_TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/opt/engine/server.py", line 412, in create_embedding\n'
+    "    raise RuntimeError('this model does not do embeddings')\n"
+    "RuntimeError: this model does not do embeddings"
+)
+
+
+async def _engine_answering(status: int, message: str) -> tuple[web.AppRunner, str]:
+    """A stand-in engine (an aiohttp app: the wire format of llama-cpp-python's server) that
+    answers every request with ``status`` and an OpenAI-shaped error of ``message``."""
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        error = {"message": message, "type": "internal_server_error", "code": status}
+        return web.json_response({"error": error}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
+@pytest.mark.parametrize(
+    ("engine_status", "counts"), [(500, False), (503, True)], ids=["500", "503"]
+)
+async def test_an_engines_500_keeps_its_traceback_in_the_log_and_the_replica_in_rotation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, engine_status: int, counts: bool
+) -> None:
+    runner, base_url = await _engine_answering(engine_status, _TRACEBACK)
+    try:
+        add_record(tmp_path / "registry", "m", base_url)
+        async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
+            for _ in range(4):  # more than the failures in a row that skip a replica
+                async with client.post(url + "/v1/embeddings", json={"model": "m"}) as resp:
+                    assert resp.status in (502, 503)
+                    error = (await resp.json())["error"]
+                assert "Traceback" not in error["message"] and "File" not in error["message"]
+                assert "its message is in the gateway's log" in error["message"]
+            async with client.get(url + "/healthz") as resp:
+                ready = (await resp.json())["replicas"]["m"]["ready"]
+    finally:
+        await runner.cleanup()
+    # A 500 is one request's failure, not the replica's; a 503 says the replica is down.
+    assert ready == (0 if counts else 1)
+    logged = [getattr(r, "fields", {}).get("detail") for r in caplog.records]
+    assert _TRACEBACK in logged

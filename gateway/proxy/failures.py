@@ -32,6 +32,11 @@ class Failure:
     code: str
     message: str
     retry_after: str | None = None
+    # Counts against the replica in the balancer: it could not be reached, timed out, broke,
+    # or said it is overloaded or down (502/503/504). An engine's 500 to one request (its
+    # body rejected, say) does not: the replica answered, and its probes judge its health.
+    against_replica: bool = True
+    log_detail: str | None = None  # the engine's own message, whole: for the log only
 
     def response(self) -> web.Response:
         """The client's answer, when no other replica could give one."""
@@ -163,6 +168,22 @@ def is_json_object(body: bytes) -> bool:
 def engine_error_message(event: bytes) -> str:
     """The engine's message from its error event (parsed: this is not the hot path)."""
     return error_message(event.strip()[len(b"data:") :])
+
+
+# A message with one of these is an engine's traceback: for the log, not for the client.
+_TRACEBACK_MARKS = ("Traceback (most recent call last)", '\n  File "')
+_CLIENT_DETAIL_CHARS = 300
+
+
+def client_detail(message: str) -> str | None:
+    """What of an engine's error message a client may see: its first line, cut short, and
+    nothing of a traceback (the whole message goes to the gateway's log)."""
+    if any(mark in message for mark in _TRACEBACK_MARKS):
+        return None
+    first = message.strip().split("\n", 1)[0].strip()
+    if not first:
+        return None
+    return first if len(first) <= _CLIENT_DETAIL_CHARS else first[:_CLIENT_DETAIL_CHARS] + "…"
 
 
 def error_message(data: bytes) -> str:

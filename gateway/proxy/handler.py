@@ -310,7 +310,8 @@ async def _forward(
                 return unhealthy(model, limit_s, config.retry_after_s), upstream
             if isinstance(answer, Failure):
                 failure = answer
-                balancer.failed(upstream)
+                if answer.against_replica:
+                    balancer.failed(upstream)
                 metrics.upstream_failures[upstream.source] += 1
                 log.warning(
                     "upstream failed before the first byte",
@@ -319,6 +320,7 @@ async def _forward(
                         upstream=upstream.source,
                         status=answer.status,
                         error=answer.message,
+                        detail=answer.log_detail,
                     ),
                 )
                 continue

@@ -28,6 +28,7 @@ from gateway.proxy.failures import (
     Failure,
     UpstreamTimeout,
     bad_upstream,
+    client_detail,
     engine_error_message,
     error_message,
     is_json_object,
@@ -160,10 +161,22 @@ async def attempt(
     if head.status >= 500:
         message = f"upstream {upstream.source} answered {head.status}"
         if is_json_object(body):
-            message += f": {error_message(body)}"
+            detail = error_message(body)
+            shown = client_detail(detail)
+            message += f": {shown}" if shown else " (its message is in the gateway's log)"
+        else:
+            detail = None
         if head.status == 503:
-            return Failure(503, "upstream_unavailable", message, retry_after or "1")
-        return Failure(502, "upstream_error", message)
+            return Failure(
+                503, "upstream_unavailable", message, retry_after or "1", log_detail=detail
+            )
+        return Failure(
+            502,
+            "upstream_error",
+            message,
+            against_replica=head.status in (502, 504),
+            log_detail=detail,
+        )
     if head.status >= 400:
         if not is_json_object(body):
             return bad_upstream(upstream, f"it answered {head.status} without a JSON error")
