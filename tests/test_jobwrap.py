@@ -8,6 +8,7 @@ way the gateway and ``mt logs`` would. Every process a test starts is stopped by
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -288,3 +289,75 @@ def test_started_by_from_the_plan_is_in_every_record_the_wrapper_writes(
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait_exit() == 0
     assert job.wait_state("gone").started_by == mark
+
+
+# The wrapper when its registry cannot be written (issue 16): a full disk between
+# ``starting`` and ``ready``, a registry remounted read-only under a ready job. Real
+# filesystems: a small tmpfs mounted over the registry directory (root only), filled or
+# remounted read-only while the wrapper and its engine run.
+
+
+@pytest.fixture
+def registry_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (0700) mounted where the wrapper keeps its records."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    path = tmp_path / "registry"
+    path.mkdir(mode=0o700, exist_ok=True)
+    options = "size=1m,mode=0700"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    """Write until the filesystem says it is full."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+
+
+def _engine_pid_while_starting(job: Job) -> int:
+    """The engine's pid as the ``starting`` record gives it (written when it starts)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        record = job.record()
+        if record is not None and record.state == "starting" and record.engine_pid:
+            return record.engine_pid
+        time.sleep(0.05)
+    raise AssertionError(f"no starting record with an engine pid:\n{job.output()}")
+
+
+def test_a_full_disk_before_ready_stops_the_engine_and_says_why(
+    registry_fs: Path, start_job: Callable[..., Job]
+) -> None:
+    job = start_job("never", startup_timeout_s=3)
+    engine_pid = _engine_pid_while_starting(job)
+    assert alive(engine_pid)
+    _fill(registry_fs)
+    assert job.wait_exit() == 1
+    assert not alive(engine_pid)
+    out = job.output()
+    assert "registry write failed: cannot write record local-42: No space left on device" in out
+    assert f"at {registry_fs}" in out
+
+
+def test_a_read_only_registry_at_the_stop_signal_still_stops_the_engine(
+    registry_fs: Path, start_job: Callable[..., Job]
+) -> None:
+    job = start_job("healthy")
+    record = job.wait_state("ready")
+    assert record.engine_pid is not None and alive(record.engine_pid)
+    subprocess.run(["mount", "-o", "remount,ro", str(registry_fs)], check=True)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit() == 1
+    assert not alive(record.engine_pid)
+    assert "registry write failed: cannot write record local-42: Read-only file system" in (
+        job.output()
+    )

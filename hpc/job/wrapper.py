@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from hpc.errors import MTError
+from hpc.errors import MTError, RegistryError
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.plan import JobPlan, read_plan
 from hpc.job.record import JobRecord
@@ -137,6 +137,7 @@ class JobWrapper:
         self.generation = self.job.generation
         self.key = self.job.key
         self.stop_signal: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None  # the engine, once started
 
     # -- record keeping ---------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -177,7 +178,21 @@ class JobWrapper:
             proc.wait(timeout=5)
 
     def run(self) -> int:
-        """Serve until stopped; returns the process exit code (0 stopped, 1 failed)."""
+        """Serve until stopped; returns the process exit code (0 stopped, 1 failed).
+
+        A registry that cannot be written (a full disk, a read-only remount) ends the job:
+        the engine is stopped whatever state its record was left in, since a job nobody can
+        find or route must not keep its GPUs, and the wrapper exits non-zero saying why.
+        """
+        try:
+            return self._run()
+        except RegistryError as exc:
+            if self._proc is not None and self._proc.poll() is None:
+                self._stop(self._proc)
+            self._say(f"registry write failed: {exc.message} at {exc.path}")
+            return 1
+
+    def _run(self) -> int:
         self._install_signals()
         record = self._claim_record()
         self._secret = record.api_key.get_secret_value()
@@ -206,6 +221,10 @@ class JobWrapper:
                 self._set(record, "failed", reason=reason)
                 self._say(f"failed: {reason}")
                 return 1
+            self._proc = proc
+            # Recorded at once, not at ready: a model can load for many minutes, and a
+            # wrapper killed meanwhile must leave an engine that `mt cancel` can find.
+            record = self._set(record, "starting", engine_pid=proc.pid)
             health_url = f"http://{probe_host}:{port}{launch.health_path}"
             outcome = self._await_health(
                 proc, health_url, launch.health_needs_key, spec.startup_timeout_s
