@@ -64,3 +64,48 @@ def test_submit_stream_through_gateway_and_cancel(
         while GEMMA in [m.id for m in client.models.list().data]:
             assert time.monotonic() < deadline, "the gateway kept listing a gone job"
             time.sleep(0.2)
+
+
+# Another login node that shares $HOME: the same files, another host name and other
+# processes (UTS and PID namespaces), where the job's pids mean nothing.
+_OTHER_HOST = "other-login-node"
+_ON_OTHER_HOST = (
+    "unshare",
+    "--uts",
+    "--pid",
+    "--fork",
+    "--mount-proc",
+    "sh",
+    "-c",
+    f'hostname {_OTHER_HOST} && exec "$@"',
+    "sh",
+)
+
+
+def test_a_local_job_is_judged_only_on_the_host_that_runs_it(
+    gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a UTS namespace needs root (CI runs as root)")
+    monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    record = json.loads(mt("submit", GEMMA, "--wait", "--json").stdout)
+    job = record["key"]
+    try:
+        # There its wrapper's pid means nothing: it says so, and decides nothing.
+        elsewhere = json.loads(mt("status", "--json", prefix=_ON_OTHER_HOST).stdout)
+        [row] = [r for r in elsewhere if r["key"] == job]
+        assert row["state"] == "ready"
+        assert row["scheduler"] == {"state": "unknown", "reason": f"runs on {os.uname()[1]}"}
+        table = " ".join(mt("status", prefix=_ON_OTHER_HOST).stdout.split())  # cells may wrap
+        assert "ready (unknown:" in table and f"runs on {os.uname()[1]})" in table
+        refused = mt("cancel", job, prefix=_ON_OTHER_HOST, check=False)
+        assert refused.returncode == 1
+        assert f"runs on {os.uname()[1]}, not on this host" in refused.stderr
+        assert "hint: cancel it there" in refused.stderr
+        # Still ready, still served, where it runs.
+        here = json.loads(mt("status", "--json").stdout)
+        assert [(r["key"], r["state"]) for r in here] == [(job, "ready")]
+        assert engine_processes(record["port"])
+    finally:
+        mt("cancel", job, check=False)
+    assert engine_processes(record["port"]) == []

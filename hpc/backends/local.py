@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,21 +106,40 @@ class LocalBackend:
                 hint="is ModelTainer installed in this Python environment?",
             ) from exc
         started = create_time(proc.pid) or time.time()
-        pid_path.write_text(f"{proc.pid} {started}\n", encoding="utf-8")
+        # The host too: a pid means nothing on another login node that shares $HOME.
+        pid_path.write_text(f"{proc.pid} {started} {socket.gethostname()}\n", encoding="utf-8")
         return Submitted(JobHandle(self.name, job_id, plan.nonce), log_path=str(log_path))
 
     def _pid(self, job_id: str) -> tuple[int, float] | None:
+        """The wrapper's pid and start time, if it was started on this host."""
+        found = self._pid_file(job_id)
+        return None if found is None or found[2] != socket.gethostname() else found[:2]
+
+    def _pid_file(self, job_id: str) -> tuple[int, float, str] | None:
+        """pid, start time and host from the job's pid file (older files name no host:
+        this one)."""
         _, pid_path, _ = self._paths(record_key(self.name, job_id))
         try:
-            pid_text, started_text = pid_path.read_text(encoding="utf-8").split()
-            return int(pid_text), float(started_text)
-        except (FileNotFoundError, ValueError):
+            fields = pid_path.read_text(encoding="utf-8").split()
+            host = fields[2] if len(fields) > 2 else socket.gethostname()
+            return int(fields[0]), float(fields[1]), host
+        except (FileNotFoundError, ValueError, IndexError):
             return None
+
+    def _elsewhere(self, job_id: str) -> str | None:
+        """The other host the job runs on, if it is not this one."""
+        found = self._pid_file(job_id)
+        return found[2] if found is not None and found[2] != socket.gethostname() else None
 
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """Running while the wrapper process lives; ``done`` once it has exited."""
         out: dict[str, JobStatus] = {}
         for handle in handles:
+            host = self._elsewhere(handle.job_id)
+            if host is not None:
+                # Only the host that runs it can tell: say so instead of deciding "gone".
+                out[handle.job_id] = JobStatus("unknown", f"runs on {host}")
+                continue
             pid = self._pid(handle.job_id)
             if pid is None:
                 out[handle.job_id] = JobStatus("missing", "no pid file on this machine")
@@ -131,6 +151,12 @@ class LocalBackend:
 
     def cancel(self, handle: JobHandle) -> None:
         """TERM the wrapper (it drains and marks the record gone); force it if it hangs."""
+        host = self._elsewhere(handle.job_id)
+        if host is not None:
+            raise BackendError(
+                f"local job {handle.job_id} runs on {host}, not on this host",
+                hint=f"cancel it there: `mt --host {host} cancel {handle.job_id}`",
+            )
         pid = self._pid(handle.job_id)
         if pid is not None and alive(*pid):
             with contextlib.suppress(ProcessLookupError):

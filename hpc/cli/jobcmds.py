@@ -156,6 +156,8 @@ def status(
             state += f" ({view.scheduler.reason})"
         if r.state == "failed" and r.reason:
             state += f": {r.reason}"
+        if view.scheduler.state == "unknown" and view.scheduler.reason:
+            state += f" (unknown: {view.scheduler.reason})"
         table.add_row(r.model, r.backend, r.key, state, r.base_url or "-", age(r.created_at, now))
     stdout().print(table)
 
