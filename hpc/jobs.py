@@ -2,8 +2,8 @@
 
 Backends make scheduler calls only; this module writes each job's ``pending`` record once the
 scheduler has accepted it, and joins the registry's view of a job with the scheduler's, so
-that a record is never trusted alone: :func:`reconcile` is the one place that decides what a
-record becomes when its job ended without finishing it.
+that a record is never trusted alone: ``hpc.reconcile`` is the one place that decides what
+a record becomes when its job ended without finishing it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hpc.backends import (
     get_scheduler,
 )
 from hpc.errors import JobNotFoundError, MTError
+from hpc.reconcile import ENDED, settle
 from hpc.registry import (
     FINAL_STATES,
     Record,
@@ -34,58 +35,6 @@ from hpc.registry import (
 )
 from hpc.site import Site
 from hpc.spec import ModelsFile, ModelSpec, PoolSpec
-
-# Scheduler states that mean the job no longer runs.
-ENDED = frozenset({"done", "failed", "cancelled", "missing"})
-# Fields reconcile may change; only these are written back, over the newest record.
-_RECONCILED = ("state", "reason", "base_url", "engine_pid")
-
-
-def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
-    """``record`` as it should be, given what its scheduler says now (pure: writes nothing).
-
-    A final record stays as it is. A job with no wrapper to write its record (Kubernetes)
-    moves on by ``status.serving``. A job that ended without finishing its record (killed,
-    preempted, never ran) ends it here: ``gone`` if we ``cancelled`` it (its engine pid
-    cleared), if it had been ready or the scheduler no longer knows it ("stale"); ``failed``
-    if it ended (done, failed, cancelled) before it was ready.
-    Returns ``record`` itself when nothing changes.
-    """
-    if record.state in FINAL_STATES:
-        return record
-    if status.serving == "ready" and record.state != "ready":
-        base_url = f"http://{record.node}:{record.port}/v1"
-        return record.model_copy(update={"state": "ready", "base_url": base_url, "reason": None})
-    if status.serving == "starting" and record.state in ("pending", "ready"):
-        return record.model_copy(update={"state": "starting"})
-    if cancelled:
-        return record.model_copy(
-            update={"state": "gone", "reason": "cancelled", "engine_pid": None}
-        )
-    if status.state not in ENDED:
-        return record
-    if record.state in ("ready", "draining") or status.state == "missing":
-        # It served once, or the scheduler forgot it (deleted behind our back): stale.
-        reason = f"stale: scheduler says {status.state}"
-        return record.model_copy(update={"state": "gone", "reason": reason})
-    reason = record.reason or f"the job ended ({status.state}) before it was ready"
-    return record.model_copy(update={"state": "failed", "reason": reason})
-
-
-def settle(
-    registry: Registry, record: Record, status: JobStatus, *, cancelled: bool = False
-) -> Record:
-    """Write :func:`reconcile`'s answer for ``record`` (re-read first: it may just have
-    finished its record itself); returns the record as stored now. Only the fields
-    reconcile decides are written, over the newest record."""
-    current = registry.read(record.key) or record
-    wanted = reconcile(current, status, cancelled=cancelled)
-    if wanted is current:
-        return current
-    changes = {
-        f: getattr(wanted, f) for f in _RECONCILED if getattr(wanted, f) != getattr(current, f)
-    }
-    return registry.update(current.key, **changes)
 
 
 def handle_of(record: Record) -> JobHandle:
@@ -230,6 +179,22 @@ class JobService:
         if record is not None:
             self.settle(record, status, cancelled=True)
 
+    def withdraw(self, handle: JobHandle) -> None:
+        """Cancel a job that never ran (still pending) and remove its record: nothing is left.
+
+        A job that started meanwhile is cancelled the usual way (its record ends ``gone``)."""
+        key = record_key(self.name, handle.job_id)
+        record = self.registry.read(key)
+        if record is not None and record.state != "pending":
+            self.cancel(handle)
+            return
+        self.scheduler.cancel(handle_of(record) if record is not None else handle)
+        current = self.registry.read(key)
+        if current is None or current.state == "pending":
+            self.registry.remove(key)
+        else:  # its wrapper started just before the cancel: let it finish its record
+            self.cancel(handle)
+
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """The job's log lines; with ``follow``, until the job ends."""
         record = self.registry.read(record_key(self.name, handle.job_id))
@@ -282,11 +247,16 @@ class WaitFailed(MTError):
         self.record = record
 
 
+class QueueTimeout(MTError):
+    """A job still waited in the scheduler's queue at its deadline: it was cancelled."""
+
+
 def wait_ready(
     site: Site,
     handle: JobHandle,
     *,
     timeout_s: float | None = None,
+    queue_timeout_s: float | None = None,
     poll_s: float = 0.2,
     scheduler_every_s: float = 3.0,
     on_poll: Callable[[Record | None, JobStatus], None] | None = None,
@@ -297,11 +267,14 @@ def wait_ready(
     every ``scheduler_every_s``, since squeue every fraction of a second loads a busy
     controller (asking also reconciles the record). ``on_poll`` gets the record and
     scheduler status at every poll, so a CLI can show progress and elapsed time; the
-    library itself prints nothing.
+    library itself prints nothing. A job still pending in the scheduler's queue after
+    ``queue_timeout_s`` is cancelled and its record removed (QueueTimeout, with the last
+    pending reason): nothing is left of it.
     """
     jobs = service(site, handle.backend)
     key = record_key(handle.backend, handle.job_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    queue_deadline = None if queue_timeout_s is None else time.monotonic() + queue_timeout_s
     status = JobStatus("unknown")
     asked_at: float | None = None
     while True:
@@ -317,6 +290,20 @@ def wait_ready(
             raise WaitFailed(record)
         if record is None and status.state in ENDED:
             raise MTError(f"job {handle.job_id} ended ({status.state}) without a record")
+        if (
+            queue_deadline is not None
+            and time.monotonic() > queue_deadline
+            and status.state == "pending"
+            and (record is None or record.state == "pending")
+        ):
+            jobs.withdraw(handle)
+            why = f" ({status.reason})" if status.reason else ""
+            raise QueueTimeout(
+                f"job {key} was still pending after {queue_timeout_s:g}s{why}: cancelled, "
+                "and nothing is left of it",
+                hint="ask for fewer resources or another partition (`sinfo` shows what is "
+                "free), or allow a longer --queue-timeout",
+            )
         if deadline is not None and time.monotonic() > deadline:
             raise MTError(
                 f"job {key} not ready after {timeout_s:g}s "

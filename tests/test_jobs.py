@@ -6,7 +6,7 @@ import pytest
 from pydantic import SecretStr
 
 from hpc.backends import JobStatus
-from hpc.jobs import reconcile
+from hpc.reconcile import reconcile
 from hpc.registry import Record, State
 
 

@@ -300,6 +300,28 @@ def test_the_lookup_window_follows_the_controllers_message_timeout(cluster: Slur
     assert backend.lookup_window_s() == max(30.0, 2 * seconds)
 
 
+def test_a_job_still_pending_at_its_queue_timeout_is_cancelled_and_leaves_nothing(
+    cluster: SlurmCluster, models: Path
+) -> None:
+    add_model(models, "gemma-gpu", resources={"gpus": 1})
+    # Every GPU of both nodes is taken: the model's job can only wait (Resources).
+    blocker = cluster.sbatch("--nodes=2", "--gres=gpu:2", "--mem=100", "--wrap", "sleep 300")
+    try:
+        while cluster.job_state(blocker) != "RUNNING":
+            time.sleep(0.2)
+        before = {str(j["job_id"]) for j in cluster.jobs()}
+        done = mt("submit", "gemma-gpu", "--backend", "slurm", "--queue-timeout", "4", check=False)
+        assert done.returncode == 1, done.stderr
+        assert "still pending after 4s (Resources): cancelled" in done.stderr
+        assert "hint:" in done.stderr
+        mine = [j for j in cluster.jobs() if str(j["job_id"]) not in before]
+        assert len(mine) == 1 and mine[0].get("comment", "").startswith("mt:")
+        assert cluster.wait_job(int(mine[0]["job_id"]), timeout=30) in (None, "CANCELLED")
+        assert registry().records() == []  # nothing is left of it
+    finally:
+        cluster.run(["scancel", str(blocker)], timeout=30)
+
+
 def test_record_of_a_vanished_job_is_marked_stale(cluster: SlurmCluster, models: Path) -> None:
     ghost = Record(
         backend="slurm",

@@ -30,8 +30,8 @@ from gateway.ondemand.statefile import state_document, write_state
 from gateway.routes import Upstream
 from hpc.backends import Backend, JobHandle, JobStatus
 from hpc.errors import MTError
-from hpc.jobs import ENDED, settle
 from hpc.openai import ErrorReply
+from hpc.reconcile import ENDED, settle
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
 from hpc.spec import ModelsFile, ModelSpec, OnDemand
 
@@ -295,7 +295,7 @@ class OnDemandController:
         for key, (record, status) in seen.items():
             if status is not None and status.state in ENDED and record is not None:
                 # The job ended without finishing its record (killed, never ran):
-                # hpc.jobs.settle ends it, as `mt status` would.
+                # hpc.reconcile.settle ends it, as `mt status` would.
                 seen[key] = (settle(self.registry, record, status), status)
         return seen
 

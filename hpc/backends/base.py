@@ -124,7 +124,7 @@ class Backend(Protocol):
 
     ``submit`` writes the job's ``pending`` record only once the scheduler has accepted
     it, so a failed submit leaves nothing behind; ``status`` also moves records on
-    (hpc.jobs.reconcile); ``cancel`` returns once the record is final.
+    (hpc.reconcile); ``cancel`` returns once the record is final.
     """
 
     name: str

@@ -5,7 +5,7 @@ No job wrapper runs inside the pod (the engine is the container), so the transit
 wrapper writes under Slurm come from :meth:`KubernetesBackend.status` instead, as
 ``JobStatus.serving``: ``ready`` when the Deployment's ``Available`` condition is true,
 ``starting`` while the pod runs but is not yet available. The job service
-(hpc.jobs.reconcile) moves the record on from them, so whoever asks moves it.
+(hpc.reconcile) moves the record on from them, so whoever asks moves it.
 Since the Service's DNS name resolves only inside the cluster, a gateway that routes to it
 runs in the cluster (or on a machine that reaches cluster DNS).
 

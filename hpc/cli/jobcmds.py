@@ -41,6 +41,15 @@ def submit(
     timeout_s: Annotated[
         float | None, typer.Option("--timeout", help="Give up waiting after this many seconds.")
     ] = None,
+    queue_timeout_s: Annotated[
+        float | None,
+        typer.Option(
+            "--queue-timeout",
+            min=0,
+            help="Cancel the job (and wait no more) if it is still pending in the "
+            "scheduler's queue after this many seconds; implies --wait.",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the job script instead of submitting it.")
     ] = False,
@@ -65,7 +74,7 @@ def submit(
     if not as_json:
         key = f"{handle.backend}-{handle.job_id}"
         err.print(f"submitted {model} as job [bold]{key}[/] ({handle.backend})")
-    if not wait:
+    if not wait and queue_timeout_s is None:
         if as_json:
             print_json(
                 {
@@ -80,14 +89,21 @@ def submit(
         else:
             err.print(f"follow it with: mt status  ·  mt logs -f {handle.backend}-{handle.job_id}")
         return
-    record = _wait(cli, handle, quiet=as_json, timeout_s=timeout_s)
+    record = _wait(cli, handle, quiet=as_json, timeout_s=timeout_s, queue_timeout_s=queue_timeout_s)
     if as_json:
         print_json(record.public())
     else:
         stdout().print(f"[green]ready[/] {record.model} at {record.base_url}  (job {record.key})")
 
 
-def _wait(cli: CliContext, handle: JobHandle, *, quiet: bool, timeout_s: float | None) -> Record:
+def _wait(
+    cli: CliContext,
+    handle: JobHandle,
+    *,
+    quiet: bool,
+    timeout_s: float | None,
+    queue_timeout_s: float | None,
+) -> Record:
     err = stderr()
     started = time.monotonic()
     last_line: list[str] = []
@@ -100,7 +116,13 @@ def _wait(cli: CliContext, handle: JobHandle, *, quiet: bool, timeout_s: float |
                 last_line.append(line)
                 err.print(f"{time.monotonic() - started:6.1f}s  {line}")
 
-        return jobs.wait_ready(cli.site(), handle, timeout_s=timeout_s, on_poll=on_poll)
+        return jobs.wait_ready(
+            cli.site(),
+            handle,
+            timeout_s=timeout_s,
+            queue_timeout_s=queue_timeout_s,
+            on_poll=on_poll,
+        )
 
     with err.status("submitted") as spinner:
 
@@ -112,7 +134,13 @@ def _wait(cli: CliContext, handle: JobHandle, *, quiet: bool, timeout_s: float |
             spinner.update(f"{line}  [dim]{time.monotonic() - started:.0f}s elapsed[/]")
 
         try:
-            return jobs.wait_ready(cli.site(), handle, timeout_s=timeout_s, on_poll=on_poll_live)
+            return jobs.wait_ready(
+                cli.site(),
+                handle,
+                timeout_s=timeout_s,
+                queue_timeout_s=queue_timeout_s,
+                on_poll=on_poll_live,
+            )
         except KeyboardInterrupt:
             key = f"{handle.backend}-{handle.job_id}"
             err.print(f"stopped waiting; job {key} keeps running (mt cancel {key} stops it)")

@@ -1,0 +1,63 @@
+"""A record against its scheduler: the one place that decides what a record becomes.
+
+The job service (``hpc.jobs``) and the gateway's on-demand controller both move records on
+with it: a job that ended without finishing its record (killed, preempted, never ran) is
+finished here, so every caller agrees.
+"""
+
+from __future__ import annotations
+
+from hpc.backends import JobStatus
+from hpc.registry import FINAL_STATES, Record, Registry
+
+# Scheduler states that mean the job no longer runs.
+ENDED = frozenset({"done", "failed", "cancelled", "missing"})
+# Fields reconcile may change; only these are written back, over the newest record.
+_RECONCILED = ("state", "reason", "base_url", "engine_pid")
+
+
+def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
+    """``record`` as it should be, given what its scheduler says now (pure: writes nothing).
+
+    A final record stays as it is. A job with no wrapper to write its record (Kubernetes)
+    moves on by ``status.serving``. A job that ended without finishing its record (killed,
+    preempted, never ran) ends it here: ``gone`` if we ``cancelled`` it (its engine pid
+    cleared), if it had been ready or the scheduler no longer knows it ("stale"); ``failed``
+    if it ended (done, failed, cancelled) before it was ready.
+    Returns ``record`` itself when nothing changes.
+    """
+    if record.state in FINAL_STATES:
+        return record
+    if status.serving == "ready" and record.state != "ready":
+        base_url = f"http://{record.node}:{record.port}/v1"
+        return record.model_copy(update={"state": "ready", "base_url": base_url, "reason": None})
+    if status.serving == "starting" and record.state in ("pending", "ready"):
+        return record.model_copy(update={"state": "starting"})
+    if cancelled:
+        return record.model_copy(
+            update={"state": "gone", "reason": "cancelled", "engine_pid": None}
+        )
+    if status.state not in ENDED:
+        return record
+    if record.state in ("ready", "draining") or status.state == "missing":
+        # It served once, or the scheduler forgot it (deleted behind our back): stale.
+        reason = f"stale: scheduler says {status.state}"
+        return record.model_copy(update={"state": "gone", "reason": reason})
+    reason = record.reason or f"the job ended ({status.state}) before it was ready"
+    return record.model_copy(update={"state": "failed", "reason": reason})
+
+
+def settle(
+    registry: Registry, record: Record, status: JobStatus, *, cancelled: bool = False
+) -> Record:
+    """Write :func:`reconcile`'s answer for ``record`` (re-read first: it may just have
+    finished its record itself); returns the record as stored now. Only the fields
+    reconcile decides are written, over the newest record."""
+    current = registry.read(record.key) or record
+    wanted = reconcile(current, status, cancelled=cancelled)
+    if wanted is current:
+        return current
+    changes = {
+        f: getattr(wanted, f) for f in _RECONCILED if getattr(wanted, f) != getattr(current, f)
+    }
+    return registry.update(current.key, **changes)
