@@ -8,6 +8,7 @@ a record becomes when its job ended without finishing it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from hpc.backends import (
     Submitted,
     get_scheduler,
 )
-from hpc.errors import JobNotFoundError, MTError
+from hpc.errors import JobNotFoundError, MTError, RegistryError
 from hpc.reconcile import ENDED, settle
 from hpc.registry import (
     FINAL_STATES,
@@ -100,7 +101,18 @@ class JobService:
         if submitted.node is not None:  # where it will listen; routable only once ready
             update |= {"node": submitted.node, "port": submitted.port}
         # create, not write: a job that started early has written its own, newer record.
-        self.registry.create(record.model_copy(update=update))
+        try:
+            self.registry.create(record.model_copy(update=update))
+        except RegistryError as exc:
+            # A job nobody can find must not run: cancel it, then say why.
+            with contextlib.suppress(MTError):
+                self.scheduler.cancel(submitted.handle)
+            raise RegistryError(
+                f"{exc.message}; job {record.key} was cancelled, nothing is left running",
+                path=exc.path,
+                hint="free space on the registry's filesystem (or fix its permissions), "
+                "then submit again",
+            ) from exc
         return submitted.handle
 
     def submit(self, spec: ModelSpec, *, started_by: str | None = None) -> JobHandle:

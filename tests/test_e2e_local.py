@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import tmpfs
 from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, running_gateway
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
@@ -109,3 +112,54 @@ def test_a_local_job_is_judged_only_on_the_host_that_runs_it(
     finally:
         mt("cancel", job, check=False)
     assert engine_processes(record["port"]) == []
+
+
+def _ours(home: Path) -> list[psutil.Process]:
+    """Processes left from jobs of this MT_HOME (wrappers name their plan under it)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(home) in part for part in proc.info["cmdline"] or ()):
+                found.append(proc)
+    return found
+
+
+def test_submit_on_a_full_disk_is_an_error_and_starts_nothing(
+    gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    home = Path(os.environ["MT_HOME"])
+    with tmpfs.mounted(home):
+        for sub in ("registry", "jobs", "logs"):
+            (home / sub).mkdir(mode=0o700)
+        tmpfs.fill(home)
+        done = mt("submit", GEMMA, check=False)
+        assert done.returncode == 1
+        assert "error: cannot write the job plan" in done.stderr
+        assert "No space left on device" in done.stderr and "hint:" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert list((home / "registry").iterdir()) == []
+        assert list((home / "jobs").iterdir()) == []
+        assert _ours(home) == []
+
+
+def test_a_record_that_cannot_be_written_cancels_the_job_it_was_for(
+    gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    home = Path(os.environ["MT_HOME"])
+    registry_dir = tmp_path / "full-registry"
+    with tmpfs.mounted(registry_dir):
+        tmpfs.fill(registry_dir)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (home / "site.yaml").write_text(f"registry_dir: {json.dumps(str(registry_dir))}\n")
+        done = mt("submit", GEMMA, check=False)
+        assert done.returncode == 1, done.stderr
+        assert "No space left on device" in done.stderr
+        assert "was cancelled, nothing is left running" in done.stderr
+        assert "hint:" in done.stderr and "Traceback" not in done.stderr
+        deadline = time.monotonic() + 30
+        while _ours(home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _ours(home) == []
+        assert [p.name for p in registry_dir.iterdir()] == ["filler"]

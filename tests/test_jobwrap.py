@@ -8,7 +8,6 @@ way the gateway and ``mt logs`` would. Every process a test starts is stopped by
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tmpfs
 
 from hpc.job.plan import JobPlan, write_plan
 from hpc.job.proctree import alive
@@ -299,28 +299,9 @@ def test_started_by_from_the_plan_is_in_every_record_the_wrapper_writes(
 
 @pytest.fixture
 def registry_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (0700) mounted where the wrapper keeps its records."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    path = tmp_path / "registry"
-    path.mkdir(mode=0o700, exist_ok=True)
-    options = "size=1m,mode=0700"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
+    """A 1 MiB tmpfs mounted where the wrapper keeps its records."""
+    with tmpfs.mounted(tmp_path / "registry") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(directory: Path) -> None:
-    """Write until the filesystem says it is full."""
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 65536)
-    finally:
-        os.close(fd)
 
 
 def _engine_pid_while_starting(job: Job) -> int:
@@ -340,7 +321,7 @@ def test_a_full_disk_before_ready_stops_the_engine_and_says_why(
     job = start_job("never", startup_timeout_s=3)
     engine_pid = _engine_pid_while_starting(job)
     assert alive(engine_pid)
-    _fill(registry_fs)
+    tmpfs.fill(registry_fs)
     assert job.wait_exit() == 1
     assert not alive(engine_pid)
     out = job.output()
@@ -354,7 +335,7 @@ def test_a_read_only_registry_at_the_stop_signal_still_stops_the_engine(
     job = start_job("healthy")
     record = job.wait_state("ready")
     assert record.engine_pid is not None and alive(record.engine_pid)
-    subprocess.run(["mount", "-o", "remount,ro", str(registry_fs)], check=True)
+    tmpfs.remount_read_only(registry_fs)
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait_exit() == 1
     assert not alive(record.engine_pid)

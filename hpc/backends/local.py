@@ -80,9 +80,17 @@ class LocalBackend:
         job_id = plan.nonce  # a local job's id is its nonce: known before it starts
         key = record_key(self.name, job_id)
         plan_path, pid_path, log_path = self._paths(key)
-        for directory in (self.site.jobs_dir, self.site.log_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_plan(plan, plan_path)
+        try:
+            for directory in (self.site.jobs_dir, self.site.log_dir):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_plan(plan, plan_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                plan_path.unlink()
+            raise BackendError(
+                f"cannot write the job plan {plan_path}: {exc.strerror}",
+                hint="free space in $MT_HOME (or point MT_HOME elsewhere); nothing was started",
+            ) from exc
         argv = [sys.executable, "-m", module, "--plan", str(plan_path)]
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
