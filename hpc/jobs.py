@@ -24,11 +24,13 @@ from hpc.backends import (
     get_scheduler,
 )
 from hpc.errors import JobNotFoundError, MTError, RegistryError
+from hpc.orphan import end_orphan, wrapper_died
 from hpc.reconcile import ENDED, settle
 from hpc.registry import (
     FINAL_STATES,
     Record,
     Registry,
+    State,
     new_api_key,
     new_nonce,
     pending_record,
@@ -156,8 +158,15 @@ class JobService:
             )
 
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
-        """The scheduler's state of each job (one call), each record reconciled with it."""
+        """The scheduler's state of each job (one call), each record reconciled with it.
+
+        First, on this host, a record whose wrapper died is ended (``hpc.orphan``): its
+        engine stopped, the record ``failed`` with why.
+        """
         records = {h.job_id: self.registry.read(record_key(self.name, h.job_id)) for h in handles}
+        for job_id, record in records.items():
+            if record is not None and wrapper_died(record):
+                records[job_id] = end_orphan(self.registry, record)
         asked = [
             handle_of(record) if (record := records[h.job_id]) is not None else h for h in handles
         ]
@@ -201,10 +210,10 @@ class JobService:
             self.cancel(handle)
             return
         self.scheduler.cancel(handle_of(record) if record is not None else handle)
-        current = self.registry.read(key)
-        if current is None or current.state == "pending":
-            self.registry.remove(key)
-        else:  # its wrapper started just before the cancel: let it finish its record
+        # Only while still pending (under its lock): a wrapper that claimed it meanwhile
+        # keeps its record, and is cancelled the usual way.
+        pending: tuple[State, ...] = ("pending",)
+        if not self.registry.remove(key, states=pending) and self.registry.read(key):
             self.cancel(handle)
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
@@ -332,6 +341,8 @@ def job_views(site: Site, *, include_final: bool = True) -> list[JobView]:
     longer runs is finished, so that nothing routes to it again.
     """
     registry = Registry(site.registry_dir)
+    # Leftovers of writers killed mid-write (tmp files, stale locks): one directory listing.
+    registry.clean_tmp()
     by_backend: dict[str, list[Record]] = {}
     for record in registry.records():
         by_backend.setdefault(record.backend, []).append(record)

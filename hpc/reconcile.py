@@ -12,8 +12,6 @@ from hpc.registry import FINAL_STATES, Record, Registry
 
 # Scheduler states that mean the job no longer runs.
 ENDED = frozenset({"done", "failed", "cancelled", "missing"})
-# Fields reconcile may change; only these are written back, over the newest record.
-_RECONCILED = ("state", "reason", "base_url", "engine_pid")
 
 
 def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
@@ -50,14 +48,14 @@ def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> 
 def settle(
     registry: Registry, record: Record, status: JobStatus, *, cancelled: bool = False
 ) -> Record:
-    """Write :func:`reconcile`'s answer for ``record`` (re-read first: it may just have
-    finished its record itself); returns the record as stored now. Only the fields
-    reconcile decides are written, over the newest record."""
-    current = registry.read(record.key) or record
-    wanted = reconcile(current, status, cancelled=cancelled)
-    if wanted is current:
-        return current
-    changes = {
-        f: getattr(wanted, f) for f in _RECONCILED if getattr(wanted, f) != getattr(current, f)
-    }
-    return registry.update(current.key, **changes)
+    """Write :func:`reconcile`'s answer for ``record``; returns the record as stored now.
+
+    Decided again on the stored record under its lock (the job may just have finished its
+    record itself, or moved on since ``record`` was read): nothing written in between is
+    lost, and a record the wrapper ended is not ended a second time.
+    """
+
+    def change(current: Record | None) -> Record | None:
+        return None if current is None else reconcile(current, status, cancelled=cancelled)
+
+    return registry.modify(record.key, change) or record

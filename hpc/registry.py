@@ -2,9 +2,12 @@
 
 Writes are tmp file + fsync + rename in the same directory, so a reader sees either the old
 record or the new one, never a part (rename is atomic on POSIX filesystems, NFS included).
-No lock and no database: each job's record has one writer at a time (the backend before the
-job runs, the job wrapper while it runs), and a record whose job is gone is checked against
-the scheduler rather than trusted.
+Every write of an existing record runs under that record's lock (``hpc.recordlock``: the
+link-count method, safe on NFS) and bumps its ``version``, so the job wrapper, ``mt status``,
+``mt cancel`` and the gateway never lose each other's updates. What may replace what is
+decided in one place, :func:`replaces`: an older run never writes over a newer one, and a
+final state is never followed by a non-final one of the same run. No database: a record
+whose job is gone is checked against the scheduler rather than trusted.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from hpc.errors import RegistryError
 from hpc.privatefile import TMP_SUFFIX, write_private
+from hpc.recordlock import STALE_S as LOCK_STALE_S
+from hpc.recordlock import WAIT_S as LOCK_WAIT_S
+from hpc.recordlock import RecordLock, clean_locks
 
 State = Literal["pending", "starting", "ready", "draining", "gone", "failed"]
 STATES: tuple[State, ...] = ("pending", "starting", "ready", "draining", "gone", "failed")
@@ -57,8 +63,15 @@ class Record(BaseModel):
     port: int | None = None
     base_url: str | None = Field(default=None, description="the engine's OpenAI root, …/v1")
     api_key: SecretStr
-    pid: int | None = Field(default=None, description="local backend: the job wrapper's pid")
+    pid: int | None = Field(default=None, description="the job wrapper's pid (on ``host``)")
+    pid_started_at: float | None = Field(default=None, description="the wrapper's start time")
+    host: str | None = Field(
+        default=None,
+        description="the host the job wrapper runs on: the only one that can judge its pids",
+    )
+    boot_id: str | None = Field(default=None, description="that host's boot when it started")
     engine_pid: int | None = None
+    engine_started_at: float | None = Field(default=None, description="the engine's start time")
     health_path: str | None = Field(
         default=None,
         description="the engine's health URL path (``/health``, ``/v1/models``) the job wrapper "
@@ -77,6 +90,7 @@ class Record(BaseModel):
     )
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+    version: int = Field(default=0, ge=0, description="bumped by every write (check-and-set)")
 
     @field_serializer("api_key", when_used="json")
     def _reveal(self, key: SecretStr) -> str:
@@ -119,6 +133,20 @@ def pending_record(
     )
 
 
+def replaces(current: Record, new: Record) -> bool:
+    """The one rule for what may be written over a stored record (``current``).
+
+    A newer generation (a requeued job's next run) always may, an older one never: the old
+    run must not change the new one's record. Within a generation a final state (``gone``,
+    ``failed``) is never followed by a non-final one: once ``mt cancel`` or ``mt status``
+    has ended a record, the wrapper's late ``draining`` or ``ready`` does not revive it (a
+    final state may still be replaced by another, more precise one).
+    """
+    if new.generation != current.generation:
+        return new.generation > current.generation
+    return current.state not in FINAL_STATES or new.state in FINAL_STATES
+
+
 def record_key(backend: str, job_id: str) -> str:
     """``slurm`` + ``1234`` → ``slurm-1234`` (safe as a file name)."""
     return _SAFE.sub("_", f"{backend}-{job_id}")
@@ -127,8 +155,27 @@ def record_key(backend: str, job_id: str) -> str:
 class Registry:
     """A directory of records; created 0700, every file 0600."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, lock_wait_s: float = LOCK_WAIT_S, lock_stale_s: float = LOCK_STALE_S
+    ) -> None:
         self.path = path
+        self.lock_wait_s = lock_wait_s  # how long a write waits for a record's lock
+        self.lock_stale_s = lock_stale_s  # a lock older than this is broken
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """Hold record ``key``'s lock (``hpc.recordlock``) for the block."""
+        lock = RecordLock(self.path, key, stale_s=self.lock_stale_s)
+        try:
+            lock.acquire(self.lock_wait_s)
+        except OSError as exc:  # the lock file itself: a read-only or full filesystem
+            raise RegistryError(
+                f"cannot write record {key}: {exc.strerror}", path=self.path
+            ) from exc
+        try:
+            yield
+        finally:
+            lock.release()
 
     def ensure(self) -> None:
         """Create the directory (0700) if needed; refuse one other users can read."""
@@ -148,8 +195,12 @@ class Registry:
         return self.path / f"{key}.json"
 
     def write(self, record: Record) -> None:
-        """Replace the record atomically: tmp + fsync + rename + fsync of the directory."""
-        self._publish(record, replace=True)
+        """Replace the record as a whole (under its lock; its version follows the stored one).
+
+        Atomic: tmp + fsync + rename + fsync of the directory. No rule is applied: code
+        that changes a record it did not just create uses :meth:`modify` or :meth:`update`.
+        """
+        self.modify(record.key, lambda _current: record, rule=False)
 
     def create(self, record: Record) -> bool:
         """Write the record only if none exists under its key; False if one already did.
@@ -158,6 +209,36 @@ class Registry:
         ``pending`` record never overwrites what a job that started early has written.
         """
         return self._publish(record, replace=False)
+
+    def modify(
+        self,
+        key: str,
+        change: Callable[[Record | None], Record | None],
+        *,
+        rule: bool = True,
+    ) -> Record | None:
+        """The one read-modify-write: under the record's lock, read it, ``change`` it, write.
+
+        ``change`` gets the stored record (None if there is none) and returns the record to
+        store, or None (or the record it got) to leave it as it is. A change that
+        :func:`replaces` forbids is not written. Returns the record as stored afterwards.
+        """
+        self.ensure()
+        with self._locked(key):
+            current = self.read(key)
+            wanted = change(current)
+            if wanted is None or wanted is current:
+                return current
+            return self._store(current, wanted, rule=rule)
+
+    def _store(self, current: Record | None, wanted: Record, *, rule: bool = True) -> Record:
+        """Write ``wanted`` over ``current`` (lock held) unless the rule forbids it."""
+        if rule and current is not None and not replaces(current, wanted):
+            return current
+        version = current.version + 1 if current is not None else 0
+        wanted = wanted.model_copy(update={"version": version})
+        self._publish(wanted, replace=True)
+        return wanted
 
     def _publish(self, record: Record, *, replace: bool) -> bool:
         self.ensure()
@@ -188,7 +269,7 @@ class Registry:
             return None
 
     def records(self) -> list[Record]:
-        """Every readable record, oldest first. Leftover tmp files are not records."""
+        """Every readable record, oldest first. Tmp and lock files are not records."""
         out = [rec for path in self._json_files() if (rec := self._load(path)) is not None]
         return sorted(out, key=lambda r: r.created_at)
 
@@ -209,30 +290,67 @@ class Registry:
         matches = [r for r in self.records() if r.job_id == job]
         return matches[-1] if matches else None
 
-    def update(self, key: str, *, expect_generation: int | None = None, **fields: object) -> Record:
-        """Read, change some fields, write back. Refuses to overwrite a newer generation."""
-        current = self.read(key)
-        if current is None:
-            raise RegistryError(f"no record {key}", path=self._file(key))
-        if expect_generation is not None and current.generation != expect_generation:
-            raise RegistryError(
-                f"record {key} is generation {current.generation}, not {expect_generation}",
-                path=self._file(key),
-                hint="the job was requeued; the old run must not change the new one's record",
-            )
-        # Validated, so a bad state name fails here (not on read) and a str key becomes secret.
-        changed = Record.model_validate({**current.model_dump(), **fields})
-        self.write(changed)
-        return changed
+    def update(
+        self,
+        key: str,
+        *,
+        expect_generation: int | None = None,
+        expect_version: int | None = None,
+        **fields: object,
+    ) -> Record:
+        """Change some fields of a record (under its lock, by :func:`replaces`' rule).
 
-    def remove(self, key: str) -> None:
-        """Delete a record (a submit that failed after writing it)."""
-        with contextlib.suppress(FileNotFoundError):
+        Refuses to change another generation than ``expect_generation`` (a requeue) or
+        another version than ``expect_version`` (check-and-set: someone wrote since it was
+        read). Returns the record as stored: unchanged if the rule refused the change.
+        """
+
+        self.ensure()
+        with self._locked(key):
+            current = self.read(key)
+            if current is None:
+                raise RegistryError(f"no record {key}", path=self._file(key))
+            if expect_generation is not None and current.generation != expect_generation:
+                raise RegistryError(
+                    f"record {key} is generation {current.generation}, not {expect_generation}",
+                    path=self._file(key),
+                    hint="the job was requeued; the old run must not change the new one's record",
+                )
+            if expect_version is not None and current.version != expect_version:
+                raise RegistryError(
+                    f"record {key} is version {current.version}, not {expect_version}",
+                    path=self._file(key),
+                    hint="it was written since it was read: read it again and retry",
+                )
+            # Validated: a bad state name fails here (not on read), a str key becomes secret.
+            return self._store(current, Record.model_validate({**current.model_dump(), **fields}))
+
+    def remove(self, key: str, *, states: Collection[State] | None = None) -> bool:
+        """Delete a record (a submit that failed after writing it); True if it was removed.
+
+        With ``states``, only a record in one of them (checked under its lock): a pending
+        record being withdrawn is not removed once its job's wrapper has claimed it.
+        """
+        if states is not None:
+            self.ensure()
+            with self._locked(key):
+                current = self.read(key)
+                if current is None or current.state not in states:
+                    return False
+                return self._unlink(key)
+        return self._unlink(key)
+
+    def _unlink(self, key: str) -> bool:
+        try:
             self._file(key).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def clean_tmp(self, older_than_s: float = 600) -> int:
-        """Remove tmp files a killed writer left behind; returns how many it removed."""
-        removed = 0
+        """Remove tmp files and lock files killed writers left behind (stale locks broken);
+        returns how many it removed. Cheap: one directory listing."""
+        removed = clean_locks(self.path, older_than_s, stale_s=self.lock_stale_s)
         cutoff = time.time() - older_than_s
         try:
             entries = list(os.scandir(self.path))

@@ -14,6 +14,7 @@ Modes of the engine:
     never        print loading lines and sleep forever without listening
     exit         print loading lines and exit with code 3
     grandchild   start a grandchild (its own session, ignores SIGTERM, sleeps), then serve
+    stubborn     like never, but ignore SIGTERM (an engine deaf to it while it loads)
 
 Every mode prints the key it was given on purpose: the wrapper must mask it in its log.
 
@@ -35,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 KEY_ENV = "FAKE_ENGINE_API_KEY"
-MODES = ("healthy", "never", "exit", "grandchild")
+MODES = ("healthy", "never", "exit", "grandchild", "stubborn")
 EXIT_CODE = 3
 
 
@@ -81,7 +82,9 @@ def serve(host: str, port: int, mode: str) -> int:
     key = os.environ.get(KEY_ENV, "")
     _say(f"fake engine: starting in mode {mode}")
     _say(f"fake engine: api key is {key}")  # on purpose: the wrapper must mask it
-    if mode in ("never", "exit"):
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode in ("never", "exit", "stubborn"):
         for i in range(3):
             _say(f"fake engine: loading weights {i + 1}/3")
         if mode == "exit":

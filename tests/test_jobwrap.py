@@ -8,6 +8,7 @@ way the gateway and ``mt logs`` would. Every process a test starts is stopped by
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 import tmpfs
 
 from hpc.job.plan import JobPlan, write_plan
-from hpc.job.proctree import alive
+from hpc.liveness import alive, boot_id, this_host
 from hpc.registry import FINAL_STATES, Record, Registry, new_api_key, record_key
 from hpc.spec import ModelSpec, Weights
 
@@ -342,3 +343,33 @@ def test_a_read_only_registry_at_the_stop_signal_still_stops_the_engine(
     assert "registry write failed: cannot write record local-42: Read-only file system" in (
         job.output()
     )
+
+
+# Outside writers (issue 16): `mt cancel` or `mt status` ends a record while its wrapper
+# runs; the wrapper's own later writes must not revive it.
+
+
+def test_an_outside_gone_is_not_followed_by_the_wrappers_draining(
+    start_job: Callable[..., Job], tmp_path: Path
+) -> None:
+    registry_dir = tmp_path / "registry"
+    registry_dir.mkdir(mode=0o700)
+    # A tmp file a writer killed 20 minutes ago left behind: the wrapper cleans it at start.
+    leftover = registry_dir / ".local-9.json.1234.abcd1234.tmp"
+    leftover.write_text("{")
+    os.utime(leftover, (time.time() - 1200, time.time() - 1200))
+    job = start_job("healthy")
+    record = job.wait_state("ready")
+    assert not leftover.exists()
+    # Who can judge its pids, recorded by the wrapper itself.
+    assert (record.host, record.boot_id) == (this_host(), boot_id())
+    assert record.pid == job.proc.pid and record.pid_started_at is not None
+    assert record.engine_pid is not None and record.engine_started_at is not None
+
+    job.registry.update(job.key, state="gone", reason="cancelled", engine_pid=None)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit() == 0
+    stored = job.record()
+    assert stored is not None and (stored.state, stored.reason) == ("gone", "cancelled")
+    assert not alive(record.engine_pid)  # stopped all the same
+    assert "not moved to draining" in job.output()

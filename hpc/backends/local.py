@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError
 from hpc.job.plan import JobPlan, PoolPlan, write_plan
-from hpc.job.proctree import alive, create_time, stop_tree, wait_gone
+from hpc.job.proctree import stop_tree, wait_gone
+from hpc.liveness import alive, create_time, judged_here, this_host
 from hpc.registry import record_key
 from hpc.site import Site
 from hpc.spec import ModelSpec, PoolSpec
@@ -115,13 +115,13 @@ class LocalBackend:
             ) from exc
         started = create_time(proc.pid) or time.time()
         # The host too: a pid means nothing on another login node that shares $HOME.
-        pid_path.write_text(f"{proc.pid} {started} {socket.gethostname()}\n", encoding="utf-8")
+        pid_path.write_text(f"{proc.pid} {started} {this_host()}\n", encoding="utf-8")
         return Submitted(JobHandle(self.name, job_id, plan.nonce), log_path=str(log_path))
 
     def _pid(self, job_id: str) -> tuple[int, float] | None:
         """The wrapper's pid and start time, if it was started on this host."""
         found = self._pid_file(job_id)
-        return None if found is None or found[2] != socket.gethostname() else found[:2]
+        return found[:2] if found is not None and judged_here(found[2]) else None
 
     def _pid_file(self, job_id: str) -> tuple[int, float, str] | None:
         """pid, start time and host from the job's pid file (older files name no host:
@@ -129,7 +129,7 @@ class LocalBackend:
         _, pid_path, _ = self._paths(record_key(self.name, job_id))
         try:
             fields = pid_path.read_text(encoding="utf-8").split()
-            host = fields[2] if len(fields) > 2 else socket.gethostname()
+            host = fields[2] if len(fields) > 2 else this_host()
             return int(fields[0]), float(fields[1]), host
         except (FileNotFoundError, ValueError, IndexError):
             return None
@@ -137,7 +137,7 @@ class LocalBackend:
     def _elsewhere(self, job_id: str) -> str | None:
         """The other host the job runs on, if it is not this one."""
         found = self._pid_file(job_id)
-        return found[2] if found is not None and found[2] != socket.gethostname() else None
+        return found[2] if found is not None and not judged_here(found[2]) else None
 
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """Running while the wrapper process lives; ``done`` once it has exited."""

@@ -1,13 +1,47 @@
-"""Stopping a process and everything it started, and telling whether a pid is still ours."""
+"""Stopping a process and everything it started (whether a pid lives: ``hpc.liveness``)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 
 import psutil
+
+from hpc.liveness import alive
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the child gets ``sig`` when its parent dies (Linux).
+
+    An engine in its own process group outlives a wrapper killed with SIGKILL (or by the
+    OOM killer) and then holds its GPUs with nobody to find it; this ends it. The kernel
+    sends ``sig`` when the parent *thread* ends, so start the child from a thread that
+    lives as long as the process (the main thread). None where ``prctl`` does not exist.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    # Everything is built before the fork: between fork and exec the child only calls.
+    args = (ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(sig), *[ctypes.c_ulong(0)] * 3)
+    parent = os.getpid()
+    kill, getpid, getppid = os.kill, os.getpid, os.getppid
+
+    def preexec() -> None:
+        prctl(*args)
+        if getppid() != parent:  # the parent died before prctl took effect
+            kill(getpid(), sig)
+
+    return preexec
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -16,28 +50,6 @@ def descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def alive(pid: int, started_at: float | None = None) -> bool:
-    """True if ``pid`` runs and is not a zombie (and, given ``started_at``, is the same process).
-
-    ``started_at`` guards against pid reuse: a recycled pid has another create time.
-    """
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started_at is None or abs(proc.create_time() - started_at) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-
-
-def create_time(pid: int) -> float | None:
-    """When ``pid`` started (epoch seconds), or None if it is gone."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
 
 
 def stop_tree(pid: int, *, grace_s: float = 10.0, own_group: bool = True) -> None:

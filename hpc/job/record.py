@@ -2,7 +2,10 @@
 
 Both programs that run inside a job keep one record true the same way: claim the backend's
 ``pending`` record (or create one for a job submitted by hand with ``sbatch``), then move
-it through its states, never writing over a record a newer run (a requeue) already owns.
+it through its states. Every step is a read-modify-write under the record's lock, by the
+registry's one rule (``hpc.registry.replaces``): a record a newer run (a requeue) owns, or
+one ended from outside (``mt cancel``, ``mt status``), is not written over; the run learns
+so by :class:`RecordEnded` and stops its engine.
 """
 
 from __future__ import annotations
@@ -11,8 +14,19 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
-from hpc.registry import Record, Registry, State, new_api_key, record_key
+from hpc.liveness import boot_id, create_time, this_host
+from hpc.registry import FINAL_STATES, Record, Registry, State, new_api_key, record_key
+
+
+class RecordEnded(Exception):
+    """This run's record was ended from outside, or a newer run owns it: the run must stop."""
+
+    def __init__(self, record: Record) -> None:
+        why = f"{record.state}: {record.reason}" if record.reason else record.state
+        super().__init__(f"record {record.key} is {why} (generation {record.generation})")
+        self.record = record
 
 
 class JobRecord:
@@ -45,11 +59,9 @@ class JobRecord:
         started_by: str | None = None,
     ) -> Record:
         """The backend's pending record (or a new one), now ``starting`` on this node."""
-        existing = self.registry.read(self.key)
-        if existing is not None and existing.generation <= self.generation:
-            record = existing
-        else:
-            record = Record(
+
+        def change(existing: Record | None) -> Record:
+            record = existing or Record(
                 backend=self.backend,
                 job_id=self.job_id,
                 nonce=nonce,
@@ -60,32 +72,50 @@ class JobRecord:
                 api_key=new_api_key(),  # pydantic makes it a SecretStr
                 started_by=started_by,
             )
-        record = record.model_copy(
-            update={
-                "generation": self.generation,
-                "state": "starting",
-                # Slurm's node name (gpu1) is what users see in squeue; else the host name.
-                "node": self.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-                "pid": os.getpid(),
-                "base_url": None,
-                "reason": None,
-                "log_tail": [],
-                # The wrapper may run before the backend's pending record exists (a fast
-                # Slurm start): the plan carries who started the job all the same.
-                "started_by": record.started_by or started_by,
-            }
-        )
-        self.registry.write(record)
-        return record
+            return record.model_copy(
+                update={
+                    "generation": self.generation,
+                    "state": "starting",
+                    # Slurm's node name (gpu1) is what users see in squeue; else the host name.
+                    "node": self.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                    # Who can judge this run's pids, and which ones: mt status on this host.
+                    "host": this_host(),
+                    "boot_id": boot_id(),
+                    "pid": os.getpid(),
+                    "pid_started_at": create_time(os.getpid()),
+                    "engine_pid": None,
+                    "engine_started_at": None,
+                    "base_url": None,
+                    "reason": None,
+                    "log_tail": [],
+                    # The wrapper may run before the backend's pending record exists (a fast
+                    # Slurm start): the plan carries who started the job all the same.
+                    "started_by": record.started_by or started_by,
+                }
+            )
+
+        # Never None: change() always returns a record.
+        return self._mine(cast(Record, self.registry.modify(self.key, change)), "starting")
 
     def set(self, record: Record, state: State, **fields: object) -> Record:
-        """``record`` in ``state`` with ``fields`` changed, written unless a newer run owns it."""
-        record = record.model_copy(update={"state": state, **fields})
-        current = self.registry.read(self.key)
-        if current is not None and current.generation > self.generation:
-            # The job was requeued and a newer run owns the record: leave it alone.
-            self._say(f"record {self.key} belongs to generation {current.generation}; not writing")
-            return record
-        self.registry.write(record)
+        """The stored record moved to ``state`` with ``fields`` changed (``record`` if there
+        is none stored any more); RecordEnded if it was ended from outside or a newer run
+        owns it."""
+        asked: dict[str, object] = {"state": state, **fields}
+
+        def change(current: Record | None) -> Record:
+            return (current or record).model_copy(update=asked)
+
+        stored = self._mine(cast(Record, self.registry.modify(self.key, change)), state)
         self._say(f"record {self.key} -> {state}")
-        return record
+        return stored
+
+    def _mine(self, stored: Record, state: State) -> Record:
+        """``stored`` if this run's write of ``state`` went through; RecordEnded if not."""
+        refused = stored.generation > self.generation or (
+            stored.state in FINAL_STATES and state not in FINAL_STATES
+        )
+        if refused:
+            self._say(f"record {self.key} not moved to {state}: {RecordEnded(stored)}")
+            raise RecordEnded(stored)
+        return stored

@@ -35,7 +35,7 @@ from aiohttp.typedefs import Handler
 from hpc.errors import MTError
 from hpc.job.engines import build_launch
 from hpc.job.plan import PoolPlan
-from hpc.job.record import JobRecord
+from hpc.job.record import JobRecord, RecordEnded
 from hpc.job.slots import Launcher, Slot, Slots
 from hpc.job.wrapper import STOP_SIGNALS, advertised_host
 from hpc.openai import (
@@ -338,10 +338,12 @@ class SwapPool:
             finally:
                 tending.cancel()
                 name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
-                record = self.job.set(record, "draining", reason=f"received {name}")
+                with contextlib.suppress(RecordEnded):  # ended from outside: stop all the same
+                    record = self.job.set(record, "draining", reason=f"received {name}")
                 await slots.stop_all()
                 await runner.cleanup()
-                self.job.set(record, "gone", reason=f"stopped by {name}")
+                with contextlib.suppress(RecordEnded):
+                    self.job.set(record, "gone", reason=f"stopped by {name}")
         return 0
 
     def _on_signal(self, signum: int, stopped: asyncio.Event) -> None:
@@ -349,8 +351,13 @@ class SwapPool:
         stopped.set()
 
     def run(self) -> int:
-        """Run the pool's event loop until it stops; returns the exit code."""
-        return asyncio.run(self.serve())
+        """Run the pool's event loop until it stops; returns the exit code (0 if its record
+        was ended from outside: nobody routes to it any more)."""
+        try:
+            return asyncio.run(self.serve())
+        except RecordEnded as exc:
+            self._say(f"stopping: {exc}")
+            return 0
 
 
 def main(argv: list[str] | None = None) -> int:

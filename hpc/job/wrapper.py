@@ -30,7 +30,9 @@ from typing import IO
 from hpc.errors import MTError, RegistryError
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.plan import JobPlan, read_plan
-from hpc.job.record import JobRecord
+from hpc.job.proctree import die_with_parent, stop_tree
+from hpc.job.record import JobRecord, RecordEnded
+from hpc.liveness import create_time
 from hpc.registry import Record, State
 from hpc.site import is_wildcard
 
@@ -96,7 +98,11 @@ class LogPump:
 def start_engine(
     launch: EngineLaunch, environ: Mapping[str, str], out: IO[str], secret: str
 ) -> tuple[subprocess.Popen[bytes], LogPump]:
-    """Start an engine in its own process group, its output pumped to ``out`` (key masked)."""
+    """Start an engine in its own process group, its output pumped to ``out`` (key masked).
+
+    The engine gets SIGTERM if this process dies (``die_with_parent``): a wrapper killed
+    while its engine loads leaves no engine behind. Call it from the main thread.
+    """
     proc = subprocess.Popen(
         launch.argv,
         env={**environ, **launch.env},
@@ -104,6 +110,7 @@ def start_engine(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own group, so stopping it reaches every child
+        preexec_fn=die_with_parent(),  # noqa: PLW1509 - prctl only, built before the fork
     )
     if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
         raise OSError("engine started without a stdout pipe")
@@ -171,8 +178,6 @@ class JobWrapper:
         return start_engine(launch, self.environ, self.out, self._secret)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        from hpc.job.proctree import stop_tree
-
         stop_tree(proc.pid, grace_s=self.plan.stop_grace_s)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
@@ -183,17 +188,28 @@ class JobWrapper:
         A registry that cannot be written (a full disk, a read-only remount) ends the job:
         the engine is stopped whatever state its record was left in, since a job nobody can
         find or route must not keep its GPUs, and the wrapper exits non-zero saying why.
+        A record ended from outside (``mt cancel`` or ``mt status`` made it final) or owned
+        by a newer run also ends the job: nobody routes to it any more.
         """
         try:
             return self._run()
         except RegistryError as exc:
-            if self._proc is not None and self._proc.poll() is None:
-                self._stop(self._proc)
+            self._stop_engine()
             self._say(f"registry write failed: {exc.message} at {exc.path}")
             return 1
+        except RecordEnded as exc:
+            self._stop_engine()
+            self._say(f"stopping: {exc}")
+            return 0
+
+    def _stop_engine(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._stop(self._proc)
 
     def _run(self) -> int:
         self._install_signals()
+        # Leftovers of writers killed mid-write (tmp files, lock files): cheap, one listing.
+        self.registry.clean_tmp()
         record = self._claim_record()
         self._secret = record.api_key.get_secret_value()
         spec = self.plan.spec
@@ -224,7 +240,9 @@ class JobWrapper:
             self._proc = proc
             # Recorded at once, not at ready: a model can load for many minutes, and a
             # wrapper killed meanwhile must leave an engine that `mt cancel` can find.
-            record = self._set(record, "starting", engine_pid=proc.pid)
+            record = self._set(
+                record, "starting", engine_pid=proc.pid, engine_started_at=create_time(proc.pid)
+            )
             health_url = f"http://{probe_host}:{port}{launch.health_path}"
             outcome = self._await_health(
                 proc, health_url, launch.health_needs_key, spec.startup_timeout_s
