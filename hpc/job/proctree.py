@@ -1,4 +1,12 @@
-"""Stopping a process and everything it started, and telling whether a pid is still ours."""
+"""Stopping a process and everything it started, and telling whether a pid is still ours.
+
+An engine is started with TERM blocked (:func:`term_blocked`) and stopped with
+``ENGINE_STOP_SIGNAL`` (INT): scancel and preemption TERM every process of the job at once,
+engine included, and an engine that obeyed would cut the streams its wrapper is draining.
+vLLM, llama-server and uvicorn (llama-cpp-python's server) shut down on INT as on TERM.
+A blocked signal stays blocked across exec and in every child; KILL cannot be blocked, so
+Slurm's KILL after KillWait still ends everything.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,24 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import psutil
+
+ENGINE_STOP_SIGNAL = signal.SIGINT
+
+
+@contextlib.contextmanager
+def term_blocked() -> Iterator[None]:
+    """TERM blocked in this thread meanwhile: a process started inside inherits the mask.
+
+    A TERM for this process that arrives meanwhile waits, and is handled on the way out.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -40,10 +64,17 @@ def create_time(pid: int) -> float | None:
         return None
 
 
-def stop_tree(pid: int, *, grace_s: float = 10.0, own_group: bool = True) -> None:
-    """TERM ``pid``'s process group (or the pid and its children), KILL whatever outlives grace.
+def stop_tree(
+    pid: int,
+    *,
+    grace_s: float = 10.0,
+    own_group: bool = True,
+    sig: signal.Signals = signal.SIGTERM,
+) -> None:
+    """``sig`` (TERM) to ``pid``'s process group (or the pid and its children), KILL whatever
+    outlives grace.
 
-    Children are listed before the TERM, so a child that re-parents itself to init when its
+    Children are listed before the signal, so a child that re-parents itself to init when its
     parent dies is still found and killed.
     """
     procs = [*descendants(pid)]
@@ -51,10 +82,10 @@ def stop_tree(pid: int, *, grace_s: float = 10.0, own_group: bool = True) -> Non
         procs.insert(0, psutil.Process(pid))
     if own_group:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, sig)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
+            proc.send_signal(sig)
     _, left = psutil.wait_procs(procs, timeout=grace_s)
     for proc in left:
         with contextlib.suppress(psutil.NoSuchProcess):
