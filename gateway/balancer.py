@@ -25,23 +25,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from gateway.routes import Upstream
+from hpc.job.engineload import EngineLoad
 
 FAILURES_TO_SKIP = 3
 BASE_SKIP_S = 1.0
 MAX_SKIP_S = 30.0
 FAILURE_MEMORY_S = 2 * MAX_SKIP_S
 EJECT_AFTER = 3
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLoad:
-    """Requests an engine reports: generating now, and queued behind them."""
-
-    running: int
-    waiting: int
 
 
 class _Replica:

@@ -19,7 +19,8 @@ per-job key (engines that do not ask for it ignore it):
   ``vllm:num_requests_waiting`` or llama-server's ``llamacpp:requests_processing`` /
   ``llamacpp:requests_deferred`` (only with ``--metrics``); for llama.cpp without them,
   ``/slots`` (slots processing count as running). An engine that has neither (404, 501, or
-  no such series) is not asked again; a timeout or a 5xx is asked again next round.
+  no such series) is not asked again; a timeout or a 5xx is asked again next round. The
+  parsing is ``hpc.job.engineload``'s, which the job wrapper's drain reads too.
 """
 
 from __future__ import annotations
@@ -29,17 +30,24 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-from gateway.balancer import Balancer, EngineLoad
+from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
 from gateway.logs import LOGGER_NAME, fields
 from gateway.reload import CleanupContext, Live
 from gateway.routes import Upstream
+from hpc.job.engineload import (
+    ABSENT_STATUSES,
+    EngineLoad,
+    load_paths,
+    parse_engine_load,
+    parse_slots,
+)
 
 log = logging.getLogger(f"{LOGGER_NAME}.health")
 
@@ -48,65 +56,12 @@ MAX_CONCURRENT_PROBES = 32
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_HEALTH_PATH = "/health"
 FALLBACK_HEALTH_PATH = "/v1/models"
-_RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
-_WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
-# "This engine has no such endpoint" (501: llama-server with the endpoint switched off).
-_ABSENT = frozenset({404, 405, 501})
 
 
 def engine_root(base_url: str) -> str:
     """``http://node:port/v1`` → ``http://node:port``: health and metrics live at the root."""
     root = base_url.rstrip("/")
     return root[: -len("/v1")] if root.endswith("/v1") else root
-
-
-def parse_engine_load(text: str) -> EngineLoad | None:
-    """Running and waiting requests from a Prometheus text scrape; None if it has neither.
-
-    Series with several label sets (vLLM labels by model and engine) are summed.
-    """
-    running = waiting = 0.0
-    found = False
-    for line in text.splitlines():
-        if not line.startswith(("vllm:", "llamacpp:")):
-            continue
-        value = _sample(line, _RUNNING)
-        if value is not None:
-            running += value
-            found = True
-            continue
-        value = _sample(line, _WAITING)
-        if value is not None:
-            waiting += value
-            found = True
-    return EngineLoad(int(running), int(waiting)) if found else None
-
-
-def _sample(line: str, names: Iterable[str]) -> float | None:
-    for name in names:
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
-            rest = line[len(name) :]
-            if rest.startswith("{"):
-                rest = rest[rest.rfind("}") + 1 :]
-            parts = rest.split()
-            try:
-                return float(parts[0]) if parts else None
-            except ValueError:
-                return None
-    return None
-
-
-def parse_slots(data: object) -> EngineLoad | None:
-    """llama-server's ``/slots``: a list of slots, busy ones ``is_processing`` (or state 1)."""
-    if not isinstance(data, list):
-        return None
-    busy = 0
-    for slot in data:
-        if not isinstance(slot, dict):
-            return None
-        if slot.get("is_processing") is True or slot.get("state") == 1:
-            busy += 1
-    return EngineLoad(running=busy, waiting=0)
 
 
 class _Absent(Exception):
@@ -190,7 +145,7 @@ class Prober:
         source = upstream.source
         paths = self._load_paths.get(source)
         if paths is None:
-            paths = ("/metrics", "/slots") if upstream.engine == "llamacpp" else ("/metrics",)
+            paths = load_paths(upstream.engine or "")
         for index, path in enumerate(paths):
             try:
                 load = await self._load_from(upstream, path)
@@ -208,7 +163,7 @@ class Prober:
 
     async def _load_from(self, upstream: Upstream, path: str) -> EngineLoad | None:
         status, body = await self._get(upstream, path)
-        if status in _ABSENT:
+        if status in ABSENT_STATUSES:
             raise _Absent(path)
         if status != 200:
             raise ValueError(f"{path}: HTTP {status}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from hpc.job.proctree import stop_tree
+from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
 from hpc.liveness import alive, judged_here
 from hpc.registry import FINAL_STATES, Record, Registry
 
@@ -52,7 +52,7 @@ def end_orphan(registry: Registry, record: Record) -> Record:
     """Stop what is left of ``record``'s engine and mark it ``failed``; the stored record."""
     stopped = engine_left(record)
     if stopped and record.engine_pid is not None:
-        stop_tree(record.engine_pid, grace_s=5.0)
+        stop_tree(record.engine_pid, grace_s=5.0, sig=ENGINE_STOP_SIGNAL)
     reason = f"wrapper died: pid {record.pid} on {record.host} ended without finishing its record"
     if stopped:
         reason += f"; its engine (pid {record.engine_pid}) was stopped"

@@ -22,6 +22,20 @@ SbatchFlag = Annotated[
     str, Field(pattern=r"^--[a-z][a-z0-9-]*(=[^\x00-\x1f\x7f]+)?$", max_length=512)
 ]
 
+# After TERM (scancel, preemption, `mt cancel`), how long requests in flight may finish: Slurm
+# KILLs KillWait (30 s by default) after its TERM, and the engine needs up to the plan's
+# stop_grace_s (10 s) to stop, so 30 - 10 - 5 s of margin.
+DEFAULT_DRAIN_S = 15.0
+DrainSeconds = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=3600,
+        description="after TERM (scancel, preemption, mt cancel), how long requests in flight "
+        "may finish before the engine is stopped; keep it below the site's KillWait minus 15 s",
+    ),
+]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,7 +86,11 @@ class SlurmOptions(_Strict):
     constraint: SlurmConstraint | None = None
     requeue: bool = Field(default=False, description="let Slurm requeue the job on preemption")
     signal_grace_s: int = Field(
-        default=120, ge=10, le=3600, description="USR1 this long before the time limit"
+        default=120,
+        ge=10,
+        le=3600,
+        description="USR1 this long before the time limit; requests in flight may finish "
+        "until 15 s before it",
     )
     extra_directives: tuple[SbatchFlag, ...] = Field(
         default=(), description="more sbatch flags, e.g. --exclusive or --mail-type=END"
@@ -166,6 +184,7 @@ class ModelSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     runtime: Runtime = Field(default_factory=Runtime)
     startup_timeout_s: float = Field(default=900, gt=0, description="from RUNNING to healthy")
+    drain_s: DrainSeconds = DEFAULT_DRAIN_S
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
     on_demand: OnDemand | None = Field(
@@ -215,6 +234,7 @@ class PoolSpec(_Strict):
         default=None, description="run every engine in this runtime (default: each model's own)"
     )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    drain_s: DrainSeconds = DEFAULT_DRAIN_S
     idle_unload_s: float | None = Field(
         default=None, gt=0, description="unload a model nobody asked for in this long"
     )

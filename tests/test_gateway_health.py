@@ -26,9 +26,10 @@ from pydantic import SecretStr
 from test_gateway_balance import FakeClock
 from test_gateway_proxy import CHAT, JOB_KEY, chat, gateway
 
-from gateway.balancer import FAILURE_MEMORY_S, FAILURES_TO_SKIP, Balancer, EngineLoad
-from gateway.health import engine_root, parse_engine_load, parse_slots
+from gateway.balancer import FAILURE_MEMORY_S, FAILURES_TO_SKIP, Balancer
+from gateway.health import engine_root
 from gateway.routes import Upstream
+from hpc.job.engineload import EngineLoad, parse_engine_load, parse_slots
 from hpc.registry import Record, Registry, State, new_nonce
 
 pytestmark = pytest.mark.timeout(30)

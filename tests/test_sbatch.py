@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from hpc.job.plan import JobPlan
+from hpc.job.plan import JobPlan, warning_drain_s
 from hpc.site import SlurmSite
 from hpc.slurm.sbatch import render
 from hpc.spec import ModelSpec
@@ -80,6 +80,8 @@ def rendered(
         nonce="0123abcd",
         registry_dir=Path("/home/ada/.mt/registry"),
         engine_host="0.0.0.0",
+        drain_s=spec.drain_s,  # as the Slurm backend builds it
+        warning_drain_s=warning_drain_s(spec.slurm.signal_grace_s),
     )
     script, _ = render(spec, plan, site, log_dir=log_dir, python=python)
     return script

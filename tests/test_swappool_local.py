@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from poolhelpers import (
     slot_of,
     wait_for,
 )
+from streams import start_stream
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
 
@@ -154,3 +157,39 @@ def test_idle_models_are_unloaded_and_a_dead_engine_is_replaced(idle_pool: str) 
     assert any("exited" in (s["last_error"] or "") for s in pool_status(record)["slots"])
     assert _direct(record.base_url, idle_pool)[0] == MODEL_B
     assert loads_of(pool_status(record), MODEL_B) == 3
+
+
+def test_a_stop_lets_the_pools_streams_finish_then_stops_its_engines(
+    gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = {"name": "drain-pool", "models": [MODEL_A, MODEL_B], "slots": 1, "drain_s": 60}
+    path = pool_models_yaml(tmp_path / "models.yaml", gemma_gguf, pool)
+    monkeypatch.setenv("MT_MODELS", str(path))
+    key: str = json.loads(mt("submit", "drain-pool", "--wait", "--json").stdout)["key"]
+    try:
+        record = pool_record(key)
+        assert record.base_url is not None and record.pid is not None
+        stream = start_stream(record.base_url, record.api_key.get_secret_value(), MODEL_A, 100)
+        assert stream.first_token.wait(120), stream
+        engines = engines_of(record.pid, MODEL_A)
+        assert engines
+
+        # `mt cancel` TERMs the pool and waits for it: the stream goes on meanwhile.
+        cancel = subprocess.Popen(
+            [sys.executable, "-m", "hpc.cli", "cancel", key, "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        wait_for("draining", lambda: pool_record(key).state == "draining", 5)
+        assert not stream.done.is_set(), "the stream ended as the pool began to drain"
+        assert stream.done.wait(60), "the stream never finished"
+        assert stream.data()[-1] == "[DONE]" and stream.finish_reason() == "length"
+        assert all(p.is_running() for p in engines), "an engine stopped before the stream ended"
+
+        out, _ = cancel.communicate(timeout=60)
+        assert json.loads(out)["state"] == "gone"
+        assert pool_record(key).state == "gone"
+        psutil.wait_procs(engines, timeout=10)
+        assert not any(p.is_running() for p in engines)
+    finally:
+        mt("cancel", key, check=False)

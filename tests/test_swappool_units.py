@@ -14,7 +14,7 @@ from pydantic import SecretStr, ValidationError
 from gateway.routes import build_routes
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, EngineError, MTError
-from hpc.job.plan import PoolPlan
+from hpc.job.plan import PoolPlan, warning_drain_s
 from hpc.job.slots import split_gpus
 from hpc.jobs import submit_pool
 from hpc.ondemandstate import STATE_FILE, JobEntry, ModelEntry, OnDemandState
@@ -115,6 +115,7 @@ def _plan(tmp_path: Path) -> tuple[PoolSpec, PoolPlan]:
         nonce="0123abcd",
         registry_dir=Path("/home/ada/.mt/registry"),
         engine_host="0.0.0.0",
+        warning_drain_s=warning_drain_s(pool.slurm.signal_grace_s),  # as the backend sets it
     )
     return pool, plan
 

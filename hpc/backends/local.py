@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError
-from hpc.job.plan import JobPlan, PoolPlan, write_plan
-from hpc.job.proctree import stop_tree, wait_gone
+from hpc.job.plan import STOP_MARGIN_S, JobPlan, PoolPlan, write_plan
+from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree, wait_gone
 from hpc.liveness import alive, create_time, judged_here, this_host
 from hpc.registry import record_key
 from hpc.site import Site
@@ -50,6 +52,7 @@ class LocalBackend:
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
             started_by=request.started_by,
+            drain_s=spec.drain_s,
         )
         return self._launch(plan, "hpc.job.wrapper")
 
@@ -65,6 +68,7 @@ class LocalBackend:
             nonce=request.nonce,
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
+            drain_s=pool.drain_s,
         )
         return self._launch(plan, "hpc.job.swappool")
 
@@ -169,12 +173,26 @@ class LocalBackend:
         if pid is not None and alive(*pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid[0], signal.SIGTERM)
-            if not wait_gone(pid[0], self.stop_timeout_s):
+            if not wait_gone(pid[0], self._stop_wait_s(handle.job_id)):
                 stop_tree(pid[0], grace_s=2.0)
         # A wrapper killed with -9 cannot stop its engine: do it here (the service then
         # finishes its record).
         if handle.engine_pid is not None and alive(handle.engine_pid):
-            stop_tree(handle.engine_pid, grace_s=5.0)
+            stop_tree(handle.engine_pid, grace_s=5.0, sig=ENGINE_STOP_SIGNAL)
+
+    def _stop_wait_s(self, job_id: str) -> float:
+        """How long a TERMed wrapper may take: its drain, its engine's stop, a margin."""
+        plan_path, _, _ = self._paths(record_key(self.name, job_id))
+        try:
+            text = plan_path.read_text(encoding="utf-8")
+        except OSError:
+            return self.stop_timeout_s
+        for kind in (JobPlan, PoolPlan):
+            with contextlib.suppress(ValidationError):
+                plan = kind.model_validate_json(text)
+                needed = plan.drain_s + plan.stop_grace_s + STOP_MARGIN_S
+                return max(self.stop_timeout_s, needed)
+        return self.stop_timeout_s
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """Lines of the job's log file; with ``follow``, until the wrapper has exited."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError, MTError, SlurmError
-from hpc.job.plan import JobPlan, PoolPlan
+from hpc.job.plan import JobPlan, PoolPlan, warning_drain_s
 from hpc.registry import new_nonce
 from hpc.site import Site
 from hpc.slurm.client import (
@@ -105,6 +105,8 @@ class SlurmBackend:
             registry_dir=self.site.registry_dir,
             engine_host=self._engine_host(),
             started_by=started_by,
+            drain_s=spec.drain_s,
+            warning_drain_s=warning_drain_s(spec.slurm.signal_grace_s),
         )
         script, job = render(
             spec, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
@@ -123,6 +125,8 @@ class SlurmBackend:
             nonce=nonce or new_nonce(),
             registry_dir=self.site.registry_dir,
             engine_host=self._engine_host(),
+            drain_s=pool.drain_s,
+            warning_drain_s=warning_drain_s(pool.slurm.signal_grace_s),
         )
         script, job = render(
             pool, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python

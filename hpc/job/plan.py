@@ -1,16 +1,63 @@
-"""The job plan: what a backend hands the job wrapper (a JSON file, 0600, no secrets in it)."""
+"""The job plan: what a backend hands the job wrapper (a JSON file, 0600, no secrets in it).
+
+Besides the spec, a plan says how the job ends. On a stop signal the job drains: its record
+goes ``draining`` (the gateway sends it nothing new) and requests in flight may finish for
+a budget, then the engine is stopped (TERM's stand-in SIGINT, KILL after ``stop_grace_s``):
+
+- after TERM or INT (scancel, preemption, `mt cancel`), ``drain_s`` (the spec's);
+- after USR1 or USR2 (Slurm's ``--signal=B:USR1@N`` warning, N s before the time limit),
+  ``warning_drain_s``: N minus ``stop_grace_s`` minus a margin (:func:`warning_drain_s`),
+  set by the Slurm backend; unset, ``drain_s``.
+
+A later signal can only shorten the budget (Slurm's TERM at the time limit, after its USR1).
+"""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.privatefile import write_private
-from hpc.spec import ModelSpec, PoolSpec
+from hpc.spec import DEFAULT_DRAIN_S, ModelSpec, PoolSpec
+
+DEFAULT_STOP_GRACE_S = 10.0
+# Left between the end of the drain and the engine's stop: record writes, process-tree walks.
+STOP_MARGIN_S = 5.0
+_WARNING_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGUSR2})
 
 
-class JobPlan(BaseModel):
+def warning_drain_s(lead_s: float, stop_grace_s: float = DEFAULT_STOP_GRACE_S) -> float:
+    """The drain budget after a warning ``lead_s`` before the end (``--signal=B:USR1@lead_s``).
+
+    The engine must be stopped (up to ``stop_grace_s``) before Slurm's time limit, with a
+    margin: 120 s of warning leave 105 s for requests in flight.
+    """
+    return max(0.0, lead_s - stop_grace_s - STOP_MARGIN_S)
+
+
+class _Ending(BaseModel):
+    """How a job ends: the drain budgets and the engine's stop grace (see the module doc)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stop_grace_s: float = Field(default=DEFAULT_STOP_GRACE_S, gt=0)
+    drain_s: float = Field(
+        default=DEFAULT_DRAIN_S, ge=0, description="after TERM/INT: requests in flight finish"
+    )
+    warning_drain_s: float | None = Field(
+        default=None, ge=0, description="after USR1/USR2; None: drain_s"
+    )
+
+    def drain_budget_s(self, signum: int) -> float:
+        """How long requests in flight may finish after ``signum``."""
+        if signum in _WARNING_SIGNALS and self.warning_drain_s is not None:
+            return self.warning_drain_s
+        return self.drain_s
+
+
+class JobPlan(_Ending):
     """Everything the wrapper needs to serve one model and register it.
 
     The per-job key is not here: it lives in the job's registry record (0600), which the
@@ -18,15 +65,12 @@ class JobPlan(BaseModel):
     submitted by hand with ``sbatch``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     spec: ModelSpec
     backend: str
     job_id: str | None = Field(default=None, description="None: read from the scheduler's env")
     nonce: str
     registry_dir: Path
     engine_host: str = "127.0.0.1"
-    stop_grace_s: float = Field(default=10, gt=0)
     started_by: str | None = Field(
         default=None,
         max_length=512,
@@ -34,14 +78,12 @@ class JobPlan(BaseModel):
     )
 
 
-class PoolPlan(BaseModel):
+class PoolPlan(_Ending):
     """Everything the swap pool (``python -m hpc.job.swappool``) needs: the pool and its catalogue.
 
     The catalogue's specs are copied in whole, so the job does not read ``models.yaml`` (which
     may have changed, or not be on the node) and the pool serves what was submitted.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     pool: PoolSpec
     catalogue: tuple[ModelSpec, ...] = Field(min_length=1)
@@ -50,7 +92,6 @@ class PoolPlan(BaseModel):
     nonce: str
     registry_dir: Path
     engine_host: str = "127.0.0.1"
-    stop_grace_s: float = Field(default=10, gt=0)
 
 
 def write_plan(plan: JobPlan | PoolPlan, path: Path) -> None:

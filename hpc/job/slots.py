@@ -27,7 +27,7 @@ import aiohttp
 from hpc.errors import EngineError, MTError, PoolLoadError
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.plan import PoolPlan
-from hpc.job.proctree import stop_tree
+from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
 from hpc.job.wrapper import LogPump, free_port, start_engine
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
@@ -303,7 +303,8 @@ class Slots:
         slot.root = slot.key = ""
         if proc is None:
             return []
-        await asyncio.to_thread(stop_tree, proc.pid, grace_s=self.plan.stop_grace_s)
+        grace_s = self.plan.stop_grace_s
+        await asyncio.to_thread(stop_tree, proc.pid, grace_s=grace_s, sig=ENGINE_STOP_SIGNAL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(proc.wait, 5)
         return await asyncio.to_thread(pump.join) if pump is not None else []
@@ -338,6 +339,10 @@ class Slots:
                     self._say(f"slot {slot.index}: {slot.model} idle for {idle_limit:g}s")
                     slot.state = "draining"
                     await self._unload(slot)
+
+    def in_flight(self) -> int:
+        """Requests in the pool's engines or waiting for a model's load."""
+        return sum(s.in_flight for s in self.slots) + sum(self._waiting.values())
 
     async def stop_all(self) -> None:
         """Stop every engine (the pool is ending); loads in flight give up."""

@@ -8,8 +8,9 @@ by chunk as it arrives; one for another model waits for a slot and its engine's 
 Every route but ``/health`` requires the per-job key of the pool's registry record (the
 gateway sends it; it never appears on a command line). The record is published ``ready``
 once the pool listens: the pool is ready to take requests, not to answer them instantly.
-TERM, INT, USR1 and USR2 mark it ``draining``, stop every engine's process tree and mark it
-``gone``, as the job wrapper does.
+TERM, INT, USR1 and USR2 mark it ``draining``, let the requests in flight (which the pool
+counts itself) finish within the plan's drain budget, stop every engine's process tree and
+mark it ``gone``, as the job wrapper does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from hpc.errors import MTError
+from hpc.job.drain import POLL_S, SETTLE_S
 from hpc.job.engines import build_launch
 from hpc.job.plan import PoolPlan
 from hpc.job.record import JobRecord, RecordEnded
@@ -293,6 +295,7 @@ class SwapPool:
             say=self._say,
         )
         self.stop_signal: int | None = None
+        self._signals: list[tuple[int, float]] = []  # every stop signal, and when (loop time)
 
     def _say(self, message: str) -> None:
         self.out.write(f"[mt swappool] {message}\n")
@@ -340,6 +343,7 @@ class SwapPool:
                 name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
                 with contextlib.suppress(RecordEnded):  # ended from outside: stop all the same
                     record = self.job.set(record, "draining", reason=f"received {name}")
+                await self._drain(slots)
                 await slots.stop_all()
                 await runner.cleanup()
                 with contextlib.suppress(RecordEnded):
@@ -347,8 +351,27 @@ class SwapPool:
         return 0
 
     def _on_signal(self, signum: int, stopped: asyncio.Event) -> None:
-        self.stop_signal = signum
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        self._signals.append((signum, asyncio.get_running_loop().time()))
         stopped.set()
+
+    async def _drain(self, slots: Slots) -> None:
+        """Until nothing is in flight (after SETTLE_S) or the earliest signal's budget ends."""
+        if not self._signals:  # stopped by an error, not a signal: nothing to wait for
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def deadline() -> float:
+            return min(at + self.plan.drain_budget_s(sig) for sig, at in self._signals)
+
+        while loop.time() < deadline():
+            if slots.in_flight() == 0 and loop.time() - started >= SETTLE_S:
+                self._say(f"drained after {loop.time() - started:.1f}s: nothing in flight")
+                return
+            await asyncio.sleep(min(POLL_S, max(0.0, deadline() - loop.time())))
+        self._say(f"drain budget spent: {slots.in_flight()} request(s) in flight; stopping")
 
     def run(self) -> int:
         """Run the pool's event loop until it stops; returns the exit code (0 if its record

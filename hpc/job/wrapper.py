@@ -3,7 +3,10 @@
 It picks a free port, starts the engine as a child in its own process group, waits for the
 engine's health under the startup deadline, and only then publishes the record ``ready``.
 TERM, INT, USR1 and USR2 (Slurm's preemption/time-limit warning) mark the record
-``draining``, stop the engine's whole process tree and mark it ``gone``. An engine that dies
+``draining`` (the gateway sends it nothing new), let the requests in flight finish within
+the plan's drain budget (hpc.job.plan, hpc.job.drain), then stop the engine's whole process
+tree and mark the record ``gone``. The engine runs with TERM blocked, so Slurm's TERM to
+every process of the job does not cut what is being drained. An engine that dies
 or never becomes healthy is recorded ``failed`` with the reason and its last log lines.
 Engine output is copied to the wrapper's stdout (the job log) with the per-job key masked.
 """
@@ -28,9 +31,10 @@ from types import FrameType
 from typing import IO
 
 from hpc.errors import MTError, RegistryError
+from hpc.job.drain import Drained, InFlight, drain
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.plan import JobPlan, read_plan
-from hpc.job.proctree import die_with_parent, stop_tree
+from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
 from hpc.job.record import JobRecord, RecordEnded
 from hpc.liveness import create_time
 from hpc.registry import Record, State
@@ -100,18 +104,20 @@ def start_engine(
 ) -> tuple[subprocess.Popen[bytes], LogPump]:
     """Start an engine in its own process group, its output pumped to ``out`` (key masked).
 
-    The engine gets SIGTERM if this process dies (``die_with_parent``): a wrapper killed
-    while its engine loads leaves no engine behind. Call it from the main thread.
+    TERM is blocked in the engine (hpc.job.proctree): stop it with ``ENGINE_STOP_SIGNAL``.
+    The engine gets that signal too if this process dies (``die_with_parent``): a wrapper
+    killed while its engine loads leaves no engine behind. Call it from the main thread.
     """
-    proc = subprocess.Popen(
-        launch.argv,
-        env={**environ, **launch.env},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own group, so stopping it reaches every child
-        preexec_fn=die_with_parent(),  # noqa: PLW1509 - prctl only, built before the fork
-    )
+    with term_blocked():
+        proc = subprocess.Popen(
+            launch.argv,
+            env={**environ, **launch.env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, so stopping it reaches every child
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 - prctl only, built before the fork
+        )
     if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
         raise OSError("engine started without a stdout pipe")
     return proc, LogPump(proc.stdout, out, secret)
@@ -144,6 +150,7 @@ class JobWrapper:
         self.generation = self.job.generation
         self.key = self.job.key
         self.stop_signal: int | None = None
+        self._signals: list[tuple[int, float]] = []  # every stop signal, and when it came
         self._proc: subprocess.Popen[bytes] | None = None  # the engine, once started
 
     # -- record keeping ---------------------------------------------------------------
@@ -166,7 +173,13 @@ class JobWrapper:
 
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.stop_signal = signum
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        self._signals.append((signum, time.monotonic()))
+
+    def _drain_deadline(self) -> float:
+        """When the drain must end: the earliest that any signal so far allows."""
+        return min(at + self.plan.drain_budget_s(sig) for sig, at in self._signals)
 
     def _install_signals(self) -> None:
         for sig in STOP_SIGNALS:
@@ -178,7 +191,7 @@ class JobWrapper:
         return start_engine(launch, self.environ, self.out, self._secret)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        stop_tree(proc.pid, grace_s=self.plan.stop_grace_s)
+        stop_tree(proc.pid, grace_s=self.plan.stop_grace_s, sig=ENGINE_STOP_SIGNAL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
 
@@ -286,7 +299,9 @@ class JobWrapper:
             # moment to arrive before calling the engine's exit a failure.
             time.sleep(1.0)
         if self.stop_signal is not None:
-            return self._drain(record, proc)
+            # Every engine's load endpoints take the key (llama-server's need it).
+            engine = InFlight(f"http://{probe_host}:{port}", self._secret, spec.engine, port)
+            return self._drain(record, proc, engine)
         tail = pump.join()
         reason = f"engine exited with code {proc.returncode} while serving"
         self._set(record, "failed", reason=reason, log_tail=tail)
@@ -313,12 +328,35 @@ class JobWrapper:
             interval = min(interval * 1.25, 2.0)
         return "timeout"
 
-    def _drain(self, record: Record, proc: subprocess.Popen[bytes]) -> int:
+    def _drain(
+        self, record: Record, proc: subprocess.Popen[bytes], engine: InFlight | None = None
+    ) -> int:
+        """``draining``; requests in flight finish (a serving ``engine`` only); stop; ``gone``."""
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
         record = self._set(record, "draining", reason=f"received {name}")
+        reason = f"stopped by {name}"
+        budget = self._drain_deadline() - time.monotonic() if self._signals else 0.0
+        if engine is not None and budget > 0:
+            self._say(f"draining: requests in flight may finish for {budget:.1f}s")
+            drained = drain(proc, engine, self._drain_deadline)
+            self._say(_drained_line(drained))
+            if drained.why == "budget" and drained.in_flight != 0:
+                left = "?" if drained.in_flight is None else str(drained.in_flight)
+                reason += f": drain budget spent after {drained.waited_s:.0f}s, {left} in flight"
         self._stop(proc)
-        self._set(record, "gone", reason=f"stopped by {name}", engine_pid=None)
+        self._set(record, "gone", reason=reason, engine_pid=None)
         return 0
+
+
+def _drained_line(drained: Drained) -> str:
+    """The job log's line for a drain that ended."""
+    after = f"after {drained.waited_s:.1f}s"
+    if drained.why == "idle":
+        return f"drained {after}: nothing in flight ({drained.method})"
+    if drained.why == "exited":
+        return f"engine exited while draining ({after})"
+    left = "unknown" if drained.in_flight is None else str(drained.in_flight)
+    return f"drain budget spent {after}: {left} request(s) in flight ({drained.method}); stopping"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -138,6 +139,8 @@ def render(
         "model": spec.name,
         "runtime_note": runtime_note,
         "grace_s": str(spec.slurm.signal_grace_s),
+        "warning_drain_s": f"{plan.drain_budget_s(signal.SIGUSR1):g}",
+        "drain_s": f"{plan.drain_budget_s(signal.SIGTERM):g}",
         "modules": (
             "module load " + " ".join(shlex.quote(m) for m in modules)
             if modules
