@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.web_protocol import _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from gateway.connections import Connections
@@ -128,15 +128,18 @@ class ConnectionHandler(web.RequestHandler):
         the 400 (``error_middleware``) at once; the queued one is never sent, as the 400
         closes the connection.
         """
-        queued = len(self._messages)
+        # aiohttp's internals, read with getattr: should a later aiohttp rename them, this
+        # falls back to its own behaviour (the 408) instead of breaking every connection.
+        queued = len(getattr(self, "_messages", ()))
         super().data_received(data)
-        request = self._current_request
-        if request is None or len(self._messages) <= queued:
+        messages: Sequence[Any] = getattr(self, "_messages", ())
+        request = getattr(self, "_current_request", None)
+        if request is None or len(messages) <= queued:
             return
-        message = self._messages[-1][0]
+        error = getattr(messages[-1][0], "exc", None)  # a queued parse error, not a request
         body = request.content
-        if isinstance(message, _ErrInfo) and not body.is_eof() and body.exception() is None:
-            body.set_exception(web.RequestPayloadError(message.message), message.exc)
+        if isinstance(error, BaseException) and not body.is_eof() and body.exception() is None:
+            body.set_exception(web.RequestPayloadError(parse_reason(error)), error)
 
     def handle_error(
         self,

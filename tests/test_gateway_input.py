@@ -116,7 +116,7 @@ async def test_a_raised_body_limit_takes_a_large_image(tmp_path: Path) -> None:
     assert fake.seen.requests == 1
 
 
-def test_the_cli_sets_both_limits() -> None:
+def test_the_cli_sets_the_limits() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "hpc.cli", "gateway", "--help"],
         capture_output=True,
@@ -125,6 +125,7 @@ def test_the_cli_sets_both_limits() -> None:
         check=True,
     ).stdout
     assert "--max-body-mb" in out and "--body-timeout" in out
+    assert "--max-connections" in out and "--max-connections-per-client" in out
 
 
 _CHUNKED = (
