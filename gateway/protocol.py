@@ -3,11 +3,13 @@ OpenAI-shaped answers to requests aiohttp cannot parse.
 
 aiohttp makes one ``RequestHandler`` per connection and answers what it cannot parse (a
 16 KiB header, ``Content-Length`` with ``Transfer-Encoding``, a bad request line) from
-``RequestHandler.handle_error``, in plain text, before any middleware runs. ``ConnectionHandler``
-overrides that answer, and counts its connection in ``Connections`` from
-``connection_made`` to ``connection_lost``. ``GatewayRunner`` is ``web.AppRunner`` with the
-one change that its server makes these handlers; aiohttp offers no public setting for the
-handler class, so the runner overrides ``_make_server``, the hook its own two runners use.
+``RequestHandler.handle_error``, in plain text, before any middleware runs.
+``ConnectionHandler`` overrides that answer, ends a body whose chunked encoding breaks
+mid-request with the parse error (so ``error_middleware`` answers 400 at once), and counts
+its connection in ``Connections`` from ``connection_made`` to ``connection_lost``.
+``GatewayRunner`` is ``web.AppRunner`` with the one change that its server makes these
+handlers; aiohttp offers no public setting for the handler class, so the runner overrides
+``_make_server``, the hook its own two runners use.
 """
 
 from __future__ import annotations
