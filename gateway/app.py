@@ -21,11 +21,12 @@ from aiohttp.typedefs import Handler
 from gateway.admission import Admission
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
+from gateway.connections import Connections
 from gateway.errors import error_middleware, openai_error
 from gateway.health import health_context
 from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
-from gateway.metrics import CONTENT_TYPE, Metrics, render_probes
+from gateway.metrics import CONTENT_TYPE, Metrics, render_connections, render_probes
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
@@ -38,6 +39,7 @@ from gateway.state import (
     BALANCER,
     CLIENT,
     CONFIG,
+    CONNECTIONS,
     INFLIGHT,
     LIMITER,
     LIVE,
@@ -177,7 +179,11 @@ async def list_models(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format (behind the key like every path but /healthz)."""
     balancer = request.app[BALANCER]
-    text = request.app[METRICS].render(balancer.snapshot()) + render_probes(balancer.probes())
+    text = (
+        request.app[METRICS].render(balancer.snapshot())
+        + render_probes(balancer.probes())
+        + render_connections(request.app[CONNECTIONS])
+    )
     return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -214,6 +220,10 @@ def create_app(
     balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     app[INFLIGHT] = Inflight()
+    # Counted by the connections' own handlers (protocol.py) when served by ``server.start``.
+    app[CONNECTIONS] = Connections(
+        config.max_connections, config.max_connections_per_client or None
+    )
     # Reload first: if the config is bad, startup fails before the upstream pool is made.
     app.cleanup_ctx.append(reload_context(config, os.environ if env is None else env, LIVE))
     app[ON_DEMAND] = OnDemandController(

@@ -71,6 +71,21 @@ class GatewayConfig(BaseModel):
     max_in_flight_per_model: int | None = Field(
         default=None, gt=0, description="proxied requests at once for one model; beyond: 503"
     )
+    max_connections: int | None = Field(
+        default=None,
+        gt=0,
+        description="client connections open at once, idle keep-alive ones included; beyond: "
+        "503 at once and closed (default: what the open-file limit allows, two files per "
+        "connection for a proxied stream)",
+    )
+    max_connections_per_client: int | None = Field(
+        default=None,
+        ge=0,
+        description="client connections open at once from one address, 0 for no cap "
+        "(default: a quarter of max_connections, so no one address can take the gateway); "
+        "loopback addresses (SSH tunnels and reverse proxies on this host) have only the "
+        "total cap",
+    )
     header_timeout_s: float = Field(
         default=30,
         gt=0,

@@ -5,7 +5,9 @@ keep-alive connections, the registry files being read and the log. A soft ``RLIM
 of 1024 — the default on many login nodes — turns a burst of a few hundred streams into
 ``OSError: [Errno 24] Too many open files`` in the middle of requests. At start the gateway
 raises its soft limit to the hard one (any process may), and warns, naming the numbers and
-the fix, when even that is below what its concurrency caps could need.
+the fix, when even that is below what its concurrency caps could need. The limit it ends
+with also sets the default cap on client connections (``connection_cap``), so a flood of
+connections is refused with 503 before ``accept`` starts failing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ FDS_PER_REQUEST = 2
 FD_MARGIN = 128
 # What "no cap" is sized for: the gateway's own default for a busy group.
 UNCAPPED_REQUESTS = 1024
+# The connection cap when the open-file limit is unlimited (not possible on Linux).
+UNLIMITED_CONNECTIONS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class FdLimit:
     after: int
     hard: int
     needed: int
+    connections: int  # client connections the soft limit allows, each one proxying a stream
 
     @property
     def enough(self) -> bool:
@@ -70,4 +75,11 @@ def ensure_fd_limit(max_in_flight: int | None) -> FdLimit:
         after=needed if after == infinite else after,
         hard=needed if hard == infinite else hard,
         needed=needed,
+        connections=UNLIMITED_CONNECTIONS if after == infinite else connection_cap(after),
     )
+
+
+def connection_cap(open_files: int) -> int:
+    """Client connections ``open_files`` can hold when every one proxies a stream (its own
+    socket and the upstream's) after the margin: past it, a refusal beats running out."""
+    return max(1, (open_files - FD_MARGIN) // FDS_PER_REQUEST)

@@ -11,6 +11,8 @@ import bisect
 from collections import defaultdict
 from collections.abc import Mapping
 
+from gateway.connections import Connections
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds: from a cache hit on a local engine to a long prefill on a busy one.
@@ -226,6 +228,21 @@ def render_probes(probes: Mapping[str, tuple[bool, tuple[int, int] | None]]) -> 
                 f'mt_gateway_replica_engine_requests{{replica="{_escape(source)}",kind="{kind}"}}'
                 f" {value}"
             )
+    return "\n".join(out) + "\n"
+
+
+def render_connections(connections: Connections) -> str:
+    """Client connections open now, and those refused at a cap, by cap."""
+    out = [
+        "# HELP mt_gateway_connections_open Client connections open now.",
+        "# TYPE mt_gateway_connections_open gauge",
+        f"mt_gateway_connections_open {connections.total}",
+        "# HELP mt_gateway_connections_refused_total Client connections refused with 503 at a "
+        "cap, by cap: total (--max-connections) or client (--max-connections-per-client).",
+        "# TYPE mt_gateway_connections_refused_total counter",
+    ]
+    for cap, count in sorted(connections.refused.items()):
+        out.append(f'mt_gateway_connections_refused_total{{limit="{cap}"}} {count}')
     return "\n".join(out) + "\n"
 
 

@@ -15,7 +15,8 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.fdlimit import ensure_fd_limit
 from gateway.logs import LOGGER_NAME, configure_logging, fields
-from gateway.state import INFLIGHT, METRICS
+from gateway.protocol import GatewayRunner
+from gateway.state import CONNECTIONS, INFLIGHT, METRICS
 from hpc.backends import Backend
 from hpc.errors import MTError
 
@@ -59,14 +60,28 @@ async def start(
     limit = ensure_fd_limit(config.max_in_flight)
     if (warning := limit.warning()) is not None:
         log.warning(warning, extra=fields(soft=limit.after, hard=limit.hard, needed=limit.needed))
+    # The connection caps' defaults: what the open-file limit allows, and a quarter of
+    # that for one address (docs/gateway.md, "Admission control and memory").
+    total = config.max_connections or limit.connections
+    per_client = config.max_connections_per_client
+    config = config.model_copy(
+        update={
+            "max_connections": total,
+            "max_connections_per_client": max(1, total // 4) if per_client is None else per_client,
+        }
+    )
     app = create_app(config, env=env, backend=backend)
     # On cleanup aiohttp stops listening first, then waits up to shutdown_timeout for the
     # requests in flight (streams included) before it cancels them: the graceful drain.
     # aiohttp's keep-alive timer runs from the connection's start until a whole request
     # head has arrived (and again while a keep-alive connection is idle): it is the header
     # read timeout, so a client that trickles its headers cannot hold a connection.
-    runner = web.AppRunner(
+    # Its server counts connections against the caps and answers what aiohttp cannot parse
+    # in OpenAI's shape (protocol.py).
+    runner = GatewayRunner(
         app,
+        connections=app[CONNECTIONS],
+        retry_after_s=config.retry_after_s,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=config.shutdown_grace_s,

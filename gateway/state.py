@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
+from gateway.connections import Connections
 from gateway.inflight import Inflight
 from gateway.keys import Client
 from gateway.metrics import Metrics
@@ -45,6 +46,7 @@ LIMITER = web.AppKey("limiter", Limiter)
 METRICS = web.AppKey("metrics", Metrics)
 BALANCER = web.AppKey("balancer", Balancer)
 ADMISSION = web.AppKey("admission", Admission)
+CONNECTIONS = web.AppKey("connections", Connections)
 INFLIGHT = web.AppKey("inflight", Inflight)
 REQUEST_INFO = web.RequestKey("request_info", RequestInfo)
 CLIENT = web.RequestKey("client", Client)  # the key the auth middleware found (with keys on)

@@ -151,6 +151,13 @@ def gateway(
     max_on_demand_jobs: Annotated[
         int | None, _gateway_option("max_on_demand_jobs", "--max-on-demand-jobs")
     ] = _gateway_default("max_on_demand_jobs"),
+    max_connections: Annotated[
+        int | None, _gateway_option("max_connections", "--max-connections")
+    ] = _gateway_default("max_connections"),
+    max_connections_per_client: Annotated[
+        int | None,
+        _gateway_option("max_connections_per_client", "--max-connections-per-client"),
+    ] = _gateway_default("max_connections_per_client"),
     header_timeout: Annotated[
         float, _gateway_option("header_timeout_s", "--header-timeout")
     ] = _gateway_default("header_timeout_s"),
@@ -204,6 +211,8 @@ def gateway(
         health_timeout_s=health_timeout,
         health_failures_to_eject=health_failures,
         max_on_demand_jobs=max_on_demand_jobs,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
     )
     run(config, backend=on_demand_backend)
 

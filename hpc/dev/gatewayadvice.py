@@ -10,6 +10,11 @@ GATEWAY_ADVICE: dict[str, str] = {
     "invalid_body": 'The body must be a JSON object such as `{"model": ..., "messages": '
     "[...]}`, not a list or a string.",
     "missing_model": 'Add `"model"`: one of the names `GET /v1/models` lists.',
+    "malformed_request": "The request is not valid HTTP/1.1 (a bad request line or header, "
+    "`Content-Length` together with `Transfer-Encoding`, bad chunked encoding): fix the "
+    "client, or the proxy in front of the gateway that rewrites requests.",
+    "header_too_large": "A request line or header is over 8 KiB, or there are over 128 "
+    "headers: send fewer or shorter ones (a large cookie or token?); images go in the body.",
     "invalid_api_key": "Send `Authorization: Bearer <key>` with a key from `mt keys create`; "
     "an expired or revoked key is refused too (`mt keys list`).",
     "model_not_allowed": "The key's allow-list excludes this model; ask for a key with "
@@ -49,6 +54,13 @@ GATEWAY_ADVICE: dict[str, str] = {
     "(`--max-in-flight-per-model`); retry after `Retry-After`, or serve a second replica.",
     "gateway_at_capacity": "Too many requests at once in all (`--max-in-flight`); retry "
     "after `Retry-After`.",
+    "connection_limit": "The gateway has `--max-connections` client connections open (by "
+    "default what its open-file limit allows): retry after `Retry-After`; the admin raises "
+    "the limit (`ulimit -n`) or finds who holds idle connections (`mt_gateway_connections_open`).",
+    "client_connection_limit": "Your address has `--max-connections-per-client` connections "
+    "open (a quarter of the total by default): close idle ones (one client with a connection "
+    "pool, not one per request) and retry after `Retry-After`; behind a reverse proxy on "
+    "another host, the admin raises the cap or passes 0.",
     "upstream_connect_timeout": "The engine's node did not accept the connection in "
     "`--connect-timeout`: check the job's node is reachable from the gateway's host.",
     "upstream_first_token_timeout": "The engine took longer than `--first-token-timeout` to "
