@@ -27,8 +27,8 @@ from hpc.job.engineload import established_connections
 from hpc.job.engines import EngineLaunch
 from hpc.job.plan import JobPlan, warning_drain_s
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
-from hpc.liveness import alive
 from hpc.job.wrapper import start_engine
+from hpc.liveness import alive
 from hpc.spec import DEFAULT_DRAIN_S, ModelSpec
 
 pytestmark = pytest.mark.timeout(30)
