@@ -14,7 +14,7 @@ Modes of the engine:
     never        print loading lines and sleep forever without listening
     exit         print loading lines and exit with code 3
     grandchild   start a grandchild (its own session, ignores SIGTERM, sleeps), then serve
-    stubborn     like never, but ignore SIGTERM (an engine deaf to it while it loads)
+    stubborn     like never, but ignore SIGTERM and SIGINT (an engine deaf to both)
 
 Every mode prints the key it was given on purpose: the wrapper must mask it in its log.
 
@@ -84,6 +84,7 @@ def serve(host: str, port: int, mode: str) -> int:
     _say(f"fake engine: api key is {key}")  # on purpose: the wrapper must mask it
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine stop signal
     if mode in ("never", "exit", "stubborn"):
         for i in range(3):
             _say(f"fake engine: loading weights {i + 1}/3")

@@ -130,7 +130,7 @@ def test_status_stops_an_engine_deaf_to_its_wrappers_death(slow_model: Path) -> 
     record = _submit_and_kill_the_wrapper(slow_model, "stubborn")
     assert record.engine_pid is not None
     time.sleep(1)
-    assert alive(record.engine_pid)  # it ignored the SIGTERM its wrapper's death sent it
+    assert alive(record.engine_pid)  # it ignored the stop signal its wrapper's death sent it
     row = _status(record.key)  # on the host that ran it: it may judge, and it does
     assert row["state"] == "failed"
     assert f"its engine (pid {record.engine_pid}) was stopped" in str(row["reason"])

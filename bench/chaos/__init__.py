@@ -23,5 +23,7 @@ requests sent; whole answers; clean errors (OpenAI-shaped, by status or in-band)
 connections while the gateway was down; hung requests (no byte for longer than
 ``--hung-s``); lost ones (anything else); duplicate jobs per model; processes left
 running; records left in a non-final state; per-job keys found in process arguments or in
-logs. Every one of hung, lost, duplicates, leftovers, non-final records and keys must be 0.
+logs; and the longest stretch with no whole answer (every fault must be recovered from,
+not just reported). Every one of hung, lost, duplicates, leftovers, non-final records and
+keys must be 0, and the longest outage under ``--max-outage``.
 """

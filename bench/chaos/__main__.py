@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-interval", type=float, default=20.0, help="seconds between")
     parser.add_argument("--hold", type=float, default=10.0, help="a stop's, a full disk's length")
     parser.add_argument("--hung", type=float, default=60.0, help="silence that counts as hung")
+    parser.add_argument(
+        "--max-outage", type=float, default=120.0, help="longest time with no whole answer"
+    )
     parser.add_argument("--private-cluster", action="store_true", help="start the tests' Slurm")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     parser.add_argument(
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_interval_s=args.fault_interval,
         hold_s=args.hold,
         hung_s=args.hung,
+        max_outage_s=args.max_outage,
     )
     with cluster, _workdir(args.keep) as tmp:
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("MT_")}

@@ -30,11 +30,19 @@ class Tally:
     examples: dict[str, list[str]] = field(default_factory=dict)
     latest: dict[str, deque[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    started: float = field(default_factory=time.monotonic)
+    last_whole: float | None = None
+    longest_outage_s: float = 0.0  # the longest time with no whole answer (since the start)
 
     def add(self, kind: str, detail: str = "") -> None:
         """Count one outcome (and keep its detail if it is among the first or last three)."""
         with self.lock:
             self.counts[kind] += 1
+            now = time.monotonic()
+            since = self.last_whole if self.last_whole is not None else self.started
+            self.longest_outage_s = max(self.longest_outage_s, now - since)
+            if kind == "whole":
+                self.last_whole = now
             if kind != "whole" and detail:
                 line = f"{time.strftime('%H:%M:%S')} {detail[:300]}"
                 kept = self.examples.setdefault(kind, [])
@@ -48,6 +56,7 @@ class Tally:
         with self.lock:
             out: dict[str, Any] = {kind: self.counts[kind] for kind in KINDS}
             out["sent"] = sum(self.counts.values())
+            out["longest_outage_s"] = round(self.longest_outage_s, 1)
             out["examples"] = {k: [*v, *self.latest.get(k, ())] for k, v in self.examples.items()}
             return out
 

@@ -38,6 +38,7 @@ class Settings:
     fault_interval_s: float = 20.0
     hold_s: float = 10.0
     hung_s: float = 60.0
+    max_outage_s: float = 120.0  # longest time a world may give no whole answer at all
     wind_down_s: float = 120.0
 
 
@@ -169,7 +170,8 @@ def run_soak(worlds: list[World], settings: Settings) -> dict[str, Any]:
     report["keys_in_argv_at_end"] = argv_hits(keys)
     report["processes_left"] = [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in left if _alive(p)]
     _force_clean(runs, left)
-    report["ok"] = verdict(report)
+    report["max_outage_s"] = settings.max_outage_s
+    report["ok"] = verdict(report, settings.max_outage_s)
     return report
 
 
@@ -179,11 +181,14 @@ def _alive(proc: psutil.Process) -> bool:
     return False
 
 
-def verdict(report: dict[str, Any]) -> bool:
-    """True when nothing hung, was lost, doubled, leaked or was left behind."""
+def verdict(report: dict[str, Any], max_outage_s: float) -> bool:
+    """True when nothing hung, was lost, doubled, leaked or was left behind, and every world
+    came back after each fault (no stretch without a whole answer beyond ``max_outage_s``)."""
     for world in report["worlds"].values():
         requests = world["requests"]
         if requests["hung"] or requests["lost"] or not requests["whole"]:
+            return False
+        if requests["longest_outage_s"] > max_outage_s:
             return False
         if world["duplicate_jobs"] or world["records_unfinished"]:
             return False

@@ -1,8 +1,9 @@
 """What the gateway's on-demand jobs are doing: their records, and the scheduler's word.
 
 The records say ``ready``; only the scheduler knows a pending reason, or that a job ended
-without finishing its record (killed, or never ran: ``ENDED``). It is asked batched, and
-only about jobs not yet ready.
+without finishing its record (killed, or never ran: ``ENDED``). It is asked batched, about
+every job whose record is not final: a ready job whose wrapper was killed (OOM, kill -9,
+a node lost) still says ``ready`` and would be routed to, and never replaced, otherwise.
 """
 
 from __future__ import annotations
@@ -24,22 +25,20 @@ _LOG_LINES_IN_ERROR = 5
 def observe(
     registry: Registry, backend: Backend, jobs: Sequence[OwnJob], ask: bool
 ) -> dict[str, tuple[Record | None, JobStatus | None]]:
-    """Each job's record, and (if ``ask``) what the scheduler says of those not ready.
+    """Each job's record, and (if ``ask``) what the scheduler says of those not final.
     Blocking: the monitor runs it in a worker thread."""
     records = {job.key: registry.read(job.key) for job in jobs}
     statuses: dict[str, JobStatus] = {}
-    unready = [
-        job
-        for job in jobs
-        if (rec := records[job.key]) is None or rec.state not in FINAL_STATES | {"ready"}
+    unfinished = [
+        job for job in jobs if (rec := records[job.key]) is None or rec.state not in FINAL_STATES
     ]
-    if ask and unready:
+    if ask and unfinished:
         try:
-            by_id = backend.status([job.handle for job in unready])
+            by_id = backend.status([job.handle for job in unfinished])
         except MTError as exc:  # the scheduler (or the SSH link to it) is down: next round
             log.warning("scheduler status failed", extra=fields(error=exc.message))
             by_id = {}
-        for job in unready:
+        for job in unfinished:
             status = by_id.get(job.handle.job_id)
             if status is None:
                 continue
