@@ -160,25 +160,38 @@ class JobService:
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """The scheduler's state of each job (one call), each record reconciled with it.
 
-        First, on this host, a record whose wrapper died is ended (``hpc.orphan``): its
-        engine stopped, the record ``failed`` with why.
+        With a backend that does not clean up after its jobs (local), a record whose wrapper
+        died on this host is ended first (``hpc.orphan``): its engine stopped, the record
+        ``failed`` with why. A scheduler that does (Slurm) is believed instead: the job ended
+        (:func:`reconcile` ends the record) or was requeued (the next run's record).
         """
         records = {h.job_id: self.registry.read(record_key(self.name, h.job_id)) for h in handles}
-        for job_id, record in records.items():
-            if record is not None and wrapper_died(record):
-                records[job_id] = end_orphan(self.registry, record)
         asked = [
             handle_of(record) if (record := records[h.job_id]) is not None else h for h in handles
         ]
+        asked_at = time.time()
         statuses = self.scheduler.status(asked)
-        for job_id, record in records.items():
-            if record is not None and job_id in statuses:
-                self.settle(record, statuses[job_id])
+        for job_id, stored in records.items():
+            status = statuses.get(job_id)
+            if stored is None:
+                continue
+            current = stored
+            if not self.scheduler.capabilities.cleans_up and wrapper_died(stored):
+                current = end_orphan(self.registry, stored)
+            if status is not None:
+                self.settle(current, status, asked_at=asked_at)
         return statuses
 
-    def settle(self, record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
+    def settle(
+        self,
+        record: Record,
+        status: JobStatus,
+        *,
+        cancelled: bool = False,
+        asked_at: float | None = None,
+    ) -> Record:
         """Write :func:`reconcile`'s answer for ``record``; see :func:`settle`."""
-        return settle(self.registry, record, status, cancelled=cancelled)
+        return settle(self.registry, record, status, cancelled=cancelled, asked_at=asked_at)
 
     def cancel(self, handle: JobHandle) -> None:
         """Stop the job; return once its record is final (finished here if the job could not)."""

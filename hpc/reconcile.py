@@ -14,16 +14,51 @@ from hpc.registry import FINAL_STATES, Record, Registry
 ENDED = frozenset({"done", "failed", "cancelled", "missing"})
 
 
-def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> Record:
+def requeued(record: Record, status: JobStatus, asked_at: float | None) -> bool:
+    """True if the job ran (its record moved past ``pending``) and its scheduler now has it
+    waiting to run again: ``scontrol requeue``, a preemption that requeues, a node failure.
+
+    Only on evidence newer than the record: a record written after the scheduler was asked
+    (``asked_at``) may be the next run's, or the first run's start that the answer predates.
+    """
+    return (
+        asked_at is not None
+        and status.state == "pending"
+        and status.serving is None
+        and record.state != "pending"
+        and record.updated_at < asked_at
+    )
+
+
+def reconcile(
+    record: Record,
+    status: JobStatus,
+    *,
+    cancelled: bool = False,
+    asked_at: float | None = None,
+) -> Record:
     """``record`` as it should be, given what its scheduler says now (pure: writes nothing).
 
-    A final record stays as it is. A job with no wrapper to write its record (Kubernetes)
-    moves on by ``status.serving``. A job that ended without finishing its record (killed,
-    preempted, never ran) ends it here: ``gone`` if we ``cancelled`` it (its engine pid
-    cleared), if it had been ready or the scheduler no longer knows it ("stale"); ``failed``
-    if it ended (done, failed, cancelled) before it was ready.
-    Returns ``record`` itself when nothing changes.
+    A requeued job (:func:`requeued`, judged on an answer asked at ``asked_at``) becomes the
+    next generation's ``pending`` record, whatever the last run left: the old run can no
+    longer write over it, the next run claims it, and nobody takes the job for ended (the
+    gateway would start a second one). Otherwise a final record stays as it is. A job with
+    no wrapper to write its record (Kubernetes) moves on by ``status.serving``. A job that
+    ended without finishing its record (killed, preempted, never ran) ends it here: ``gone``
+    if we ``cancelled`` it (its engine pid cleared), if it had been ready or the scheduler
+    no longer knows it ("stale"); ``failed`` if it ended (done, failed, cancelled) before it
+    was ready. Returns ``record`` itself when nothing changes.
     """
+    if not cancelled and requeued(record, status, asked_at):
+        return record.model_copy(
+            update={
+                "generation": record.generation + 1,
+                "state": "pending",
+                "reason": "requeued: the scheduler runs it again",
+                "base_url": None,
+                "engine_pid": None,
+            }
+        )
     if record.state in FINAL_STATES:
         return record
     if status.serving == "ready" and record.state != "ready":
@@ -46,7 +81,12 @@ def reconcile(record: Record, status: JobStatus, *, cancelled: bool = False) -> 
 
 
 def settle(
-    registry: Registry, record: Record, status: JobStatus, *, cancelled: bool = False
+    registry: Registry,
+    record: Record,
+    status: JobStatus,
+    *,
+    cancelled: bool = False,
+    asked_at: float | None = None,
 ) -> Record:
     """Write :func:`reconcile`'s answer for ``record``; returns the record as stored now.
 
@@ -56,6 +96,8 @@ def settle(
     """
 
     def change(current: Record | None) -> Record | None:
-        return None if current is None else reconcile(current, status, cancelled=cancelled)
+        if current is None:
+            return None
+        return reconcile(current, status, cancelled=cancelled, asked_at=asked_at)
 
     return registry.modify(record.key, change) or record

@@ -33,7 +33,7 @@ from gateway.server import start
 from hpc.backends import JobHandle, JobStatus
 from hpc.errors import BackendError
 from hpc.poolstatus import on_demand_views, read_ondemand_state
-from hpc.registry import Record, Registry, new_nonce, pending_record, record_key
+from hpc.registry import FINAL_STATES, Record, Registry, new_nonce, pending_record, record_key
 from hpc.spec import ModelSpec
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,7 +48,8 @@ class FakeScheduler:
     ``submit`` waits for ``release`` (so a test can pile requests up behind it), then
     either raises ``refuse`` (as sbatch's error would) or writes the job's ``pending``
     record, as every real backend does. ``status`` answers ``pending (Priority)`` until
-    the test calls ``run``; ``cancel`` marks the record ``gone`` as the wrapper would.
+    the test calls ``run``, and ``done`` once the record is final (the job ends with its
+    wrapper); ``cancel`` marks the record ``gone`` as the wrapper would.
     """
 
     name = "local"
@@ -84,7 +85,11 @@ class FakeScheduler:
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         out = {}
         for handle in handles:
-            if handle.job_id in self.ended:
+            record = self.registry.read(record_key(self.name, handle.job_id))
+            if record is not None and record.state in FINAL_STATES:
+                # The job ends with its wrapper, which has just finished the record.
+                out[handle.job_id] = JobStatus("done")
+            elif handle.job_id in self.ended:
                 out[handle.job_id] = JobStatus("failed", "NonZeroExitCode")
             elif handle.job_id in self.running:
                 out[handle.job_id] = JobStatus("running", "node1")

@@ -38,6 +38,32 @@ def test_a_job_still_there_leaves_its_record_alone(scheduler: str) -> None:
     assert reconcile(record, JobStatus(scheduler)) is record  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("state", ["starting", "ready", "draining", "gone", "failed"])
+def test_a_job_that_ran_and_is_pending_again_is_the_next_runs_pending_record(
+    state: State,
+) -> None:
+    record = _record(state, engine_pid=1234, base_url="http://n1:8000/v1", updated_at=100.0)
+    again = reconcile(record, JobStatus("pending", "BeginTime"), asked_at=101.0)
+    assert (again.state, again.generation, again.engine_pid, again.base_url) == (
+        "pending",
+        1,
+        None,
+        None,
+    )
+    assert again.reason == "requeued: the scheduler runs it again"
+
+
+def test_a_pending_answer_older_than_the_record_decides_nothing() -> None:
+    # The wrapper claimed the record after the scheduler was asked: its start, not a requeue.
+    record = _record("starting", updated_at=100.0)
+    assert reconcile(record, JobStatus("pending"), asked_at=99.5) is record
+    assert reconcile(record, JobStatus("pending")) is record  # no time: no judgement
+    assert (
+        reconcile(_record("pending", updated_at=1.0), JobStatus("pending"), asked_at=2.0).state
+        == "pending"
+    )
+
+
 def test_a_ready_job_that_vanished_is_stale() -> None:
     done = reconcile(_record("ready"), JobStatus("missing"))
     assert (done.state, done.reason) == ("gone", "stale: scheduler says missing")

@@ -213,3 +213,34 @@ def test_load_scales_out_to_two_jobs_and_back_to_one(
         cancels = calls(scancel_log)
         assert len(cancels) == 2, cancels
         assert second.job_id in cancels[0] and first.job_id in cancels[1], cancels
+
+
+def test_a_requeued_job_is_waited_for_not_submitted_again(
+    cluster: SlurmCluster,
+    gemma_gguf: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sbatch_log: Path,
+) -> None:
+    """`scontrol requeue` of the gateway's ready job: its record becomes the next run's
+    ``pending`` (not ended), requests wait for that run, and no second job is submitted."""
+    entry = {**gemma_entry(gemma_gguf, idle_ttl_s=60), "slurm": {"requeue": True}}
+    use_models(tmp_path, monkeypatch, entry)
+    with running_gateway("--backend", "slurm") as url:
+        assert ask(url, GEMMA, True).strip()
+        [first] = records_of(GEMMA)
+        assert first.state == "ready" and first.generation == 0
+        cluster.run(["scontrol", "requeue", first.job_id])
+        # The gateway, asking the scheduler, makes the record the next run's (generation 1).
+        wait_for(
+            lambda: (r := registry().read(first.key)) is not None and r.generation == 1,
+            120,
+            "the requeued job's next-run record",
+        )
+        # Asked while the job waits to run again, the answer comes from its next run.
+        assert ask(url, GEMMA, True).strip()
+        [again] = records_of(GEMMA)
+        assert again.key == first.key and again.generation == 1 and again.state == "ready"
+        assert len(calls(sbatch_log)) == 1, calls(sbatch_log)
+        live = [j for j in cluster.jobs() if j["job_state"] in ("PENDING", "RUNNING")]
+        assert [str(j["job_id"]) for j in live] == [first.job_id]

@@ -28,11 +28,16 @@ class FaultLog:
 
     done: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
+    misfired: Counter[str] = field(default_factory=Counter)
     lines: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         """Counts per fault kind."""
-        return {"done": dict(self.done), "skipped": dict(self.skipped)}
+        return {
+            "done": dict(self.done),
+            "skipped": dict(self.skipped),
+            "misfired": dict(self.misfired),
+        }
 
 
 def _ready(world: World) -> Record | None:
@@ -94,8 +99,9 @@ def requeue(world: World, stop: threading.Event, hold_s: float) -> str | None:
     done = subprocess.run(
         ["scontrol", "requeue", record.job_id], capture_output=True, text=True, check=False
     )
-    result = "ok" if done.returncode == 0 else done.stderr.strip()
-    return f"scontrol requeue {record.job_id}: {result}"
+    if done.returncode != 0:
+        raise RuntimeError(f"scontrol requeue {record.job_id}: {done.stderr.strip()}")
+    return f"scontrol requeue {record.job_id} of {record.key}"
 
 
 def disk_full(world: World, stop: threading.Event, hold_s: float) -> str | None:
@@ -150,11 +156,13 @@ def fault_loop(
         try:
             what = FAULTS[name](world, stop, hold_s)
         except Exception as exc:  # noqa: BLE001 - the soak reports a fault that misfired
-            what = None
+            log.misfired[name] += 1
             log.lines.append(f"{name}: failed to inject: {exc}")
             say(f"[{world.backend}] {name}: failed to inject: {exc}")
-        if world.gateway is None:  # a restart that did not come back: the soak needs one
-            world.start_gateway(timeout_s=120)
+            continue
+        finally:
+            if world.gateway is None:  # a restart that did not come back: the soak needs one
+                world.start_gateway(timeout_s=120)
         if what is None:
             log.skipped[name] += 1
             continue

@@ -96,6 +96,8 @@ class World:
                 "mem_gb": 1,
                 "time_limit_min": int(self.minutes) + 15,
             },
+            # a requeued job comes back (the soak's requeue fault); the local backend has none
+            **({"slurm": {"requeue": True}} if self.backend == "slurm" else {}),
             "on_demand": {"idle_ttl_s": 10, "start_deadline_s": 180, "max_replicas": REPLICAS},
         }
         (self.root / "models.yaml").write_text(json.dumps({"models": [spec]}), encoding="utf-8")

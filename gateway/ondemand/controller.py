@@ -306,18 +306,12 @@ class OnDemandController:
         for key, job in list(state.jobs.items()):
             if key not in seen:
                 continue
-            record, status = seen[key]
-            was_ready = job.ready
-            job.record = record or job.record
-            if status is not None:
-                job.scheduler = status
-            if job.ready and not was_ready:
-                job.used_at = time.time()  # an extra replica's idle clock starts when ready
-            if job.ended and not job.stopping:
+            failed_start, ended = job.observe(*seen[key])
+            if failed_start and job.record is not None:
+                self._fail(state, job_failure(job.record))
+            if ended:
                 state.retire(key)
                 self._dirty = True
-                if not was_ready and job.record is not None and job.record.state == "failed":
-                    self._fail(state, job_failure(job.record))
                 log.info(
                     "on-demand job ended",
                     extra=fields(model=state.name, job=key, state=job.record and job.record.state),

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.routes import Upstream
 from hpc.backends import JobHandle, JobStatus
+from hpc.reconcile import ENDED
 from hpc.registry import FINAL_STATES, Record
 
 # ``Record.started_by`` of every job the gateway started on demand begins with this; the
@@ -66,9 +68,35 @@ class OwnJob:
     # When a request routed to it last ended, or when it became ready: an extra replica
     # idle for the model's idle_ttl_s since then is cancelled.
     used_at: float = 0.0
+    failure_told: bool = False  # its failed start was told to the waiters
 
     def __post_init__(self) -> None:
         self.used_at = self.used_at or self.started_at
+
+    def observe(self, record: Record | None, status: JobStatus | None) -> tuple[bool, bool]:
+        """Take one round's record and scheduler answer: (a failed start to tell, ended).
+
+        A start that failed is told once, at once. The job has ended only when its scheduler
+        agrees: a requeued job's old run may write ``gone`` while the job completes, before
+        the job service makes the record the next run's ``pending`` (a job retired then
+        would be started a second time).
+        """
+        was_ready = self.ready
+        self.record = record or self.record
+        if status is not None:
+            self.scheduler = status
+        if self.ready and not was_ready:
+            self.used_at = time.time()  # an extra replica's idle clock starts when ready
+        failed_start = (
+            not was_ready
+            and not self.failure_told
+            and not self.stopping
+            and self.record is not None
+            and self.record.state == "failed"
+        )
+        self.failure_told = self.failure_told or failed_start
+        ended = self.ended and not self.stopping and status is not None and status.state in ENDED
+        return failed_start, ended
 
     @property
     def ready(self) -> bool:

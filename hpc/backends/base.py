@@ -55,6 +55,11 @@ class Capabilities:
 
     scripts: bool = False  # shows the job it would submit (`mt submit --dry-run`, `mt render`)
     pools: bool = False  # runs a swap pool as one job
+    # Ends every process of a job that ended (Slurm's cgroup, a pod). Without it (the local
+    # backend) a job is its wrapper process, and a wrapper killed with -9 leaves its engine
+    # and its record to whoever looks next (``hpc.orphan``). With it, a wrapper's death is
+    # the job's end as the scheduler reports it, or a requeue: the scheduler's word decides.
+    cleans_up: bool = True
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class LocalBackend:
     """Runs each job as ``python -m hpc.job.wrapper`` in a new session on this machine."""
 
     name = "local"
-    capabilities = Capabilities(scripts=False, pools=True)
+    capabilities = Capabilities(scripts=False, pools=True, cleans_up=False)
 
     def __init__(self, site: Site, *, stop_timeout_s: float = 30.0) -> None:
         self.site = site
