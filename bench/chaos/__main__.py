@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold", type=float, default=10.0, help="a stop's, a full disk's length")
     parser.add_argument("--hung", type=float, default=60.0, help="silence that counts as hung")
     parser.add_argument(
-        "--max-outage", type=float, default=120.0, help="longest time with no whole answer"
+        "--max-outage", type=float, default=240.0, help="longest time with no whole answer"
     )
     parser.add_argument("--private-cluster", action="store_true", help="start the tests' Slurm")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")

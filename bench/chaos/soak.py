@@ -38,7 +38,7 @@ class Settings:
     fault_interval_s: float = 20.0
     hold_s: float = 10.0
     hung_s: float = 60.0
-    max_outage_s: float = 120.0  # longest time a world may give no whole answer at all
+    max_outage_s: float = 240.0  # longest time a world may give no whole answer at all
     wind_down_s: float = 120.0
 
 
