@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
+SHUTTING_DOWN = "the gateway is shutting down; send the request again"
+
 
 class ShuttingDown(Exception):
     """Raised by an upstream read when the gateway ends the request for its shutdown."""

@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.fdlimit import ensure_fd_limit
 from gateway.logs import LOGGER_NAME, configure_logging, fields
+from gateway.ondemand.wait import ON_DEMAND
 from gateway.protocol import GatewayRunner
 from gateway.state import CONNECTIONS, INFLIGHT, METRICS
 from hpc.backends import Backend
@@ -131,6 +132,9 @@ async def drain(runner: web.AppRunner, grace_s: float) -> None:
     # Polled: this runs once, at shutdown, and keeps the request path free of it.
     while metrics.in_flight and loop.time() < deadline:
         await asyncio.sleep(min(_DRAIN_POLL_S, deadline - loop.time()))
+    if (on_demand := app.get(ON_DEMAND)) is not None:
+        on_demand.refuse_waiters()  # streams waiting for a cold start get an in-band error event
+        await asyncio.sleep(_DRAIN_POLL_S)
     ended = inflight.end_all()
     if ended:
         log.info("grace over; ending requests", extra=fields(requests=ended))

@@ -29,7 +29,7 @@ from gateway.keys import create_key
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.jobs import started_by
 from gateway.ondemand.wait import ON_DEMAND
-from gateway.server import start
+from gateway.server import drain, start
 from hpc.backends import JobHandle, JobStatus
 from hpc.errors import BackendError
 from hpc.poolstatus import on_demand_views, read_ondemand_state
@@ -649,3 +649,67 @@ def test_the_controller_speaks_no_http() -> None:
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not [name for name in imported if name.split(".")[0] == "aiohttp"]
+
+
+async def test_a_stream_waiting_for_a_cold_start_gets_an_in_band_error_at_shutdown(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """SIGTERM while a stream waits for its model's job (keep-alive comments sent, so its
+    200 is out): after the grace it gets a ``gateway_shutting_down`` event, not a bare close,
+    and a non-streaming one a 503 with Retry-After."""
+    backend = FakeScheduler(registry)  # the job stays pending
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    config = GatewayConfig(
+        port=0,
+        registry_dir=registry.path,
+        models_file=models,
+        on_demand_poll_s=0.05,
+        on_demand_keepalive_s=0.2,
+    )
+    runner, port = await start(config, backend=backend)  # type: ignore[arg-type]
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as client:
+        streamed = asyncio.create_task(ask(client, url, "m", True))
+        waiting = asyncio.create_task(ask(client, url, "m", False))
+        await until(backend.records)
+        await asyncio.sleep(0.5)  # a keep-alive comment or two
+        await drain(runner, 0.3)
+        status, text, _ = await streamed
+        plain_status, plain_text, plain_headers = await waiting
+    assert status == 200 and text.startswith(": "), text
+    events = [line for line in text.splitlines() if line.startswith("data: ")]
+    assert events and "[DONE]" not in text, text
+    assert json.loads(events[-1][len("data: ") :])["error"]["code"] == "gateway_shutting_down"
+    assert plain_status == 503 and int(plain_headers["Retry-After"]) > 0
+    assert json.loads(plain_text)["error"]["code"] == "gateway_shutting_down"
+
+
+def _own_job(registry: Registry, state: str) -> tuple[Any, Record]:
+    from gateway.ondemand.jobs import OwnJob
+
+    record = pending_record("local", "7", "n7", model="m", engine="llamacpp", log_path=None)
+    record = record.model_copy(update={"state": state, "base_url": "http://127.0.0.1:1/v1"})
+    return OwnJob(record.key, JobHandle("local", "7", "n7"), 0.0, "why", None, record), record
+
+
+def test_a_job_ends_when_its_scheduler_agrees_and_fails_a_start_only_once(
+    registry: Registry,
+) -> None:
+    job, record = _own_job(registry, "ready")
+    failed = record.model_copy(update={"state": "failed"})
+    # Served once, then failed while the scheduler still runs it: no failed start; not ended.
+    assert job.observe(failed, JobStatus("running")) == (False, False)
+    assert job.observe(failed, None) == (False, False)  # a round that did not ask
+    assert job.observe(failed, JobStatus("done")) == (False, True)
+    # Never ready: the failure is told once, at once; ended only when the job is.
+    job, record = _own_job(registry, "starting")
+    failed = record.model_copy(update={"state": "failed"})
+    assert job.observe(failed, JobStatus("running")) == (True, False)
+    assert job.observe(failed, JobStatus("running")) == (False, False)
+    assert job.observe(failed, JobStatus("failed")) == (False, True)
+    # A requeued job's old run wrote ``gone``; the scheduler has it pending: not ended.
+    job, record = _own_job(registry, "ready")
+    assert job.observe(record.model_copy(update={"state": "gone"}), JobStatus("pending")) == (
+        False,
+        False,
+    )

@@ -19,6 +19,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.chaos.world import PLAIN_SILENCE_S
+
 KINDS = ("whole", "clean_error", "refused", "hung", "lost")
 
 
@@ -106,7 +108,10 @@ def _read_stream(response: http.client.HTTPResponse) -> tuple[str, str]:
 
 
 def one_request(host: str, port: int, model: str, stream: bool, hung_s: float) -> tuple[str, str]:
-    """Send one chat request; its kind and a detail for the report."""
+    """Send one chat request; its kind and a detail for the report. A stream is hung after
+    ``hung_s`` without a byte (a cold start sends it comments); a non-streaming request
+    after ``PLAIN_SILENCE_S`` (it waits for a cold start in silence)."""
+    hung_s = hung_s if stream else max(hung_s, PLAIN_SILENCE_S)
     conn = http.client.HTTPConnection(host, port, timeout=hung_s)
     try:
         try:

@@ -26,7 +26,7 @@ from bench.chaos.audit import (
 )
 from bench.chaos.clients import Tally, client_loop
 from bench.chaos.faults import FaultLog, fault_loop
-from bench.chaos.world import MODEL, World
+from bench.chaos.world import MODEL, PLAIN_SILENCE_S, World
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def run_soak(worlds: list[World], settings: Settings) -> dict[str, Any]:
     stop_clients.set()
     for group in threads:
         for thread in group[:-2]:
-            thread.join(timeout=settings.hung_s + 30)
+            thread.join(timeout=max(settings.hung_s, PLAIN_SILENCE_S) + 30)
     say("clients stopped; waiting for the gateways to idle-cancel their jobs")
     _wind_down(runs, settings)
     stop_audit.set()

@@ -23,6 +23,11 @@ from hpc.site import load_site
 MODEL = "gemma-3-270m"
 REPLICAS = 1  # the model's on_demand.max_replicas: more live jobs than this is a duplicate
 LIVE = ("pending", "running")
+START_DEADLINE_S = 200  # the model's on_demand.start_deadline_s (a requeue waits ~2 min)
+FIRST_TOKEN_S = 90  # the gateway's --first-token-timeout
+# A non-streaming request gets no byte while it waits for a cold start, then the answer:
+# it may be silent this long before it counts as hung.
+PLAIN_SILENCE_S = START_DEADLINE_S + FIRST_TOKEN_S + 30
 
 
 def free_port() -> int:
@@ -98,7 +103,11 @@ class World:
             },
             # a requeued job comes back (the soak's requeue fault); the local backend has none
             **({"slurm": {"requeue": True}} if self.backend == "slurm" else {}),
-            "on_demand": {"idle_ttl_s": 10, "start_deadline_s": 180, "max_replicas": REPLICAS},
+            "on_demand": {
+                "idle_ttl_s": 10,
+                "start_deadline_s": START_DEADLINE_S,
+                "max_replicas": REPLICAS,
+            },
         }
         (self.root / "models.yaml").write_text(json.dumps({"models": [spec]}), encoding="utf-8")
         if os.geteuid() == 0:
@@ -126,7 +135,7 @@ class World:
                     "hpc.cli",
                     "gateway",
                     *("--port", str(self.port), "--backend", self.backend),
-                    *("--idle-timeout", "20", "--first-token-timeout", "90"),
+                    *("--idle-timeout", "20", "--first-token-timeout", str(FIRST_TOKEN_S)),
                     *("--shutdown-grace", "5", "--health-interval", "2"),
                 ],
                 stdout=subprocess.PIPE,

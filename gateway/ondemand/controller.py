@@ -67,6 +67,13 @@ class OnDemandController:
         self._asked_at = 0.0
         self._dirty = True
         self._busy: tuple[tuple[str, int], ...] = ()
+        self.closing = False  # the gateway stops: requests still waiting are refused
+
+    def refuse_waiters(self) -> None:
+        """The gateway's shutdown grace is over: every request still waiting is refused."""
+        self.closing = True
+        for state in self.states.values():
+            state.notify()
 
     # -- what the proxy calls -----------------------------------------------------------
     def manages(self, model: str) -> bool:

@@ -69,6 +69,7 @@ class OwnJob:
     # idle for the model's idle_ttl_s since then is cancelled.
     used_at: float = 0.0
     failure_told: bool = False  # its failed start was told to the waiters
+    served: bool = False  # it was ready once: its failure later is no failed start
 
     def __post_init__(self) -> None:
         self.used_at = self.used_at or self.started_at
@@ -87,8 +88,9 @@ class OwnJob:
             self.scheduler = status
         if self.ready and not was_ready:
             self.used_at = time.time()  # an extra replica's idle clock starts when ready
+        self.served = self.served or was_ready or self.ready
         failed_start = (
-            not was_ready
+            not self.served
             and not self.failure_told
             and not self.stopping
             and self.record is not None

@@ -6,6 +6,7 @@ a response, or into an in-band error event on a stream its keep-alives already o
 
 from __future__ import annotations
 
+from gateway.inflight import SHUTTING_DOWN
 from gateway.ondemand.jobs import ModelState
 from hpc.openai import INVALID_REQUEST, SERVER_ERROR, ErrorReply
 from hpc.spec import OnDemand
@@ -76,5 +77,16 @@ def not_on_demand(model: str, retry_after_s: int) -> ErrorReply:
         SERVER_ERROR,
         "no_ready_endpoint",
         param="model",
+        retry_after=str(retry_after_s),
+    )
+
+
+def shutting_down(retry_after_s: int) -> ErrorReply:
+    """The gateway stops, and the model's job was not ready within its shutdown grace."""
+    return ErrorReply(
+        503,
+        SHUTTING_DOWN,
+        SERVER_ERROR,
+        "gateway_shutting_down",
         retry_after=str(retry_after_s),
     )

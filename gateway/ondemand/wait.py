@@ -7,7 +7,8 @@ pending or starting, a streaming request already has its 200 and gets an SSE com
 change, so proxies and clients keep the connection; the engine's answer then goes into the
 same response. A non-streaming request waits up to the model's ``start_deadline_s`` and then
 gets 503 + Retry-After with the state in the message. A refusal on a stream already started
-is an in-band ``data: {"error": …}`` event with no ``[DONE]``.
+is an in-band ``data: {"error": …}`` event with no ``[DONE]``; so is a gateway shutdown
+whose grace ends before the job is ready (``OnDemandController.refuse_waiters``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aiohttp import web
 from gateway.errors import reply_response
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.jobs import Asker, ModelState
-from gateway.ondemand.refusals import failed, not_on_demand, not_ready
+from gateway.ondemand.refusals import failed, not_on_demand, not_ready, shutting_down
 from gateway.routes import Upstream
 from gateway.state import RequestInfo
 from hpc.openai import SSE_HEADERS, ErrorReply, error_event
@@ -69,6 +70,8 @@ async def ready(
         replicas = state.upstreams()
         if replicas:
             return Ready(replicas, out)
+        if controller.closing:
+            return await refuse(out, shutting_down(controller.config.retry_after_s))
         refused = (
             failed(state, loop.time())
             if state.failure is not None

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.errors import openai_error
+from gateway.inflight import SHUTTING_DOWN
 from gateway.routes import RouteTable, Upstream
 from hpc.openai import INVALID_REQUEST, SERVER_ERROR
 
@@ -50,9 +51,6 @@ class UpstreamTimeout(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
-
-
-SHUTTING_DOWN = "the gateway is shutting down; send the request again"
 
 
 def shutting_down(config: GatewayConfig) -> web.Response:

@@ -25,12 +25,11 @@ import logging
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.inflight import ShuttingDown
+from gateway.inflight import SHUTTING_DOWN, ShuttingDown
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import Gaps
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failures import (
-    SHUTTING_DOWN,
     UpstreamTimeout,
     engine_error_message,
     timeout_message,
