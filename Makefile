@@ -19,13 +19,14 @@ WHEELHOUSE := $(HOME)/.cache/modeltainer/wheels/llama-cpp-python-$(LLAMA_CPP_VER
 LITELLM_VERSION := 1.106.2
 LITELLM_VENV := $(HOME)/.cache/modeltainer/litellm-$(LITELLM_VERSION)
 
-.PHONY: help demo test lint fmt clean deps bench
+.PHONY: help demo test lint fmt clean deps bench soak
 
 help:
 	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
 	@echo "make test   lint (ruff + mypy) and the whole test suite"
 	@echo "make lint   ruff + mypy only"
 	@echo "make bench  gateway overhead: direct vs. a bare aiohttp proxy vs. mt gateway vs. LiteLLM's proxy (docs/benchmarks.md)"
+	@echo "make soak   the chaos soak: faults while clients stream (MINUTES=60; root: private Slurm, tmpfs)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,3 +80,11 @@ fmt: $(VENV)/.dev-stamp
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# The chaos soak (bench/chaos): clients stream through real gateways on the local backend and
+# the tests' private Slurm cluster while engines, wrappers, gateways, jobs and the registry's
+# disk fail. Root (tmpfs, slurmd). Its report: bench-results/chaos.json (docs/benchmarks.md).
+MINUTES ?= 60
+soak: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
+	mkdir -p bench-results
+	$(BIN)/python -m bench.chaos --minutes $(MINUTES) --backends local,slurm --private-cluster --out bench-results/chaos.json

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from realparts import missing_part
@@ -55,3 +57,14 @@ def engine_url() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def children() -> Iterator[list[Any]]:
+    """multiprocessing children a test starts; killed by pid if the test left any running."""
+    procs: list[Any] = []
+    yield procs
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)

@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
@@ -103,17 +102,6 @@ def _huge_writer(path: str, wrote_once: Event) -> None:
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "registry")
-
-
-@pytest.fixture
-def children() -> Iterator[list[Any]]:
-    """Child processes a test starts; killed by pid if the test left any running."""
-    procs: list[Any] = []
-    yield procs
-    for proc in procs:
-        if proc.is_alive() and proc.pid is not None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.join(timeout=10)
 
 
 @pytest.mark.timeout(240)

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
@@ -92,17 +91,6 @@ def registry(tmp_path: Path) -> Registry:
     registry = Registry(tmp_path / "registry")
     registry.write(_record())
     return registry
-
-
-@pytest.fixture
-def children() -> Iterator[list[Any]]:
-    """Child processes a test starts; killed by pid if the test left any running."""
-    procs: list[Any] = []
-    yield procs
-    for proc in procs:
-        if proc.is_alive() and proc.pid is not None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.join(timeout=10)
 
 
 def _run_all(target: Any, registry: Registry, children: list[Any]) -> None:

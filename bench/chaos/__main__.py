@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench.chaos import __doc__ as ABOUT
 from bench.chaos.soak import Settings, run_soak, say, write_report
+from bench.chaos.tunnel import close_tunnel
 from bench.chaos.world import World
 
 BACKENDS = ("local", "slurm")
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hung", type=float, default=60.0, help="silence that counts as hung")
     parser.add_argument(
         "--max-outage", type=float, default=240.0, help="longest time with no whole answer"
+    )
+    parser.add_argument(
+        "--no-tunnels", action="store_true", help="no mt tunnel (and no sshd) per backend"
     )
     parser.add_argument("--private-cluster", action="store_true", help="start the tests' Slurm")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         hold_s=args.hold,
         hung_s=args.hung,
         max_outage_s=args.max_outage,
+        tunnels=not args.no_tunnels,
     )
     with cluster, _workdir(args.keep) as tmp:
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("MT_")}
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             report = run_soak(worlds, settings)
         finally:
             for world in worlds:
+                if world.tunnel is not None and world.tunnel.proc.poll() is None:
+                    close_tunnel(world.tunnel)
                 world.stop_gateway()
                 world.unmount()
     write_report(report, args.out)

@@ -84,20 +84,23 @@ def log_hits(keys: Iterable[str], files: Iterable[Path]) -> list[str]:
 
 
 def log_files(world: World) -> list[Path]:
-    """The world's logs: the gateways' output and every job's log."""
+    """The world's logs: the gateways' and tunnels' output, every job's log, sshd's."""
     logs = world.home / "logs"
-    found = sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []
-    return [world.gateway_log, *found]
+    found = [p for p in logs.rglob("*") if p.is_file()] if logs.is_dir() else []
+    found += [p for p in world.root.rglob("*.log") if p.is_file()]
+    return sorted(set(found))
 
 
-def job_processes(since: float) -> list[psutil.Process]:
-    """Wrappers and engines started since ``since`` that are still alive."""
+def job_processes(since: float, roots: Iterable[Path] = ()) -> list[psutil.Process]:
+    """Wrappers, engines, tunnels and anything naming one of ``roots`` (the worlds' own
+    directories: ssh configs, plans), started since ``since`` and still alive."""
+    marks = (*JOB_PROCESS_MARKS, "hpc.cli tunnel", *(str(root) for root in roots))
     out = []
     for proc in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
         if proc.info["create_time"] < since or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         args = " ".join(proc.info["cmdline"] or ())
-        if any(mark in args for mark in JOB_PROCESS_MARKS) and "bench.chaos" not in args:
+        if any(mark in args for mark in marks) and "bench.chaos" not in args:
             out.append(proc)
     return out
 

@@ -3,8 +3,12 @@
 Kinds: ``whole`` (200, every chunk, ``[DONE]`` or a complete JSON answer), ``clean_error``
 (an OpenAI-shaped error: a status with ``{"error": {...}}``, or a stream's in-band error
 event before it closes), ``refused`` (no connection: the gateway was down; nothing was
-accepted), ``hung`` (no byte for longer than the hung limit) and ``lost`` (anything else:
-a stream cut with no error, an error body that is not OpenAI-shaped, a reset mid-answer).
+accepted), ``cut`` (the connection broke before the answer was whole, and the client's
+HTTP library says so: an unterminated chunked body, a reset; what a dropped tunnel does to
+the streams in it, and what the gateway itself must never do), ``hung`` (no byte for
+longer than the hung limit) and ``lost`` (a response that looks complete and is not: a
+stream ended properly without ``[DONE]`` or an error, an error body that is not
+OpenAI-shaped, a 200 without choices).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from bench.chaos.world import PLAIN_SILENCE_S
 
-KINDS = ("whole", "clean_error", "refused", "hung", "lost")
+KINDS = ("whole", "clean_error", "refused", "cut", "hung", "lost")
 
 
 @dataclass

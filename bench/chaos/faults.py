@@ -122,6 +122,13 @@ def disk_full(world: World, stop: threading.Event, hold_s: float) -> str | None:
     return f"registry disk full for {hold_s:.0f} s"
 
 
+def tunnel_drop(world: World, stop: threading.Event, hold_s: float) -> str | None:
+    """Drop the tunnel's SSH link (its sshd sessions killed; the server stays up)."""
+    if world.drop_link is None:
+        return None
+    return f"dropped the tunnel's link ({world.drop_link()} sshd session processes killed)"
+
+
 Fault = Callable[[World, threading.Event, float], "str | None"]
 FAULTS: dict[str, Fault] = {
     "engine-kill": engine_kill,
@@ -130,12 +137,14 @@ FAULTS: dict[str, Fault] = {
     "gateway-restart": gateway_restart,
     "requeue": requeue,
     "disk-full": disk_full,
+    "tunnel-drop": tunnel_drop,
 }
 
 
 def applicable(world: World) -> list[str]:
     """The faults that can hit this world."""
     names = [n for n in FAULTS if n != "requeue" or world.backend == "slurm"]
+    names = [n for n in names if n != "tunnel-drop" or world.drop_link is not None]
     return [n for n in names if n != "disk-full" or world.tmpfs]
 
 

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hpc.backends import get_scheduler
 from hpc.jobs import handle_of
@@ -50,6 +52,8 @@ class World:
     gateway: subprocess.Popen[str] | None = None
     tmpfs: bool = False
     gateway_starts: int = 0
+    tunnel: Any = None  # bench.chaos.tunnel.Tunnel, when the soak runs one
+    drop_link: Callable[[], int] | None = None  # kills the tunnel's ssh sessions
 
     @property
     def home(self) -> Path:
