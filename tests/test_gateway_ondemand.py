@@ -713,3 +713,47 @@ def test_a_job_ends_when_its_scheduler_agrees_and_fails_a_start_only_once(
         False,
         False,
     )
+
+
+async def test_a_stream_that_waited_then_waits_for_its_engine_gets_it_in_band_too(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """The wait's keep-alives committed the 200; the job is ready, but its engine (hung, as
+    a SIGSTOPped one) has not answered when the gateway stops: the stream ends with the
+    in-band event, not a bare close."""
+    backend = FakeScheduler(registry)
+    models = models_yaml(tmp_path / "models.yaml", "m")
+    config = GatewayConfig(
+        port=0,
+        registry_dir=registry.path,
+        models_file=models,
+        on_demand_poll_s=0.05,
+        on_demand_keepalive_s=0.2,
+    )
+    asked = asyncio.Event()
+
+    async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        asked.set()
+        await asyncio.sleep(60)  # never answers
+        writer.close()
+
+    engine = await asyncio.start_server(hung, "127.0.0.1", 0)
+    engine_port = engine.sockets[0].getsockname()[1]
+    runner, port = await start(config, backend=backend)  # type: ignore[arg-type]
+    try:
+        async with aiohttp.ClientSession() as client:
+            streamed = asyncio.create_task(ask(client, f"http://127.0.0.1:{port}", "m", True))
+            await until(backend.records)
+            await asyncio.sleep(0.5)
+            [record] = backend.records()
+            backend.run(record, f"http://127.0.0.1:{engine_port}/v1")
+            await asyncio.wait_for(asked.wait(), 30)
+            await drain(runner, 0.3)
+            status, text, _ = await streamed
+    finally:
+        engine.close()
+    assert status == 200 and text.startswith(": "), text
+    events = [line for line in text.splitlines() if line.startswith("data: ")]
+    assert events and "[DONE]" not in text, text
+    assert json.loads(events[-1][len("data: ") :])["error"]["code"] == "gateway_shutting_down"

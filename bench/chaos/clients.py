@@ -92,7 +92,10 @@ def _read_stream(response: http.client.HTTPResponse) -> tuple[str, str]:
     while True:
         line = response.readline()
         if not line:
-            return "lost", f"stream closed after {chunks} chunks without [DONE] or an error"
+            # readline() hides an unterminated chunked body (its peek swallows IncompleteRead):
+            # read() raises it, so a connection that broke is told from a stream that ended.
+            response.read()
+            return "lost", f"stream ended after {chunks} chunks without [DONE] or an error"
         text = line.decode("utf-8", "replace").strip()
         if text == "data: [DONE]":
             response.read()
@@ -144,7 +147,9 @@ def one_request(host: str, port: int, model: str, stream: bool, hung_s: float) -
             return "lost", f"200 without choices: {str(answer)[:120]}"
         except TimeoutError:
             return "hung", f"no byte for {hung_s:.0f} s (stream={stream})"
-        except (ConnectionError, http.client.HTTPException, ValueError) as exc:
+        except (ConnectionError, http.client.HTTPException) as exc:
+            return "cut", f"{type(exc).__name__}: {exc} (stream={stream})"
+        except ValueError as exc:
             return "lost", f"{type(exc).__name__}: {exc} (stream={stream})"
     finally:
         conn.close()

@@ -227,12 +227,17 @@ async def _proceed(
         info.outcome = failure.code
         return failure.response(), None
     except asyncio.CancelledError:
-        if task is None or not inflight.cancelled_by_shutdown(task) or exchange.out is not None:
-            raise  # the client left, or a stream's 200 is out: the connection just closes
+        if task is None or not inflight.cancelled_by_shutdown(task):
+            raise  # the client left: the connection just closes
         if sys.version_info >= (3, 11):
             task.uncancel()
         info.outcome = "gateway_shutting_down"
-        return shutting_down(config), None
+        refusal = shutting_down(config)
+        if exchange.out is not None:
+            # A stream's 200 is out (an on-demand wait's keep-alives): end it in-band.
+            await end_stream(exchange.out, refusal.body if isinstance(refusal.body, bytes) else b"")
+            return exchange.out, None
+        return refusal, None
     finally:
         admission.leave(canonical)
         if task is not None:
