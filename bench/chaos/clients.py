@@ -92,9 +92,10 @@ def _read_stream(response: http.client.HTTPResponse) -> tuple[str, str]:
     while True:
         line = response.readline()
         if not line:
-            # readline() hides an unterminated chunked body (its peek swallows IncompleteRead):
-            # read() raises it, so a connection that broke is told from a stream that ended.
-            response.read()
+            # readline() hides an unterminated chunked body: its peek swallows the
+            # IncompleteRead. Only the terminating chunk leaves ``chunk_left`` None.
+            if response.chunked and response.chunk_left is not None:
+                return "cut", f"connection closed after {chunks} chunks, mid-body"
             return "lost", f"stream ended after {chunks} chunks without [DONE] or an error"
         text = line.decode("utf-8", "replace").strip()
         if text == "data: [DONE]":
