@@ -651,6 +651,17 @@ def test_the_controller_speaks_no_http() -> None:
     assert not [name for name in imported if name.split(".")[0] == "aiohttp"]
 
 
+def quick_config(registry: Registry, models: Path) -> GatewayConfig:
+    """The settings ``gateway`` uses, for a test that stops the gateway itself (``drain``)."""
+    return GatewayConfig(
+        port=0,
+        registry_dir=registry.path,
+        models_file=models,
+        on_demand_poll_s=0.05,
+        on_demand_keepalive_s=0.2,
+    )
+
+
 async def test_a_stream_waiting_for_a_cold_start_gets_an_in_band_error_at_shutdown(
     tmp_path: Path, registry: Registry
 ) -> None:
@@ -659,13 +670,7 @@ async def test_a_stream_waiting_for_a_cold_start_gets_an_in_band_error_at_shutdo
     and a non-streaming one a 503 with Retry-After."""
     backend = FakeScheduler(registry)  # the job stays pending
     models = models_yaml(tmp_path / "models.yaml", "m")
-    config = GatewayConfig(
-        port=0,
-        registry_dir=registry.path,
-        models_file=models,
-        on_demand_poll_s=0.05,
-        on_demand_keepalive_s=0.2,
-    )
+    config = quick_config(registry, models)
     runner, port = await start(config, backend=backend)  # type: ignore[arg-type]
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as client:
@@ -723,13 +728,7 @@ async def test_a_stream_that_waited_then_waits_for_its_engine_gets_it_in_band_to
     in-band event, not a bare close."""
     backend = FakeScheduler(registry)
     models = models_yaml(tmp_path / "models.yaml", "m")
-    config = GatewayConfig(
-        port=0,
-        registry_dir=registry.path,
-        models_file=models,
-        on_demand_poll_s=0.05,
-        on_demand_keepalive_s=0.2,
-    )
+    config = quick_config(registry, models)
     asked = asyncio.Event()
 
     async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
