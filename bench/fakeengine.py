@@ -116,12 +116,17 @@ class FakeUpstream:
     """An OpenAI-compatible engine on 127.0.0.1:<ephemeral port>; use ``async with``."""
 
     def __init__(
-        self, knobs: Knobs | None = None, model: str = "fake-model", port: int = 0
+        self,
+        knobs: Knobs | None = None,
+        model: str = "fake-model",
+        port: int = 0,
+        uds: str | None = None,
     ) -> None:
         self.knobs = knobs or Knobs()
         self.model = model
         self.seen = Seen()
         self.port = port
+        self.uds = uds  # a Unix socket instead of a port, as a job's engine listens
         self._runner: web.AppRunner | None = None
 
     @property
@@ -140,6 +145,9 @@ class FakeUpstream:
         # handler_cancellation: like the real engines, notice a client that left at once.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
+        if self.uds is not None:
+            await web.UnixSite(self._runner, self.uds).start()
+            return self
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
@@ -354,9 +362,10 @@ def _error(status: int, message: str, type_: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def _serve(knobs: Knobs, model: str, port: int) -> None:
-    async with FakeUpstream(knobs, model=model, port=port) as fake:
-        sys.stdout.write(f"fake engine listening on {fake.base_url}\n")
+async def _serve(knobs: Knobs, model: str, port: int, uds: str | None) -> None:
+    async with FakeUpstream(knobs, model=model, port=port, uds=uds) as fake:
+        where = uds if uds is not None else fake.base_url
+        sys.stdout.write(f"fake engine listening on {where}\n")
         sys.stdout.flush()
         await asyncio.Event().wait()  # until the process is terminated
 
@@ -365,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m bench.fakeengine``: serve the fake engine until terminated."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uds", default=None, help="listen on this Unix socket instead")
     parser.add_argument("--model", default="fake-model")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer (at most)")
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="0: as fast as it can")
@@ -379,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         use_max_tokens=True,
     )
     try:
-        asyncio.run(_serve(knobs, args.model, args.port))
+        asyncio.run(_serve(knobs, args.model, args.port, args.uds))
     except KeyboardInterrupt:
         return 130
     return 0

@@ -20,12 +20,14 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from hpc import tlspin
 from hpc.backends.slurm import SlurmBackend
 from hpc.jobs import JobService, wait_ready
+from hpc.poolstatus import fetch_pool_status
 from hpc.registry import Record
 from hpc.site import Site, SiteConfig
 from hpc.spec import ModelSpec, PoolSpec
@@ -39,16 +41,18 @@ def first_token_s(record: Record, model: str) -> float:
         "max_tokens": 8,
         "stream": True,
     }
-    request = urllib.request.Request(  # noqa: S310 - the job's own http URL
-        f"{record.base_url}/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={
-            "Authorization": f"Bearer {record.api_key.get_secret_value()}",
-            "Content-Type": "application/json",
-        },
-    )
+    if record.base_url is None:
+        raise SystemExit(f"{record.key} has no URL ({record.state})")
+    conn = tlspin.connection(record.base_url, record.tls_sha256, timeout=600)
+    headers = {
+        "Authorization": f"Bearer {record.api_key.get_secret_value()}",
+        "Content-Type": "application/json",
+    }
     started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=600) as response:  # noqa: S310
+    conn.request(
+        "POST", urlsplit(record.base_url).path + "/chat/completions", json.dumps(body), headers
+    )
+    with conn.getresponse() as response:
         for raw in response:
             line = raw.decode("utf-8", "replace").strip()
             if line.startswith("data: {") and '"content"' in line:
@@ -60,12 +64,10 @@ def first_token_s(record: Record, model: str) -> float:
 
 def last_load_s(record: Record) -> float:
     """The pool's own measure of its last load: engine started → healthy."""
-    url = (record.base_url or "").removesuffix("/v1") + "/pool/status"
-    request = urllib.request.Request(url)  # noqa: S310 - the pool's own http URL
-    request.add_header("Authorization", f"Bearer {record.api_key.get_secret_value()}")
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        status = json.loads(response.read())
-    return float(status["slots"][0]["last_load_s"])
+    view = fetch_pool_status(record, timeout_s=10)
+    if view.status is None:
+        raise SystemExit(f"cannot read the pool's status: {view.error}")
+    return float(view.status["slots"][0]["last_load_s"])
 
 
 def specs(gguf: Path) -> tuple[ModelSpec, ModelSpec, PoolSpec]:

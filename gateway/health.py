@@ -48,6 +48,7 @@ from hpc.job.engineload import (
     parse_engine_load,
     parse_slots,
 )
+from hpc.tlspin import pinned_context
 
 log = logging.getLogger(f"{LOGGER_NAME}.health")
 
@@ -180,7 +181,10 @@ class Prober:
         headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         url = engine_root(upstream.base_url) + path
-        async with self.session.get(url, headers=headers, timeout=timeout) as response:
+        # A job's front is pinned: an impostor on its port gets no key (hpc.tlspin).
+        tls = pinned_context(upstream.tls_sha256) if upstream.tls_sha256 else True
+        get = self.session.get(url, headers=headers, timeout=timeout, ssl=tls)
+        async with get as response:
             body = await response.content.read(MAX_BODY_BYTES + 1)
             while len(body) <= MAX_BODY_BYTES and not response.content.at_eof():
                 more = await response.content.read(MAX_BODY_BYTES + 1 - len(body))

@@ -32,6 +32,23 @@ class Upstream:
     created: int = 0
     engine: str | None = None
     health_path: str | None = None
+    tls_sha256: str | None = None  # a job's front: its certificate, pinned (hpc.tlspin)
+
+    @classmethod
+    def of_job(cls, record: Record, name: str | None = None) -> Upstream:
+        """The upstream of a job's engine (its front): key, engine, health path, pin."""
+        if record.base_url is None:
+            raise ValueError(f"record {record.key} has no base_url")
+        return cls(
+            model=name or record.model,
+            base_url=record.base_url,
+            api_key=record.api_key.get_secret_value(),
+            source=record.key,
+            created=int(record.created_at),
+            engine=record.engine,
+            health_path=record.health_path,
+            tls_sha256=record.tls_sha256,
+        )
 
     def url(self, suffix: str) -> str:
         """``http://node:port/v1`` + ``/chat/completions``."""
@@ -124,15 +141,7 @@ def _upstream(name: str, endpoint: Endpoint, env: Mapping[str, str]) -> Upstream
     """The upstream for one of ``name``'s catalog endpoints, with the key the gateway sends."""
     record = endpoint.record
     if record is not None:
-        return Upstream(
-            model=name,
-            base_url=endpoint.base_url,
-            api_key=record.api_key.get_secret_value(),
-            source=record.key,
-            created=int(record.created_at),
-            engine=record.engine,
-            health_path=record.health_path,
-        )
+        return Upstream.of_job(record, name)
     key = env.get(endpoint.api_key_env) if endpoint.api_key_env is not None else None
     return Upstream(
         model=name, base_url=endpoint.base_url, api_key=key or None, source=f"static:{name}"

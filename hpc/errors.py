@@ -17,6 +17,7 @@
     │   └── PoolLoadError         a swap pool could not load a model: the reason, the log tail
     ├── ImageError                a recipe or image is unusable, or `apptainer build` failed
     ├── ExportError               (hpc.export) an export cannot be written (bad URL, no model)
+    ├── PinMismatch               (hpc.tlspin) a job's port presented another TLS certificate
     └── TunnelError               (tunnels.errors) a tunnel cannot be opened or kept: local port
         ├── LocalPortInUseError   127.0.0.1:PORT is taken: names the process if visible
         └── TunnelDownError       the tunnel dropped and cannot come back (auth, host key)

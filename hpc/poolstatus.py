@@ -9,17 +9,19 @@ and its idle TTL, when it exists.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from hpc import tlspin
+from hpc.errors import MTError
 from hpc.jobs import job_views
 from hpc.ondemandstate import ModelEntry, OnDemandState, default_path
 from hpc.registry import Record
@@ -85,21 +87,30 @@ def status_url(record: Record) -> str:
 
 
 def fetch_pool_status(record: Record, timeout_s: float = 5.0) -> PoolView:
-    """Ask a ready pool for its slots; an unreachable pool is reported, not raised."""
+    """Ask a ready pool for its slots; an unreachable pool is reported, not raised.
+
+    The pool's certificate is pinned as its record says (hpc.tlspin): an impostor on its
+    port is reported, and gets no key."""
     if record.state != "ready" or not record.base_url:
         return PoolView(record, None, f"pool is {record.state}")
-    request = urllib.request.Request(status_url(record))  # noqa: S310 - a URL the job wrote
-    request.add_header("Authorization", f"Bearer {record.api_key.get_secret_value()}")
+    url = status_url(record)
+    conn = tlspin.connection(url, record.tls_sha256, timeout_s)
+    headers = {"Authorization": f"Bearer {record.api_key.get_secret_value()}"}
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            data = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return PoolView(record, None, f"{status_url(record)} answered {exc.code}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        return PoolView(record, None, f"cannot reach {status_url(record)}: {reason}")
+        conn.request("GET", urlsplit(url).path, headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return PoolView(record, None, f"{url} answered {response.status}")
+        data = json.loads(body)
+    except MTError as exc:
+        return PoolView(record, None, exc.message)
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        return PoolView(record, None, f"cannot reach {url}: {exc}")
+    finally:
+        conn.close()
     if not isinstance(data, dict):
-        return PoolView(record, None, f"{status_url(record)} answered no JSON object")
+        return PoolView(record, None, f"{url} answered no JSON object")
     return PoolView(record, data)
 
 

@@ -56,6 +56,7 @@ def reconcile(
                 "state": "pending",
                 "reason": "requeued: the scheduler runs it again",
                 "base_url": None,
+                "tls_sha256": None,
                 "engine_pid": None,
             }
         )

@@ -63,6 +63,11 @@ class Record(BaseModel):
     port: int | None = None
     base_url: str | None = Field(default=None, description="the engine's OpenAI root, …/v1")
     api_key: SecretStr
+    tls_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the job front's TLS certificate: clients pin it (hpc.tlspin)",
+    )
     pid: int | None = Field(default=None, description="the job wrapper's pid (on ``host``)")
     pid_started_at: float | None = Field(default=None, description="the wrapper's start time")
     host: str | None = Field(

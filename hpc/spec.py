@@ -172,6 +172,9 @@ class OnDemand(_Strict):
     )
 
 
+ExposedRoute = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./*-]*$", max_length=200)]
+
+
 class ModelSpec(_Strict):
     """One model as users name it, and everything needed to serve it."""
 
@@ -185,6 +188,11 @@ class ModelSpec(_Strict):
     runtime: Runtime = Field(default_factory=Runtime)
     startup_timeout_s: float = Field(default=900, gt=0, description="from RUNNING to healthy")
     drain_s: DrainSeconds = DEFAULT_DRAIN_S
+    expose_routes: tuple[ExposedRoute, ...] = Field(
+        default=(),
+        description="engine routes the job's front passes besides the OpenAI ones, e.g. "
+        "/invocations or /v2/* (every route still needs the job's key)",
+    )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
     on_demand: OnDemand | None = Field(

@@ -1,7 +1,8 @@
 """A fake LLM engine and a job wrapper that runs it, for the job-wrapper tests.
 
 The engine stands for llama.cpp's ``llama-server`` or vLLM's OpenAI server as the job wrapper
-sees them: a process that takes ``--host``/``--port`` on its command line and its API key
+sees them: a process that takes ``--host`` on its command line (a path ending in ``.sock``:
+a Unix socket, as llama-server does; else ``--port`` too) and its API key
 from the environment (as ``VLLM_API_KEY`` / ``LLAMA_API_KEY`` do), prints log lines while
 it loads, and answers ``GET /health`` and ``GET /v1/models`` with 200 only when the request
 carries ``Authorization: Bearer <key>`` (401 otherwise). It is a stdlib ``http.server``.
@@ -29,6 +30,7 @@ import http.server
 import json
 import os
 import signal
+import socketserver
 import subprocess
 import sys
 import time
@@ -68,6 +70,14 @@ def _handler(key: str) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
+class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[object, tuple[str, int]]:
+        conn, _ = super().get_request()
+        return conn, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port) address
+
+
 def _start_grandchild() -> int:
     """A child that leaves our process group and ignores TERM, as a stray worker might."""
     code = (
@@ -95,7 +105,11 @@ def serve(host: str, port: int, mode: str) -> int:
             time.sleep(1)
     if mode == "grandchild":
         _say(f"fake engine: grandchild pid {_start_grandchild()}")
-    server = http.server.ThreadingHTTPServer((host, port), _handler(key))
+    server: socketserver.BaseServer
+    if host.endswith(".sock"):
+        server = _UnixHTTPServer(host, _handler(key))
+    else:
+        server = http.server.ThreadingHTTPServer((host, port), _handler(key))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _say(f"fake engine: listening on {host}:{port}")
     try:
@@ -113,10 +127,10 @@ def wrap(plan_path: Path, mode: str) -> int:
     from hpc.spec import ModelSpec
 
     def launcher(
-        spec: ModelSpec, *, host: str, port: int, api_key: str, environ: Mapping[str, str]
+        spec: ModelSpec, *, listen: Path, api_key: str, environ: Mapping[str, str]
     ) -> EngineLaunch:
         argv = [sys.executable, "-u", str(Path(__file__).resolve()), "serve"]
-        argv += ["--host", host, "--port", str(port), "--mode", mode]
+        argv += ["--host", str(listen), "--mode", mode]
         return EngineLaunch(
             argv=argv, env={KEY_ENV: api_key}, health_path="/v1/models", health_needs_key=True
         )
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve")
     serve_p.add_argument("--host", default="127.0.0.1")
-    serve_p.add_argument("--port", type=int, required=True)
+    serve_p.add_argument("--port", type=int, default=0)
     serve_p.add_argument("--mode", choices=MODES, default="healthy")
     wrap_p = sub.add_parser("wrap")
     wrap_p.add_argument("--plan", type=Path, required=True)

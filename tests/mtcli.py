@@ -73,11 +73,13 @@ def running_gateway(*args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
         proc.wait(timeout=15)
 
 
-def engine_processes(port: int) -> list[psutil.Process]:
-    """The llama.cpp server listening on ``port`` (a job's engine), if it runs."""
-    out = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if "llama_cpp.server" in cmdline and str(port) in cmdline:
-            out.append(proc)
-    return out
+def engine_processes(engine_pid: int | None) -> list[psutil.Process]:
+    """The llama.cpp server a job's record names (its ``engine_pid``), if it still runs."""
+    try:
+        proc = psutil.Process(engine_pid or 0)
+        cmdline = proc.cmdline()
+        running = proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
+        return []
+    engine = "hpc.job.llamacpp_python" in cmdline or "llama_cpp.server" in cmdline
+    return [proc] if engine and running else []

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+from jobclient import job_get
 
 from hpc.registry import Record, Registry
 
@@ -55,12 +55,9 @@ def pool_record(key: str) -> Record:
 
 def pool_status(record: Record) -> dict[str, Any]:
     """``GET /pool/status`` of the pool, with its job's key."""
-    assert record.base_url is not None
-    url = record.base_url.removesuffix("/v1") + "/pool/status"
-    request = urllib.request.Request(url)  # noqa: S310 - the pool's loopback URL
-    request.add_header("Authorization", f"Bearer {record.api_key.get_secret_value()}")
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        data: dict[str, Any] = json.loads(response.read())
+    status, body = job_get(record, "/pool/status", record.api_key.get_secret_value())
+    assert status == 200, body
+    data: dict[str, Any] = json.loads(body)
     return data
 
 

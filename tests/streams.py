@@ -6,12 +6,17 @@ act, then look at how the stream ended (whole with ``[DONE]``, or cut).
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from hpc import tlspin
+from hpc.errors import MTError
 
 # Gemma's end-of-sequence tokens (<eos>, <end_of_turn>): banned, so a stream runs to max_tokens.
 NO_EOS = {"1": -100, "106": -100}
@@ -44,8 +49,11 @@ class Stream:
         return self.lines[-1][0]
 
 
-def start_stream(url: str, key: str | None, model: str, max_tokens: int) -> Stream:
-    """POST a streaming completion for ``model`` to ``url`` (a gateway's or an engine's /v1).
+def start_stream(
+    url: str, key: str | None, model: str, max_tokens: int, pin: str | None = None
+) -> Stream:
+    """POST a streaming completion for ``model`` to ``url`` (a gateway's /v1, or a job's:
+    then ``pin`` is its record's ``tls_sha256``, checked before anything is sent).
 
     Gemma's end-of-sequence tokens are banned, so the answer runs to ``max_tokens``.
     """
@@ -58,16 +66,15 @@ def start_stream(url: str, key: str | None, model: str, max_tokens: int) -> Stre
         "stream": True,
         "logit_bias": NO_EOS,
     }
-    request = urllib.request.Request(  # noqa: S310 - a loopback URL of this test
-        url + "/completions", data=json.dumps(body).encode(), method="POST"
-    )
-    request.add_header("Content-Type", "application/json")
+    headers = {"Content-Type": "application/json"}
     if key:
-        request.add_header("Authorization", f"Bearer {key}")
+        headers["Authorization"] = f"Bearer {key}"
 
     def read() -> None:
+        conn = tlspin.connection(url, pin, timeout=120)
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            conn.request("POST", urlsplit(url).path + "/completions", json.dumps(body), headers)
+            with conn.getresponse() as response:
                 stream.status = int(response.status)
                 for raw in response:
                     line = raw.decode("utf-8", "replace").strip()
@@ -75,9 +82,10 @@ def start_stream(url: str, key: str | None, model: str, max_tokens: int) -> Stre
                         stream.lines.append((time.monotonic(), line))
                         if line.startswith("data: {"):
                             stream.first_token.set()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (http.client.HTTPException, OSError, ValueError, MTError) as exc:
             stream.error = repr(exc)
         finally:
+            conn.close()
             stream.first_token.set()
             stream.done.set()
 

@@ -1,29 +1,19 @@
-"""How the job wrapper counts an engine's requests in flight, and when a drain ends.
+"""When a drain ends, the drain budgets, and how the engine takes Slurm's TERM.
 
-The load endpoints are real HTTP servers on loopback: ``bench.fakeengine`` for vLLM's
-``/metrics`` (its real Prometheus text), small aiohttp apps for llama-server's ``/slots`` and
-for an engine with neither (llama-cpp-python's server answers 404 to both); the TCP count is
-read from this machine's real /proc/net/tcp with real connections open.
+(What is in flight is counted by the job's front: tests/test_front.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from bench.fakeengine import FakeUpstream, Knobs
-from hpc.job.drain import InFlight, drain
-from hpc.job.engineload import established_connections
+from hpc.job.drain import drain
 from hpc.job.engines import EngineLaunch
 from hpc.job.plan import JobPlan, warning_drain_s
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
@@ -34,69 +24,6 @@ from hpc.spec import DEFAULT_DRAIN_S, ModelSpec
 pytestmark = pytest.mark.timeout(30)
 
 KEY = "mtj-drain-test-key"
-
-
-async def test_vllm_metrics_count_running_and_waiting() -> None:
-    async with FakeUpstream(Knobs(engine_running=2, engine_waiting=1)) as fake:
-        counter = InFlight(f"http://127.0.0.1:{fake.port}", KEY, "vllm", fake.port)
-        assert await asyncio.to_thread(counter.count) == 3
-        assert counter.method == "/metrics"
-        fake.knobs = dataclasses.replace(fake.knobs, engine_running=0, engine_waiting=0)
-        assert await asyncio.to_thread(counter.count) == 0
-        assert fake.seen.probe_authorization[-1] == f"Bearer {KEY}"
-
-
-@contextlib.asynccontextmanager
-async def _app(routes: web.RouteTableDef) -> AsyncIterator[int]:
-    app = web.Application()
-    app.add_routes(routes)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield int(runner.addresses[0][1])
-    finally:
-        await runner.cleanup()
-
-
-async def test_llama_server_without_metrics_is_counted_by_its_slots() -> None:
-    routes = web.RouteTableDef()
-
-    @routes.get("/metrics")
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.json_response({"error": "metrics are disabled"}, status=501)
-
-    @routes.get("/slots")
-    async def slots(_request: web.Request) -> web.Response:
-        return web.json_response([{"id": 0, "is_processing": True}, {"id": 1}])
-
-    async with _app(routes) as port:
-        counter = InFlight(f"http://127.0.0.1:{port}", KEY, "llamacpp", port)
-        assert await asyncio.to_thread(counter.count) == 1
-        assert counter.method == "/slots"
-
-
-async def test_an_engine_without_load_endpoints_is_counted_by_its_connections() -> None:
-    routes = web.RouteTableDef()
-
-    @routes.get("/v1/models")
-    async def models(_request: web.Request) -> web.Response:
-        return web.json_response({"data": []})
-
-    async with _app(routes) as port:
-        counter = InFlight(f"http://127.0.0.1:{port}", KEY, "llamacpp", port)
-        assert await asyncio.to_thread(counter.count) == 0  # its own GETs are closed
-        assert counter.method == "tcp"
-        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        try:
-            await asyncio.sleep(0.1)
-            assert await asyncio.to_thread(counter.count) == 2
-        finally:
-            for client in clients:
-                client.close()
-        await asyncio.sleep(0.2)
-        assert established_connections(port) == 0
 
 
 class _Proc:

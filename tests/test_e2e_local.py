@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tmpfs
+from jobclient import pinned_openai
 from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, running_gateway
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
@@ -26,7 +27,7 @@ def test_submit_stream_through_gateway_and_cancel(
         submitted = mt("submit", GEMMA, "--wait", "--json")
         record = json.loads(submitted.stdout)
         assert record["state"] == "ready"
-        assert record["base_url"].startswith("http://127.0.0.1:")
+        assert record["base_url"].startswith("https://127.0.0.1:")
         assert "api_key" not in record  # --json output never carries the per-job key
         job = record["key"]
 
@@ -51,15 +52,15 @@ def test_submit_stream_through_gateway_and_cancel(
         assert len([p for p in pieces if p]) > 1, pieces  # streamed in several chunks
         assert "".join(pieces).strip()
 
-        # The engine itself refuses requests without the per-job key: only the gateway has it.
-        direct = openai.OpenAI(base_url=record["base_url"], api_key="wrong", max_retries=0)
+        # The job's front refuses requests without the per-job key: only the gateway has it.
+        direct = pinned_openai(record["base_url"], record["tls_sha256"], "wrong")
         with pytest.raises(openai.AuthenticationError):
             direct.models.list()
 
-        assert engine_processes(record["port"]), "expected a running engine before cancel"
+        assert engine_processes(record["engine_pid"]), "expected a running engine before cancel"
         cancelled = json.loads(mt("cancel", job, "--json").stdout)
         assert cancelled["state"] == "gone"
-        assert engine_processes(record["port"]) == []
+        assert engine_processes(record["engine_pid"]) == []
         stored = json.loads((Path(os.environ["MT_HOME"]) / "registry" / f"{job}.json").read_text())
         assert stored["state"] == "gone"
 
@@ -108,10 +109,10 @@ def test_a_local_job_is_judged_only_on_the_host_that_runs_it(
         # Still ready, still served, where it runs.
         here = json.loads(mt("status", "--json").stdout)
         assert [(r["key"], r["state"]) for r in here] == [(job, "ready")]
-        assert engine_processes(record["port"])
+        assert engine_processes(record["engine_pid"])
     finally:
         mt("cancel", job, check=False)
-    assert engine_processes(record["port"]) == []
+    assert engine_processes(record["engine_pid"]) == []
 
 
 def _ours(home: Path) -> list[psutil.Process]:

@@ -13,6 +13,7 @@ from hpc.job.engines import EngineLaunch, build_launch, gpus_granted, resolve_gg
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 
+SOCK = Path("/tmp/mt-x1y2/engine.sock")
 KEY = new_api_key()
 HOSTILE_NAMES = [
     "with space",
@@ -30,7 +31,7 @@ def _spec(engine: str, source: str, **fields: Any) -> ModelSpec:
 
 
 def _launch(spec: ModelSpec, environ: dict[str, str] | None = None) -> EngineLaunch:
-    launch = build_launch(spec, host="0.0.0.0", port=8123, api_key=KEY, environ=environ or {})
+    launch = build_launch(spec, listen=SOCK, api_key=KEY, environ=environ or {})
     # Whatever the variant: the key is in the environment, never on the command line.
     assert not any(KEY in arg for arg in launch.argv), launch.argv
     assert KEY in launch.env.values()
@@ -81,9 +82,7 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
         "--model",
         str(gguf),
         "--host",
-        "0.0.0.0",
-        "--port",
-        "8123",
+        str(SOCK),
         "--alias",
         "test-model",
         "--ctx-size",
@@ -108,13 +107,11 @@ def test_llamacpp_falls_back_to_llama_cpp_python(gguf: Path, no_llama_server: No
     assert launch.argv == [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "hpc.job.llamacpp_python",
+        "--uds",
+        str(SOCK),
         "--model",
         str(gguf),
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "8123",
         "--model_alias",
         "test-model",
         "--interrupt_requests",
@@ -143,7 +140,14 @@ def test_llamacpp_in_apptainer_runs_the_images_llama_server(
     runtime = {"kind": "apptainer", "image": "/images/llamacpp-cpu.sif"}
     launch = _launch(_spec("llamacpp", str(gguf), runtime=runtime))
     # Neither this node's llama-server nor its Python exist inside the image.
-    assert launch.argv[:4] == ["apptainer", "exec", "/images/llamacpp-cpu.sif", "llama-server"]
+    assert launch.argv[:6] == [
+        "apptainer",
+        "exec",
+        "--bind",
+        str(SOCK.parent),
+        "/images/llamacpp-cpu.sif",
+        "llama-server",
+    ]
     assert sys.executable not in launch.argv
     assert launch.env == {"LLAMA_API_KEY": KEY, "APPTAINERENV_LLAMA_API_KEY": KEY}
 
@@ -158,10 +162,8 @@ def test_vllm_on_two_granted_gpus_gets_tensor_parallel_2() -> None:
         "vllm",
         "serve",
         "Qwen/Qwen3-Coder-30B-A3B-Instruct",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "8123",
+        "--uds",
+        str(SOCK),
         "--served-model-name",
         "test-model",
         "--tensor-parallel-size",
@@ -217,14 +219,14 @@ def test_vllm_in_apptainer_with_nv_and_binds() -> None:
         "/scratch/hf:/root/.cache/huggingface",
         "--bind",
         "/data",
+        "--bind",
+        str(SOCK.parent),  # the engine's socket directory, always
         "/shared/containers/vllm-cuda.sif",
         "vllm",
         "serve",
         "org/m",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "8123",
+        "--uds",
+        str(SOCK),
         "--served-model-name",
         "test-model",
         "--tensor-parallel-size",
@@ -264,8 +266,16 @@ def test_hostile_paths_stay_single_argv_entries(
 
     runtime = {"kind": "apptainer", "image": image, "binds": [bind]}
     launch = _launch(_spec("vllm", str(folder), runtime=runtime, engine_args=[weird]))
-    assert launch.argv[:5] == ["apptainer", "exec", "--bind", bind, image]
-    assert launch.argv[7] == str(folder)
+    assert launch.argv[:7] == [
+        "apptainer",
+        "exec",
+        "--bind",
+        bind,
+        "--bind",
+        str(SOCK.parent),
+        image,
+    ]
+    assert launch.argv[9] == str(folder)
     assert launch.argv[-1] == weird
     assert len(launch.argv) == 15
 
@@ -314,7 +324,7 @@ def test_resolve_gguf_with_no_match_lists_what_is_there(tmp_path: Path) -> None:
         "llamacpp", source, name="gemma-3-270m", weights={"source": source, "quant": "Q2_K"}
     )
     with pytest.raises(EngineError) as caught:
-        build_launch(spec, host="127.0.0.1", port=1, api_key=KEY, environ={})
+        build_launch(spec, listen=SOCK, api_key=KEY, environ={})
     assert caught.value.message.startswith("gemma-3-270m: 0 GGUF files match quant Q2_K")
     assert "m-Q8_0.gguf" in caught.value.message
     assert caught.value.hint is not None

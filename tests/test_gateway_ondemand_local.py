@@ -55,7 +55,7 @@ def test_local_job_starts_on_request_and_is_cancelled_when_idle_even_after_a_res
         assert content.strip(), text
         [record] = _records()
         assert record.state == "ready" and record.started_by is not None
-        assert record.port is not None and engine_processes(record.port)
+        assert engine_processes(record.engine_pid)
 
         # The first gateway stopped before the job was idle; a new one adopts and cancels it.
         state_file = Path(os.environ["MT_HOME"]) / "ondemand-state.json"
@@ -65,7 +65,7 @@ def test_local_job_starts_on_request_and_is_cancelled_when_idle_even_after_a_res
                 assert time.monotonic() < deadline, "the restarted gateway never cancelled"
                 time.sleep(0.5)
         assert _records()[0].state == "gone"
-        assert engine_processes(record.port) == []
+        assert engine_processes(record.engine_pid) == []
         assert json.loads(state_file.read_text())["backend"] == "local"
     finally:
         for leftover in _records():

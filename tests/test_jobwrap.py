@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tmpfs
+from jobclient import job_get
 
 from hpc.job.plan import JobPlan, write_plan
 from hpc.liveness import alive, boot_id, this_host
@@ -89,26 +88,23 @@ def _kill_by_pid(pids: list[int]) -> None:
     psutil.wait_procs(procs, timeout=5)
 
 
-def _engine_processes(port: int) -> list[psutil.Process]:
-    """Live fake-engine processes serving ``port`` (found by command line, zombies excluded)."""
+def _engine_processes(job: Job) -> list[psutil.Process]:
+    """Live fake-engine processes of ``job`` (found by the socket its log says the engine was
+    started on, zombies excluded)."""
+    sockets = re.findall(r"--host (\S+\.sock)", job.output())
+    assert sockets, job.output()
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        ours = str(FAKE_ENGINE) in cmdline and "serve" in cmdline and str(port) in cmdline
+        ours = str(FAKE_ENGINE) in cmdline and "serve" in cmdline and sockets[0] in cmdline
         if ours and alive(proc.pid):
             found.append(proc)
     return found
 
 
-def _get(url: str, key: str | None) -> int:
-    request = urllib.request.Request(url)  # noqa: S310 - an http URL from the record
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+def _get(record: Record, path: str, key: str | None) -> int:
+    """GET ``path`` from the job's front, its certificate pinned as the record says."""
+    return job_get(record, path, key)[0]
 
 
 @pytest.fixture
@@ -176,7 +172,7 @@ def test_engine_never_healthy_is_stopped_at_the_deadline(start_job: Callable[...
     assert "fake engine: loading weights 3/3" in record.log_tail
     assert record.base_url is None
     assert record.port is not None
-    assert _engine_processes(record.port) == []
+    assert _engine_processes(job) == []
 
 
 def test_engine_that_exits_early_is_recorded_failed_with_code_and_tail(
@@ -197,7 +193,8 @@ def test_healthy_engine_is_ready_then_drained_and_its_whole_tree_stopped(
     job = start_job("grandchild")
     record = job.wait_state("ready")
     assert record.port is not None
-    assert record.base_url == f"http://127.0.0.1:{record.port}/v1"
+    assert record.base_url == f"https://127.0.0.1:{record.port}/v1"
+    assert record.tls_sha256 is not None
     assert record.engine_pid is not None
     engine_pid, grandchild_pid = record.engine_pid, job.grandchild_pid()
     assert alive(engine_pid)
@@ -205,7 +202,7 @@ def test_healthy_engine_is_ready_then_drained_and_its_whole_tree_stopped(
     # The grandchild left the engine's process group: only a tree walk finds it.
     assert psutil.Process(grandchild_pid).ppid() == engine_pid
     key = record.api_key.get_secret_value()
-    assert _get(f"{record.base_url}/models", key) == 200
+    assert _get(record, "/v1/models", key) == 200
 
     job.proc.send_signal(stop_signal)
     assert job.wait_exit() == 0
@@ -217,7 +214,7 @@ def test_healthy_engine_is_ready_then_drained_and_its_whole_tree_stopped(
     assert draining < out.index(f"record {job.key} -> gone")
     assert not alive(engine_pid)
     assert not alive(grandchild_pid)
-    assert _engine_processes(record.port or 0) == []
+    assert _engine_processes(job) == []
 
 
 def test_the_key_is_masked_in_the_log_and_never_in_argv(
@@ -241,10 +238,10 @@ def test_the_key_is_masked_in_the_log_and_never_in_argv(
     record = job.wait_state("ready")
     assert record.api_key.get_secret_value() == key  # the backend's key, not a new one
     assert record.engine_pid is not None
-    # The engine got the key through its environment: it accepts it and nothing else.
-    assert _get(f"{record.base_url}/models", key) == 200
-    assert _get(f"{record.base_url}/models", None) == 401
-    assert _get(f"{record.base_url}/models", new_api_key()) == 401
+    # The job's front takes the job's key and nothing else (the engine has its own key).
+    assert _get(record, "/v1/models", key) == 200
+    assert _get(record, "/v1/models", None) == 401
+    assert _get(record, "/v1/models", new_api_key()) == 401
     engine_argv = psutil.Process(record.engine_pid).cmdline()
     wrapper_argv = psutil.Process(job.proc.pid).cmdline()
     assert not any(key in arg for arg in engine_argv + wrapper_argv)
@@ -269,7 +266,7 @@ def test_a_job_submitted_by_hand_creates_its_own_record_with_a_fresh_key(
     key = record.api_key.get_secret_value()
     assert key.startswith("mtj-")
     assert len(key) > 30
-    assert _get(f"{record.base_url}/models", key) == 200
+    assert _get(record, "/v1/models", key) == 200
     assert [r.key for r in registry.records()] == [job.key]
 
     job.proc.send_signal(signal.SIGTERM)

@@ -180,7 +180,7 @@ def test_a_stream_in_flight_finishes_whole_before_the_engine_stops(
         assert not [p for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         out = job.output()
         assert "draining: requests in flight may finish for" in out, out
-        assert "nothing in flight (tcp)" in out, out
+        assert "nothing in flight (front)" in out, out
 
 
 def test_a_stream_longer_than_the_budget_is_cut_at_the_budget(
@@ -192,7 +192,7 @@ def test_a_stream_longer_than_the_budget_is_cut_at_the_budget(
     key = record.api_key.get_secret_value()
     assert record.base_url is not None
     # Straight to the engine, with the job's key: about a minute of tokens on this machine.
-    stream = start_stream(record.base_url, key, MODEL, max_tokens=1500)
+    stream = start_stream(record.base_url, key, MODEL, max_tokens=1500, pin=record.tls_sha256)
     assert stream.first_token.wait(60), stream
     engine = job.engine_tree()
 

@@ -31,11 +31,11 @@ pytestmark = pytest.mark.timeout(120)
 
 _SHIM = """#!{python}
 # llama-server as the job wrapper starts it, standing in for the real one: a fake engine
-# in mode {mode} on the --host/--port it is given (the model and alias are ignored).
+# in mode {mode} on the --host it is given: a Unix socket (the model and alias are ignored).
 import os, sys
 args = sys.argv[1:]
-host, port = args[args.index("--host") + 1], args[args.index("--port") + 1]
-argv = [{python!r}, "-u", {engine!r}, "serve", "--host", host, "--port", port]
+host = args[args.index("--host") + 1]
+argv = [{python!r}, "-u", {engine!r}, "serve", "--host", host]
 os.execv(argv[0], argv + ["--mode", {mode!r}])
 """
 

@@ -30,10 +30,10 @@ KEY = "mtj-test-pool-key"
 
 
 def fake_launcher(
-    spec: ModelSpec, *, host: str, port: int, api_key: str, environ: Mapping[str, str]
+    spec: ModelSpec, *, listen: Path, api_key: str, environ: Mapping[str, str]
 ) -> EngineLaunch:
     """bench.fakeengine in place of the model's engine: 40 tokens at 20 per second."""
-    argv = [sys.executable, "-m", "bench.fakeengine", "--port", str(port), "--model", spec.name]
+    argv = [sys.executable, "-m", "bench.fakeengine", "--uds", str(listen), "--model", spec.name]
     argv += ["--tokens", str(TOKENS), "--tokens-per-s", "20"]
     return EngineLaunch(argv=argv, env={}, health_path="/v1/models", health_needs_key=False)
 
@@ -73,8 +73,8 @@ async def _chat(client: aiohttp.ClientSession, url: str, model: str) -> dict[str
 
 async def test_a_swap_waits_for_the_stream_in_flight(tmp_path: Path) -> None:
     out = io.StringIO()
-    async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as client:
-        slots = Slots(_plan(tmp_path), {}, out, session, fake_launcher)
+    async with aiohttp.ClientSession() as client:
+        slots = Slots(_plan(tmp_path), {}, out, fake_launcher)
         server = TestServer(create_app(slots, KEY), host="127.0.0.1")
         await server.start_server()
         url = str(server.make_url("")).rstrip("/")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from jobclient import job_openai
 from mtcli import mt, running_gateway
 from poolhelpers import (
     MODEL_A,
@@ -79,7 +80,7 @@ def test_concurrent_requests_for_a_cold_model_load_it_once(one_slot_pool: str) -
     record = pool_record(one_slot_pool)
     assert record.base_url is not None and record.pid is not None
     with ThreadPoolExecutor(6) as workers:
-        futures = [workers.submit(_direct, record.base_url, one_slot_pool) for _ in range(6)]
+        futures = [workers.submit(_direct, one_slot_pool) for _ in range(6)]
         answers = [f.result() for f in futures]
     assert all(model == MODEL_B and text.strip() for model, text in answers), answers
     status = pool_status(record)
@@ -88,12 +89,9 @@ def test_concurrent_requests_for_a_cold_model_load_it_once(one_slot_pool: str) -
     assert len(engines_of(record.pid, MODEL_B)) == 1
 
 
-def _direct(base_url: str, key: str) -> tuple[str, str]:
+def _direct(key: str) -> tuple[str, str]:
     """Straight to the pool with its job's key (no gateway): the pool itself collapses loads."""
-    import openai
-
-    secret = pool_record(key).api_key.get_secret_value()
-    client = openai.OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=180)
+    client = job_openai(pool_record(key), timeout=180)
     reply = client.chat.completions.create(
         model=MODEL_B, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
     )
@@ -104,12 +102,10 @@ def test_pool_refuses_requests_without_its_key(one_slot_pool: str) -> None:
     import openai
 
     record = pool_record(one_slot_pool)
-    wrong = openai.OpenAI(base_url=record.base_url, api_key="wrong", max_retries=0)
+    wrong = job_openai(record, api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model=MODEL_A, messages=[{"role": "user", "content": "x"}])
-    keyed = openai.OpenAI(
-        base_url=record.base_url, api_key=record.api_key.get_secret_value(), max_retries=0
-    )
+    keyed = job_openai(record)
     with pytest.raises(openai.NotFoundError, match="not in this pool's catalogue"):
         keyed.chat.completions.create(model="gemma-c", messages=[{"role": "user", "content": "x"}])
     assert pool_status(record)["slots"][0]["loads"] == 0  # nothing was loaded for either
@@ -136,7 +132,7 @@ def idle_pool(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_idle_models_are_unloaded_and_a_dead_engine_is_replaced(idle_pool: str) -> None:
     record = pool_record(idle_pool)
     assert record.base_url is not None
-    assert _direct(record.base_url, idle_pool)[0] == MODEL_B
+    assert _direct(idle_pool)[0] == MODEL_B
     loaded = slot_of(pool_status(record), MODEL_B)
     assert loaded is not None and is_running(loaded["engine_pid"])
     # Nobody asks for B for idle_unload_s: its slot is emptied and its engine stopped.
@@ -145,7 +141,7 @@ def test_idle_models_are_unloaded_and_a_dead_engine_is_replaced(idle_pool: str) 
     assert [s["state"] for s in pool_status(record)["slots"]] == ["empty", "empty"]
 
     # An engine killed under the pool frees its slot; the next request loads the model again.
-    assert _direct(record.base_url, idle_pool)[0] == MODEL_B
+    assert _direct(idle_pool)[0] == MODEL_B
     again = slot_of(pool_status(record), MODEL_B)
     assert again is not None
     psutil.Process(again["engine_pid"]).kill()
@@ -155,7 +151,7 @@ def test_idle_models_are_unloaded_and_a_dead_engine_is_replaced(idle_pool: str) 
         30,
     )
     assert any("exited" in (s["last_error"] or "") for s in pool_status(record)["slots"])
-    assert _direct(record.base_url, idle_pool)[0] == MODEL_B
+    assert _direct(idle_pool)[0] == MODEL_B
     assert loads_of(pool_status(record), MODEL_B) == 3
 
 
@@ -169,7 +165,9 @@ def test_a_stop_lets_the_pools_streams_finish_then_stops_its_engines(
     try:
         record = pool_record(key)
         assert record.base_url is not None and record.pid is not None
-        stream = start_stream(record.base_url, record.api_key.get_secret_value(), MODEL_A, 100)
+        stream = start_stream(
+            record.base_url, record.api_key.get_secret_value(), MODEL_A, 100, record.tls_sha256
+        )
         assert stream.first_token.wait(120), stream
         engines = engines_of(record.pid, MODEL_A)
         assert engines

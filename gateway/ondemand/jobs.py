@@ -133,13 +133,7 @@ class OwnJob:
         record = self.record
         if not self.ready or record is None or record.base_url is None:
             return None
-        return Upstream(
-            model=record.model,
-            base_url=record.base_url,
-            api_key=record.api_key.get_secret_value(),
-            source=record.key,
-            created=int(record.created_at),
-        )
+        return Upstream.of_job(record)
 
 
 @dataclass

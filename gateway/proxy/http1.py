@@ -23,6 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+# What a pooled connection is for: scheme, host, port, and the TLS certificate digest it
+# was checked against ("" when none is pinned). Connections to another job's front on the
+# same host and port are never reused for this one.
+PoolKey = tuple[str, str, int, str]
 _MAX_HEAD_BYTES = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -79,7 +83,7 @@ class Head:
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; one exchange at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey) -> None:
         self.key = key
         self._loop = loop
         self.transport: asyncio.Transport | None = None

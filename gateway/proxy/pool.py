@@ -18,11 +18,13 @@ from aiohttp import web
 
 from gateway.proxy.http1 import (
     Head,
+    PoolKey,
     UpstreamClosed,
     UpstreamConnection,
     UpstreamConnectTimeout,
     UpstreamUnreachable,
 )
+from hpc.tlspin import PinMismatch, pinned_context
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -39,11 +41,13 @@ class Endpoint:
     port: int
     path: str  # the base URL's path without its trailing slash ("/v1")
     host_header: str
+    pin: str = ""  # the job front's certificate SHA-256 (hpc.tlspin); "": none
 
 
 @functools.lru_cache(maxsize=4096)
-def endpoint(base_url: str) -> Endpoint:
-    """``base_url`` parsed once (the routes hold a few; requests reuse them).
+def endpoint(base_url: str, pin: str | None = None) -> Endpoint:
+    """``base_url`` parsed once (the routes hold a few; requests reuse them); ``pin``: the
+    certificate digest a job's record names (the connection is refused to any other).
 
     Raises UpstreamUnreachable for a URL that is not http(s)://host[:port]/path."""
     parts = urlsplit(base_url)
@@ -54,7 +58,10 @@ def endpoint(base_url: str) -> Endpoint:
     except ValueError as exc:
         raise UpstreamUnreachable(f"bad port in {base_url!r}") from exc
     host_header = parts.netloc.rpartition("@")[2]
-    return Endpoint(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), host_header)
+    if pin and parts.scheme != "https":
+        raise UpstreamUnreachable(f"a pinned certificate needs an https URL: {base_url!r}")
+    path = parts.path.rstrip("/")
+    return Endpoint(parts.scheme, parts.hostname, port, path, host_header, pin or "")
 
 
 @dataclass
@@ -63,7 +70,7 @@ class Pool:
 
     connect_timeout_s: float
     ssl_context: ssl.SSLContext | None = None
-    _idle: dict[tuple[str, str, int], list[UpstreamConnection]] = field(default_factory=dict)
+    _idle: dict[PoolKey, list[UpstreamConnection]] = field(default_factory=dict)
     _open: set[UpstreamConnection] = field(default_factory=set)
 
     async def request(self, target: Endpoint, data: bytes) -> tuple[UpstreamConnection, Head]:
@@ -75,7 +82,7 @@ class Pool:
         on cancellation (the caller's clock), the connection is closed.
         """
         for tries_left in (1, 0):
-            conn, _ = await self.connect(target.scheme, target.host, target.port)
+            conn, _ = await self.connect(target.scheme, target.host, target.port, target.pin)
             try:
                 head = await conn.send(data)
             except UpstreamClosed:
@@ -89,11 +96,15 @@ class Pool:
             return conn, head
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    async def connect(self, scheme: str, host: str, port: int) -> tuple[UpstreamConnection, bool]:
+    async def connect(
+        self, scheme: str, host: str, port: int, pin: str = ""
+    ) -> tuple[UpstreamConnection, bool]:
         """An open connection (reused when one is idle) and whether it was reused.
 
-        Raises UpstreamConnectTimeout or UpstreamError."""
-        key = (scheme, host, port)
+        With a ``pin``, the server's certificate is checked against it right after the
+        handshake, before anything is sent (hpc.tlspin). Raises UpstreamConnectTimeout or
+        UpstreamError (UpstreamUnreachable for a certificate that is not the pinned one)."""
+        key = (scheme, host, port, pin)
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -102,7 +113,9 @@ class Pool:
             self._open.discard(conn)
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = None
-        if scheme == "https":
+        if pin:
+            tls = pinned_context(pin)  # the handshake fails unless it is the job's certificate
+        elif scheme == "https":
             if self.ssl_context is None:
                 self.ssl_context = ssl.create_default_context()
             tls = self.ssl_context
@@ -115,6 +128,8 @@ class Pool:
             raise UpstreamConnectTimeout(
                 f"no connection within {self.connect_timeout_s:g} s"
             ) from exc
+        except PinMismatch as exc:
+            raise UpstreamUnreachable(exc.message) from exc
         except OSError as exc:
             raise UpstreamUnreachable(f"cannot connect ({exc.strerror or exc})") from exc
         self._open.add(conn)

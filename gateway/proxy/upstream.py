@@ -86,7 +86,7 @@ async def send(
     time-to-first-token clock); ``UpstreamProtocolError`` if the answer is not HTTP.
     """
     try:
-        target = endpoint(upstream.base_url)
+        target = endpoint(upstream.base_url, upstream.tls_sha256)
         data = request_bytes(
             "POST",
             target.path + suffix,

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hpc import tlspin
+
 MODEL = "gemma-3-270m"
 QUESTION = "What is the capital of France?"
 # For the timing runs: a prompt the small model answers at length.
@@ -53,10 +55,12 @@ def sse_chat(
     max_tokens: int,
     on_text: Callable[[str], None] | None = None,
     stop: list[str] | None = None,
+    pin: str | None = None,
 ) -> StreamStats:
-    """Stream a chat completion from ``base_url`` (…/v1) and time it."""
+    """Stream a chat completion from ``base_url`` (…/v1) and time it; ``pin``: a job's
+    certificate digest (its record's ``tls_sha256``)."""
     url = urlsplit(base_url)
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=300)
+    conn = tlspin.connection(base_url, pin, timeout=300)
     request: dict[str, object] = {
         "model": MODEL,
         "stream": True,
@@ -182,15 +186,16 @@ def run(home: Path, max_tokens: int) -> int:
             f"timing: {ROUNDS} rounds of {BENCH_PROMPT!r}, {max_tokens} tokens, after one warm-up, "
             "alternating gateway and engine"
         )
-        key = json.loads((home / "registry" / f"{job}.json").read_text())["api_key"]
-        sse_chat(record["base_url"], key, BENCH_PROMPT, max_tokens)  # warm the prompt cache
-        runs: dict[str, list[StreamStats]] = {"through gateway": [], "direct to engine": []}
+        stored = json.loads((home / "registry" / f"{job}.json").read_text())
+        key, pin = stored["api_key"], stored["tls_sha256"]
+        sse_chat(record["base_url"], key, BENCH_PROMPT, max_tokens, pin=pin)  # warm the cache
+        runs: dict[str, list[StreamStats]] = {"through gateway": [], "direct to the job": []}
         for _ in range(ROUNDS):
             runs["through gateway"].append(
                 sse_chat(gateway_url + "/v1", None, BENCH_PROMPT, max_tokens)
             )
-            runs["direct to engine"].append(
-                sse_chat(record["base_url"], key, BENCH_PROMPT, max_tokens)
+            runs["direct to the job"].append(
+                sse_chat(record["base_url"], key, BENCH_PROMPT, max_tokens, pin=pin)
             )
         print(f"    {'(medians)':18}{'TTFT':>10}{'tokens/s':>10}{'tokens':>8}")
         for label, stats in runs.items():

@@ -1,7 +1,7 @@
 """How busy an engine says it is: requests running and waiting, from its own endpoints.
 
-Read by the gateway's health prober (to balance replicas) and by the job wrapper (to know
-when a draining engine has finished what it was asked): one parser, two readers.
+Read by the gateway's health prober, through the job's front, to balance replicas. (The
+job wrapper's drain counts what its front forwards instead: hpc.job.front.)
 
 - vLLM: ``GET /metrics`` (always on), Prometheus text with ``vllm:num_requests_running``
   and ``vllm:num_requests_waiting``, one series per model and engine index (summed here).
@@ -10,21 +10,17 @@ when a draining engine has finished what it was asked): one parser, two readers.
   (on by default): a list of slots, busy ones ``is_processing`` (or ``state`` 1 in older
   builds).
 - llama-cpp-python's server (``python -m llama_cpp.server``) has neither: both answer 404.
-  Its load can only be seen from outside (:func:`established_connections`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 RUNNING_SERIES = ("vllm:num_requests_running", "llamacpp:requests_processing")
 WAITING_SERIES = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 # "This engine has no such endpoint" (501: llama-server with the endpoint switched off).
 ABSENT_STATUSES = frozenset({404, 405, 501})
-# /proc/net/tcp's state column: 01 is ESTABLISHED.
-_ESTABLISHED = "01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,27 +88,3 @@ def parse_slots(data: object) -> EngineLoad | None:
         if slot.get("is_processing") is True or slot.get("state") == 1:
             busy += 1
     return EngineLoad(running=busy, waiting=0)
-
-
-def established_connections(port: int, proc_net: Path = Path("/proc/net")) -> int:
-    """TCP connections in state ESTABLISHED whose local port is ``port`` (IPv4 and IPv6).
-
-    Seen from the server's side, each is a client of the engine on that port: a request in
-    flight, or an idle keep-alive connection that the server closes after its keep-alive
-    timeout (5 s in uvicorn, the server of llama-cpp-python and vLLM). Only this network
-    namespace's sockets are listed, which is the engine's (it runs beside the wrapper).
-    """
-    count = 0
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = (proc_net / name).read_text(encoding="ascii").splitlines()[1:]
-        except OSError:  # no IPv6 on this kernel, say
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or fields[3] != _ESTABLISHED:
-                continue
-            _address, _, hex_port = fields[1].rpartition(":")
-            if int(hex_port, 16) == port:
-                count += 1
-    return count

@@ -1,7 +1,11 @@
 """How each engine is started: argv, environment (the key goes here, never in argv), health.
 
 A pure function of the spec and the place it runs, so the job wrapper under every backend
-starts an engine the same way and tests can read the exact command.
+starts an engine the same way and tests can read the exact command. Every engine listens
+on a Unix socket (``listen``) in the job's 0700 directory, never on a TCP port: the job's
+front (hpc.job.front) is what the node's network reaches. vLLM takes ``--uds``,
+llama-server a ``--host`` ending in ``.sock``, llama-cpp-python's server runs under
+hpc.job.llamacpp_python, which gives it one.
 """
 
 from __future__ import annotations
@@ -59,14 +63,14 @@ def _has_flag(args: tuple[str, ...], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in args for n in names)
 
 
-def _llamacpp(spec: ModelSpec, host: str, port: int, api_key: str) -> EngineLaunch:
+def _llamacpp(spec: ModelSpec, listen: Path, api_key: str) -> EngineLaunch:
     gguf = resolve_gguf(spec)
     # In a container the server is the image's own, found on the image's PATH; this node's
     # PATH and Python say nothing about what the image holds.
     in_image = spec.runtime.kind != "none"
     server = "llama-server" if in_image else shutil.which("llama-server")
     if server is not None:
-        argv = [server, "--model", gguf, "--host", host, "--port", str(port), "--alias", spec.name]
+        argv = [server, "--model", gguf, "--host", str(listen), "--alias", spec.name]
         if spec.resources.gpus and not _has_flag(spec.engine_args, "-ngl", "--n-gpu-layers"):
             argv += ["--n-gpu-layers", "999"]
         return EngineLaunch(
@@ -77,8 +81,8 @@ def _llamacpp(spec: ModelSpec, host: str, port: int, api_key: str) -> EngineLaun
         )
     # llama-cpp-python's server reads its settings from the environment (pydantic-settings),
     # which is how the key reaches it without appearing in argv.
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", host]
-    argv += ["--port", str(port), "--model_alias", spec.name]
+    argv = [sys.executable, "-m", "hpc.job.llamacpp_python", "--uds", str(listen)]
+    argv += ["--model", gguf, "--model_alias", spec.name]
     if spec.resources.gpus and not _has_flag(spec.engine_args, "--n_gpu_layers"):
         argv += ["--n_gpu_layers", "-1"]
     if not _has_flag(spec.engine_args, "--interrupt_requests"):
@@ -96,8 +100,8 @@ def _llamacpp(spec: ModelSpec, host: str, port: int, api_key: str) -> EngineLaun
     )
 
 
-def _vllm(spec: ModelSpec, host: str, port: int, api_key: str, gpus_granted: int) -> EngineLaunch:
-    argv = ["vllm", "serve", spec.weights.source, "--host", host, "--port", str(port)]
+def _vllm(spec: ModelSpec, listen: Path, api_key: str, gpus_granted: int) -> EngineLaunch:
+    argv = ["vllm", "serve", spec.weights.source, "--uds", str(listen)]
     argv += ["--served-model-name", spec.name]
     if spec.weights.revision:
         argv += ["--revision", spec.weights.revision]
@@ -119,7 +123,7 @@ def gpus_granted(spec: ModelSpec, environ: Mapping[str, str]) -> int:
     return spec.resources.gpus
 
 
-def _in_container(spec: ModelSpec, launch: EngineLaunch) -> EngineLaunch:
+def _in_container(spec: ModelSpec, launch: EngineLaunch, listen: Path) -> EngineLaunch:
     runtime = spec.runtime
     if runtime.kind == "none":
         return launch
@@ -128,6 +132,8 @@ def _in_container(spec: ModelSpec, launch: EngineLaunch) -> EngineLaunch:
         argv.append(runtime.gpu_flag)
     for bind in runtime.binds:
         argv += ["--bind", bind]
+    # The engine's socket directory, whatever the site's `mount tmp` says.
+    argv += ["--bind", str(listen.parent)]
     if runtime.image is None:  # the spec's validator rules this out; say so if it did not
         raise EngineError(f"{spec.name}: runtime.kind {runtime.kind!r} needs an image")
     # APPTAINERENV_X reaches the container as X even under --cleanenv.
@@ -141,11 +147,12 @@ def _in_container(spec: ModelSpec, launch: EngineLaunch) -> EngineLaunch:
 
 
 def build_launch(
-    spec: ModelSpec, *, host: str, port: int, api_key: str, environ: Mapping[str, str]
+    spec: ModelSpec, *, listen: Path, api_key: str, environ: Mapping[str, str]
 ) -> EngineLaunch:
-    """The engine command for ``spec`` listening on ``host:port`` and requiring ``api_key``."""
+    """The engine command for ``spec`` listening on the Unix socket ``listen`` and requiring
+    ``api_key`` (the engine's own key: the front's callers never see it)."""
     if spec.engine == "llamacpp":
-        launch = _llamacpp(spec, host, port, api_key)
+        launch = _llamacpp(spec, listen, api_key)
     else:
-        launch = _vllm(spec, host, port, api_key, gpus_granted(spec, environ))
-    return _in_container(spec, launch)
+        launch = _vllm(spec, listen, api_key, gpus_granted(spec, environ))
+    return _in_container(spec, launch, listen)

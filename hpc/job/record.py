@@ -86,6 +86,7 @@ class JobRecord:
                     "engine_pid": None,
                     "engine_started_at": None,
                     "base_url": None,
+                    "tls_sha256": None,
                     "reason": None,
                     "log_tail": [],
                     # The wrapper may run before the backend's pending record exists (a fast

@@ -26,15 +26,15 @@ import aiohttp
 
 from hpc.errors import EngineError, MTError, PoolLoadError
 from hpc.job.engines import EngineLaunch, build_launch
+from hpc.job.jobdir import JobDir
 from hpc.job.plan import PoolPlan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
-from hpc.job.wrapper import LogPump, free_port, start_engine
+from hpc.job.wrapper import LogPump, start_engine
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 
 SlotState = Literal["empty", "loading", "ready", "draining"]
-_PORT_RETRIES = 3
-_ENGINE_HOST = "127.0.0.1"  # only the pool talks to its engines
+_HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=2)
 
 # build_launch's signature: tests may pass another launcher in its place.
 Launcher = Callable[..., EngineLaunch]
@@ -71,12 +71,21 @@ class Slot:
     last_error: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     pump: LogPump | None = field(default=None, repr=False)
-    root: str = ""  # the engine's http://127.0.0.1:port
+    # The engine's 0700 directory and a client on the Unix socket in it (hpc.job.jobdir):
+    # only the pool can reach its engines.
+    home: JobDir | None = field(default=None, repr=False)
+    session: aiohttp.ClientSession | None = field(default=None, repr=False)
     key: str = field(default="", repr=False)
 
     def url(self, path: str) -> str:
-        """The engine's URL for ``path`` (``/v1/chat/completions``)."""
-        return self.root + path
+        """The engine's URL for ``path`` (``/v1/chat/completions``), through ``session``."""
+        return "http://engine" + path
+
+    def client(self) -> aiohttp.ClientSession:
+        """The session to the loaded engine's socket."""
+        if self.session is None:
+            raise PoolLoadError(self.model or "?", "the slot's engine is not running")
+        return self.session
 
     def status(self, now: float) -> dict[str, object]:
         """What `GET /pool/status` shows of this slot."""
@@ -103,14 +112,12 @@ class Slots:
         plan: PoolPlan,
         environ: Mapping[str, str],
         out: IO[str],
-        session: aiohttp.ClientSession,
         launcher: Launcher = build_launch,
     ) -> None:
         self.plan = plan
         self.specs = {spec.name: spec for spec in plan.catalogue}
         self.environ = environ
         self.out = out
-        self.session = session
         self.launcher = launcher
         self.slots = [Slot(i, gpus) for i, gpus in enumerate(split_gpus(environ, plan.pool.slots))]
         self.model_loads: collections.Counter[str] = collections.Counter()
@@ -250,31 +257,32 @@ class Slots:
     async def _start(self, slot: Slot, spec: ModelSpec) -> None:
         env = self._slot_environ(slot)
         key = new_api_key()  # the engine's own: only this pool ever sends it
-        for _attempt in range(_PORT_RETRIES):
-            port = free_port(_ENGINE_HOST)
-            launch = self.launcher(
-                self._slot_spec(slot, spec), host=_ENGINE_HOST, port=port, api_key=key, environ=env
-            )
-            self._say(f"slot {slot.index}: starting engine: " + " ".join(launch.argv))
-            try:
-                slot.proc, slot.pump = start_engine(launch, env, self.out, key)
-            except OSError as exc:
-                raise PoolLoadError(spec.name, f"cannot start {launch.argv[0]}: {exc}") from exc
-            slot.root, slot.key = f"http://{_ENGINE_HOST}:{port}", key
-            probe_key = key if launch.health_needs_key else None
-            outcome = await self._await_health(slot, slot.url(launch.health_path), probe_key, spec)
-            if outcome == "healthy":
-                return
-            tail = await self._stop_engine(slot)
-            if outcome == "exited" and any("address already in use" in t.lower() for t in tail):
-                continue
-            reason = (
-                "engine exited before it was healthy"
-                if outcome == "exited"
-                else f"engine not healthy within startup_timeout_s={spec.startup_timeout_s:g}"
-            )
-            raise PoolLoadError(spec.name, reason, tail)
-        raise PoolLoadError(spec.name, "no free port after retries")
+        slot.home = JobDir(prefix="mt-slot-")
+        listen = slot.home.socket_path()
+        launch = self.launcher(self._slot_spec(slot, spec), listen=listen, api_key=key, environ=env)
+        self._say(f"slot {slot.index}: starting engine: " + " ".join(launch.argv))
+        try:
+            slot.proc, slot.pump = start_engine(launch, env, self.out, key)
+        except OSError as exc:
+            slot.home.remove()
+            slot.home = None
+            raise PoolLoadError(spec.name, f"cannot start {launch.argv[0]}: {exc}") from exc
+        slot.key = key
+        slot.session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(listen), limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+        probe_key = key if launch.health_needs_key else None
+        outcome = await self._await_health(slot, slot.url(launch.health_path), probe_key, spec)
+        if outcome == "healthy":
+            return
+        tail = await self._stop_engine(slot)
+        reason = (
+            "engine exited before it was healthy"
+            if outcome == "exited"
+            else f"engine not healthy within startup_timeout_s={spec.startup_timeout_s:g}"
+        )
+        raise PoolLoadError(spec.name, reason, tail)
 
     async def _await_health(
         self, slot: Slot, url: str, key: str | None, spec: ModelSpec
@@ -282,14 +290,14 @@ class Slots:
         deadline = time.monotonic() + spec.startup_timeout_s
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         interval = 0.05  # as the job wrapper: often at first, then back off to 2 s
-        timeout = aiohttp.ClientTimeout(total=2)
         while time.monotonic() < deadline:
             if self.stopping:
                 raise PoolLoadError(spec.name, "the pool is stopping")
             if slot.proc is None or slot.proc.poll() is not None:
                 return "exited"
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with self.session.get(url, headers=headers, timeout=timeout) as response:
+                get = slot.client().get(url, headers=headers, timeout=_HEALTH_TIMEOUT)
+                async with get as response:
                     if response.status == 200:
                         return "healthy"
             await asyncio.sleep(interval)
@@ -298,15 +306,21 @@ class Slots:
 
     async def _stop_engine(self, slot: Slot) -> list[str]:
         """Stop the slot's engine tree (in a thread: it waits out the grace period)."""
-        proc, pump = slot.proc, slot.pump
-        slot.proc = slot.pump = None
-        slot.root = slot.key = ""
+        proc, pump, home, session = slot.proc, slot.pump, slot.home, slot.session
+        slot.proc = slot.pump = slot.home = slot.session = None
+        slot.key = ""
+        if session is not None:
+            await session.close()
         if proc is None:
+            if home is not None:
+                home.remove()
             return []
         grace_s = self.plan.stop_grace_s
         await asyncio.to_thread(stop_tree, proc.pid, grace_s=grace_s, sig=ENGINE_STOP_SIGNAL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(proc.wait, 5)
+        if home is not None:
+            home.remove()
         return await asyncio.to_thread(pump.join) if pump is not None else []
 
     async def _unload(self, slot: Slot) -> None:

@@ -5,9 +5,9 @@ an OpenAI-compatible endpoint for every model of its catalogue and loads them on
 (hpc.job.slots): a request for a loaded model goes straight to its engine, streamed chunk
 by chunk as it arrives; one for another model waits for a slot and its engine's health.
 
-Every route but ``/health`` requires the per-job key of the pool's registry record (the
-gateway sends it; it never appears on a command line). The record is published ``ready``
-once the pool listens: the pool is ready to take requests, not to answer them instantly.
+The pool is its job's front (hpc.job.front): TLS on the node's port with a certificate the
+record pins, every route behind the per-job key, engines on Unix sockets only it reaches.
+The record is published ``ready`` once the pool listens, not once a model is loaded.
 TERM, INT, USR1 and USR2 mark it ``draining``, let the requests in flight (which the pool
 counts itself) finish within the plan's drain budget, stop every engine's process tree and
 mark it ``gone``, as the job wrapper does.
@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,9 +35,12 @@ from aiohttp.typedefs import Handler
 from hpc.errors import MTError
 from hpc.job.drain import POLL_S, SETTLE_S
 from hpc.job.engines import build_launch
+from hpc.job.front import bind_node_port
+from hpc.job.jobdir import JobDir
 from hpc.job.plan import PoolPlan
 from hpc.job.record import JobRecord, RecordEnded
 from hpc.job.slots import Launcher, Slot, Slots
+from hpc.job.tlscert import make_cert
 from hpc.job.wrapper import STOP_SIGNALS, advertised_host
 from hpc.openai import (
     INVALID_REQUEST,
@@ -55,7 +57,6 @@ from hpc.site import is_wildcard
 
 log = logging.getLogger("mt.swappool")
 
-_PUBLIC_PATHS = frozenset({"/health"})
 _HOP_HEADERS = ("Content-Type", "Cache-Control")
 
 SLOTS = web.AppKey("slots", Slots)
@@ -101,9 +102,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every path but ``/health`` needs ``Authorization: Bearer <the job's key>``."""
-    if request.path in _PUBLIC_PATHS:
-        return await handler(request)
+    """Every path needs ``Authorization: Bearer <the job's key>``, ``/health`` too."""
     given = request.headers.get("Authorization", "").encode()
     if not hmac.compare_digest(given, f"Bearer {request.app[KEY]}".encode()):
         return openai_error(
@@ -217,7 +216,7 @@ async def _relay(
     model, cold = slot.model, out is not None
     headers = {"Authorization": f"Bearer {slot.key}", "Content-Type": "application/json"}
     try:
-        async with slots.session.post(slot.url(request.path), data=body, headers=headers) as up:
+        async with slot.client().post(slot.url(request.path), data=body, headers=headers) as up:
             if out is not None and up.status != 200:
                 answer = await up.read()
                 message = f"{model}'s engine answered {up.status}: {answer[:500]!r}"
@@ -301,14 +300,6 @@ class SwapPool:
         self.out.write(f"[mt swappool] {message}\n")
         self.out.flush()
 
-    def _listen(self) -> socket.socket:
-        host = self.plan.engine_host
-        bind_host = "" if is_wildcard(host) else host
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bind_host, 0))  # the OS picks the port and we hold it: no race
-        return sock
-
     async def serve(self) -> int:
         """Serve until a stop signal; 0 when stopped, 1 when the pool could not start."""
         pool = self.plan.pool
@@ -320,20 +311,26 @@ class SwapPool:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig, stopped)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            try:
-                slots = Slots(self.plan, self.environ, self.out, session, self.launcher)
-            except MTError as exc:
-                self.job.set(record, "failed", reason=exc.message)
-                return 1
+        try:
+            slots = Slots(self.plan, self.environ, self.out, self.launcher)
+            home = JobDir(prefix="mt-pool-")
+        except MTError as exc:
+            self.job.set(record, "failed", reason=exc.message)
+            return 1
+        try:
+            # The pool is its job's front: the node's port, TLS with a pinned certificate,
+            # the job's key on every path (hpc.job.front says why).
+            cert = make_cert(home.path, f"mt pool {pool.name}")
             runner = web.AppRunner(create_app(slots, key), access_log=None)
             await runner.setup()
-            sock = self._listen()
+            host = "" if is_wildcard(self.plan.engine_host) else self.plan.engine_host
+            sock = bind_node_port(host)
             port = int(sock.getsockname()[1])
-            await web.SockSite(runner, sock).start()
-            base_url = f"http://{advertised_host(self.plan.engine_host)}:{port}/v1"
-            record = self.job.set(record, "ready", port=port, base_url=base_url)
+            await web.SockSite(runner, sock, ssl_context=cert.server_context()).start()
+            base_url = f"https://{advertised_host(self.plan.engine_host)}:{port}/v1"
+            record = self.job.set(
+                record, "ready", port=port, base_url=base_url, tls_sha256=cert.sha256
+            )
             self._say(f"serving {', '.join(pool.models)} on port {port} ({pool.slots} slots)")
             tending = asyncio.create_task(slots.tend())
             try:
@@ -348,6 +345,8 @@ class SwapPool:
                 await runner.cleanup()
                 with contextlib.suppress(RecordEnded):
                     self.job.set(record, "gone", reason=f"stopped by {name}")
+        finally:
+            home.remove()
         return 0
 
     def _on_signal(self, signum: int, stopped: asyncio.Event) -> None:

@@ -1,7 +1,9 @@
 """The job wrapper (``python -m hpc.job.wrapper --plan FILE``): the code that runs inside every job.
 
-It picks a free port, starts the engine as a child in its own process group, waits for the
-engine's health under the startup deadline, and only then publishes the record ``ready``.
+It binds the node's port for the job's TLS front (hpc.job.front: every path needs the job's
+key) before anything else, starts the engine on a Unix socket in the job's 0700 directory
+as a child in its own process group, waits for the engine's health under the startup
+deadline, and only then publishes the record ``ready`` with the front's certificate digest.
 TERM, INT, USR1 and USR2 (Slurm's preemption/time-limit warning) mark the record
 ``draining`` (the gateway sends it nothing new), let the requests in flight finish within
 the plan's drain budget (hpc.job.plan, hpc.job.drain), then stop the engine's whole process
@@ -23,37 +25,30 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 from hpc.errors import MTError, RegistryError
-from hpc.job.drain import Drained, InFlight, drain
+from hpc.job.drain import Drained, drain
 from hpc.job.engines import EngineLaunch, build_launch
+from hpc.job.front import Front, RoutePolicy, bind_node_port
+from hpc.job.jobdir import JobDir
 from hpc.job.plan import JobPlan, read_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
 from hpc.job.record import JobRecord, RecordEnded
+from hpc.job.tlscert import make_cert
+from hpc.job.udshttp import probe
 from hpc.liveness import create_time
-from hpc.registry import Record, State
+from hpc.registry import Record, State, new_api_key
 from hpc.site import is_wildcard
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
-_PORT_RETRIES = 3
 
 # build_launch's signature: tests pass another launcher (a fake engine) in its place.
 Launcher = Callable[..., EngineLaunch]
-
-
-def free_port(host: str) -> int:
-    """A port the OS says is free on ``host`` now (the engine binds it a moment later)."""
-    bind_host = "" if is_wildcard(host) else host
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((bind_host, 0))
-        return int(s.getsockname()[1])
 
 
 def advertised_host(engine_host: str) -> str:
@@ -61,18 +56,6 @@ def advertised_host(engine_host: str) -> str:
     if is_wildcard(engine_host):
         return socket.gethostname()
     return engine_host
-
-
-def probe(url: str, key: str | None, timeout_s: float = 2.0) -> bool:
-    """True if ``url`` answers 200."""
-    request = urllib.request.Request(url)  # noqa: S310 - an http URL we built ourselves
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            return int(response.status) == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 class LogPump:
@@ -152,6 +135,10 @@ class JobWrapper:
         self.stop_signal: int | None = None
         self._signals: list[tuple[int, float]] = []  # every stop signal, and when it came
         self._proc: subprocess.Popen[bytes] | None = None  # the engine, once started
+        self._engine_key = new_api_key()  # the engine's own: never leaves this node
+        self._dir: JobDir | None = None
+        self._front: Front | None = None
+        self._cert_sha256: str | None = None
 
     # -- record keeping ---------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -188,7 +175,7 @@ class JobWrapper:
     # -- the engine -----------------------------------------------------------------------
     def _start(self, launch: EngineLaunch) -> tuple[subprocess.Popen[bytes], LogPump]:
         self._say("starting engine: " + " ".join(launch.argv))
-        return start_engine(launch, self.environ, self.out, self._secret)
+        return start_engine(launch, self.environ, self.out, self._engine_key)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         stop_tree(proc.pid, grace_s=self.plan.stop_grace_s, sig=ENGINE_STOP_SIGNAL)
@@ -214,6 +201,9 @@ class JobWrapper:
             self._stop_engine()
             self._say(f"stopping: {exc}")
             return 0
+        finally:
+            self._stop_engine()
+            self._close()
 
     def _stop_engine(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -226,51 +216,40 @@ class JobWrapper:
         record = self._claim_record()
         self._secret = record.api_key.get_secret_value()
         spec = self.plan.spec
-        wildcard = is_wildcard(self.plan.engine_host)
-        probe_host = "127.0.0.1" if wildcard else self.plan.engine_host
-        for _attempt in range(_PORT_RETRIES):
-            port = free_port(self.plan.engine_host)
-            try:
-                launch = self.launcher(
-                    spec,
-                    host=self.plan.engine_host,
-                    port=port,
-                    api_key=self._secret,
-                    environ=self.environ,
-                )
-            except MTError as exc:
-                self._set(record, "failed", reason=exc.message, port=None)
-                self._say(f"failed: {exc.message}")
-                return 1
-            record = self._set(record, "starting", port=port)
-            try:
-                proc, pump = self._start(launch)
-            except OSError as exc:
-                reason = f"cannot start {launch.argv[0]}: {exc.strerror}"
-                self._set(record, "failed", reason=reason)
-                self._say(f"failed: {reason}")
-                return 1
-            self._proc = proc
-            # Recorded at once, not at ready: a model can load for many minutes, and a
-            # wrapper killed meanwhile must leave an engine that `mt cancel` can find.
-            record = self._set(
-                record, "starting", engine_pid=proc.pid, engine_started_at=create_time(proc.pid)
+        try:
+            self._dir = JobDir()
+            launch = self.launcher(
+                spec,
+                listen=self._dir.socket_path(),
+                api_key=self._engine_key,
+                environ=self.environ,
             )
-            health_url = f"http://{probe_host}:{port}{launch.health_path}"
-            outcome = self._await_health(
-                proc, health_url, launch.health_needs_key, spec.startup_timeout_s
-            )
-            if outcome == "healthy":
-                break
-            if outcome == "stopped":
-                return self._drain(record, proc)
+        except MTError as exc:
+            self._set(record, "failed", reason=exc.message, port=None)
+            self._say(f"failed: {exc.message}")
+            return 1
+        front = self._open_front(launch, self._dir)
+        # The port is the front's from here on: held before the engine starts, never free.
+        record = self._set(record, "starting", port=front.port)
+        try:
+            proc, pump = self._start(launch)
+        except OSError as exc:
+            reason = f"cannot start {launch.argv[0]}: {exc.strerror}"
+            self._set(record, "failed", reason=reason)
+            self._say(f"failed: {reason}")
+            return 1
+        self._proc = proc
+        # Recorded at once, not at ready: a model can load for many minutes, and a
+        # wrapper killed meanwhile must leave an engine that `mt cancel` can find.
+        record = self._set(
+            record, "starting", engine_pid=proc.pid, engine_started_at=create_time(proc.pid)
+        )
+        outcome = self._await_health(proc, launch, spec.startup_timeout_s)
+        if outcome == "stopped":
+            return self._drain(record, proc)
+        if outcome != "healthy":
             self._stop(proc)
             tail = pump.join()
-            if outcome == "exited" and any(
-                "address already in use" in line.lower() for line in tail
-            ):
-                self._say(f"port {port} was taken before the engine bound it; trying another")
-                continue
             reason = (
                 f"engine exited with code {proc.returncode} before it was healthy"
                 if outcome == "exited"
@@ -279,15 +258,12 @@ class JobWrapper:
             self._set(record, "failed", reason=reason, log_tail=tail)
             self._say(f"failed: {reason}")
             return 1
-        else:
-            self._set(record, "failed", reason="no free port after retries")
-            return 1
-
-        base_url = f"http://{advertised_host(self.plan.engine_host)}:{port}/v1"
+        base_url = f"https://{advertised_host(self.plan.engine_host)}:{front.port}/v1"
         record = self._set(
             record,
             "ready",
             base_url=base_url,
+            tls_sha256=self._cert_sha256,
             engine_pid=proc.pid,
             # What the gateway probes from now on (the engine is loaded by now).
             health_path=launch.probe_path or launch.health_path,
@@ -299,39 +275,65 @@ class JobWrapper:
             # moment to arrive before calling the engine's exit a failure.
             time.sleep(1.0)
         if self.stop_signal is not None:
-            # Every engine's load endpoints take the key (llama-server's need it).
-            engine = InFlight(f"http://{probe_host}:{port}", self._secret, spec.engine, port)
-            return self._drain(record, proc, engine)
+            return self._drain(record, proc, front)
         tail = pump.join()
         reason = f"engine exited with code {proc.returncode} while serving"
         self._set(record, "failed", reason=reason, log_tail=tail)
         self._say(f"failed: {reason}")
         return 1
 
+    def _open_front(self, launch: EngineLaunch, home: JobDir) -> Front:
+        """The job's TLS front on the node's port, started (see hpc.job.front)."""
+        cert = make_cert(home.path, f"mt job {self.job_id}")
+        self._cert_sha256 = cert.sha256
+        host = "" if is_wildcard(self.plan.engine_host) else self.plan.engine_host
+        quiet = {launch.health_path, launch.probe_path or launch.health_path}
+        front = Front(
+            bind_node_port(host),
+            home.socket_path(),
+            key=self._secret,
+            engine_key=self._engine_key,
+            tls=cert.server_context(),
+            policy=RoutePolicy(self.plan.spec.expose_routes),
+            quiet_paths=frozenset(quiet),
+        )
+        front.start()
+        self._front = front
+        return front
+
+    def _close(self) -> None:
+        """Release the port and remove the job's directory (its socket, keys, certificate)."""
+        if self._front is not None:
+            self._front.stop()
+        if self._dir is not None:
+            self._dir.remove()
+
     def _await_health(
-        self, proc: subprocess.Popen[bytes], url: str, needs_key: bool, timeout_s: float
+        self, proc: subprocess.Popen[bytes], launch: EngineLaunch, timeout_s: float
     ) -> str:
         """'healthy', 'exited', 'stopped' (a signal came) or 'timeout'."""
         deadline = time.monotonic() + timeout_s
-        key = self._secret if needs_key else None
+        key = self._engine_key if launch.health_needs_key else None
+        socket_path = self._dir.socket_path() if self._dir is not None else Path("/nonexistent")
         # Small models answer within a second or two, large ones take minutes: probe often
-        # at first (a refused loopback connect costs microseconds), then back off to 2 s.
+        # at first (a refused connect costs microseconds), then back off to 2 s.
         interval = 0.05
         while time.monotonic() < deadline:
             if self.stop_signal is not None:
                 return "stopped"
             if proc.poll() is not None:
                 return "exited"
-            if probe(url, key):
+            if probe(socket_path, launch.health_path, key):
                 return "healthy"
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * 1.25, 2.0)
         return "timeout"
 
     def _drain(
-        self, record: Record, proc: subprocess.Popen[bytes], engine: InFlight | None = None
+        self, record: Record, proc: subprocess.Popen[bytes], engine: Front | None = None
     ) -> int:
-        """``draining``; requests in flight finish (a serving ``engine`` only); stop; ``gone``."""
+        """``draining``; requests in flight at the front finish (a serving ``engine`` only);
+        stop; ``gone``."""
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
         record = self._set(record, "draining", reason=f"received {name}")
         reason = f"stopped by {name}"
