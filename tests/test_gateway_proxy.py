@@ -41,6 +41,7 @@ def add_record(
     *,
     key: str = JOB_KEY,
     state: State = "ready",
+    tls_sha256: str | None = None,
 ) -> Record:
     """Write a registry record the way a job wrapper does."""
     record = Record(
@@ -52,6 +53,7 @@ def add_record(
         state=state,
         base_url=base_url,
         api_key=SecretStr(key),
+        tls_sha256=tls_sha256,
     )
     Registry(registry_dir).write(record)
     return record
