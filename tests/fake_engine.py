@@ -2,10 +2,11 @@
 
 The engine stands for llama.cpp's ``llama-server`` or vLLM's OpenAI server as the job wrapper
 sees them: a process that takes ``--host`` on its command line (a path ending in ``.sock``:
-a Unix socket, as llama-server does; else ``--port`` too) and its API key
-from the environment (as ``VLLM_API_KEY`` / ``LLAMA_API_KEY`` do), prints log lines while
-it loads, and answers ``GET /health`` and ``GET /v1/models`` with 200 only when the request
-carries ``Authorization: Bearer <key>`` (401 otherwise). It is a stdlib ``http.server``.
+a Unix socket, as llama-server does; else ``--port`` too) and its API key from the
+environment (as ``VLLM_API_KEY`` does) or from ``--api-key-file`` (llama-server's way),
+prints log lines while it loads, and answers ``GET /health`` and ``GET /v1/models`` with 200
+only when the request carries ``Authorization: Bearer <key>`` (401 otherwise). It is a
+stdlib ``http.server``.
 
     python tests/fake_engine.py serve --host H --port P --mode MODE
     python tests/fake_engine.py wrap --plan PLAN.json --mode MODE
@@ -17,7 +18,8 @@ Modes of the engine:
     grandchild   start a grandchild (its own session, ignores SIGTERM, sleeps), then serve
     stubborn     like never, but ignore SIGTERM and SIGINT (an engine deaf to both)
 
-Every mode prints the key it was given on purpose: the wrapper must mask it in its log.
+Every mode prints the key it was given on purpose, in every form a log line can carry it
+(``key_lines``): the wrapper must mask them all in its log.
 
 ``wrap`` runs the real ``hpc.job.wrapper.JobWrapper`` with a launcher that returns the
 ``EngineLaunch`` of this fake engine, in place of ``hpc.job.engines.build_launch``.
@@ -26,6 +28,7 @@ Every mode prints the key it was given on purpose: the wrapper must mask it in i
 from __future__ import annotations
 
 import argparse
+import base64
 import http.server
 import json
 import os
@@ -34,6 +37,7 @@ import socketserver
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,11 +50,13 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _handler(key: str) -> type[http.server.BaseHTTPRequestHandler]:
+def _handler(key: str, open_health: bool) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path not in ("/health", "/v1/models"):
                 self._answer(404, {"error": {"message": "not found", "type": "not_found"}})
+            elif open_health and self.path == "/health":
+                self._answer(200, {"status": "ok"})
             elif self.headers.get("Authorization") != f"Bearer {key}":
                 self._answer(401, {"error": {"message": "bad key", "type": "auth"}})
             else:
@@ -78,6 +84,25 @@ class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
         return conn, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port) address
 
 
+def key_lines(key: str) -> list[str]:
+    """Log lines carrying ``key`` in every form a log line can: plain, base64 (standard and
+    URL-safe, padded or not; of ``Bearer KEY`` and of HTTP Basic's ``user:KEY``), and
+    percent-encoded (some characters, every character, twice)."""
+    raw = key.encode()
+    every = "".join(f"%{b:02X}" for b in raw)
+    return [
+        f"fake engine: api key is {key}",
+        f"fake engine: base64 {base64.b64encode(raw).decode()}",
+        f"fake engine: header Authorization: Basic {base64.b64encode(b'user:' + raw).decode()}",
+        f"fake engine: header Authorization: Basic {base64.b64encode(b'ab:' + raw).decode()}",
+        "fake engine: bearer, url-safe, unpadded "
+        + base64.urlsafe_b64encode(b"Bearer " + raw).decode().rstrip("="),
+        f"fake engine: GET /v1/models?api_key={urllib.parse.quote(key, safe='')}",
+        f"fake engine: GET /v1/models?api_key={every}&lower={every.lower()}",
+        f"fake engine: GET /v1/models?twice={every.replace('%', '%25')}",
+    ]
+
+
 def _start_grandchild() -> int:
     """A child that leaves our process group and ignores TERM, as a stray worker might."""
     code = (
@@ -87,11 +112,20 @@ def _start_grandchild() -> int:
     return proc.pid
 
 
-def serve(host: str, port: int, mode: str) -> int:
-    """Run the fake engine in ``mode``; returns its exit code."""
+def serve(host: str, port: int, mode: str, key_file: str | None = None) -> int:
+    """Run the fake engine in ``mode``; returns its exit code.
+
+    The key comes from ``key_file`` (as llama-server's ``--api-key-file``: one key a line,
+    ``#`` lines are comments; ``/health`` then answers without a key, as llama-server's
+    does) if given, else from the environment.
+    """
     key = os.environ.get(KEY_ENV, "")
+    if key_file is not None:
+        with open(key_file, encoding="utf-8") as f:
+            key = next(k for k in f.read().splitlines() if k and not k.startswith("#"))
     _say(f"fake engine: starting in mode {mode}")
-    _say(f"fake engine: api key is {key}")  # on purpose: the wrapper must mask it
+    for line in key_lines(key):  # on purpose: the wrapper must mask every form of it
+        _say(line)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine stop signal
@@ -105,11 +139,13 @@ def serve(host: str, port: int, mode: str) -> int:
             time.sleep(1)
     if mode == "grandchild":
         _say(f"fake engine: grandchild pid {_start_grandchild()}")
+    # With a key file it stands for llama-server, whose /health needs no key.
+    handler = _handler(key, key_file is not None)
     server: socketserver.BaseServer
     if host.endswith(".sock"):
-        server = _UnixHTTPServer(host, _handler(key))
+        server = _UnixHTTPServer(host, handler)
     else:
-        server = http.server.ThreadingHTTPServer((host, port), _handler(key))
+        server = http.server.ThreadingHTTPServer((host, port), handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _say(f"fake engine: listening on {host}:{port}")
     try:
@@ -147,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--host", default="127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0)
     serve_p.add_argument("--mode", choices=MODES, default="healthy")
+    serve_p.add_argument("--api-key-file", default=None)
     wrap_p = sub.add_parser("wrap")
     wrap_p.add_argument("--plan", type=Path, required=True)
     wrap_p.add_argument("--mode", choices=MODES, default="healthy")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return serve(args.host, args.port, args.mode)
+        return serve(args.host, args.port, args.mode, args.api_key_file)
     return wrap(args.plan, args.mode)
 
 

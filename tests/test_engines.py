@@ -77,7 +77,10 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
     gguf: Path, llama_server_on_path: Path
 ) -> None:
     launch = _launch(_spec("llamacpp", str(gguf), engine_args=["--ctx-size", "4096"]))
-    assert launch.argv == [
+    # The key goes through a pipe (hpc.job.keypipe), never argv: llama-server reads it from
+    # --api-key-file /dev/fd/3, which keypipe fills from MT_ENGINE_KEY before it execs.
+    assert launch.argv[:6] == [sys.executable, "-m", "hpc.job.keypipe", "MT_ENGINE_KEY", "3", "--"]
+    assert launch.argv[6:] == [
         str(llama_server_on_path),
         "--model",
         str(gguf),
@@ -85,10 +88,13 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
         str(SOCK),
         "--alias",
         "test-model",
+        "--api-key-file",
+        "/dev/fd/3",
         "--ctx-size",
         "4096",
     ]
-    assert launch.env == {"LLAMA_API_KEY": KEY}
+    assert launch.env == {"MT_ENGINE_KEY": KEY}
+    assert not any(KEY in arg for arg in launch.argv)
     assert (launch.health_path, launch.health_needs_key) == ("/health", False)
 
 

@@ -48,6 +48,7 @@ from gateway.proxy.pool import Pool, endpoint
 from gateway.proxy.sse import MAX_CARRY_BYTES, engine_error_at
 from gateway.proxy.usage import note_usage, read_usage
 from gateway.routes import Upstream
+from hpc.masking import mask
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout_at
@@ -156,6 +157,10 @@ async def attempt(
             502, "upstream_error", f"upstream {upstream.source} failed: {type(exc).__name__}"
         )
     exchange.upstream_first_at = time.monotonic()
+    if head.status >= 400 and upstream.api_key:
+        # An engine that echoes what it was sent must not hand the job's key to the client
+        # or to the log (hpc.masking: every form of it; the JSON stays valid).
+        body = mask(body.decode("utf-8", "replace"), upstream.api_key).encode()
     headers = {"Content-Type": head.headers.get("content-type", "application/json")}
     retry_after = head.headers.get("retry-after")
     if head.status >= 500:

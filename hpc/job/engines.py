@@ -1,4 +1,9 @@
-"""How each engine is started: argv, environment (the key goes here, never in argv), health.
+"""How each engine is started: argv, environment, health; the key never in argv.
+
+The key reaches vLLM and llama-cpp-python through their environment (``VLLM_API_KEY``,
+``API_KEY``: /proc/PID/environ is readable by the same user and root only), and
+llama-server through ``--api-key-file /dev/fd/3``, a pipe hpc.job.keypipe fills from the
+environment just before it ``exec``s the server (no key file on disk, nothing left behind).
 
 A pure function of the spec and the place it runs, so the job wrapper under every backend
 starts an engine the same way and tests can read the exact command. Every engine listens
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc.errors import EngineError
+from hpc.job.keypipe import ENV as KEYPIPE_ENV
+from hpc.job.keypipe import key_path, keypipe_argv
 from hpc.spec import ModelSpec
 
 
@@ -73,9 +80,19 @@ def _llamacpp(spec: ModelSpec, listen: Path, api_key: str) -> EngineLaunch:
         argv = [server, "--model", gguf, "--host", str(listen), "--alias", spec.name]
         if spec.resources.gpus and not _has_flag(spec.engine_args, "-ngl", "--n-gpu-layers"):
             argv += ["--n-gpu-layers", "999"]
+        if in_image:
+            # Apptainer's passing of descriptors into the image is not something we can
+            # rely on everywhere: the environment (APPTAINERENV_…), like vLLM's key.
+            return EngineLaunch(
+                argv=[*argv, *spec.engine_args],
+                env={"LLAMA_API_KEY": api_key},
+                health_path="/health",
+                health_needs_key=False,
+            )
+        argv += ["--api-key-file", key_path()]
         return EngineLaunch(
-            argv=[*argv, *spec.engine_args],
-            env={"LLAMA_API_KEY": api_key},
+            argv=keypipe_argv(sys.executable, [*argv, *spec.engine_args]),
+            env={KEYPIPE_ENV: api_key},
             health_path="/health",
             health_needs_key=False,
         )

@@ -41,6 +41,7 @@ from hpc.job.record import JobRecord, RecordEnded
 from hpc.job.tlscert import make_cert
 from hpc.job.udshttp import probe
 from hpc.liveness import create_time
+from hpc.masking import Mask
 from hpc.registry import Record, State, new_api_key
 from hpc.site import is_wildcard
 
@@ -59,19 +60,20 @@ def advertised_host(engine_host: str) -> str:
 
 
 class LogPump:
-    """Copies the engine's output to our stdout line by line, masks the key, keeps a tail."""
+    """Copies the engine's output to our stdout line by line, masks the key (in every form
+    hpc.masking knows: plain, percent-encoded, base64), keeps a tail."""
 
     def __init__(self, stream: IO[bytes], out: IO[str], secret: str) -> None:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._stream = stream
         self._out = out
-        self._secret = secret
+        self._mask = Mask(secret)
         self._thread = threading.Thread(target=self._run, name="engine-log", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         for raw in iter(self._stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n").replace(self._secret, "***")
+            line = self._mask(raw.decode("utf-8", "replace").rstrip("\n"))
             self.tail.append(line)
             with contextlib.suppress(OSError, ValueError):
                 self._out.write(line + "\n")
