@@ -155,10 +155,13 @@ async def test_the_engine_gets_its_own_key_never_the_jobs(tmp_path: Path) -> Non
     async with front_and_engine(tmp_path) as (front, sha, engine):
         url = f"https://127.0.0.1:{front.port}/v1"
         add_record(tmp_path / "registry", "m", url, tls_sha256=sha)
-        async with gateway(tmp_path) as gateway_url, aiohttp.ClientSession() as client:
-            async with client.post(gateway_url + CHAT, json=chat("m", stream=True)) as resp:
-                assert resp.status == 200
-                data = await resp.read()
+        async with (
+            gateway(tmp_path) as gateway_url,
+            aiohttp.ClientSession() as client,
+            client.post(gateway_url + CHAT, json=chat("m", stream=True)) as resp,
+        ):
+            assert resp.status == 200
+            data = await resp.read()
         assert b"[DONE]" in data
         assert engine.seen.authorization
         assert set(engine.seen.authorization) == {f"Bearer {ENGINE_KEY}"}
