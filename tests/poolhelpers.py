@@ -95,7 +95,7 @@ def engines_of(pool_pid: int, model: str) -> list[psutil.Process]:
             cmdline = proc.cmdline()
         except psutil.NoSuchProcess:
             continue
-        if "llama_cpp.server" in cmdline and model in cmdline:
+        if "hpc.job.llamacpp_python" in cmdline and model in cmdline:
             found.append(proc)
     return found
 

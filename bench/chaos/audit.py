@@ -17,7 +17,14 @@ from bench.chaos.world import REPLICAS, World
 from hpc.registry import FINAL_STATES
 
 # What runs a job: the wrapper and the engines it starts (llama.cpp's server, vLLM).
-JOB_PROCESS_MARKS = ("hpc.job.wrapper", "hpc.jobwrap", "llama_cpp.server", "llama-server", "vllm")
+JOB_PROCESS_MARKS = (
+    "hpc.job.wrapper",
+    "hpc.jobwrap",
+    "hpc.job.llamacpp_python",
+    "llama_cpp.server",
+    "llama-server",
+    "vllm",
+)
 
 
 @dataclass
