@@ -140,10 +140,12 @@ def check_job_as_other_user(
     key = record.api_key.get_secret_value()
     ps = other.run(["ps", "-eo", "args"])
     assert ps.rc == 0, ps.stderr
-    assert "--api-key-file /dev/fd/3" in ps.stdout or "llama_cpp.server" in ps.stdout, (
+    assert "--api-key-file /dev/fd/3" in ps.stdout or "hpc.job.llamacpp_python" in ps.stdout, (
         "the other user should see the engine's argv"
     )
     assert_no_key(ps.stdout, key, "ps -eo args")
+    # Nor the engine's own key (the front's): every key mt makes starts with "mtj-".
+    assert "mtj-" not in ps.stdout
 
     files = _files(record, log_path)
     look = other.python(_LOOK, str(record.engine_pid), *map(str, files))
