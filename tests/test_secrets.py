@@ -44,12 +44,12 @@ pytestmark = pytest.mark.timeout(300)
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py").resolve()
 _SHIM = """#!{python}
-# llama-server as the job wrapper starts it: the fake engine on the --host/--port it is
-# given, its key read from --api-key-file (the model and alias are ignored).
+# llama-server as the job wrapper starts it: the fake engine on the --host (a Unix socket)
+# it is given, its key read from --api-key-file (the model and alias are ignored).
 import os, sys
 args = sys.argv[1:]
 opt = lambda name: args[args.index(name) + 1]
-argv = [{python!r}, "-u", {engine!r}, "serve", "--host", opt("--host"), "--port", opt("--port")]
+argv = [{python!r}, "-u", {engine!r}, "serve", "--host", opt("--host")]
 os.execv(argv[0], argv + ["--api-key-file", opt("--api-key-file")])
 """
 
