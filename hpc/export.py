@@ -113,6 +113,12 @@ def litellm_direct_config(models: Sequence[ServedModel]) -> tuple[dict[str, Any]
         if not model.endpoints:
             skipped.append(model.name)
         for endpoint in model.endpoints:
+            if endpoint.record is not None and endpoint.record.tls_sha256:
+                raise ExportError(
+                    f"{model.name}: job {endpoint.job} serves TLS with a certificate only "
+                    "its record vouches for (pinned by the gateway), which LiteLLM cannot pin",
+                    hint="export through the gateway (without --direct): it pins every job",
+                )
             params = {
                 # Straight at the engine: it knows the model's own name, not an alias.
                 "model": f"openai/{model.alias_of or model.name}",

