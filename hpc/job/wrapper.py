@@ -37,6 +37,7 @@ from hpc.job.plan import JobPlan, read_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
 from hpc.job.record import JobRecord, RecordEnded
 from hpc.liveness import create_time
+from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Record, State
 from hpc.site import is_wildcard
 
@@ -201,6 +202,8 @@ class JobWrapper:
         A registry that cannot be written (a full disk, a read-only remount) ends the job:
         the engine is stopped whatever state its record was left in, since a job nobody can
         find or route must not keep its GPUs, and the wrapper exits non-zero saying why.
+        A registry (or record) other users can reach ends it the same way: the job's key
+        is not published there (hpc.permissions; the bypass applies here too).
         A record ended from outside (``mt cancel`` or ``mt status`` made it final) or owned
         by a newer run also ends the job: nobody routes to it any more.
         """
@@ -209,6 +212,11 @@ class JobWrapper:
         except RegistryError as exc:
             self._stop_engine()
             self._say(f"registry write failed: {exc.message} at {exc.path}")
+            return 1
+        except InsecurePermissionsError as exc:
+            # Publishing the job's key where others can read it is worse than no job.
+            self._stop_engine()
+            self._say(f"not publishing into the registry: {exc.message}; fix: {exc.hint}")
             return 1
         except RecordEnded as exc:
             self._stop_engine()
