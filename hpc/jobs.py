@@ -110,12 +110,13 @@ class JobService:
             # A job nobody can find must not run: cancel it, then say why.
             with contextlib.suppress(MTError):
                 self.scheduler.cancel(submitted.handle)
+            cancelled = f"{exc.message}; job {record.key} was cancelled, nothing is left running"
+            if isinstance(exc, InsecurePermissionsError):  # its hint is the chmod that fixes it
+                raise RegistryError(cancelled, path=exc.path, hint=exc.hint) from exc
             raise RegistryError(
-                f"{exc.message}; job {record.key} was cancelled, nothing is left running",
+                cancelled,
                 path=exc.path,
-                hint=exc.hint
-                if isinstance(exc, InsecurePermissionsError)
-                else "free space on the registry's filesystem (or fix its permissions), "
+                hint="free space on the registry's filesystem (or fix its permissions), "
                 "then submit again",
             ) from exc
         return submitted.handle

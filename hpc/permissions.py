@@ -75,12 +75,17 @@ def _user(uid: int) -> str:
 
 
 class InsecurePermissionsError(MTError):
-    """Private paths other users could read or change; ``exposures`` says which and how."""
+    """A private path is group/world-accessible or another user's: run the hint's chmod.
+
+    Private: ``$MT_HOME``, the registry, a record, keys.yaml, the on-demand state file. Only
+    ``MT_ALLOW_INSECURE_PERMISSIONS=1`` bypasses the check, with a warning every run.
+    """
 
     def __init__(self, exposures: Sequence[Exposure]) -> None:
-        lines = [f"  {exposure.describe()}" for exposure in exposures]
+        # One line per path: `error:   /x/mt (directory, mode 0755; want 0700)`.
+        paths = "\n".join(f"  {exposure.describe()}" for exposure in exposures)
         super().__init__(
-            "refusing to use files other users can read or change:\n" + "\n".join(lines),
+            f"refusing to use files other users can read or change:\n{paths}",
             hint=fixes(exposures),
         )
         self.exposures = tuple(exposures)

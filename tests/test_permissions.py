@@ -21,6 +21,7 @@ from mtcli import mt
 
 from gateway.keys import create_key
 from hpc.job.plan import JobPlan, write_plan
+from hpc.privatefile import make_private_dir
 from hpc.registry import Registry, pending_record
 from hpc.spec import ModelSpec, Weights
 
@@ -237,3 +238,16 @@ def test_the_job_wrapper_does_not_publish_into_a_loose_registry(tree: Tree) -> N
     assert "not publishing into the registry" in done.stdout
     assert "mode 0755" in done.stdout and "chmod 700" in done.stdout
     assert not (tree.registry / "local-7.json").exists()
+
+
+def test_a_fresh_home_is_made_private_with_its_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Path.mkdir(parents=True) would make "new" and "home" 0755 (umask 022): refused next run.
+    home = tmp_path / "new" / "home"
+    monkeypatch.setenv("MT_HOME", str(home))
+    make_private_dir(home / "tunnels")
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "new", home)} == {"0o700"}
+    mt("keys", "create", "bob")
+    done = mt("status")
+    assert "warning:" not in done.stderr
