@@ -30,6 +30,7 @@ from gateway.logs import LOGGER_NAME, fields
 from gateway.routes import RouteTable, build_routes
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, RegistryError
+from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Registry
 from hpc.spec import ModelsFile
 
@@ -127,7 +128,8 @@ class Reloader:
         if self._routes is None or changed & {"registry", "models"}:
             try:
                 self._routes = self._build_routes()
-            except RegistryError as exc:
+            except (RegistryError, InsecurePermissionsError) as exc:
+                # A record others can read (hpc.permissions) is refused like an unreadable one.
                 log.error(
                     "registry unreadable; keeping the last routes",
                     extra=fields(path=str(exc.path), error=exc.message),

@@ -3,6 +3,7 @@
     MTError                       message + hint; the CLI prints both and exits 1
     ├── ConfigError               a config file is bad: one ConfigIssue per bad field
     ├── RegistryError             the registry directory or a record cannot be used
+    ├── InsecurePermissionsError  (hpc.permissions) a private path others can reach: mode, fix
     ├── JobNotFoundError          no record and no job with that id
     ├── WaitFailed                (hpc.jobs) a job waited for ended before it was ready
     ├── UnknownBackendError       a backend name that is not registered

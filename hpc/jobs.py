@@ -25,6 +25,7 @@ from hpc.backends import (
 )
 from hpc.errors import JobNotFoundError, MTError, RegistryError
 from hpc.orphan import end_orphan, wrapper_died
+from hpc.permissions import InsecurePermissionsError
 from hpc.reconcile import ENDED, settle
 from hpc.registry import (
     FINAL_STATES,
@@ -105,12 +106,15 @@ class JobService:
         # create, not write: a job that started early has written its own, newer record.
         try:
             self.registry.create(record.model_copy(update=update))
-        except RegistryError as exc:
+        except (RegistryError, InsecurePermissionsError) as exc:
             # A job nobody can find must not run: cancel it, then say why.
             with contextlib.suppress(MTError):
                 self.scheduler.cancel(submitted.handle)
+            cancelled = f"{exc.message}; job {record.key} was cancelled, nothing is left running"
+            if isinstance(exc, InsecurePermissionsError):  # its hint is the chmod that fixes it
+                raise RegistryError(cancelled, path=exc.path, hint=exc.hint) from exc
             raise RegistryError(
-                f"{exc.message}; job {record.key} was cancelled, nothing is left running",
+                cancelled,
                 path=exc.path,
                 hint="free space on the registry's filesystem (or fix its permissions), "
                 "then submit again",

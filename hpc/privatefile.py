@@ -15,6 +15,24 @@ from pathlib import Path
 TMP_SUFFIX = ".tmp"
 
 
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` and every missing parent 0700.
+
+    ``Path.mkdir(mode=0o700, parents=True)`` gives the parents it creates the umask's mode
+    (0755 under umask 022): a fresh ``$MT_HOME`` made that way would be one that `mt`
+    then refuses (hpc.permissions). An existing directory is left as it is.
+    """
+    missing: list[Path] = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer made it first
+            directory.mkdir(mode=0o700)
+
+
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
     """Write ``data`` to ``path`` (0600; the directory is created 0700 if missing).
 
@@ -23,7 +41,7 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
     killed mid-write leaves a ``.tmp`` file that readers ignore and cleaners remove).
     """
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(directory)
     tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     created = True
     try:

@@ -25,7 +25,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
 
 from hpc.errors import RegistryError
-from hpc.privatefile import TMP_SUFFIX, write_private
+from hpc.permissions import check_open, enforce
+from hpc.privatefile import TMP_SUFFIX, make_private_dir, write_private
 from hpc.recordlock import STALE_S as LOCK_STALE_S
 from hpc.recordlock import WAIT_S as LOCK_WAIT_S
 from hpc.recordlock import RecordLock, clean_locks
@@ -183,18 +184,17 @@ class Registry:
             lock.release()
 
     def ensure(self) -> None:
-        """Create the directory (0700) if needed; refuse one other users can read."""
+        """Create the directory (0700, parents too) if needed; refuse one other users can
+        reach (hpc.permissions: InsecurePermissionsError, unless the bypass is set)."""
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            mode = self.path.stat().st_mode & 0o777
-            if mode & 0o077:
-                os.chmod(self.path, 0o700)
+            make_private_dir(self.path)
         except OSError as exc:
             raise RegistryError(
                 f"cannot use registry directory {self.path}: {exc.strerror}",
                 path=self.path,
                 hint="set registry_dir in site.yaml to a directory you own",
             ) from exc
+        enforce([self.path])
 
     def _file(self, key: str) -> Path:
         return self.path / f"{key}.json"
@@ -262,11 +262,21 @@ class Registry:
 
     def _load(self, path: Path) -> Record | None:
         try:
-            raw = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise RegistryError(f"cannot read {path}: {exc.strerror}", path=path) from exc
+        try:
+            # A record holds its job's key: one others can read (or did not write) is
+            # refused, checked on the file actually opened (hpc.permissions).
+            check_open(path, os.fstat(fd))
+            with os.fdopen(fd, "rb", closefd=False) as stream:
+                raw = stream.read()
+        except OSError as exc:
+            raise RegistryError(f"cannot read {path}: {exc.strerror}", path=path) from exc
+        finally:
+            os.close(fd)
         try:
             return Record.model_validate(json.loads(raw))
         except (ValueError, ValidationError):

@@ -10,6 +10,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
+from hpc.ondemandstate import default_path as ondemand_state_path
+from hpc.permissions import records_in
 from hpc.spec import SlurmName
 from hpc.transport import LocalTransport, Transport
 
@@ -154,7 +156,20 @@ class Site:
         self.registry_dir = home / (config.registry_dir or Path("registry")).expanduser()
         self.log_dir = home / (config.log_dir or Path("logs")).expanduser()
         self.jobs_dir = home / "jobs"
+        self.keys_file = home / "keys.yaml"  # `mt keys` and `mt gateway --keys` default to it
         self._transport = transport
+
+    def private_paths(self) -> list[Path]:
+        """What must stay private (hpc.permissions): the state directory, the registry and
+        its records, keys.yaml, and the on-demand state file the gateway writes."""
+        registry = self.registry_dir
+        return [
+            self.home,
+            registry,
+            *records_in(registry),
+            self.keys_file,
+            ondemand_state_path(registry),
+        ]
 
     def slurm_transport(self) -> Transport:
         """Where Slurm commands run: the transport handed in, else this machine.

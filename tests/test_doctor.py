@@ -81,17 +81,19 @@ def test_apptainer_version_is_reported(tmp_path: Path) -> None:
 
 def test_registry_readable_by_others_fails(tmp_path: Path) -> None:
     site = load_site(None)
-    site.registry_dir.mkdir(parents=True, mode=0o755)
+    site.home.mkdir(mode=0o700)
+    site.registry_dir.mkdir(mode=0o755)
     site.registry_dir.chmod(0o755)
     check = next(
-        c for c in local_checks(site, environ=empty_path(tmp_path)) if "registry" in c.name
+        c for c in local_checks(site, environ=empty_path(tmp_path)) if c.name == "private files"
     )
     assert check.ok is False
+    assert f"{site.registry_dir} (directory, mode 0755; want 0700)" in check.detail
     assert check.hint is not None
-    assert "chmod 700" in check.hint
+    assert f"chmod 700 {site.registry_dir}" in check.hint
     site.registry_dir.chmod(0o700)
     check = next(
-        c for c in local_checks(site, environ=empty_path(tmp_path)) if "registry" in c.name
+        c for c in local_checks(site, environ=empty_path(tmp_path)) if c.name == "private files"
     )
     assert check.ok is True
 
@@ -212,7 +214,7 @@ def test_probe_that_dies_without_result_is_failed_not_awaited_forever(
 ) -> None:
     # Without sacct, submitit would call this job UNKNOWN and wait for its result forever.
     home = tmp_path / "mt-home"
-    home.mkdir()
+    home.mkdir(mode=0o700)
     (home / "site.yaml").write_text("slurm:\n  python: /nonexistent/bin/python3\n")
     site = probe_site(home, monkeypatch)
 

@@ -16,6 +16,7 @@ import pydantic
 import pytest
 
 from hpc.errors import RegistryError
+from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Record, Registry, new_api_key, record_key
 
 WRITERS = 4
@@ -213,18 +214,29 @@ def test_files_are_0600_and_the_directory_0700_whatever_the_umask(tmp_path: Path
     assert _mode(registry.path / f"{record.key}.json") == 0o600
 
 
-def test_a_world_readable_directory_and_record_are_tightened(tmp_path: Path) -> None:
+def test_a_world_readable_directory_and_record_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "registry"
     path.mkdir(mode=0o755)
     os.chmod(path, 0o755)  # noqa: S103 - the loose mode under test
+    registry = Registry(path)
+    with pytest.raises(InsecurePermissionsError, match=r"registry \(directory, mode 0755"):
+        registry.ensure()
+    assert _mode(path) == 0o755  # refused, not silently tightened: it may have been read
+    os.chmod(path, 0o700)
     loose = path / "local-1.json"
     loose.write_text(_record("1").model_dump_json())
     os.chmod(loose, 0o644)
-    registry = Registry(path)
-    registry.ensure()
-    assert _mode(path) == 0o700
+    with pytest.raises(InsecurePermissionsError, match=r"local-1.json \(file, mode 0644"):
+        registry.records()
+    with pytest.raises(InsecurePermissionsError) as refused:
+        registry.read("local-1")
+    assert refused.value.hint == f"chmod 600 {loose}"
+    monkeypatch.setenv("MT_ALLOW_INSECURE_PERMISSIONS", "1")
+    assert [r.job_id for r in registry.records()] == ["1"]
     registry.write(_record("1"))
-    assert _mode(loose) == 0o600
+    assert _mode(loose) == 0o600  # every write is 0600
 
 
 def test_the_key_is_stored_but_never_in_public_output(registry: Registry) -> None:

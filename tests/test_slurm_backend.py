@@ -348,7 +348,8 @@ def test_render_then_sbatch_by_hand_registers(
     monkeypatch.setenv("MT_HOME", str(home))
     models = gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)
     monkeypatch.setenv("MT_MODELS", str(models))
-    (home / "logs").mkdir(parents=True)
+    home.mkdir(mode=0o700)  # private, as mt makes it
+    (home / "logs").mkdir()
     script = tmp_path / "gemma.sbatch"
     mt("render", GEMMA, "-o", str(script))
     job_id = cluster.sbatch(str(script))

@@ -78,7 +78,7 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def write_site(cluster: SlurmCluster, ssh_config: Path, **slurm: str) -> None:
     """$MT_HOME/site.yaml for a laptop: where the ssh config is, SLURM_CONF on the far side."""
     home = Path(os.environ["MT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)
     settings = {
         "ssh_config": str(ssh_config),
         "ssh_env": {"SLURM_CONF": str(cluster.conf_path)},

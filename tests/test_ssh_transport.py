@@ -366,7 +366,7 @@ def test_proxy_jump(sshd: SSHServer, tmp_path: Path) -> None:
 def test_cli_prints_error_and_hint_for_an_unknown_host(sshd: SSHServer, tmp_path: Path) -> None:
     """`mt --host` with a host whose key is not known: `error:` + `hint:`, exit 1, no traceback."""
     home = Path(os.environ["MT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     config = tmp_path / "ssh_config"

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from hpc.privatefile import make_private_dir
+
 
 @contextlib.contextmanager
 def mounted(path: Path, size: str = "1m") -> Iterator[Path]:
     """A tmpfs of ``size`` (mode 0700) at ``path`` until the block ends."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(path)  # parents too: it may be under MT_HOME, which must stay 0700
     options = f"size={size},mode=0700"
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
     try:

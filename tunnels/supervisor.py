@@ -16,6 +16,7 @@ import time
 import psutil
 
 from hpc.errors import MTError
+from hpc.privatefile import make_private_dir
 from tunnels.base import Events, TunnelSpec
 from tunnels.engines import make_engine
 from tunnels.health import check_healthz
@@ -113,7 +114,7 @@ class HeldTunnel:
 
 def start_background(argv: list[str], states: TunnelStates, local_port: int) -> TunnelRecord:
     """Start ``argv`` (a detached `mt tunnel open`), return its record once it is up."""
-    states.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(states.directory)  # a new MT_HOME too: 0700
     log = states.directory / f"{local_port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

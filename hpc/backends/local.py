@@ -23,6 +23,7 @@ from hpc.errors import BackendError
 from hpc.job.plan import STOP_MARGIN_S, JobPlan, PoolPlan, write_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree, wait_gone
 from hpc.liveness import alive, create_time, judged_here, this_host
+from hpc.privatefile import make_private_dir
 from hpc.registry import record_key
 from hpc.site import Site
 from hpc.spec import ModelSpec, PoolSpec
@@ -86,7 +87,7 @@ class LocalBackend:
         plan_path, pid_path, log_path = self._paths(key)
         try:
             for directory in (self.site.jobs_dir, self.site.log_dir):
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                make_private_dir(directory)  # a new MT_HOME too: 0700
             write_plan(plan, plan_path)
         except OSError as exc:
             with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ from pathlib import Path
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError, MTError, SlurmError
 from hpc.job.plan import JobPlan, PoolPlan, warning_drain_s
+from hpc.privatefile import make_private_dir
 from hpc.registry import new_nonce
 from hpc.site import Site
 from hpc.slurm.client import (
@@ -153,7 +154,7 @@ class SlurmBackend:
 
     def _sbatch(self, prepared: PreparedJob) -> Submitted:
         nonce = prepared.plan.nonce
-        self.site.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(self.site.log_dir)  # a new MT_HOME too: 0700
         try:
             job_id = self.client.sbatch(prepared.script)
         except CommandTimeout as exc:

@@ -1,15 +1,17 @@
 """What every command shares: the site and models files, and the login node, named on the
-command line."""
+command line; and the one check that the private files it will use are private."""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, ConfigIssue
+from hpc.permissions import enforce, warning_line
 from hpc.site import Site, SiteConfig, load_site, mt_home
 from hpc.spec import ModelsFile, ModelSpec
 
@@ -40,9 +42,17 @@ class CliContext:
     _site: Site | None = field(default=None, init=False)
     _ssh: SSHTransport | None = field(default=None, init=False)
     _models: ModelsFile | None = field(default=None, init=False)
+    _checked: bool = field(default=False, init=False)  # the private files, once per command
+    _warned: set[Path] = field(default_factory=set, init=False)  # what the bypass let through
 
-    def site(self) -> Site:
-        """The site config (defaults if there is no site.yaml)."""
+    def site(self, *, check_permissions: bool = True) -> Site:
+        """The site config (defaults if there is no site.yaml).
+
+        Every command that loads the site (so every one that uses the registry, keys or
+        state) first checks that ``$MT_HOME``, the registry, its records, keys.yaml and the
+        on-demand state file are private (hpc.permissions); only `mt doctor`, which reports
+        the problem instead, passes ``check_permissions=False``.
+        """
         if self._site is None:
             site = load_site(self.site_file)
             config = site.config
@@ -55,7 +65,22 @@ class CliContext:
                 # One transport per command: one SSH login however many Slurm commands run.
                 self._ssh = ssh_transport(config.slurm)
             self._site = Site(config, site.home, transport=self._ssh)
+        if check_permissions and not self._checked:
+            self.check_private(*self._site.private_paths())
+            self._checked = True
         return self._site
+
+    def default_keys_file(self) -> Path:
+        """``$MT_HOME/keys.yaml``: `mt keys` and `mt gateway --keys` default to it."""
+        return self.site().keys_file
+
+    def check_private(self, *paths: Path) -> None:
+        """Refuse paths other users can reach; with the bypass, warn on stderr, every run."""
+        for exposure in enforce(paths):
+            if exposure.path not in self._warned:
+                self._warned.add(exposure.path)
+                sys.stderr.write(warning_line(exposure) + "\n")
+        sys.stderr.flush()
 
     def _ssh_override(self, config: SiteConfig) -> SiteConfig:
         """site.yaml's ``slurm:`` with ``ssh_host``/``ssh_identity`` from the command line."""

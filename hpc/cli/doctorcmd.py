@@ -42,7 +42,7 @@ def doctor(
     Exits 1 if a check failed; a dash marks what does not apply here.
     """
     cli: CliContext = ctx.obj
-    site = cli.site()
+    site = cli.site(check_permissions=False)  # it reports loose files rather than refuse
     if probe and not as_json:
         where = f"partition {partition}" if partition else "the default partition"
         stderr().print(

@@ -214,17 +214,15 @@ def gateway(
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
     )
+    # The site's check covered MT_HOME, the registry and the default files; these are the
+    # gateway's own (a --keys elsewhere).
+    cli.check_private(*(path for path in (config.keys_file, config.state_file()) if path))
     run(config, backend=on_demand_backend)
 
 
 keys_app = typer.Typer(
     help="API keys for the gateway (stored hashed in keys.yaml).", no_args_is_help=True
 )
-
-
-def default_keys_file(cli: CliContext) -> Path:
-    """``$MT_HOME/keys.yaml``."""
-    return cli.site().home / "keys.yaml"
 
 
 KeysOpt = Annotated[
@@ -259,7 +257,8 @@ def keys_create(
     from gateway.keys import create_key
 
     cli: CliContext = ctx.obj
-    path = keys or default_keys_file(cli)
+    path = keys or cli.default_keys_file()
+    cli.check_private(path)
     key = create_key(
         path,
         name,
@@ -285,7 +284,8 @@ def keys_list(ctx: typer.Context, keys: KeysOpt = None, as_json: JsonOpt = False
     from gateway.keys import list_keys
 
     cli: CliContext = ctx.obj
-    path = keys or default_keys_file(cli)
+    path = keys or cli.default_keys_file()
+    cli.check_private(path)
     entries = list_keys(path)
     if as_json:
         print_json([entry.model_dump(mode="json", exclude={"sha256"}) for entry in entries])
@@ -317,6 +317,7 @@ def keys_revoke(
     from gateway.keys import revoke_key
 
     cli: CliContext = ctx.obj
-    path = keys or default_keys_file(cli)
+    path = keys or cli.default_keys_file()
+    cli.check_private(path)
     revoke_key(path, name)
     stderr().print(f"revoked key {name!r} in {path}")

