@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from gateway.config import GatewayConfig
 from gateway.keys import create_key
 from gateway.ondemand.controller import OnDemandController
-from gateway.ondemand.jobs import started_by
+from gateway.ondemand.jobs import ModelState, started_by
 from gateway.ondemand.wait import ON_DEMAND
 from gateway.server import drain, start
 from hpc.backends import JobHandle, JobStatus
@@ -718,6 +718,25 @@ def test_a_job_ends_when_its_scheduler_agrees_and_fails_a_start_only_once(
         False,
         False,
     )
+
+
+def test_a_job_whose_old_run_wrote_gone_is_live_until_its_scheduler_ends_it(
+    registry: Registry,
+) -> None:
+    """``scontrol requeue``: the old run drains and writes ``gone`` while Slurm still has the
+    job (COMPLETING, then PENDING). Counted live meanwhile, so a request in that window
+    starts no second job (the chaos soak's duplicate); over once the scheduler says so."""
+    job, record = _own_job(registry, "ready")
+    state = ModelState("m", idle_ttl_s=60)
+    state.jobs[job.key] = job
+    gone = record.model_copy(update={"state": "gone"})
+    job.observe(record, JobStatus("running"))
+    job.observe(gone, None)  # the record moved; this round did not ask the scheduler
+    assert state.live() == [job] and not job.over
+    job.observe(gone, JobStatus("running"))  # Slurm: COMPLETING
+    assert state.live() == [job]
+    job.observe(gone, JobStatus("done"))
+    assert job.over and state.live() == []
 
 
 async def test_a_stream_that_waited_then_waits_for_its_engine_gets_it_in_band_too(

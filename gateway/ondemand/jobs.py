@@ -116,6 +116,14 @@ class OwnJob:
         """Its record is final (``gone`` or ``failed``)."""
         return self.record is not None and self.record.state in FINAL_STATES
 
+    @property
+    def over(self) -> bool:
+        """Its record is final and its scheduler, when last asked, agreed (or was never
+        asked): a job whose old run wrote ``gone`` while the scheduler requeues it is not
+        over, and no second job is started for its model meanwhile."""
+        scheduler = self.scheduler
+        return self.ended and (scheduler is None or scheduler.state in ENDED)
+
     def phase(self) -> str:
         """What a waiting client is told: ``pending (Priority)``, ``starting``, ``ready``."""
         if self.stopping:
@@ -163,8 +171,8 @@ class ModelState:
         self.changed = asyncio.Event()
 
     def live(self) -> list[OwnJob]:
-        """Jobs not ended and not being cancelled."""
-        return [job for job in self.jobs.values() if not job.stopping and not job.ended]
+        """Jobs not over (:attr:`OwnJob.over`) and not being cancelled."""
+        return [job for job in self.jobs.values() if not job.stopping and not job.over]
 
     def upstreams(self) -> tuple[Upstream, ...]:
         """The ready jobs' endpoints (the route table may not list them yet)."""
