@@ -169,9 +169,12 @@ def run_tunnel(
     )
 
 
-def get(url: str, timeout_s: float = 5) -> tuple[int, str]:
+def get(url: str, timeout_s: float = 5, key: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)  # noqa: S310 - http://127.0.0.1
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http://127.0.0.1
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http://127.0.0.1
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
