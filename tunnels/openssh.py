@@ -3,7 +3,7 @@
 The user's ssh does what it does best: ``~/.ssh/config`` in full, ProxyJump (``-J``), the
 agent, 2FA prompts on the terminal, and a private ControlPath (a 0700 directory) so other
 ssh commands to the login node ride on the tunnel's connection instead of asking again.
-Every hop reads a private generated config (:func:`ssh_config_text`):
+Every hop reads a private generated config (tunnels.sshcommand.ssh_config_text):
 ``ServerAliveInterval``/``CountMax`` (a dead link ends ssh within the keepalive window),
 ``StrictHostKeyChecking=yes`` unless ``accept_new`` (then ``accept-new``: added once, then
 pinned; OpenSSH refuses a changed key either way), the flags' key and known_hosts.
