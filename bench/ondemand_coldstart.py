@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpc.ownerkey import owner_key_path, read_owner_key
 from hpc.registry import FINAL_STATES, Registry
 
 MODEL = "gemma-3-270m"
@@ -50,8 +51,9 @@ def _watch(registry: Registry, known: set[str], seen: Seen, stop: threading.Even
         time.sleep(0.02)
 
 
-def stream_request(url: str, model: str = MODEL) -> urllib.request.Request:
-    """A streaming chat request for ``model`` to the gateway at ``url`` (8 tokens, greedy)."""
+def stream_request(url: str, key: str, model: str = MODEL) -> urllib.request.Request:
+    """A streaming chat request for ``model`` to the gateway at ``url`` (8 tokens, greedy),
+    with ``key`` (the gateway owner's, hpc.ownerkey)."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -62,13 +64,13 @@ def stream_request(url: str, model: str = MODEL) -> urllib.request.Request:
     return urllib.request.Request(  # noqa: S310 - the gateway on loopback
         url + "/v1/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
 
 
-def _first_token_s(url: str) -> float:
+def _first_token_s(url: str, key: str) -> float:
     """Seconds from sending a streaming request to its first content chunk."""
-    request = stream_request(url)
+    request = stream_request(url, key)
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as response:  # noqa: S310
         for raw in response:
@@ -93,17 +95,17 @@ def _wait_cold(registry: Registry, timeout_s: float = 120) -> None:
         time.sleep(0.2)
 
 
-def _round(url: str, registry: Registry) -> dict[str, float]:
+def _round(url: str, key: str, registry: Registry) -> dict[str, float]:
     _wait_cold(registry)
     known = {r.key for r in registry.records()}
     seen, stop = Seen(), threading.Event()
     watcher = threading.Thread(target=_watch, args=(registry, known, seen, stop), daemon=True)
     watcher.start()
     sent_at = time.time()
-    cold = _first_token_s(url)
+    cold = _first_token_s(url, key)
     stop.set()
     watcher.join()
-    warm = _first_token_s(url)
+    warm = _first_token_s(url, key)
     if seen.created_at is None or "ready" not in seen.states:
         raise SystemExit("the watcher saw no new record become ready")
     running_at = seen.states.get("starting", seen.states["ready"])
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the gateway did not start: {line!r}")
             url = line.split("listening on", 1)[1].strip()
             registry = Registry(home / "registry")
-            rounds = [_round(url, registry) for _ in range(args.rounds)]
+            key = read_owner_key(owner_key_path(home))  # made by the gateway as it started
+            rounds = [_round(url, key, registry) for _ in range(args.rounds)]
             _wait_cold(registry)  # leave no job behind
         finally:
             gateway.terminate()

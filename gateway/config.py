@@ -30,7 +30,13 @@ class GatewayConfig(BaseModel):
         default=None, description="models.yaml: configured names and static backends"
     )
     keys_file: Path | None = Field(
-        default=None, description="keys.yaml with hashed client keys; None turns auth off"
+        default=None,
+        description="keys.yaml with hashed client keys (auth is off without it and owner_key_file)",
+    )
+    owner_key_file: Path | None = Field(
+        default=None,
+        description="the owner's key (hpc.ownerkey), accepted as the client 'owner' beside "
+        "keys.yaml's; `mt gateway` always sets it, in-process apps may leave it None",
     )
     max_body_mb: float = Field(
         default=4,

@@ -20,7 +20,6 @@ import fnmatch
 import hashlib
 import hmac
 import re
-import secrets
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hpc.configfile import Loc, load_model
 from hpc.errors import MTError
+from hpc.ownerkey import OWNER_NAME, new_key, read_owner_key
 from hpc.privatefile import write_private
-
-KEY_PREFIX = "mt-"
 
 
 class KeyEntry(BaseModel):
@@ -150,6 +148,27 @@ def load_keys(path: Path) -> KeyStore:
     return KeyStore(read_keys_file(path).keys)
 
 
+def owner_entry(path: Path) -> KeyEntry:
+    """The owner key in ``path`` as the client ``owner``: every model, no limits, no expiry.
+
+    MTError if the file is missing or does not hold a key (hpc.ownerkey)."""
+    return KeyEntry(name=OWNER_NAME, sha256=hash_key(read_owner_key(path)))
+
+
+def load_key_store(keys_file: Path | None, owner_key_file: Path | None) -> KeyStore | None:
+    """The clients of a gateway: the owner (if ``owner_key_file``) and ``keys.yaml``'s (if
+    ``keys_file``); None when neither is given (auth off: in-process tests and embedders).
+
+    ConfigError for a bad keys.yaml, MTError for an unusable owner key.
+    """
+    if keys_file is None and owner_key_file is None:
+        return None
+    entries = read_keys_file(keys_file).keys if keys_file is not None else ()
+    if owner_key_file is not None:
+        entries = (owner_entry(owner_key_file), *entries)
+    return KeyStore(entries)
+
+
 def create_key(
     path: Path,
     name: str,
@@ -190,13 +209,18 @@ def create_key(
             f"bad settings for key {name!r}: {problems}",
             hint="limits are positive integers; expiry is an ISO 8601 time",
         ) from exc
+    if name == OWNER_NAME:
+        raise MTError(
+            f"the key name {OWNER_NAME!r} is the gateway owner's",
+            hint="`mt keys owner` prints your own key; give others their own names",
+        )
     current = read_keys_file(path) if path.exists() else KeysFile()
     if any(existing.name == name for existing in current.keys):
         raise MTError(
             f"{path} already has a key named {name!r}",
             hint="pick another name, or remove that entry from the file to replace its key",
         )
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = new_key()
     entry = entry.model_copy(update={"sha256": hash_key(key)})
     updated = KeysFile(keys=(*current.keys, entry))
     _write_atomic(path, _render(updated))

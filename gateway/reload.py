@@ -1,14 +1,14 @@
-"""Hot reload: watch the registry directory, ``models.yaml`` and ``keys.yaml`` by ``stat()``.
+"""Hot reload: watch the registry, ``models.yaml``, ``keys.yaml`` and the owner key by ``stat()``.
 
 Requests never touch the filesystem: they read the ``Snapshot`` in ``Live``, which the
-reload task replaces whole. Every ``reload_interval_s`` the task stats the three sources (in
+reload task replaces whole. Every ``reload_interval_s`` the task stats the sources (in
 a worker thread, so a slow NFS server never blocks the event loop) and rebuilds what
 changed. An mtime that is very recent, or ten seconds without a rebuild, also triggers one:
 an mtime has coarse granularity, and NFS attribute caches lag, so a second write can hide
 behind the first.
 
-A bad ``models.yaml`` or ``keys.yaml`` is logged once (file:line: field) and the last good
-version stays in use: a typo never drops every route, and never turns auth off.
+A bad ``models.yaml``, ``keys.yaml`` or owner key is logged once (file:line: field) and the
+last good version stays in use: a typo never drops every route, and never turns auth off.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.keys import KeyStore, load_keys
+from gateway.keys import KeyStore, load_key_store
 from gateway.logs import LOGGER_NAME, fields
 from gateway.routes import RouteTable, build_routes
 from hpc.configfile import load_models
-from hpc.errors import ConfigError, RegistryError
+from hpc.errors import ConfigError, MTError, RegistryError
 from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Registry
 from hpc.spec import ModelsFile
@@ -75,7 +75,7 @@ def _racy(sig: Signature, now_ns: int) -> bool:
 
 @dataclass
 class Reloader:
-    """Loads the three sources and rebuilds the snapshot when one of them changes."""
+    """Loads the sources and rebuilds the snapshot when one of them changes."""
 
     config: GatewayConfig
     env: Mapping[str, str]
@@ -89,13 +89,13 @@ class Reloader:
     _last_full: float = field(default_factory=time.monotonic, init=False)
 
     def load_initial(self) -> Snapshot:
-        """The first snapshot; a bad models.yaml or keys.yaml raises ConfigError."""
+        """The first snapshot; a bad models.yaml or keys.yaml raises ConfigError, an
+        unusable owner key MTError."""
         now_ns = time.time_ns()
         sigs = self._stat_all()
         if self.config.models_file is not None:
             self._models = load_models(self.config.models_file)
-        if self.config.keys_file is not None:
-            self._keys = load_keys(self.config.keys_file)
+        self._keys = load_key_store(self.config.keys_file, self.config.owner_key_file)
         self._routes = self._build_routes()
         self._remember(sigs, now_ns)
         return Snapshot(routes=self._routes, keys=self._keys, models=self._models)
@@ -119,11 +119,11 @@ class Reloader:
                 self._accepted("models")
             except ConfigError as exc:
                 self._rejected("models", exc)
-        if "keys" in changed and self.config.keys_file is not None:
+        if changed & {"keys", "owner"}:
             try:
-                self._keys = load_keys(self.config.keys_file)
+                self._keys = load_key_store(self.config.keys_file, self.config.owner_key_file)
                 self._accepted("keys")
-            except ConfigError as exc:
+            except MTError as exc:  # ConfigError included
                 self._rejected("keys", exc)
         if self._routes is None or changed & {"registry", "models"}:
             try:
@@ -151,6 +151,8 @@ class Reloader:
             sigs["models"] = _signature(self.config.models_file)
         if self.config.keys_file is not None:
             sigs["keys"] = _signature(self.config.keys_file)
+        if self.config.owner_key_file is not None:
+            sigs["owner"] = _signature(self.config.owner_key_file)
         return sigs
 
     def _remember(self, sigs: dict[str, Signature], now_ns: int) -> None:
@@ -170,18 +172,21 @@ class Reloader:
         if self._errors.pop(source, None) is not None:
             log.info("config accepted", extra=fields(file=str(self._path(source))))
 
-    def _rejected(self, source: str, exc: ConfigError) -> None:
+    def _rejected(self, source: str, exc: MTError) -> None:
         # Logged when the problem changes, not on every full reload of the same bad file.
         if self._errors.get(source) == exc.message:
             return
         self._errors[source] = exc.message
-        log.error(
-            f"config rejected, keeping the last good one: {exc.message}",
-            extra=fields(file=str(exc.path), issues=[str(issue) for issue in exc.issues]),
-        )
+        if isinstance(exc, ConfigError):
+            where = fields(file=str(exc.path), issues=[str(issue) for issue in exc.issues])
+        else:  # the owner key: its message names the file, never what it holds
+            where = fields(file=str(self.config.owner_key_file))
+        log.error(f"config rejected, keeping the last good one: {exc.message}", extra=where)
 
     def _path(self, source: str) -> Path | None:
-        return self.config.models_file if source == "models" else self.config.keys_file
+        if source == "models":
+            return self.config.models_file
+        return self.config.keys_file or self.config.owner_key_file
 
 
 async def run_reloader(reloader: Reloader, live: Live, interval_s: float) -> None:

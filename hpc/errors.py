@@ -21,7 +21,8 @@
     ├── PinMismatch               (hpc.tlspin) a job's port presented another TLS certificate
     └── TunnelError               (tunnels.errors) a tunnel cannot be opened or kept: local port
         ├── LocalPortInUseError   127.0.0.1:PORT is taken: names the process if visible
-        └── TunnelDownError       the tunnel dropped and cannot come back (auth, host key)
+        ├── TunnelDownError       the tunnel dropped and cannot come back (auth, host key)
+        └── OwnerKeyError         the gateway owner's key cannot be read on the login node
 
 The classes marked with a module live beside the one code that raises them and subclass
 this tree, so ``except MTError`` and the CLI's ``error:``/``hint:`` cover them too. The

@@ -16,6 +16,19 @@ import psutil
 GEMMA = "gemma-3-270m"
 
 
+def owner_key() -> str:
+    """This test's gateway key: the owner key `mt gateway` made in the test's MT_HOME."""
+    from hpc.ownerkey import owner_key_path, read_owner_key
+    from hpc.site import mt_home
+
+    return read_owner_key(owner_key_path(mt_home()))
+
+
+def owner_headers() -> dict[str, str]:
+    """``Authorization: Bearer <owner key>``, for urllib requests to a `mt gateway`."""
+    return {"Authorization": f"Bearer {owner_key()}"}
+
+
 def mt(
     *args: str, check: bool = True, timeout_s: float = 240, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
@@ -53,6 +66,8 @@ def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
 @contextmanager
 def running_gateway(*args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
     """`mt gateway --port 0` in the background; yields its URL; stops it (whole group).
+
+    It requires a key: :func:`owner_key` (created in the test's MT_HOME as it starts).
 
     ``prefix`` must exec the gateway (as ``ip netns exec`` does): the group is its own.
     """

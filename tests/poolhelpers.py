@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 from jobclient import job_get
+from mtcli import owner_key
 
 from hpc.registry import Record, Registry
 
@@ -104,7 +105,7 @@ def ask(base_url: str, model: str, *, stream: bool = False) -> tuple[str, str]:
     """One chat request through the official openai client: (model it answered as, text)."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=180)
+    client = openai.OpenAI(base_url=base_url, api_key=owner_key(), max_retries=0, timeout=180)
     messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
     if stream:
         chunks = client.chat.completions.create(
@@ -156,5 +157,5 @@ def listed(url: str, *names: str) -> bool:
     """True once the gateway at ``url`` lists every one of ``names``."""
     import openai
 
-    shown = [m.id for m in openai.OpenAI(base_url=url, api_key="none").models.list().data]
+    shown = [m.id for m in openai.OpenAI(base_url=url, api_key=owner_key()).models.list().data]
     return all(name in shown for name in names)

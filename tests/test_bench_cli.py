@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mtcli import GEMMA, gemma_models_yaml, mt
+from mtcli import GEMMA, gemma_models_yaml, mt, owner_headers
 
 from bench.overhead import OverheadConfig, markdown, run_overhead
 
@@ -101,7 +101,8 @@ def _wait_listed(gateway_url: str, model: str) -> None:
     # The gateway's reload loop picks a ready record up within its interval.
     deadline = time.monotonic() + 15
     while True:
-        with urllib.request.urlopen(gateway_url + "/v1/models", timeout=5) as response:  # noqa: S310
+        request = urllib.request.Request(gateway_url + "/v1/models", headers=owner_headers())  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             if model in [m["id"] for m in json.loads(response.read())["data"]]:
                 return
         assert time.monotonic() < deadline, "the gateway never listed the ready model"

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import tmpfs
 from jobclient import pinned_openai
-from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, running_gateway
+from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, owner_key, running_gateway
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
 
@@ -35,7 +35,7 @@ def test_submit_stream_through_gateway_and_cancel(
         assert [(r["key"], r["state"]) for r in status] == [(job, "ready")]
 
         # The gateway's reload loop picks the ready record up within its interval.
-        client = openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused-without-keys-file")
+        client = openai.OpenAI(base_url=gateway_url + "/v1", api_key=owner_key())
         deadline = time.monotonic() + 10
         while GEMMA not in [m.id for m in client.models.list().data]:
             assert time.monotonic() < deadline, "the gateway never listed the ready model"

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from fake_upstream import FakeUpstream, Knobs
-from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
+from mtcli import GEMMA, gemma_models_yaml, mt, owner_headers, running_gateway
 from pydantic import SecretStr
 from test_gateway_balance import FakeClock
 from test_gateway_proxy import CHAT, JOB_KEY, chat, gateway
@@ -67,11 +67,15 @@ def scrape(text: str) -> dict[str, float]:
 
 
 async def wait_for_metrics(
-    client: aiohttp.ClientSession, url: str, ready: Callable[[dict[str, float]], bool]
+    client: aiohttp.ClientSession,
+    url: str,
+    ready: Callable[[dict[str, float]], bool],
+    headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Scrape until ``ready`` holds (the test's timeout bounds the wait)."""
+    """Scrape until ``ready`` holds (the test's timeout bounds the wait); ``headers``: the
+    owner key's, for a `mt gateway` process."""
     while True:
-        async with client.get(url + "/metrics") as resp:
+        async with client.get(url + "/metrics", headers=headers) as resp:
             samples = scrape(await resp.text())
         if ready(samples):
             return samples
@@ -351,7 +355,9 @@ async def test_mt_gateway_takes_the_probe_settings_from_its_options(tmp_path: Pa
             while up.seen.health_probes < 20 or down.seen.health_probes < 20:
                 await asyncio.sleep(0.02)
             async with aiohttp.ClientSession() as client:
-                samples = await wait_for_metrics(client, url, lambda m: probe_ok(down_key) in m)
+                samples = await wait_for_metrics(
+                    client, url, lambda m: probe_ok(down_key) in m, owner_headers()
+                )
     # Twenty failed probes in a row, yet not ejected: 99 are needed (the default is 3).
     assert samples[probe_ok(down_key)] == 0
     assert samples[healthy(down_key)] == 1

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.keys import KEY_PREFIX, create_key, hash_key, load_keys
+from gateway.keys import create_key, hash_key, load_keys
 from hpc.errors import ConfigError, MTError
+from hpc.ownerkey import KEY_PREFIX
 
 
 def _mode(path: Path) -> int:

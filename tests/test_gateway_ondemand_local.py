@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, running_gateway
+from mtcli import GEMMA, engine_processes, gemma_models_yaml, mt, owner_key, running_gateway
 
 from bench.ondemand_coldstart import stream_request
 from hpc.registry import Record, Registry
@@ -24,7 +24,7 @@ def _records() -> list[Record]:
 
 
 def _stream(url: str) -> str:
-    request = stream_request(url, GEMMA)
+    request = stream_request(url, owner_key(), GEMMA)
     with urllib.request.urlopen(request, timeout=240) as response:  # noqa: S310
         assert response.status == 200
         return str(response.read().decode())

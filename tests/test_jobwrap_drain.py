@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mtcli import running_gateway
+from mtcli import owner_headers, owner_key, running_gateway
 from streams import post_status, start_stream
 
 from hpc.job.plan import JobPlan, write_plan
@@ -122,7 +122,8 @@ def start_job(gemma_gguf: Path, tmp_path: Path) -> Iterator[Callable[..., Job]]:
 
 
 def _gateway_lists(gateway_url: str, model: str) -> bool:
-    with urllib.request.urlopen(gateway_url + "/v1/models", timeout=5) as response:  # noqa: S310
+    request = urllib.request.Request(gateway_url + "/v1/models", headers=owner_headers())  # noqa: S310
+    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
         return model in [m["id"] for m in json.load(response)["data"]]
 
 
@@ -141,7 +142,7 @@ def test_a_stream_in_flight_finishes_whole_before_the_engine_stops(
     job = start_job("drain1", drain_s=drain_s, stop_grace_s=stop_grace_s)
     with running_gateway() as gateway_url:
         _wait_until(lambda: _gateway_lists(gateway_url, MODEL), 10, "never routed")
-        stream = start_stream(gateway_url + "/v1", None, MODEL, max_tokens=120)
+        stream = start_stream(gateway_url + "/v1", owner_key(), MODEL, max_tokens=120)
         assert stream.first_token.wait(60), stream
         assert not stream.done.is_set(), "the stream must still be running at the signal"
 
@@ -158,7 +159,7 @@ def test_a_stream_in_flight_finishes_whole_before_the_engine_stops(
         # The gateway re-reads the registry every second: it stops routing to the job...
         _wait_until(lambda: not _gateway_lists(gateway_url, MODEL), 5, "still routed")
         # ...and a new request is refused there (503, retry later), never sent to the job.
-        assert post_status(gateway_url + "/v1", None, MODEL) == 503
+        assert post_status(gateway_url + "/v1", owner_key(), MODEL) == 503
         assert not stream.done.is_set(), "the stream ended before the gateway stopped routing"
         assert all(proc.is_running() for proc in engine), "the engine obeyed Slurm's TERM"
 

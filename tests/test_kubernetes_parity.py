@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("kubernetes", reason="pip install -e '.[kubernetes]'")
 
 from fake_k8s_api import FakeKubeAPI
-from mtcli import engine_processes, mt, running_gateway
+from mtcli import engine_processes, mt, owner_headers, running_gateway
 from slurmcluster import SlurmCluster
 
 from hpc.registry import Registry
@@ -76,7 +76,8 @@ def submit(backend: str, *extra: str) -> dict[str, Any]:
 
 
 def gateway_models(url: str) -> list[str]:
-    with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as resp:  # noqa: S310
+    request = urllib.request.Request(f"{url}/v1/models", headers=owner_headers())  # noqa: S310
+    with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
         return [m["id"] for m in json.load(resp)["data"]]
 
 
@@ -90,7 +91,9 @@ def chat(url: str, model: str) -> str:
         }
     ).encode()
     req = urllib.request.Request(  # noqa: S310
-        f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        f"{url}/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json", **owner_headers()},
     )
     with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310
         reply = json.load(resp)

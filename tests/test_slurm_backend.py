@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from mtcli import GEMMA, gemma_models_yaml, mt, running_gateway
+from mtcli import GEMMA, gemma_models_yaml, mt, owner_key, running_gateway
 from slurmcluster import SlurmCluster
 
 from hpc.backends.slurm import SlurmBackend
@@ -84,7 +84,7 @@ def test_submit_route_stream_cancel(cluster: SlurmCluster, models: Path) -> None
     assert squeue[record["job_id"]]["job_state"] == "RUNNING"
 
     with running_gateway() as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        client = openai.OpenAI(base_url=url + "/v1", api_key=owner_key())
         deadline = time.monotonic() + 10
         while GEMMA not in [m.id for m in client.models.list().data]:
             assert time.monotonic() < deadline

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mtcli import GEMMA, running_gateway
+from mtcli import GEMMA, owner_key, running_gateway
 from slurmcluster import SlurmCluster
 
 from hpc.registry import Record, Registry
@@ -111,7 +111,7 @@ def ask(url: str, model: str, stream: bool) -> str:
     """One chat request through the official client; the answer's text."""
     import openai
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=400)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=owner_key(), max_retries=0, timeout=400)
     messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
     if stream:
         chunks = client.chat.completions.create(

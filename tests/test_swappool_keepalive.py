@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mtcli import mt, running_gateway
+from mtcli import mt, owner_headers, running_gateway
 from poolhelpers import (
     MODEL_A,
     MODEL_B,
@@ -50,9 +50,9 @@ def _open(
 
 
 def _post(url: str, body: dict[str, Any], timeout: float = 180) -> tuple[int, dict[str, Any]]:
-    """POST ``body``; the status and the JSON answer, error statuses included."""
+    """POST ``body`` to the gateway; the status and the JSON answer, error statuses included."""
     try:
-        with _open(url, body, timeout=timeout) as response:
+        with _open(url, body, owner_headers(), timeout=timeout) as response:
             return int(response.status), json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -113,7 +113,7 @@ class _RawStream(threading.Thread):
             "stream": True,
         }
         url = self.url + "/chat/completions"
-        with _open(url, body) as response:
+        with _open(url, body, owner_headers()) as response:
             self.status = response.status
             self.content_type = response.headers.get("content-type", "")
             for line in response:

@@ -24,6 +24,8 @@ from realparts import missing_part
 from sshd import SSHServer
 from tunnelkit import get, open_tunnel, run_tunnel
 
+from hpc.ownerkey import owner_key_path
+
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180), pytest.mark.usefixtures("no_agent")]
 
 ENGINES = ["openssh", "paramiko"]
@@ -122,11 +124,17 @@ def test_openai_client_streams_laptop_jump_login_gateway_engine(
     try:
         monkeypatch.setenv("MT_HOME", str(tmp_path / "laptop-mt-home"))
         jumps, logins = site.jump.logins(), site.login.logins()
-        with open_tunnel(engine, site.config, site.gateway_port, *site.flags()) as tunnel:
+        owner_key = ("--owner-key", str(owner_key_path(site.mt_home)))  # the login node's
+        with open_tunnel(
+            engine, site.config, site.gateway_port, *site.flags(), *owner_key
+        ) as tunnel:
             assert (site.jump.logins(), site.login.logins()) == (jumps + 1, logins + 1)
             models = f"{tunnel.url}/v1/models"
-            _wait_for("the gateway to list Gemma", lambda: GEMMA in get(models)[1], 30)
-            client = openai.OpenAI(base_url=tunnel.url + "/v1", api_key="unused", max_retries=0)
+            key = tunnel.env()["OPENAI_API_KEY"]  # read over the tunnel's SSH connection
+            _wait_for("the gateway to list Gemma", lambda: GEMMA in get(models, key=key)[1], 30)
+            client = openai.OpenAI(
+                base_url=tunnel.env()["OPENAI_BASE_URL"], api_key=key, max_retries=0
+            )
             stream = client.chat.completions.create(
                 model=GEMMA,
                 messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -13,7 +13,7 @@ from hpc.errors import ChangedHostKeyError, MTError, SSHAuthError, SSHError
 from tunnels.backoff import Backoff, permanent
 from tunnels.base import TunnelSpec
 from tunnels.engines import choose
-from tunnels.openssh import destination, forward_argv, ssh_argv, ssh_config_text
+from tunnels.sshcommand import destination, forward_argv, ssh_argv, ssh_config_text
 
 
 def test_ssh_logs_in_as_a_master_then_forwards_loopback_only() -> None:

@@ -83,7 +83,11 @@ class Tunnel:
     proc: subprocess.Popen[str]
     url: str
     local_port: int
-    stdout: str
+    stdout: str  # the env lines: OPENAI_API_KEY=… (if the login node has one), OPENAI_BASE_URL=…
+
+    def env(self) -> dict[str, str]:
+        """The printed lines as a mapping, as a shell or the openai client would read them."""
+        return dict(line.split("=", 1) for line in self.stdout.splitlines() if "=" in line)
 
 
 def ssh_children(pid: int) -> list[psutil.Process]:
@@ -123,7 +127,8 @@ def tunnel_argv(
 def open_tunnel(
     engine: str, config: Path, remote_port: int, *extra: str, up_within_s: float = 60
 ) -> Iterator[Tunnel]:
-    """`mt tunnel login …` in the foreground; yields once it printed `tunnel up:`."""
+    """`mt tunnel login …` in the foreground; yields once it printed its env lines (the
+    base URL comes last); `tunnel up:` and any warning go to stderr."""
     local_port = free_port()
     proc = subprocess.Popen(
         tunnel_argv(engine, config, local_port, remote_port, *extra),
@@ -141,10 +146,10 @@ def open_tunnel(
             if not line:
                 break
             lines.append(line)
-            if "export OPENAI_BASE_URL=" in line:
+            if line.startswith("OPENAI_BASE_URL="):
                 break
         text = "".join(lines)
-        assert "tunnel up:" in text, text + (proc.stderr.read() if proc.stderr else "")
+        assert "OPENAI_BASE_URL=" in text, text + (proc.stderr.read() if proc.stderr else "")
         yield Tunnel(proc, f"http://127.0.0.1:{local_port}", local_port, text)
     finally:
         stop_tunnel(proc)
@@ -164,9 +169,12 @@ def run_tunnel(
     )
 
 
-def get(url: str, timeout_s: float = 5) -> tuple[int, str]:
+def get(url: str, timeout_s: float = 5, key: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)  # noqa: S310 - http://127.0.0.1
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http://127.0.0.1
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http://127.0.0.1
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -29,11 +29,23 @@ class TunnelSpec:
     keepalive_count: int = 3
     connect_timeout_s: float = 15.0
     backoff_max_s: float = 30.0
+    # The gateway owner's key file on the login node, a path there (``~/`` allowed); None:
+    # hpc.ownerkey.REMOTE_OWNER_KEY, that is $MT_HOME/gateway/owner.key as its shell sees it.
+    owner_key: str | None = None
 
     @property
     def url(self) -> str:
         """The local base URL of the gateway."""
         return f"http://127.0.0.1:{self.local_port}"
+
+
+@dataclass(frozen=True)
+class RemoteOutput:
+    """What a command run on the login node over the tunnel's connection gave back."""
+
+    code: int
+    stdout: bytes = field(repr=False)  # may hold a secret (the owner key): never shown
+    stderr: str = ""
 
 
 class TunnelStatus:
@@ -71,6 +83,11 @@ class TunnelEngine(Protocol):
 
     def close(self) -> None:
         """Stop forwarding and release the port; idempotent."""
+
+    def run_remote(self, command: str, *, timeout_s: float) -> RemoteOutput:
+        """Run ``command`` (one POSIX shell string) on the login node over the tunnel's own
+        connection, once it is up (no second login, no second 2FA code); TunnelError if it
+        cannot run. The command names paths, never secrets: it is visible in `ps` there."""
 
     @property
     def state(self) -> State:

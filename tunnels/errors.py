@@ -3,7 +3,8 @@
     MTError
     └── TunnelError             the tunnel could not be opened or kept: names the local port
         ├── LocalPortInUseError     127.0.0.1:PORT is taken: names the process if visible
-        └── TunnelDownError         the tunnel dropped and cannot come back (auth, host key)
+        ├── TunnelDownError         the tunnel dropped and cannot come back (auth, host key)
+        └── OwnerKeyError           the gateway owner's key cannot be read on the login node
 
 SSH errors (unknown/changed host key, auth) are hpc.errors.SSHError and its subclasses,
 raised unchanged: the same errors `mt --host` gives.
@@ -38,3 +39,11 @@ class LocalPortInUseError(TunnelError):
 
 class TunnelDownError(TunnelError):
     """The tunnel dropped and reconnecting stopped (authentication or host key refused)."""
+
+
+class OwnerKeyError(TunnelError):
+    """The tunnel is up, but the gateway owner's key could not be read on the login node.
+
+    Not fatal: the tunnel stays up (a gateway with ``--keys`` takes other keys), and the
+    CLI shows this as a warning with its hint.
+    """

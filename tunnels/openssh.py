@@ -3,7 +3,7 @@
 The user's ssh does what it does best: ``~/.ssh/config`` in full, ProxyJump (``-J``), the
 agent, 2FA prompts on the terminal, and a private ControlPath (a 0700 directory) so other
 ssh commands to the login node ride on the tunnel's connection instead of asking again.
-Every hop reads a private generated config (:func:`ssh_config_text`):
+Every hop reads a private generated config (tunnels.sshcommand.ssh_config_text):
 ``ServerAliveInterval``/``CountMax`` (a dead link ends ssh within the keepalive window),
 ``StrictHostKeyChecking=yes`` unless ``accept_new`` (then ``accept-new``: added once, then
 pinned; OpenSSH refuses a changed key either way), the flags' key and known_hosts.
@@ -25,124 +25,33 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from pathlib import Path
 
 from hpc.errors import MTError, SSHAuthError, SSHError
 from hpc.privatefile import write_private
 from hpc.ssh.connection import SSHConnection
 from tunnels.backoff import Backoff, permanent
-from tunnels.base import Events, TunnelSpec, TunnelStatus
+from tunnels.base import Events, RemoteOutput, TunnelSpec, TunnelStatus
 from tunnels.errors import LocalPortInUseError, TunnelDownError, TunnelError
 from tunnels.localport import bind_local, ensure_free, holder_of, listening
 from tunnels.outage import DownResponder
+from tunnels.sshcommand import (
+    config_includes,
+    control_dir,
+    forward_argv,
+    remote_argv,
+    ssh_argv,
+    ssh_config_text,
+)
 
 _POLL_S = 0.1
 _FIRST_LOGIN_S = 300.0  # a person may be typing a 2FA code
 _STDERR_LINES = 40
-
-
-def control_dir() -> Path:
-    """A private (0700, ours) directory for ControlPath sockets, short enough for AF_UNIX."""
-    path = Path(tempfile.gettempdir()) / f"mt-ssh-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    info = path.lstat()
-    if (
-        not stat.S_ISDIR(info.st_mode)
-        or info.st_uid != os.getuid()
-        or stat.S_IMODE(info.st_mode) & 0o077
-    ):
-        raise MTError(
-            f"{path} is not a private directory of this user (0700)",
-            hint=f"remove it (`rm -r {path}`); mt creates it again, private",
-        )
-    return path
-
-
-def destination(host: str) -> str:
-    """``host`` as ssh's destination argument: ``user@host:port`` becomes an ssh:// URI."""
-    if ":" in host.rsplit("@", 1)[-1] and not host.startswith("ssh://"):
-        return f"ssh://{host}"
-    return host
-
-
-_SYSTEM_CONFIG = Path("/etc/ssh/ssh_config")
-
-
-def _config_word(path: Path, flag: str) -> str:
-    """``path`` as one ssh_config argument: absolute, double-quoted, ``%`` escaped."""
-    text = str(path.expanduser().absolute())
-    if any(c in text for c in '"\r\n'):
-        raise MTError(
-            f"{flag} {text!r}: ssh_config cannot hold a path with a double quote or a newline",
-            hint=f"move the file to a path without them and pass that to {flag}",
-        )
-    return '"' + text.replace("%", "%%") + '"'
-
-
-def ssh_config_text(spec: TunnelSpec, *, batch: bool, includes: Sequence[Path]) -> str:
-    """The private ssh_config (``-F``) that every hop reads, jump hosts included (pure).
-
-    ssh hands ``-F`` on to the ssh it starts for ProxyJump, but not ``-o`` or ``-i``: options
-    given only on the command line would check the login node's key strictly and let the
-    jump host fall back to the user's defaults. In a ``Host *`` block ahead of the user's
-    own config (Included after it), these values win for every host, since ssh takes the
-    first value it reads.
-    """
-    options = {
-        "BatchMode": "yes" if batch else "no",
-        "ConnectTimeout": f"{int(spec.connect_timeout_s)}",
-        # One answer per prompt: a wrong 2FA code ends the login instead of asking again.
-        "NumberOfPasswordPrompts": "1",
-        "ServerAliveCountMax": str(spec.keepalive_count),
-        "ServerAliveInterval": str(spec.keepalive_s),
-        "StrictHostKeyChecking": "accept-new" if spec.accept_new else "yes",
-    }
-    if spec.identity is not None:
-        options["IdentitiesOnly"] = "yes"
-        options["IdentityFile"] = _config_word(spec.identity, "--identity")
-    if spec.known_hosts is not None:
-        options["UserKnownHostsFile"] = _config_word(spec.known_hosts, "--known-hosts")
-    lines = ["# Written by `mt tunnel` for this tunnel only; rewritten on every start.", "Host *"]
-    lines += [f"    {key} {value}" for key, value in sorted(options.items())]
-    lines += [f"Include {_config_word(path, '--ssh-config')}" for path in includes]
-    return "\n".join(lines) + "\n"
-
-
-def config_includes(spec: TunnelSpec) -> list[Path]:
-    """The configs ssh would read without ``-F``: the user's (or ``--ssh-config``), the system's."""
-    user = spec.ssh_config or Path("~/.ssh/config").expanduser()
-    return [p for p in (user, _SYSTEM_CONFIG) if p.is_file()]
-
-
-def ssh_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
-    """The master ``ssh`` command line for ``spec``, reading the generated ``config`` (pure)."""
-    options = {"ControlMaster": "yes", "ControlPath": str(control_path), "ControlPersist": "no"}
-    argv = ["ssh", "-F", str(config), "-N"]
-    if spec.jump:
-        argv += ["-J", spec.jump]
-    for key, value in sorted(options.items()):
-        argv += ["-o", f"{key}={value}"]
-    return [*argv, "--", destination(spec.host)]
-
-
-def forward_argv(spec: TunnelSpec, *, config: Path, control_path: Path) -> list[str]:
-    """``ssh -O forward``: the running master starts listening on 127.0.0.1 (pure)."""
-    return [
-        "ssh", "-F", str(config), "-S", str(control_path), "-O", "forward",
-        "-L", f"127.0.0.1:{spec.local_port}:127.0.0.1:{spec.remote_port}",
-        "--", destination(spec.host),
-    ]  # fmt: skip
 
 
 def _die_with_parent() -> None:
@@ -197,6 +106,31 @@ class OpenSSHTunnel(TunnelStatus):
         self.config_path.unlink(missing_ok=True)
         if self._state != "failed":
             self._state = "closed"
+
+    def run_remote(self, command: str, *, timeout_s: float) -> RemoteOutput:
+        """A command through the master's control socket: no second login."""
+        argv = remote_argv(
+            self.spec, config=self.config_path, control_path=self.control_path, command=command
+        )
+        try:
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TunnelError(
+                f"ssh {self.spec.host} did not answer within {timeout_s:g}s",
+                local_port=self.spec.local_port,
+                hint=f"`ssh -S {self.control_path} {self.spec.host} true` shows where it waits",
+            ) from exc
+        err = done.stderr.decode("utf-8", "replace")
+        if done.returncode == 255:  # ssh's own failure, not the command's
+            tail = err.strip().splitlines()[-1:] or ["ssh exited with 255"]
+            raise TunnelError(
+                f"cannot run a command on {self.spec.host} over the tunnel: {tail[0]}",
+                local_port=self.spec.local_port,
+                hint="the login node's sshd must allow sessions (not only port forwarding)",
+            )
+        return RemoteOutput(done.returncode, done.stdout, err)
 
     # -- one ssh process ---------------------------------------------------------------
     def _start(self, *, batch: bool, wait_s: float) -> MTError | None:

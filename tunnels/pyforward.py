@@ -28,9 +28,10 @@ import paramiko
 from hpc.errors import SSHError
 from hpc.ssh.auth import interactive_prompter
 from hpc.ssh.connection import SSHConnection
+from hpc.ssh.exec import exec_on
 from tunnels.backoff import Backoff, permanent
-from tunnels.base import Events, TunnelSpec, TunnelStatus
-from tunnels.errors import TunnelDownError
+from tunnels.base import Events, RemoteOutput, TunnelSpec, TunnelStatus
+from tunnels.errors import TunnelDownError, TunnelError
 from tunnels.localport import bind_local
 from tunnels.outage import answer_down
 
@@ -101,6 +102,25 @@ class ParamikoTunnel(TunnelStatus):
             thread.join(timeout=5)
         if self._state != "failed":
             self._state = "closed"
+
+    def run_remote(self, command: str, *, timeout_s: float) -> RemoteOutput:
+        """An exec channel on the forwarding connection: no second login."""
+        transport = self._transport
+        if self._state != "up" or transport is None or not transport.is_active():
+            raise TunnelError(
+                f"the tunnel to {self.spec.host} is not up",
+                local_port=self.spec.local_port,
+                hint="wait for `tunnel up`, then try again",
+            )
+        try:
+            code, out, err = exec_on(transport, command, timeout_s=timeout_s)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TunnelError(
+                f"cannot run a command on {self.spec.host} over the tunnel: {exc}",
+                local_port=self.spec.local_port,
+                hint="the login node's sshd must allow sessions (not only port forwarding)",
+            ) from exc
+        return RemoteOutput(code, out, err.decode("utf-8", "replace"))
 
     # -- forwarding --------------------------------------------------------------------
     def _down_message(self) -> str:

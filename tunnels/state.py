@@ -47,6 +47,8 @@ class TunnelRecord(BaseModel):
     log_file: str | None = None
     control_path: str | None = None
     failure: TunnelFailure | None = None  # set with state "failed" by a background tunnel
+    # Up, but without the owner key (tunnels.access): why, for a background tunnel's starter.
+    notice: TunnelFailure | None = None
 
     def alive(self) -> bool:
         """Whether the process holding the tunnel still runs."""

@@ -1,7 +1,8 @@
 """Keeping one tunnel up for `mt tunnel`: in this process, in a detached one, and stopping it.
 
 The library side of `mt tunnel open/close`: it opens the engine, checks /healthz through it,
-keeps the state file (tunnels.state) in step with the engine, starts a detached `mt tunnel`
+reads the owner key over it (tunnels.access) into ``access`` and, if asked, an env file, keeps
+the state file (tunnels.state) in step with the engine, starts a detached `mt tunnel`
 and waits for its record, and stops a tunnel by its process id. It never prints or exits:
 news goes to the caller's ``events``, failures are raised as MTError. A detached tunnel
 that cannot come up says why in its record (state ``failed``), not in its log.
@@ -12,11 +13,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
 from hpc.errors import MTError
 from hpc.privatefile import make_private_dir
+from tunnels.access import Access, read_access, read_env_file, write_env_file
 from tunnels.base import Events, TunnelSpec
 from tunnels.engines import make_engine
 from tunnels.health import check_healthz
@@ -54,11 +57,14 @@ class HeldTunnel:
         self.detached = detached
         self.engine = make_engine(engine, spec, events)
         self.record: TunnelRecord | None = None
+        self.access = Access(base_url=f"{spec.url}/v1")
+        self.key_problem: MTError | None = None  # why ``access`` has no key
 
-    def open(self, *, check: bool) -> TunnelRecord:
-        """Connect, check /healthz through the tunnel (if ``check``), write the record."""
+    def open(self, *, check: bool, env_file: Path | None = None) -> TunnelRecord:
+        """Connect, check /healthz through the tunnel (if ``check``), read the owner key
+        (into ``env_file`` too, if given, before the record says ``up``), write the record."""
         try:
-            return self._open(check)
+            return self._open(check, env_file)
         except MTError as exc:
             if self.detached:
                 self.states.write(
@@ -66,19 +72,32 @@ class HeldTunnel:
                 )
             raise
 
-    def _open(self, check: bool) -> TunnelRecord:
+    def _open(self, check: bool, env_file: Path | None) -> TunnelRecord:
         self.engine.open()
         try:
             if check:
                 check_healthz(self.spec)
+            self.access, self.key_problem = read_access(self.engine, self.spec)
+            if env_file is not None:
+                write_env_file(env_file, self.access)
         except BaseException:
             self.engine.close()
             raise
-        self.record = self._record(self.engine.state)
+        problem = self.key_problem
+        notice = (
+            None if problem is None else TunnelFailure(message=problem.message, hint=problem.hint)
+        )
+        self.record = self._record(self.engine.state, notice=notice)
         self.states.write(self.record)
         return self.record
 
-    def _record(self, state: str, failure: TunnelFailure | None = None) -> TunnelRecord:
+    def _record(
+        self,
+        state: str,
+        failure: TunnelFailure | None = None,
+        *,
+        notice: TunnelFailure | None = None,
+    ) -> TunnelRecord:
         return TunnelRecord(
             local_port=self.spec.local_port,
             remote_port=self.spec.remote_port,
@@ -89,6 +108,7 @@ class HeldTunnel:
             state=state,
             control_path=str(getattr(self.engine, "control_path", "")) or None,
             failure=failure,
+            notice=notice,
         )
 
     def hold(self, stop: threading.Event) -> None:
@@ -113,7 +133,11 @@ class HeldTunnel:
 
 
 def start_background(argv: list[str], states: TunnelStates, local_port: int) -> TunnelRecord:
-    """Start ``argv`` (a detached `mt tunnel open`), return its record once it is up."""
+    """Start ``argv`` (a detached `mt tunnel open`), return its record once it is up.
+
+    The detached tunnel writes the access (the owner key) to the ``--env-file`` in ``argv``
+    before its record says ``up``: see :func:`background_access`.
+    """
     make_private_dir(states.directory)  # a new MT_HOME too: 0700
     log = states.directory / f"{local_port}.log"
     with log.open("wb") as out:
@@ -137,6 +161,21 @@ def start_background(argv: list[str], states: TunnelStates, local_port: int) -> 
     raise MTError(
         f"the background tunnel was not up within {BACKGROUND_WAIT_S:g}s", hint=f"see {log}"
     )
+
+
+def background_env_file(states: TunnelStates, local_port: int) -> Path:
+    """Where a detached tunnel leaves the access for its starter when no --env-file is given
+    (0600 in the 0700 state directory; the starter reads and removes it)."""
+    return states.directory / f"{local_port}.env"
+
+
+def background_access(env_file: Path, *, keep: bool) -> Access:
+    """The access a detached tunnel wrote; the file is removed unless ``keep`` (the user's)."""
+    try:
+        return read_env_file(env_file)
+    finally:
+        if not keep:
+            env_file.unlink(missing_ok=True)
 
 
 def close_tunnels(states: TunnelStates, local_port: int | None, *, every: bool) -> list[int]:

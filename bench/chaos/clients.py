@@ -115,10 +115,13 @@ def _read_stream(response: http.client.HTTPResponse) -> tuple[str, str]:
             chunks += 1
 
 
-def one_request(host: str, port: int, model: str, stream: bool, hung_s: float) -> tuple[str, str]:
+def one_request(
+    host: str, port: int, model: str, stream: bool, hung_s: float, key: str | None = None
+) -> tuple[str, str]:
     """Send one chat request; its kind and a detail for the report. A stream is hung after
     ``hung_s`` without a byte (a cold start sends it comments); a non-streaming request
-    after ``PLAIN_SILENCE_S`` (it waits for a cold start in silence)."""
+    after ``PLAIN_SILENCE_S`` (it waits for a cold start in silence). ``key``: the
+    gateway's owner key, sent as a bearer token."""
     hung_s = hung_s if stream else max(hung_s, PLAIN_SILENCE_S)
     conn = http.client.HTTPConnection(host, port, timeout=hung_s)
     try:
@@ -131,7 +134,8 @@ def one_request(host: str, port: int, model: str, stream: bool, hung_s: float) -
                 "POST",
                 "/v1/chat/completions",
                 body=_body(model, stream),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json"}
+                | ({"Authorization": f"Bearer {key}"} if key else {}),
             )
             response = conn.getresponse()
             if response.status != 200:
@@ -164,11 +168,12 @@ def client_loop(
     stop: threading.Event,
     hung_s: float,
     seed: int,
+    key: str | None = None,
 ) -> None:
     """Requests until ``stop``: three in four streaming, a short random pause between."""
     rng = random.Random(seed)  # noqa: S311 - pacing, not secrets
     while not stop.is_set():
         stream = rng.random() < 0.75
-        kind, detail = one_request(host, port, model, stream, hung_s)
+        kind, detail = one_request(host, port, model, stream, hung_s, key)
         tally.add(kind, detail)
         stop.wait(1.0 if kind == "refused" else rng.uniform(0.0, 0.5))

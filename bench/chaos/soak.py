@@ -75,22 +75,25 @@ class Stops:
 
 
 def _client(
-    port: int, tally: Tally, stops: Stops, settings: Settings, seed: int
+    port: int, tally: Tally, stops: Stops, settings: Settings, seed: int, key: str
 ) -> threading.Thread:
     return threading.Thread(
         target=client_loop,
-        args=("127.0.0.1", port, MODEL, tally, stops.clients, settings.hung_s, seed),
+        args=("127.0.0.1", port, MODEL, tally, stops.clients, settings.hung_s, seed, key),
         daemon=True,
     )
 
 
 def _start_threads(run: Run, settings: Settings, stops: Stops) -> None:
     world = run.world
+    key = world.owner_key()
+    run.audit.keys.add(key)  # never in an argv or a log either
     run.clients = [
-        _client(world.port, run.tally, stops, settings, i) for i in range(settings.clients)
+        _client(world.port, run.tally, stops, settings, i, key) for i in range(settings.clients)
     ]
     if world.tunnel is not None:
-        run.clients.append(_client(world.tunnel.local_port, run.via_tunnel, stops, settings, 99))
+        tunnel_client = _client(world.tunnel.local_port, run.via_tunnel, stops, settings, 99, key)
+        run.clients.append(tunnel_client)
     run.others = [
         threading.Thread(
             target=fault_loop,

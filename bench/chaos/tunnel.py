@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from bench.chaos.world import World, free_port
+from hpc.ownerkey import owner_key_path
 
 
 @dataclass
@@ -76,6 +77,9 @@ def open_tunnel(world: World, engine: str, config: Path, timeout_s: float = 60) 
             "login",
             *("--engine", engine, "--ssh-config", str(config)),
             *("--local-port", str(port), "--remote-port", str(world.port), "--keepalive", "1"),
+            # The key to a 0600 file, not stdout, which goes to the log (audited for keys).
+            *("--owner-key", str(owner_key_path(world.home))),
+            *("--env-file", str(world.root / f"tunnel-{engine}.env")),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

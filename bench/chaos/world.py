@@ -19,6 +19,7 @@ from typing import Any
 
 from hpc.backends import get_scheduler
 from hpc.jobs import handle_of
+from hpc.ownerkey import owner_key_path, read_owner_key
 from hpc.registry import Record, Registry
 from hpc.site import load_site
 
@@ -59,6 +60,10 @@ class World:
     def home(self) -> Path:
         """The world's ``$MT_HOME``."""
         return self.root / "home"
+
+    def owner_key(self) -> str:
+        """The gateway's owner key (made by its first start): what the clients send."""
+        return read_owner_key(owner_key_path(self.home))
 
     @property
     def registry_dir(self) -> Path:

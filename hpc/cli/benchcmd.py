@@ -100,7 +100,11 @@ def bench(
     ] = None,
     api_key_env: Annotated[
         str | None,
-        typer.Option("--api-key-env", help="Environment variable holding the API key to send."),
+        typer.Option(
+            "--api-key-env",
+            help="Environment variable holding the API key to send (default through the "
+            "gateway: your own key, `mt keys owner`).",
+        ),
     ] = None,
     out: Annotated[
         Path, typer.Option(help="Directory for results.csv, results.json and the PNGs.")
@@ -184,6 +188,8 @@ def bench(
         models = (model or first_model(base_url, api_key),)
     else:
         base_url, models = _v1(gateway), (target,)
+    if api_key is None and base_url == _v1(gateway):
+        api_key = _owner_key(cli)  # the bench runs here, as the gateway's owner
 
     workload = Workload(
         models=models,
@@ -285,6 +291,14 @@ def _v1(url: str) -> str:
 
 def _site_gateway(cli: CliContext) -> str:
     return cli.site().config.gateway.url(wildcard_as="127.0.0.1")  # the bench runs here
+
+
+def _owner_key(cli: CliContext) -> str | None:
+    """This user's gateway key (hpc.ownerkey), if `mt gateway` made one."""
+    from hpc.ownerkey import owner_key_path, read_owner_key
+
+    path = owner_key_path(cli.site().home)
+    return read_owner_key(path) if path.exists() else None
 
 
 def _overhead(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -118,7 +119,11 @@ def gateway(
     ] = None,
     keys: Annotated[
         Path | None,
-        typer.Option("--keys", help="keys.yaml: require these API keys (mt keys create)."),
+        typer.Option(
+            "--keys",
+            help="keys.yaml: also accept these API keys (mt keys create); your own key "
+            "($MT_HOME/gateway/owner.key, `mt keys owner`) is always accepted.",
+        ),
     ] = None,
     connect_timeout: Annotated[
         float, _gateway_option("connect_timeout_s", "--connect-timeout")
@@ -180,22 +185,32 @@ def gateway(
         int, _gateway_option("health_failures_to_eject", "--health-failures")
     ] = _gateway_default("health_failures_to_eject"),
 ) -> None:
-    """Run the OpenAI-compatible gateway in the foreground."""
+    """Run the OpenAI-compatible gateway in the foreground; it requires a key (yours:
+    `mt keys owner`)."""
     from gateway.config import GatewayConfig
     from gateway.server import run
     from hpc.jobs import service
+    from hpc.ownerkey import ensure_owner_key
 
     cli: CliContext = ctx.obj
     site = cli.site()
     # Built now (no I/O) so that a bad name fails before the gateway listens.
     on_demand_backend = service(site, backend)
     models_file = cli.models_path()
+    # The default lives here, not in GatewayConfig: an app built in-process has no owner.
+    owner_key, created = ensure_owner_key(site.home)
+    stderr().print(
+        f"{'created' if created else 'using'} the owner key {owner_key} (only you can read "
+        "it): `mt keys owner --env` prints OPENAI_API_KEY, `mt tunnel` reads it for a laptop",
+        soft_wrap=True,
+    )
     config = GatewayConfig(
         host=host or site.config.gateway.host,
         port=site.config.gateway.port if port is None else port,
         registry_dir=site.registry_dir,
         models_file=models_file if models_file.exists() else None,
         keys_file=keys,
+        owner_key_file=owner_key,
         connect_timeout_s=connect_timeout,
         first_token_timeout_s=first_token_timeout,
         unhealthy_first_token_timeout_s=unhealthy_first_token_timeout,
@@ -321,3 +336,34 @@ def keys_revoke(
     cli.check_private(path)
     revoke_key(path, name)
     stderr().print(f"revoked key {name!r} in {path}")
+
+
+@keys_app.command("owner")
+def keys_owner(
+    ctx: typer.Context,
+    env: Annotated[
+        bool,
+        typer.Option(
+            "--env", help="Print OPENAI_BASE_URL=… and OPENAI_API_KEY=… lines (site's port)."
+        ),
+    ] = False,
+    rotate: Annotated[
+        bool,
+        typer.Option("--rotate", help="Replace it; a running gateway drops the old one in ~1 s."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print your own gateway key ($MT_HOME/gateway/owner.key; created if absent)."""
+    from hpc.ownerkey import ensure_owner_key, read_owner_key, rotate_owner_key
+
+    cli: CliContext = ctx.obj
+    site = cli.site()
+    path = rotate_owner_key(site.home) if rotate else ensure_owner_key(site.home)[0]
+    key = read_owner_key(path)
+    base_url = site.config.gateway.url(wildcard_as="127.0.0.1")  # a client on this machine
+    if as_json:
+        print_json({"key": key, "key_file": str(path), "base_url": base_url})
+    elif env:
+        sys.stdout.write(f"OPENAI_BASE_URL={base_url}\nOPENAI_API_KEY={key}\n")
+    else:
+        sys.stdout.write(key + "\n")

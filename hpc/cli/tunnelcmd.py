@@ -19,10 +19,18 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from hpc.cli.output import age, print_json, stderr, stdout
+from hpc.errors import MTError
+from tunnels.access import Access
 from tunnels.base import TunnelSpec
 from tunnels.engines import ENGINES, choose
 from tunnels.state import TunnelRecord, TunnelStates, tunnels_dir
-from tunnels.supervisor import HeldTunnel, close_tunnels, start_background
+from tunnels.supervisor import (
+    HeldTunnel,
+    background_access,
+    background_env_file,
+    close_tunnels,
+    start_background,
+)
 
 
 class _TunnelGroup(TyperGroup):
@@ -63,13 +71,17 @@ def _host(value: str) -> str:
     return value
 
 
-def ready_text(spec: TunnelSpec, engine: str) -> list[str]:
-    """What the user pastes next."""
-    return [
-        f"tunnel up: {spec.url} → {spec.host} 127.0.0.1:{spec.remote_port} ({engine})",
-        f'  curl {spec.url}/v1/models -H "Authorization: Bearer $MT_API_KEY"',
-        f"  export OPENAI_BASE_URL={spec.url}/v1",
-    ]
+def ready_text(spec: TunnelSpec, engine: str, env_file: Path | None) -> list[str]:
+    """What stderr says once the tunnel is up (stdout has the env lines)."""
+    lines = [f"tunnel up: {spec.url} → {spec.host} 127.0.0.1:{spec.remote_port} ({engine})"]
+    if env_file is not None:
+        lines.append(f"  OPENAI_BASE_URL and OPENAI_API_KEY are in {env_file} (0600)")
+        lines.append(f"  use them: set -a; . {env_file}; set +a")
+    else:
+        lines.append(
+            "  use them: export the lines below, or `--env-file PATH` and `set -a; . PATH`"
+        )
+    return lines
 
 
 @app.command("open")
@@ -124,9 +136,30 @@ def open_tunnel(
     detached: Annotated[
         bool, typer.Option("--detached", hidden=True, help="Started by --background.")
     ] = False,
+    owner_key: Annotated[
+        str | None,
+        typer.Option(
+            "--owner-key",
+            help="The gateway owner's key file on the login node (default: "
+            "$MT_HOME/gateway/owner.key there).",
+        ),
+    ] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            help="Write OPENAI_BASE_URL and OPENAI_API_KEY to this file (0600) instead of "
+            "printing the key.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Open a tunnel and keep it up (Ctrl-C ends it) or, with --background, leave it running."""
+    """Open a tunnel and keep it up (Ctrl-C ends it) or, with --background, leave it running.
+
+    Prints OPENAI_API_KEY=… (your gateway key, read over the SSH connection) and
+    OPENAI_BASE_URL=… lines on stdout; the rest goes to stderr.
+    """
+    env_file = env_file.expanduser().absolute() if env_file else None
     spec = TunnelSpec(
         host=host,
         local_port=local_port,
@@ -137,6 +170,7 @@ def open_tunnel(
         ssh_config=ssh_config.expanduser() if ssh_config else None,
         accept_new=accept_new,
         keepalive_s=keepalive_s,
+        owner_key=owner_key,
     )
     chosen = choose(engine)
     states = TunnelStates(tunnels_dir())
@@ -144,33 +178,70 @@ def open_tunnel(
         argv = [sys.executable, "-m", "hpc.cli", "tunnel", "open", host]
         argv += ["--local-port", str(local_port), "--remote-port", str(remote_port)]
         argv += ["--engine", chosen, "--keepalive", str(keepalive_s)]
+        # The detached tunnel hands the key over in a 0600 file, never in an argv.
+        handover = env_file or background_env_file(states, local_port)
         for flag, value in (
             ("--jump", jump),
             ("--identity", spec.identity),
             ("--known-hosts", spec.known_hosts),
             ("--ssh-config", spec.ssh_config),
+            ("--owner-key", owner_key),
+            ("--env-file", handover),
         ):
             if value is not None:
                 argv += [flag, str(value)]
         argv += ["--accept-new"] * accept_new + ["--no-check"] * no_check + ["--detached"]
         record = start_background(argv, states, local_port)
-        _render_up(spec, record.engine, record, as_json)
+        access = background_access(handover, keep=env_file is not None)
+        problem = None
+        if record.notice is not None:
+            problem = MTError(record.notice.message, hint=record.notice.hint)
+        _render_up(spec, record, access, problem, env_file=env_file, as_json=as_json)
         return
-    _run_foreground(spec, chosen, states, check=not no_check, detached=detached, as_json=as_json)
+    _run_foreground(
+        spec,
+        chosen,
+        states,
+        check=not no_check,
+        detached=detached,
+        env_file=env_file,
+        as_json=as_json,
+    )
 
 
-def _render_up(spec: TunnelSpec, engine: str, record: TunnelRecord, as_json: bool) -> None:
+def _render_up(
+    spec: TunnelSpec,
+    record: TunnelRecord,
+    access: Access,
+    problem: MTError | None,
+    *,
+    env_file: Path | None,
+    as_json: bool,
+) -> None:
+    """The env lines on stdout (the key only without ``env_file``), the news on stderr."""
+    with_key = env_file is None
     if as_json:
-        print_json(_row(record))
+        extra: dict[str, Any] = {"env": access.env(with_key=with_key)}
+        if env_file is not None:
+            extra["env_file"] = str(env_file)
+        if problem is not None:
+            extra["owner_key_error"] = {"message": problem.message, "hint": problem.hint}
+        print_json(_row(record) | extra)
         return
-    for line in ready_text(spec, engine):
-        sys.stdout.write(line + "\n")
+    err = stderr()
+    for line in ready_text(spec, record.engine, env_file if access.key else None):
+        err.print(line, soft_wrap=True, markup=False, highlight=False)
+    if problem is not None:
+        err.print(f"warning: {problem.message}", soft_wrap=True, markup=False, highlight=False)
+        if problem.hint:
+            err.print(f"hint: {problem.hint}", soft_wrap=True, markup=False, highlight=False)
+    sys.stdout.write("".join(line + "\n" for line in access.env_lines(with_key=with_key)))
     sys.stdout.flush()
 
 
 def _row(record: TunnelRecord) -> dict[str, Any]:
     """A record as `--json` shows it (a background failure is reported as an error instead)."""
-    return record.model_dump(mode="json", exclude={"failure"})
+    return record.model_dump(mode="json", exclude={"failure", "notice"})
 
 
 def _run_foreground(
@@ -180,6 +251,7 @@ def _run_foreground(
     *,
     check: bool,
     detached: bool,
+    env_file: Path | None,
     as_json: bool,
 ) -> None:
     err = stderr()
@@ -192,9 +264,9 @@ def _run_foreground(
         stop.set()
 
     held = HeldTunnel(spec, engine_name, states, news, detached=detached)
-    record = held.open(check=check)
+    record = held.open(check=check, env_file=env_file)
     try:
-        _render_up(spec, engine_name, record, as_json)
+        _render_up(spec, record, held.access, held.key_problem, env_file=env_file, as_json=as_json)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, ask_stop)
         held.hold(stop)

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hpc import tlspin
+from hpc.ownerkey import owner_key_path, read_owner_key
 from hpc.privatefile import make_private_dir
 
 MODEL = "gemma-3-270m"
@@ -171,12 +172,14 @@ def run(home: Path, max_tokens: int) -> int:
         _mt("status", env=env)
         say("mt gateway --port 0   (binds 127.0.0.1)")
         gateway, gateway_url = _start_gateway(env, home / "gateway.log")
-        print(f"    gateway at {gateway_url}")
+        # The gateway made this on its first start and takes no request without it.
+        owner_key = read_owner_key(owner_key_path(home))
+        print(f"    gateway at {gateway_url}; its key is in {owner_key_path(home)} (mt keys owner)")
         say(f"streaming a chat completion through the gateway: {QUESTION!r}")
         print("    ", end="")
         answer = sse_chat(
             gateway_url + "/v1",
-            None,
+            owner_key,
             QUESTION,
             max_tokens,
             stop=["###"],
@@ -193,7 +196,7 @@ def run(home: Path, max_tokens: int) -> int:
         runs: dict[str, list[StreamStats]] = {"through gateway": [], "direct to the job": []}
         for _ in range(ROUNDS):
             runs["through gateway"].append(
-                sse_chat(gateway_url + "/v1", None, BENCH_PROMPT, max_tokens)
+                sse_chat(gateway_url + "/v1", owner_key, BENCH_PROMPT, max_tokens)
             )
             runs["direct to the job"].append(
                 sse_chat(record["base_url"], key, BENCH_PROMPT, max_tokens, pin=pin)
@@ -206,8 +209,10 @@ def run(home: Path, max_tokens: int) -> int:
         print(
             "\n    by hand: `mt submit gemma-3-270m --wait` and `mt gateway` (with MT_HOME and "
             "MT_MODELS\n    pointing at a models.yaml like this demo's), then\n"
+            "    export OPENAI_API_KEY=$(mt keys owner)\n"
             "    curl -N http://127.0.0.1:8081/v1/chat/completions -H 'Content-Type: "
-            'application/json\' \\\n      -d \'{"model": "' + MODEL + '", "stream": true, '
+            'application/json\' \\\n      -H "Authorization: Bearer $OPENAI_API_KEY" '
+            '\\\n      -d \'{"model": "' + MODEL + '", "stream": true, '
             '"messages": [{"role": "user", "content": "Name a planet."}]}\''
         )
         return 0 if answer.chunks > 0 else 1

@@ -125,6 +125,24 @@ class SSHTransport:
         )
 
 
+def exec_on(
+    transport: paramiko.Transport, command: str, *, timeout_s: float
+) -> tuple[int, bytes, bytes]:
+    """Run the shell string ``command`` on an open connection (no stdin); its exit status
+    (-1 if none came), stdout and stderr. For callers that hold their own connection, such
+    as a tunnel; paramiko's errors and TimeoutError (past ``timeout_s``) are theirs to
+    translate."""
+    deadline = time.monotonic() + timeout_s
+    channel = transport.open_session(timeout=max(timeout_s, 1.0))
+    try:
+        channel.exec_command(command)
+        return _exchange(channel, None, deadline)
+    except _Expired:
+        raise TimeoutError(f"no answer within {timeout_s:g}s") from None
+    finally:
+        channel.close()
+
+
 class _Expired(Exception):
     """The command's deadline passed."""
 
