@@ -13,7 +13,9 @@ What each test shows:
 - while a slow engine loads, the other user cannot take the job's port (the wrapper holds
   it from the start), and the front answers it 401 all the same;
 - a record that points at another user's squatter (a port taken after a job ended, or a
-  stale record) gets neither the job's key nor the prompt from the gateway.
+  stale record) gets neither the job's key nor the prompt from the gateway;
+- the owner's `mt gateway` (no --keys) answers the other user 401, with no key or a
+  guessed one, and the owner key's file cannot be read by that user.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ import aiohttp
 import psutil
 import pytest
 from jobclient import job_get
-from mtcli import GEMMA, gemma_models_yaml, mt
-from otheruser import OtherUser
+from mtcli import GEMMA, gemma_models_yaml, mt, owner_key, running_gateway
+from otheruser import PYTHON, OtherUser
 from slurmcluster import SlurmCluster
+from test_gateway_owner import _PROBE, status_of
 from test_gateway_proxy import CHAT, JOB_KEY, add_record, chat, gateway
 
 from hpc.job.jobdir import JobDir
 from hpc.job.tlscert import make_cert
+from hpc.ownerkey import owner_key_path
 from hpc.registry import Record, Registry
 
 pytestmark = pytest.mark.timeout(240)
@@ -367,3 +371,17 @@ def test_the_other_user_cannot_connect_to_a_socket_in_a_private_directory(
         server.close()
     finally:
         home.remove()
+
+
+def test_the_owners_gateway_answers_another_user_401(other_user: OtherUser) -> None:
+    with running_gateway() as url:
+        for guess in ("", "mt-" + "A" * 43):  # no key; a key of the right shape
+            probe = other_user.run(
+                [PYTHON, "-I", "-c", _PROBE, f"{url}/v1/models"], input_text=guess
+            )
+            assert probe.rc == 0 and probe.stdout.strip() == "401", probe
+        key_file = owner_key_path(Path(os.environ["MT_HOME"]))
+        code = "import sys\nopen(sys.argv[1]).read()"
+        read = other_user.python(code, str(key_file))
+        assert read.rc != 0 and "PermissionError" in read.stderr, read
+        assert status_of(f"{url}/v1/models", owner_key()) == 200  # the owner, all the same
