@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
 from hpc.ondemandstate import default_path as ondemand_state_path
+from hpc.ownerkey import owner_key_path
 from hpc.permissions import records_in
 from hpc.spec import SlurmName
 from hpc.transport import LocalTransport, Transport
@@ -161,13 +162,17 @@ class Site:
 
     def private_paths(self) -> list[Path]:
         """What must stay private (hpc.permissions): the state directory, the registry and
-        its records, keys.yaml, and the on-demand state file the gateway writes."""
+        its records, keys.yaml, the gateway's owner key and its directory, and the on-demand
+        state file the gateway writes."""
         registry = self.registry_dir
+        owner_key = owner_key_path(self.home)
         return [
             self.home,
             registry,
             *records_in(registry),
             self.keys_file,
+            owner_key.parent,
+            owner_key,
             ondemand_state_path(registry),
         ]
 

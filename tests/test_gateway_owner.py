@@ -25,6 +25,7 @@ from test_gateway_proxy import gateway
 from test_gateway_reload import eventually
 
 from hpc.ownerkey import ensure_owner_key, owner_key_path, read_owner_key, rotate_owner_key
+from hpc.privatefile import make_private_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,8 +82,9 @@ def test_the_owner_key_is_made_once_private_and_in_mt_keys_format() -> None:
 @pytest.mark.parametrize("content", ["", "hunter2\n", "mt-short\n"])
 def test_a_file_that_holds_no_key_is_refused_without_showing_it(content: str) -> None:
     path = owner_key_path(_home())
-    path.parent.mkdir(mode=0o700, parents=True)
+    make_private_dir(path.parent)
     path.write_text(content)
+    path.chmod(0o600)
     done = mt("keys", "owner", check=False)
     assert done.returncode == 1
     assert "does not hold a gateway key" in done.stderr and "hint:" in done.stderr

@@ -21,6 +21,7 @@ from mtcli import mt
 
 from gateway.keys import create_key
 from hpc.job.plan import JobPlan, write_plan
+from hpc.ownerkey import ensure_owner_key
 from hpc.privatefile import make_private_dir
 from hpc.registry import Registry, pending_record
 from hpc.spec import ModelSpec, Weights
@@ -57,14 +58,14 @@ class Tree:
         self.record = self.registry / "local-1.json"
         self.keys = self.home / "keys.yaml"
         create_key(self.keys, "alice")
+        self.owner_key, _ = ensure_owner_key(self.home)  # the gateway's, as its first start
 
     def path(self, which: str) -> Path:
-        return {"home": self.home, "registry": self.registry, "record": self.record}.get(
-            which, self.keys
-        )
+        paths = {"home": self.home, "registry": self.registry, "record": self.record}
+        return {**paths, "owner_key": self.owner_key}.get(which, self.keys)
 
 
-LOOSE = {"home": 0o755, "registry": 0o755, "record": 0o644, "keys": 0o644}
+LOOSE = {"home": 0o755, "registry": 0o755, "record": 0o644, "keys": 0o644, "owner_key": 0o644}
 
 
 @pytest.fixture
