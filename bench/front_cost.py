@@ -1,6 +1,7 @@
 """What the job's front costs: tokens/s straight to the engine's socket vs. through the front.
 
     python -m bench.front_cost [--gguf PATH] [--rounds 5] [--levels 1,8] [--requests 8]
+                               [--max-tokens 64]
 
 One real llama.cpp engine (llama-cpp-python's server, on a Unix socket in a 0700 directory,
 started with the job wrapper's own launch) and one front (hpc.job.front: TLS with a pinned
@@ -102,9 +103,11 @@ def running_job(gguf: Path) -> Iterator[Job]:
         home.remove()
 
 
-async def measure(job: Job, levels: tuple[int, ...], rounds: int, requests: int) -> str:
+async def measure(
+    job: Job, levels: tuple[int, ...], rounds: int, requests: int, max_tokens: int
+) -> str:
     """The markdown table of both paths at every level (see the module doc)."""
-    workload = Workload(models=(MODEL,), prompt_tokens=64, max_tokens=128)
+    workload = Workload(models=(MODEL,), prompt_tokens=64, max_tokens=max_tokens)
     runs: dict[tuple[str, int], PathRuns] = {}
     direct = aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=str(job.engine_socket), limit=0)
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--requests", type=int, default=8, help="per level and path, per round")
+    parser.add_argument("--max-tokens", type=int, default=64, help="per answer")
     args = parser.parse_args(argv)
     gguf = args.gguf
     if gguf is None:
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         gguf = Path(gemma.assemble())
     levels = tuple(int(x) for x in args.levels.split(","))
     with running_job(gguf) as job:
-        table = asyncio.run(measure(job, levels, args.rounds, args.requests))
+        table = asyncio.run(measure(job, levels, args.rounds, args.requests, args.max_tokens))
     print(table)
     return 0
 

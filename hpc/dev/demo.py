@@ -188,7 +188,7 @@ def run(home: Path, max_tokens: int) -> int:
         print()
         say(
             f"timing: {ROUNDS} rounds of {BENCH_PROMPT!r}, {max_tokens} tokens, after one warm-up, "
-            "alternating gateway and engine"
+            "alternating gateway and job"
         )
         stored = json.loads((home / "registry" / f"{job}.json").read_text())
         key, pin = stored["api_key"], stored["tls_sha256"]

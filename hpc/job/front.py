@@ -236,14 +236,13 @@ class Front:
             try:
                 async for chunk in upstream.content.iter_any():
                     await out.write(chunk)
+                await out.write_eof()
             except aiohttp.ClientPayloadError:
                 # The engine's answer broke off: so must ours, never a clean end of body.
                 if request.transport is not None:
                     request.transport.abort()
-                return out
             except ConnectionResetError:
-                return out  # the client left; leaving this block closes the engine's side
-            await out.write_eof()
+                pass  # the client left (maybe once it had [DONE]); the engine's side closes
             return out
 
 
