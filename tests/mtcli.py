@@ -64,6 +64,18 @@ def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
 
 
 @contextmanager
+def ready_job(model: str, *args: str) -> Iterator[dict[str, object]]:
+    """`mt submit MODEL --wait --json ARGS`: the job's JSON (asserted ``ready``); cancelled
+    at the end whatever happened."""
+    submitted = json.loads(mt("submit", model, "--wait", "--json", *args).stdout)
+    try:
+        assert submitted["state"] == "ready", submitted
+        yield submitted
+    finally:
+        mt("cancel", str(submitted["key"]), check=False)
+
+
+@contextmanager
 def running_gateway(*args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
     """`mt gateway --port 0` in the background; yields its URL; stops it (whole group).
 

@@ -36,7 +36,7 @@ import aiohttp
 import psutil
 import pytest
 from jobclient import job_get
-from mtcli import GEMMA, gemma_models_yaml, mt, owner_key, running_gateway
+from mtcli import GEMMA, gemma_models_yaml, mt, owner_key, ready_job, running_gateway
 from otheruser import PYTHON, OtherUser
 from slurmcluster import SlurmCluster
 from test_gateway_owner import _PROBE, status_of
@@ -210,14 +210,10 @@ def test_another_user_reaches_nothing_of_a_local_job(
     other_user: OtherUser, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
-    submitted = json.loads(mt("submit", GEMMA, "--wait", "--json").stdout)
-    job = submitted["key"]
-    try:
-        assert submitted["state"] == "ready", submitted
+    with ready_job(GEMMA) as submitted:
+        job = str(submitted["key"])
         log = Path(os.environ["MT_HOME"]) / "logs" / f"{job}.log"
         check_reach(other_user, _stored(job), log)
-    finally:
-        mt("cancel", job, check=False)
 
 
 @pytest.mark.slurm

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mtcli import GEMMA, gemma_models_yaml, mt
+from mtcli import GEMMA, gemma_models_yaml, mt, ready_job
 from otheruser import OtherUser
 from slurmcluster import SlurmCluster
 
@@ -201,16 +201,10 @@ def test_the_real_llama_cpp_shows_its_key_to_no_other_user(
     public_home: Path,
 ) -> None:
     monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
-    submitted = json.loads(mt("submit", GEMMA, "--wait", "--json").stdout)
-    job = submitted["key"]
-    try:
-        assert submitted["state"] == "ready", submitted
-        record = _stored(job)
-        check_job_as_other_user(
-            other_user, record, Path(os.environ["MT_HOME"]) / "logs" / f"{job}.log"
-        )
-    finally:
-        mt("cancel", job, check=False)
+    with ready_job(GEMMA) as submitted:
+        job = str(submitted["key"])
+        log = Path(os.environ["MT_HOME"]) / "logs" / f"{job}.log"
+        check_job_as_other_user(other_user, _stored(job), log)
 
 
 @contextlib.contextmanager
