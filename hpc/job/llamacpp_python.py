@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
 
     uvicorn.run = on_socket  # llama_cpp.server looks it up when it starts the server
     sys.argv = ["llama_cpp.server", *rest]
-    serve()  # type: ignore[no-untyped-call]
+    serve()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 if __name__ == "__main__":
