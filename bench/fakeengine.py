@@ -362,7 +362,7 @@ def _error(status: int, message: str, type_: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def _serve(knobs: Knobs, model: str, port: int, uds: str | None) -> None:
+async def _serve(knobs: Knobs, model: str, port: int, uds: str | None = None) -> None:
     async with FakeUpstream(knobs, model=model, port=port, uds=uds) as fake:
         where = uds if uds is not None else fake.base_url
         sys.stdout.write(f"fake engine listening on {where}\n")

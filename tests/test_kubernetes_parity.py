@@ -130,7 +130,7 @@ def test_same_spec_on_local_slurm_and_kubernetes(
             assert record["model"] == NAMES[backend]
             assert record["engine"] == "llamacpp"
             assert record["key"] == submitted[backend]["key"]
-        assert records["local"]["base_url"].startswith("http://127.0.0.1:")
+        assert records["local"]["base_url"].startswith("https://127.0.0.1:")  # the job's front
         assert records["slurm"]["node"] in ("gpu1", "gpu2")
         ready = records["kubernetes"]
         assert ready["node"] == f"{k8s_id}.{NS}.svc"

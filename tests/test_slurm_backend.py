@@ -148,13 +148,14 @@ def test_bad_partition_is_a_clear_error_and_leaves_no_record(
 
 
 def test_never_healthy_is_failed_with_log_tail(cluster: SlurmCluster, models: Path) -> None:
-    # The engine binds 127.0.0.2 (its last --host wins), where the wrapper's probe never
-    # looks: a real engine that loads, logs, and never becomes healthy.
+    # The engine is told another key than the one the wrapper probes its health with (a
+    # flag beats its environment): a real engine that loads, logs, and never becomes
+    # healthy. (A made-up key in argv, for this test only.)
     add_model(
         models,
         "gemma-slow",
         startup_timeout_s=8,
-        engine_args=["--chat_format", "alpaca", "--host", "127.0.0.2"],
+        engine_args=["--chat_format", "alpaca", "--api_key", "not-the-engines-key"],
     )
     done = mt("submit", "gemma-slow", "--backend", "slurm", "--wait", check=False)
     assert done.returncode == 1

@@ -35,18 +35,26 @@ from poolhelpers import (
     wait_for,
 )
 
+from hpc import tlspin
+
 
 def _open(
-    url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 180
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    timeout: float = 180,
+    pin: str | None = None,
 ) -> Any:
-    """POST ``body`` as JSON; the response, to read (or iterate line by line) as it comes."""
+    """POST ``body`` as JSON; the response, to read (or iterate line by line) as it comes.
+    ``pin``: a job's certificate digest (its record's ``tls_sha256``), for a job's URL."""
     request = urllib.request.Request(  # noqa: S310 - a test URL
         url,
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", **(headers or {})},
         method="POST",
     )
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - a test URL
+    context = tlspin.pinned_context(pin) if pin else None
+    return urllib.request.urlopen(request, timeout=timeout, context=context)  # noqa: S310
 
 
 def _post(url: str, body: dict[str, Any], timeout: float = 180) -> tuple[int, dict[str, Any]]:
@@ -250,7 +258,7 @@ def test_a_client_that_leaves_during_the_load_leaves_no_request_behind(pool: str
     }
     headers = {"Authorization": f"Bearer {secret}"}
     url = record.base_url + "/chat/completions"
-    with _open(url, body, headers, timeout=60) as response:
+    with _open(url, body, headers, timeout=60, pin=record.tls_sha256) as response:
         [engine] = wait_for("B's engine", lambda: engines_of(record.pid or 0, MODEL_B), 60)
         engine.send_signal(signal.SIGSTOP)
         assert response.readline().rstrip(b"\r\n") == f": loading {MODEL_B} in slot 0".encode()
@@ -267,7 +275,7 @@ def test_a_client_that_leaves_during_the_load_leaves_no_request_behind(pool: str
     )
     assert ready
     # A whole request after it: a slot that counted the one that left would stay at 1.
-    with _open(url, body, headers, timeout=60) as response:
+    with _open(url, body, headers, timeout=60, pin=record.tls_sha256) as response:
         assert [line.rstrip(b"\r\n") for line in response][-2:] == [b"data: [DONE]", b""]
     slot = slot_of(pool_status(record), MODEL_B)
     assert slot is not None and slot["in_flight"] == 0 and slot["loads"] == 1
