@@ -19,6 +19,16 @@ WHEELHOUSE := $(HOME)/.cache/modeltainer/wheels/llama-cpp-python-$(LLAMA_CPP_VER
 LITELLM_VERSION := 1.106.2
 LITELLM_VENV := $(HOME)/.cache/modeltainer/litellm-$(LITELLM_VERSION)
 
+# llama.cpp's own C++ server (what users and the recipes' images run), built once per machine
+# from the llama.cpp tree vendored in the same llama-cpp-python sdist, with the same portable
+# flags, into a cache named after version and flags (about 5 minutes on 2 cores). The
+# prebuilt web UI is off: by default the build downloads it. The tests find it through
+# MT_LLAMA_SERVER.
+LLAMA_SERVER_DIR := $(HOME)/.cache/modeltainer/llama-server-$(LLAMA_CPP_VERSION)-avx2
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
+LLAMA_SERVER_CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF
+
 .PHONY: help demo test lint fmt clean deps bench soak
 
 help:
@@ -54,6 +64,20 @@ deps: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 demo: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
 	$(BIN)/python -m hpc.dev.demo
 
+$(LLAMA_SERVER): $(BIN)/python
+	@echo "==> building llama.cpp's llama-server ($(LLAMA_CPP_VERSION)'s vendored tree): about 5 minutes on 2 cores, once"
+	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: \
+		'llama-cpp-python==$(LLAMA_CPP_VERSION)' -d "$$work"; \
+	tar -xzf "$$work"/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C "$$work"; \
+	cmake -S "$$work"/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B "$$work"/build \
+		-DCMAKE_BUILD_TYPE=Release $(LLAMA_SERVER_CMAKE_ARGS) > "$$work"/configure.log \
+		|| { tail -40 "$$work"/configure.log; exit 1; }; \
+	cmake --build "$$work"/build --target llama-server -j 2 > "$$work"/build.log \
+		|| { tail -40 "$$work"/build.log; exit 1; }; \
+	mkdir -p $(LLAMA_SERVER_DIR); \
+	cp "$$work"/build/bin/llama-server $@.tmp; mv $@.tmp $@
+
 $(LITELLM_VENV)/.stamp:
 	@echo "==> LiteLLM $(LITELLM_VERSION) into its own venv $(LITELLM_VENV) (once, about a minute)"
 	$(PYTHON) -m venv $(LITELLM_VENV)
@@ -71,8 +95,8 @@ lint: $(VENV)/.dev-stamp
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp
-	MT_LITELLM=$(LITELLM_VENV)/bin/litellm $(BIN)/pytest -q -ra
+test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER)
+	MT_LITELLM=$(LITELLM_VENV)/bin/litellm MT_LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/pytest -q -ra
 
 fmt: $(VENV)/.dev-stamp
 	$(BIN)/ruff format .

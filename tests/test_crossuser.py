@@ -189,10 +189,18 @@ def _listeners(pid: int) -> list[Any]:
     return found
 
 
-def check_reach(other: OtherUser, record: Record, log: Path) -> None:
-    """The other user against a ready job: 401 everywhere, nothing else (module doc)."""
+def check_reach(
+    other: OtherUser,
+    record: Record,
+    log: Path,
+    routes: list[tuple[str, str]] | None = None,
+) -> None:
+    """The other user against a ready job: 401 everywhere, nothing else (module doc).
+
+    ``routes``: what to try; by default the engine's own /openapi.json and KNOWN_ROUTES."""
     assert record.state == "ready" and record.port is not None and record.engine_pid
-    routes = sorted(set(_openapi_routes(record)) | set(KNOWN_ROUTES))
+    if routes is None:
+        routes = sorted(set(_openapi_routes(record)) | set(KNOWN_ROUTES))
     host = "127.0.0.1"
     result = other.python(REACH, host, str(record.port), _engine_socket(log), json.dumps(routes))
     assert result.rc == 0, result.stderr

@@ -1,0 +1,114 @@
+"""llama.cpp's own `llama-server` (what users and the recipes' images run) through the job
+wrapper, for real: the binary `make test` builds from llama-cpp-python's vendored llama.cpp
+(MT_LLAMA_SERVER), first on the PATH, so `engine: llamacpp` runs it exactly as a job on a
+node without a container would: on a Unix socket in the job's 0700 directory
+(`--host …/engine.sock`), its key from `--api-key-file /dev/fd/3` (hpc.job.keypipe), behind
+the job's front.
+
+What it shows: the flags users write for llama-server (`--ctx-size`) work; the job becomes
+ready; the real `openai` client streams through the gateway (several chunks, `[DONE]`);
+another Unix user reaches nothing of it (every route 401, the socket refused, no TCP
+listener: tests/test_crossuser.py's checks); `mt cancel` leaves no process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from mtcli import GEMMA, mt, owner_key, ready_job, running_gateway
+from otheruser import OtherUser
+from realparts import missing_part
+from test_crossuser import KNOWN_ROUTES, check_reach
+
+from hpc.registry import Record, Registry
+
+# Read at import, before tests/conftest.py's autouse fixture clears MT_* (as MT_LITELLM).
+LLAMA_SERVER = os.environ.get("MT_LLAMA_SERVER", "")
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
+
+# llama-server's own routes besides the OpenAI ones (b11312): the other user gets 401 on each.
+LLAMA_SERVER_ROUTES = [
+    ("POST", "/completion"),
+    ("POST", "/completions"),
+    ("POST", "/embedding"),
+    ("POST", "/infill"),
+    ("POST", "/apply-template"),
+    ("GET", "/lora-adapters"),
+    ("POST", "/lora-adapters"),
+    ("POST", "/slots/0?action=save"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/responses"),
+    ("POST", "/rerank"),
+]
+
+
+@pytest.fixture
+def llama_server_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The built llama-server, first on the PATH the job wrapper searches."""
+    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
+    if binary is None or not os.access(binary, os.X_OK):
+        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
+        raise AssertionError("unreachable")
+    monkeypatch.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
+    yield binary
+
+
+def _models(tmp_path: Path, gguf: Path) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n"
+        f"  - name: {GEMMA}\n"
+        "    engine: llamacpp\n"
+        f"    weights: {{source: {json.dumps(str(gguf))}}}\n"
+        '    engine_args: ["--ctx-size", "2048"]\n'
+        "    startup_timeout_s: 120\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _stored(job: str) -> Record:
+    record = Registry(Path(os.environ["MT_HOME"]) / "registry").read(job)
+    assert record is not None, job
+    return record
+
+
+def test_llama_server_serves_a_job_behind_its_front(
+    llama_server_first: Path,
+    gemma_gguf: Path,
+    other_user: OtherUser,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import openai
+
+    monkeypatch.setenv("MT_MODELS", str(_models(tmp_path, gemma_gguf)))
+    with ready_job(GEMMA) as submitted, running_gateway() as url:
+        job = str(submitted["key"])
+        record = _stored(job)
+        assert record.engine_pid is not None
+        argv = psutil.Process(record.engine_pid).cmdline()
+        assert argv[0] == str(llama_server_first), argv  # the real one, exec'd by keypipe
+        assert argv[argv.index("--host") + 1].endswith("/engine.sock")
+        assert argv[argv.index("--api-key-file") + 1] == "/dev/fd/3"
+        assert "--ctx-size" in argv
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key=owner_key(), max_retries=0)
+        stream = client.completions.create(
+            model=GEMMA, prompt="Once upon a time", max_tokens=16, temperature=0, stream=True
+        )
+        pieces = [c.choices[0].text for c in stream if c.choices]
+        assert len([p for p in pieces if p]) > 1, pieces  # streamed, not one block
+
+        log = Path(os.environ["MT_HOME"]) / "logs" / f"{job}.log"
+        routes = sorted(set(KNOWN_ROUTES) | set(LLAMA_SERVER_ROUTES))
+        check_reach(other_user, record, log, routes=routes)
+        engine = psutil.Process(record.engine_pid)
+    assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+    assert mt("status", "--json").returncode == 0
