@@ -9,7 +9,9 @@ certificate, the key on every path), composed as the job wrapper composes them. 
 runs every level on both paths, in alternating order, so drift in the engine's speed hits
 both alike; the table has the median over rounds of each level's output tokens/s and TTFT,
 and the front/direct ratio. The same session, the same engine, the same requests: only the
-path differs. Without ``--gguf``, the Gemma 3 270M GGUF from its PyPI package.
+path differs. Without ``--gguf``, the Gemma 3 270M GGUF from its PyPI package. The engine is
+what the job wrapper would run: ``llama-server`` when one is on the PATH (then pass its flags
+in ``--engine-args``), else llama-cpp-python's server.
 """
 
 from __future__ import annotations
@@ -64,14 +66,14 @@ class Job:
 
 
 @contextmanager
-def running_job(gguf: Path) -> Iterator[Job]:
+def running_job(gguf: Path, engine_args: list[str]) -> Iterator[Job]:
     """A real engine on its socket behind a front on 127.0.0.1, as the job wrapper runs them."""
     spec = ModelSpec.model_validate(
         {
             "name": MODEL,
             "engine": "llamacpp",
             "weights": {"source": str(gguf)},
-            "engine_args": ["--chat_format", "gemma", "--n_ctx", "2048"],
+            "engine_args": engine_args,
         }
     )
     home = JobDir()
@@ -109,8 +111,11 @@ async def measure(
     """The markdown table of both paths at every level (see the module doc)."""
     workload = Workload(models=(MODEL,), prompt_tokens=64, max_tokens=max_tokens)
     runs: dict[tuple[str, int], PathRuns] = {}
+    # A new socket connection per request on the direct path: llama-server's Unix socket
+    # does not take a second request on a connection aiohttp reuses there ("Can not write
+    # request body"); a Unix connect costs microseconds against a TTFT of 100s of ms.
     direct = aiohttp.ClientSession(
-        connector=aiohttp.UnixConnector(path=str(job.engine_socket), limit=0)
+        connector=aiohttp.UnixConnector(path=str(job.engine_socket), limit=0, force_close=True)
     )
     front = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ssl=tlspin.pinned_context(job.sha256))
@@ -165,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--requests", type=int, default=8, help="per level and path, per round")
     parser.add_argument("--max-tokens", type=int, default=64, help="per answer")
+    parser.add_argument(
+        "--engine-args",
+        default="--chat_format gemma --n_ctx 2048",
+        help="the model's engine_args (llama-server, when first on PATH: --ctx-size 2048)",
+    )
     args = parser.parse_args(argv)
     gguf = args.gguf
     if gguf is None:
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gguf = Path(gemma.assemble())
     levels = tuple(int(x) for x in args.levels.split(","))
-    with running_job(gguf) as job:
+    with running_job(gguf, args.engine_args.split()) as job:
         table = asyncio.run(measure(job, levels, args.rounds, args.requests, args.max_tokens))
     print(table)
     return 0

@@ -166,7 +166,10 @@ class Front:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        connector = aiohttp.UnixConnector(path=str(self.engine_socket), limit=0)
+        # One engine connection per request: llama-server closes a Unix-socket connection
+        # after an answer, and a reused one then fails (502) with nothing sent. A connect on
+        # a local socket costs microseconds (bench/front_cost.py measures the whole front).
+        connector = aiohttp.UnixConnector(path=str(self.engine_socket), limit=0, force_close=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
