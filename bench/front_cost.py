@@ -20,18 +20,18 @@ import argparse
 import asyncio
 import io
 import os
-import statistics
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from bench.loadgen import Target, run_level
-from bench.workload import Schedule, Workload
+from bench.loadgen import Target
+from bench.pathcompare import compare, table
+from bench.workload import Workload
 from hpc import tlspin
 from hpc.job.engines import build_launch
 from hpc.job.front import Front, bind_node_port
@@ -44,14 +44,6 @@ from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 
 MODEL = "gemma-3-270m"
-
-
-@dataclass
-class PathRuns:
-    """Every round's numbers for one path at one level."""
-
-    tokens_per_s: list[float] = field(default_factory=list)
-    ttft_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -110,7 +102,6 @@ async def measure(
 ) -> str:
     """The markdown table of both paths at every level (see the module doc)."""
     workload = Workload(models=(MODEL,), prompt_tokens=64, max_tokens=max_tokens)
-    runs: dict[tuple[str, int], PathRuns] = {}
     # A new socket connection per request on the direct path: llama-server's Unix socket
     # does not take a second request on a connection aiohttp reuses there ("Can not write
     # request body"); a Unix connect costs microseconds against a TTFT of 100s of ms.
@@ -125,41 +116,11 @@ async def measure(
         "front": (front, Target(f"https://127.0.0.1:{job.front.port}/v1", job.job_key)),
     }
     try:
-        for round_ in range(rounds):
-            order = ["direct", "front"] if round_ % 2 == 0 else ["front", "direct"]
-            for level in levels:
-                schedule = Schedule(concurrency=(level,), requests=max(requests, level), warmup=1)
-                for name in order:
-                    session, target = paths[name]
-                    result = await run_level(session, target, workload, schedule, level)
-                    summary = result.summaries[0]
-                    if summary.errors:
-                        errors = [r.error for r in result.records if r.error]
-                        raise SystemExit(f"{name} at {level}: {errors[:3]}")
-                    row = runs.setdefault((name, level), PathRuns())
-                    row.tokens_per_s.append(summary.output_tokens_per_s)
-                    row.ttft_ms.append(summary.ttft_ms.p50 or 0.0)
-                    print(
-                        f"round {round_ + 1}/{rounds} c={level} {name}: "
-                        f"{summary.output_tokens_per_s:.1f} tok/s",
-                        file=sys.stderr,
-                    )
+        runs = await compare(paths, workload, levels, rounds, requests)
     finally:
         await direct.close()
         await front.close()
-    lines = [
-        "| streams | direct tok/s | front tok/s | front/direct | direct TTFT p50 ms "
-        "| front TTFT p50 ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for level in levels:
-        d, f = runs[("direct", level)], runs[("front", level)]
-        dt, ft = statistics.median(d.tokens_per_s), statistics.median(f.tokens_per_s)
-        lines.append(
-            f"| {level} | {dt:.1f} | {ft:.1f} | {ft / dt:.3f} | "
-            f"{statistics.median(d.ttft_ms):.1f} | {statistics.median(f.ttft_ms):.1f} |"
-        )
-    return "\n".join(lines)
+    return table(runs, list(paths), levels)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,6 +193,14 @@ class ModelSpec(_Strict):
         description="engine routes the job's front passes besides the OpenAI ones, e.g. "
         "/invocations or /v2/* (every route still needs the job's key)",
     )
+    engine_network: Literal["auto", "isolated", "shared"] = Field(
+        default="auto",
+        description="the engine in a network namespace of its own, so the ports it opens for "
+        "its own processes (vLLM's torch.distributed and gloo ports, NCCL's bootstrap) reach "
+        "no other user of the node: isolated (refuse to start without it), auto (isolated "
+        "when the weights are a local path and the kernel allows it; else said in the log), "
+        "shared (the node's network: an engine that downloads its weights)",
+    )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     kubernetes: KubernetesOptions = Field(default_factory=KubernetesOptions)
     on_demand: OnDemand | None = Field(

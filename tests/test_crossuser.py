@@ -180,13 +180,31 @@ def _openapi_routes(record: Record) -> list[tuple[str, str]]:
     return routes
 
 
-def _listeners(pid: int) -> list[Any]:
-    """TCP sockets listening in the engine's process tree."""
+def engine_listeners(pid: int) -> list[Any]:
+    """TCP sockets listening in the engine's process tree on the node's network: what
+    another user could connect to. (An engine in its own namespace: :func:`private_ports`.)"""
     found = []
     root = psutil.Process(pid)
+    ours = os.readlink("/proc/self/ns/net")
     for proc in [root, *root.children(recursive=True)]:
-        found += [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        if os.readlink(f"/proc/{proc.pid}/ns/net") == ours:
+            listening = proc.net_connections(kind="inet")
+            found += [c for c in listening if c.status == psutil.CONN_LISTEN]
     return found
+
+
+def private_ports(pid: int) -> list[int]:
+    """TCP ports listening in the network namespace of ``pid`` (hpc.job.netns gave the
+    engine one of its own: everything there is the engine's). Empty if it shares ours."""
+    if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        return []
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text(encoding="ascii").splitlines()[1:]
+        for fields in (line.split() for line in lines):
+            if fields[3] == "0A":  # TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
 
 
 def check_reach(
@@ -211,7 +229,7 @@ def check_reach(
     assert all("invalid_api_key" in r[3] for r in seen["routes"] if r[0] != "HEAD")
     assert not isinstance(seen["plain"], int), seen["plain"]  # plain HTTP: no answer at all
     assert "PermissionError" in seen["socket"], seen["socket"]
-    assert _listeners(record.engine_pid) == []  # the engine listens on no TCP port
+    assert engine_listeners(record.engine_pid) == []  # the engine listens on no TCP port
 
 
 def test_another_user_reaches_nothing_of_a_local_job(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,32 @@ def _spec(engine: str, source: str, **fields: Any) -> ModelSpec:
     return ModelSpec.model_validate(data | fields)
 
 
-def _launch(spec: ModelSpec, environ: dict[str, str] | None = None) -> EngineLaunch:
+NETNS = [sys.executable, "-m", "hpc.job.netns", "auto", "--"]
+APPTAINER_NET = ["--net", "--network", "none"]
+
+
+def _own_network(launch: EngineLaunch) -> EngineLaunch:
+    """``launch`` without what gives the engine a network of its own (tested below)."""
+    argv = launch.argv
+    if argv[:5] == NETNS:
+        return replace(launch, argv=argv[5:])
+    if argv[:2] == ["apptainer", "exec"]:
+        at = 3 if argv[2] in ("--nv", "--rocm") else 2
+        if argv[at : at + 3] == APPTAINER_NET:
+            return replace(launch, argv=argv[:at] + argv[at + 3 :])
+    return launch
+
+
+def _launch(
+    spec: ModelSpec, environ: dict[str, str] | None = None, *, raw: bool = False
+) -> EngineLaunch:
+    """The launch for ``spec``; unless ``raw``, without the network namespace's wrapping."""
     launch = build_launch(spec, listen=SOCK, api_key=KEY, environ=environ or {})
     # Whatever the variant: the key is in the environment, never on the command line.
     assert not any(KEY in arg for arg in launch.argv), launch.argv
     assert KEY in launch.env.values()
     assert KEY not in repr(launch)
-    return launch
+    return launch if raw else _own_network(launch)
 
 
 def _after(argv: list[str], flag: str) -> str:
@@ -175,7 +195,7 @@ def test_vllm_on_two_granted_gpus_gets_tensor_parallel_2() -> None:
         "--tensor-parallel-size",
         "2",
     ]
-    assert launch.env == {"VLLM_API_KEY": KEY}
+    assert launch.env == {"VLLM_API_KEY": KEY, "VLLM_RPC_BASE_PATH": str(SOCK.parent)}
     assert (launch.health_path, launch.health_needs_key) == ("/health", False)
 
 
@@ -239,7 +259,12 @@ def test_vllm_in_apptainer_with_nv_and_binds() -> None:
         "2",
     ]
     # APPTAINERENV_X reaches the container as X even under --cleanenv.
-    assert launch.env == {"VLLM_API_KEY": KEY, "APPTAINERENV_VLLM_API_KEY": KEY}
+    assert launch.env == {
+        "VLLM_API_KEY": KEY,
+        "VLLM_RPC_BASE_PATH": str(SOCK.parent),
+        "APPTAINERENV_VLLM_API_KEY": KEY,
+        "APPTAINERENV_VLLM_RPC_BASE_PATH": str(SOCK.parent),
+    }
 
 
 def test_rocm_flag() -> None:
@@ -249,6 +274,38 @@ def test_rocm_flag() -> None:
         "exec",
         "--rocm",
     ]
+
+
+# -- the engine's own network (hpc.job.netns) ----------------------------------------------
+
+
+def test_an_engine_with_local_weights_gets_a_network_of_its_own(
+    gguf: Path, llama_server_on_path: Path, tmp_path: Path
+) -> None:
+    launch = _launch(_spec("llamacpp", str(gguf)), raw=True)
+    assert launch.argv[:5] == NETNS and launch.isolated and launch.network_note is None
+    assert launch.argv[5:8] == [sys.executable, "-m", "hpc.job.keypipe"]  # then the key pipe
+    strict = _launch(_spec("vllm", str(tmp_path), engine_network="isolated"), raw=True)
+    assert strict.argv[:5] == [*NETNS[:3], "isolated", "--"]
+    assert strict.argv[5:7] == ["vllm", "serve"]
+
+
+def test_apptainer_gives_the_engine_its_none_network(tmp_path: Path) -> None:
+    runtime = {"kind": "apptainer", "image": "/i.sif", "gpu_flag": "--nv"}
+    launch = _launch(_spec("vllm", str(tmp_path), runtime=runtime), raw=True)
+    assert launch.argv[:6] == ["apptainer", "exec", "--nv", *APPTAINER_NET]
+    assert sys.executable not in launch.argv  # nothing of this node's Python in the image
+
+
+def test_weights_from_a_hub_or_a_shared_network_keep_the_nodes_network(tmp_path: Path) -> None:
+    hub = _launch(_spec("vllm", "org/m"), raw=True)
+    assert hub.argv[:2] == ["vllm", "serve"] and not hub.isolated
+    assert hub.network_note is not None and "'org/m' are no local path" in hub.network_note
+    shared = _launch(_spec("vllm", str(tmp_path), engine_network="shared"), raw=True)
+    assert shared.argv[:2] == ["vllm", "serve"] and shared.network_note is None
+    # isolated is isolated, whatever the weights: the engine will fail to download, loudly.
+    strict = _launch(_spec("vllm", "org/m", engine_network="isolated"), raw=True)
+    assert strict.argv[:5] == [*NETNS[:3], "isolated", "--"]
 
 
 # -- hostile paths --------------------------------------------------------------------------

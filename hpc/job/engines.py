@@ -18,12 +18,14 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from hpc.errors import EngineError
 from hpc.job.keypipe import ENV as KEYPIPE_ENV
 from hpc.job.keypipe import key_path, keypipe_argv
+from hpc.job.netns import netns_argv
 from hpc.spec import ModelSpec
 
 
@@ -38,6 +40,10 @@ class EngineLaunch:
     # Where the gateway probes a running engine, if not ``health_path``: a path that does
     # not wait behind a generation in progress.
     probe_path: str | None = None
+    # Whether the engine runs in a network namespace of its own (hpc.job.netns), and if
+    # not although it could have, why (the wrapper writes it into the job's log).
+    isolated: bool = False
+    network_note: str | None = None
 
 
 def resolve_gguf(spec: ModelSpec) -> str:
@@ -126,7 +132,9 @@ def _vllm(spec: ModelSpec, listen: Path, api_key: str, gpus_granted: int) -> Eng
         argv += ["--tensor-parallel-size", str(gpus_granted)]
     return EngineLaunch(
         argv=[*argv, *spec.engine_args],
-        env={"VLLM_API_KEY": api_key},
+        # VLLM_RPC_BASE_PATH: vLLM's ZMQ sockets between its processes go into the job's
+        # 0700 directory (removed at exit), not /tmp.
+        env={"VLLM_API_KEY": api_key, "VLLM_RPC_BASE_PATH": str(listen.parent)},
         health_path="/health",
         health_needs_key=False,
     )
@@ -140,6 +148,30 @@ def gpus_granted(spec: ModelSpec, environ: Mapping[str, str]) -> int:
     return spec.resources.gpus
 
 
+def _network_reason(spec: ModelSpec) -> str | None:
+    """Why the engine must share the node's network, or None if it can have its own."""
+    if spec.engine_network == "shared":
+        return None
+    if spec.engine_network == "auto" and not Path(spec.weights.source).expanduser().exists():
+        return (
+            f"weights {spec.weights.source!r} are no local path: the engine may download "
+            "them, so it runs on the node's network (its internal ports on the node's "
+            "loopback); stage the weights and it gets a network of its own"
+        )
+    return None
+
+
+def _isolated(spec: ModelSpec, launch: EngineLaunch) -> EngineLaunch:
+    """``launch`` in a network namespace of its own, where the spec and weights allow."""
+    note = _network_reason(spec)
+    if spec.engine_network == "shared" or note is not None:
+        return replace(launch, network_note=note)
+    if spec.runtime.kind != "none":
+        return replace(launch, isolated=True)  # Apptainer's own --net (_in_container)
+    mode: Literal["isolated", "auto"] = "isolated" if spec.engine_network == "isolated" else "auto"
+    return replace(launch, argv=netns_argv(sys.executable, mode, launch.argv), isolated=True)
+
+
 def _in_container(spec: ModelSpec, launch: EngineLaunch, listen: Path) -> EngineLaunch:
     runtime = spec.runtime
     if runtime.kind == "none":
@@ -147,6 +179,10 @@ def _in_container(spec: ModelSpec, launch: EngineLaunch, listen: Path) -> Engine
     argv = ["apptainer", "exec"]
     if runtime.gpu_flag:
         argv.append(runtime.gpu_flag)
+    if launch.isolated:
+        # A network namespace with only a loopback, which Apptainer gives unprivileged
+        # users (the `none` network needs no CNI plugin and no setuid).
+        argv += ["--net", "--network", "none"]
     for bind in runtime.binds:
         argv += ["--bind", bind]
     # The engine's socket directory, whatever the site's `mount tmp` says.
@@ -155,12 +191,7 @@ def _in_container(spec: ModelSpec, launch: EngineLaunch, listen: Path) -> Engine
         raise EngineError(f"{spec.name}: runtime.kind {runtime.kind!r} needs an image")
     # APPTAINERENV_X reaches the container as X even under --cleanenv.
     env = {**launch.env, **{f"APPTAINERENV_{k}": v for k, v in launch.env.items()}}
-    return EngineLaunch(
-        argv=[*argv, runtime.image, *launch.argv],
-        env=env,
-        health_path=launch.health_path,
-        health_needs_key=launch.health_needs_key,
-    )
+    return replace(launch, argv=[*argv, runtime.image, *launch.argv], env=env)
 
 
 def build_launch(
@@ -172,4 +203,4 @@ def build_launch(
         launch = _llamacpp(spec, listen, api_key)
     else:
         launch = _vllm(spec, listen, api_key, gpus_granted(spec, environ))
-    return _in_container(spec, launch, listen)
+    return _in_container(spec, _isolated(spec, launch), listen)

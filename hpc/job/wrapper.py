@@ -178,6 +178,8 @@ class JobWrapper:
     # -- the engine -----------------------------------------------------------------------
     def _start(self, launch: EngineLaunch) -> tuple[subprocess.Popen[bytes], LogPump]:
         self._say("starting engine: " + " ".join(launch.argv))
+        if launch.network_note:
+            self._say("engine network: " + launch.network_note)
         return start_engine(launch, self.environ, self.out, self._engine_key)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
