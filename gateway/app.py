@@ -32,6 +32,7 @@ from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
 from gateway.proxy.handler import proxy
 from gateway.proxy.pool import UPSTREAMS, Pool
+from gateway.proxy.usage import USAGE_SENDERS, UsageSenders
 from gateway.ratelimit import Limiter
 from gateway.reload import CleanupContext, reload_context
 from gateway.state import (
@@ -96,6 +97,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 prompt_tokens=info.prompt_tokens,
                 completion_tokens=info.completion_tokens,
                 tokens_estimated=info.tokens_estimated or None,
+                output_limit=info.output_limit,
                 duration_ms=round(duration_s * 1000, 1),
             ),
         )
@@ -217,6 +219,7 @@ def create_app(
     app[CONFIG] = config
     app[LIMITER] = Limiter()
     app[METRICS] = Metrics()
+    app[USAGE_SENDERS] = UsageSenders()
     balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     app[INFLIGHT] = Inflight()

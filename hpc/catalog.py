@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hpc.registry import FINAL_STATES, Record
-from hpc.spec import ModelsFile, ModelSpec, StaticBackend
+from hpc.spec import ModelsFile, ModelSpec, StaticBackend, TokenLimits
 
 Source = Literal["models.yaml", "static", "job", "alias"]
 
@@ -50,7 +50,8 @@ class Catalog:
     ``models`` lists each model (configured, static, job-only) and then each alias;
     ``starting`` names models a live job will serve once ready (a request gets 503, not
     404); ``pools`` maps a catalogue name to the first swap pool that serves it;
-    ``fallbacks`` maps a model to the names to serve instead, in order.
+    ``fallbacks`` maps a model to the names to serve instead, in order; ``limits`` maps a
+    model to its max_tokens default and cap (only models that set one).
     """
 
     models: tuple[ServedModel, ...]
@@ -59,6 +60,7 @@ class Catalog:
     aliases: Mapping[str, str] = field(default_factory=dict)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     pools: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, TokenLimits] = field(default_factory=dict)
 
     def routable(self) -> dict[str, tuple[Endpoint, ...]]:
         """Each model (not alias) with at least one endpoint, and its endpoints."""
@@ -80,6 +82,7 @@ def catalog(configured: ModelsFile | None, records: Iterable[Record]) -> Catalog
     aliases: dict[str, str] = {}
     fallbacks: dict[str, tuple[str, ...]] = {}
     pools: dict[str, str] = {}
+    limits: dict[str, TokenLimits] = {}
     names: tuple[str, ...] = ()
     statics: dict[str, Endpoint] = {}
     if configured is not None:
@@ -97,6 +100,8 @@ def catalog(configured: ModelsFile | None, records: Iterable[Record]) -> Catalog
             aliases.update((alias, entry.name) for alias in entry.aliases)
             if entry.fallbacks:
                 fallbacks[entry.name] = entry.fallbacks
+            if entry.limits.any():
+                limits[entry.name] = entry.limits
     for record in records:
         served = record.serves or (record.model,)  # a swap pool serves its catalogue
         if record.state == "ready" and record.base_url:
@@ -130,6 +135,7 @@ def catalog(configured: ModelsFile | None, records: Iterable[Record]) -> Catalog
         aliases=aliases,
         fallbacks=fallbacks,
         pools=pools,
+        limits=limits,
     )
 
 
