@@ -50,6 +50,7 @@ from gateway.state import (
     RequestInfo,
 )
 from hpc.backends import Backend
+from hpc.catalog import listing
 from hpc.openai import INVALID_REQUEST, PROXIED_PATHS
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
@@ -168,13 +169,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: every routable name and alias, in OpenAI's list shape."""
+    """GET /v1/models: every name the key may use (``hpc.catalog.listing``: ready, on demand,
+    in a ready swap pool), aliases too, in OpenAI's list shape with an ``mt`` field each."""
     routes = request.app[LIVE].snapshot.routes
-    data = []
-    for name in routes.names():
-        upstreams = routes.upstreams(routes.resolve(name))
-        created = min((u.created for u in upstreams if u.created), default=0)
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "modeltainer"})
+    controller = request.app[ON_DEMAND]
+    client = request.get(CLIENT)
+    rows = listing(
+        routes.catalog, controller.last_starts(), starts_jobs=controller.backend is not None
+    )
+    data = [
+        row.openai()
+        for row in sorted(rows, key=lambda row: row.model.name)
+        if row.usable
+        and (
+            client is None
+            or client.allows(row.model.name)
+            or client.allows(row.model.alias_of or row.model.name)
+        )
+    ]
     return web.json_response({"object": "list", "data": data})
 
 

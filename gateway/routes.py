@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hpc.catalog import Endpoint, catalog
+from hpc.catalog import Catalog, Endpoint, catalog
 from hpc.registry import Record
 from hpc.spec import ModelsFile, TokenLimits
 
@@ -62,7 +62,8 @@ class RouteTable:
     to the names to serve instead, in order, when none of its replicas answers. Both come
     from ``models.yaml`` (validated there: no alias clashes, no fallback to nothing).
     ``pools`` maps a catalogue name to the swap pool that serves it (for the 503's hint).
-    ``limits`` maps a model to its max_tokens default and cap.
+    ``limits`` maps a model to its max_tokens default and cap; ``catalog`` is what the
+    table was built from (``GET /v1/models`` lists it, see ``hpc.catalog.listing``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class RouteTable:
         fallbacks: Mapping[str, tuple[str, ...]] | None = None,
         pools: Mapping[str, str] | None = None,
         limits: Mapping[str, TokenLimits] | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._configured = frozenset(configured)
@@ -84,6 +86,7 @@ class RouteTable:
         self._fallbacks = dict(fallbacks or {})
         self._pools = dict(pools or {})
         self._limits = dict(limits or {})
+        self.catalog = catalog or Catalog(())
         # The only mutable part: where each name's round robin stands. It restarts with
         # every new table, which only shifts which replica goes first.
         self._turns = {name: itertools.count() for name in self._routes}
@@ -186,4 +189,5 @@ def build_routes(
         fallbacks=served.fallbacks,
         pools=served.pools,
         limits=served.limits,
+        catalog=served,
     )

@@ -94,6 +94,14 @@ class OnDemandController:
             }
         return self._specs.get(model)
 
+    def last_starts(self) -> dict[str, float]:
+        """How long each model's last start took (submit to ready), where one is known."""
+        return {
+            name: state.last_start_s
+            for name, state in self.states.items()
+            if state.last_start_s is not None
+        }
+
     def enter(self, model: str, asker: Asker) -> ModelState:
         """Count a request for ``model`` in (until ``leave``); its state, to wait on."""
         state = self._state(model)
