@@ -53,8 +53,7 @@ class Knobs:
     require_key: str | None = None  # 401 unless ``Authorization: Bearer <require_key>``
     drop_requests: int = 0  # close the connection unanswered on the first N requests
     use_max_tokens: bool = False  # answer min(tokens, the request's max_tokens) tokens
-    # streaming: never send a usage chunk, even with include_usage (llama-cpp-python's way)
-    no_usage: bool = False
+    no_usage: bool = False  # streaming: no usage chunk, even when asked (llama-cpp-python)
     # streaming: after this many chunks an in-band ``data: {"error": …}`` event, then the
     # usage chunk and ``[DONE]`` as vLLM sends them after an error
     error_after: int | None = None
@@ -288,9 +287,8 @@ class FakeUpstream:
             if self.seen.first_chunk_at is None:
                 self.seen.first_chunk_at = now
             self.seen.last_chunk_at = now
-        options = payload.get("stream_options")
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        if wants_usage and not knobs.no_usage:
+        options = None if knobs.no_usage else payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
             # OpenAI's last chunk for include_usage: no choices, the usage of the whole answer.
             final = _chunk(self.model, chat, "", None)
             final["choices"] = []
