@@ -27,6 +27,7 @@ from gateway.health import health_context
 from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import CONTENT_TYPE, Metrics, render_connections, render_probes
+from gateway.modellist import visible_models
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
@@ -50,7 +51,6 @@ from gateway.state import (
     RequestInfo,
 )
 from hpc.backends import Backend
-from hpc.catalog import listing
 from hpc.openai import INVALID_REQUEST, PROXIED_PATHS
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
@@ -169,24 +169,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: every name the key may use (``hpc.catalog.listing``: ready, on demand,
-    in a ready swap pool), aliases too, in OpenAI's list shape with an ``mt`` field each."""
-    routes = request.app[LIVE].snapshot.routes
-    controller = request.app[ON_DEMAND]
-    client = request.get(CLIENT)
-    rows = listing(
-        routes.catalog, controller.last_starts(), starts_jobs=controller.backend is not None
-    )
-    data = [
-        row.openai()
-        for row in sorted(rows, key=lambda row: row.model.name)
-        if row.usable
-        and (
-            client is None
-            or client.allows(row.model.name)
-            or client.allows(row.model.alias_of or row.model.name)
-        )
-    ]
+    """GET /v1/models: every name the key may use (``gateway.modellist``), in OpenAI's list
+    shape with an ``mt`` field each: ready, in a swap pool, or started on request."""
+    data = [row.openai() for row in visible_models(request)]
     return web.json_response({"object": "list", "data": data})
 
 
