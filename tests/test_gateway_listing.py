@@ -229,3 +229,25 @@ def test_mt_models_shows_the_same_states(
     assert code == 0
     assert "on_demand (last start 42 s)" in out
     assert "none (starts on request)" in out
+
+
+async def test_a_restarted_gateway_still_knows_the_last_start(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.ensure()
+    backend = FakeScheduler(registry)
+    previous = OnDemandState(
+        updated_at=1.0,
+        gateway_pid=1,
+        backend="local",
+        models={"od": ModelEntry(state="idle", last_start_s=42.0)},
+    )
+    write_private(default_path(registry.path), previous.model_dump_json().encode())
+    models = models_yaml(tmp_path / "models.yaml")
+    async with gateway(tmp_path, backend, models_file=models) as (url, _controller):
+        shown = await listed(url)
+    assert shown["od"]["mt"] == {
+        "state": "on_demand",
+        "starts_on_request": True,
+        "last_start_s": 42.0,
+    }
+    assert shown["od-up"]["mt"]["last_start_s"] is None
