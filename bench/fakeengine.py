@@ -53,6 +53,7 @@ class Knobs:
     require_key: str | None = None  # 401 unless ``Authorization: Bearer <require_key>``
     drop_requests: int = 0  # close the connection unanswered on the first N requests
     use_max_tokens: bool = False  # answer min(tokens, the request's max_tokens) tokens
+    no_usage: bool = False  # streaming: no usage chunk, even when asked (llama-cpp-python)
     # streaming: after this many chunks an in-band ``data: {"error": …}`` event, then the
     # usage chunk and ``[DONE]`` as vLLM sends them after an error
     error_after: int | None = None
@@ -286,7 +287,7 @@ class FakeUpstream:
             if self.seen.first_chunk_at is None:
                 self.seen.first_chunk_at = now
             self.seen.last_chunk_at = now
-        options = payload.get("stream_options")
+        options = None if knobs.no_usage else payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
             # OpenAI's last chunk for include_usage: no choices, the usage of the whole answer.
             final = _chunk(self.model, chat, "", None)

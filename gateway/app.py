@@ -27,11 +27,13 @@ from gateway.health import health_context
 from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import CONTENT_TYPE, Metrics, render_connections, render_probes
+from gateway.modellist import visible_models
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
 from gateway.proxy.handler import proxy
 from gateway.proxy.pool import UPSTREAMS, Pool
+from gateway.proxy.usage import USAGE_SENDERS, UsageSenders
 from gateway.ratelimit import Limiter
 from gateway.reload import CleanupContext, reload_context
 from gateway.state import (
@@ -96,6 +98,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 prompt_tokens=info.prompt_tokens,
                 completion_tokens=info.completion_tokens,
                 tokens_estimated=info.tokens_estimated or None,
+                output_limit=info.output_limit,
                 duration_ms=round(duration_s * 1000, 1),
             ),
         )
@@ -166,13 +169,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: every routable name and alias, in OpenAI's list shape."""
-    routes = request.app[LIVE].snapshot.routes
-    data = []
-    for name in routes.names():
-        upstreams = routes.upstreams(routes.resolve(name))
-        created = min((u.created for u in upstreams if u.created), default=0)
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "modeltainer"})
+    """GET /v1/models: every name the key may use (``gateway.modellist``), in OpenAI's list
+    shape with an ``mt`` field each: ready, in a swap pool, or started on request."""
+    data = [row.openai() for row in visible_models(request)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -217,6 +216,7 @@ def create_app(
     app[CONFIG] = config
     app[LIMITER] = Limiter()
     app[METRICS] = Metrics()
+    app[USAGE_SENDERS] = UsageSenders()
     balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     app[INFLIGHT] = Inflight()

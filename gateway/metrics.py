@@ -174,8 +174,9 @@ class Metrics:
                 f'mt_gateway_fallbacks_total{{model="{model}",served_model="{served}"}} {count}'
             )
         out += [
-            "# HELP mt_gateway_estimated_tokens_total Tokens charged by estimate, for streams "
-            "cut or abandoned before the upstream's usage (also in mt_gateway_tokens_total).",
+            "# HELP mt_gateway_estimated_tokens_total Tokens charged by estimate: streams cut "
+            "or abandoned before the upstream's usage, and usage the gateway counted for an "
+            "engine that sends none (also in mt_gateway_tokens_total).",
             "# TYPE mt_gateway_estimated_tokens_total counter",
         ]
         for (model, kind), count in sorted(self.estimated_tokens.items()):

@@ -125,7 +125,8 @@ def document() -> dict[str, Any]:
             },
             "/v1/models": {
                 "get": {
-                    "summary": "every routable model name",
+                    "summary": "every model the key may use, each with an mt field: ready, "
+                    "pool, starting or on_demand, whether it starts on request, its last start",
                     "responses": {**listing, **_errors("401")},
                 }
             },

@@ -10,9 +10,9 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hpc.catalog import Endpoint, catalog
+from hpc.catalog import Catalog, Endpoint, catalog
 from hpc.registry import Record
-from hpc.spec import ModelsFile
+from hpc.spec import ModelsFile, TokenLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,8 @@ class RouteTable:
     to the names to serve instead, in order, when none of its replicas answers. Both come
     from ``models.yaml`` (validated there: no alias clashes, no fallback to nothing).
     ``pools`` maps a catalogue name to the swap pool that serves it (for the 503's hint).
+    ``limits`` maps a model to its max_tokens default and cap; ``catalog`` is what the
+    table was built from (``GET /v1/models`` lists it, see ``hpc.catalog.listing``).
     """
 
     def __init__(
@@ -73,6 +75,8 @@ class RouteTable:
         aliases: Mapping[str, str] | None = None,
         fallbacks: Mapping[str, tuple[str, ...]] | None = None,
         pools: Mapping[str, str] | None = None,
+        limits: Mapping[str, TokenLimits] | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._configured = frozenset(configured)
@@ -81,6 +85,8 @@ class RouteTable:
         self._aliases = dict(aliases or {})
         self._fallbacks = dict(fallbacks or {})
         self._pools = dict(pools or {})
+        self._limits = dict(limits or {})
+        self.catalog = catalog or Catalog(())
         # The only mutable part: where each name's round robin stands. It restarts with
         # every new table, which only shifts which replica goes first.
         self._turns = {name: itertools.count() for name in self._routes}
@@ -97,6 +103,10 @@ class RouteTable:
     def fallbacks(self, model: str) -> tuple[str, ...]:
         """The models to serve instead of ``model`` (aliases resolved), in order."""
         return tuple(self.resolve(name) for name in self._fallbacks.get(model, ()))
+
+    def limits(self, model: str) -> TokenLimits | None:
+        """The max_tokens default and cap of ``model`` (not an alias), if it sets any."""
+        return self._limits.get(model)
 
     def upstreams(self, model: str) -> tuple[Upstream, ...]:
         """The upstreams of ``model`` in a stable order (empty if none is ready)."""
@@ -178,4 +188,6 @@ def build_routes(
         aliases=served.aliases,
         fallbacks=served.fallbacks,
         pools=served.pools,
+        limits=served.limits,
+        catalog=served,
     )

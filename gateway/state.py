@@ -37,7 +37,8 @@ class RequestInfo:
     routed: bool = False  # the model is one the gateway knows (bounds metric labels)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    tokens_estimated: bool = False  # charged by estimate: the usage never came
+    tokens_estimated: bool = False  # charged by estimate: the engine sent no usage
+    output_limit: str | None = None  # the model's max_tokens default or cap, if applied
 
 
 CONFIG = web.AppKey("config", GatewayConfig)

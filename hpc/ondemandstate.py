@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 STATE_FILE = "ondemand-state.json"
 
@@ -46,6 +46,8 @@ class ModelEntry(BaseModel):
     in_flight: int = 0
     error: str | None = None  # the last failed start, while it is remembered
     failed_at: float | None = None
+    # Seconds from submit to ready of the last job that became ready (queue wait included).
+    last_start_s: float | None = None
     jobs: list[JobEntry] = []
 
 
@@ -59,3 +61,15 @@ class OnDemandState(BaseModel):
     gateway_pid: int
     backend: str | None
     models: dict[str, ModelEntry]
+
+
+def read_ondemand_state(path: Path) -> dict[str, ModelEntry]:
+    """The gateway's per-model on-demand bookkeeping; empty if the file is absent or bad.
+
+    The gateway rewrites it atomically, so a bad file is another program's, not a torn one;
+    status output should not fail for it.
+    """
+    try:
+        return OnDemandState.model_validate_json(path.read_bytes()).models
+    except (OSError, ValidationError):
+        return {}

@@ -14,16 +14,13 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-from pydantic import ValidationError
 
 from hpc import tlspin
 from hpc.errors import MTError
 from hpc.jobs import job_views
-from hpc.ondemandstate import ModelEntry, OnDemandState, default_path
+from hpc.ondemandstate import ModelEntry, default_path, read_ondemand_state
 from hpc.registry import Record
 from hpc.site import Site
 
@@ -112,18 +109,6 @@ def fetch_pool_status(record: Record, timeout_s: float = 5.0) -> PoolView:
     if not isinstance(data, dict):
         return PoolView(record, None, f"{url} answered no JSON object")
     return PoolView(record, data)
-
-
-def read_ondemand_state(path: Path) -> dict[str, ModelEntry]:
-    """The gateway's per-model on-demand bookkeeping; empty if the file is absent or bad.
-
-    The gateway rewrites it atomically, so a bad file is another program's, not a torn one;
-    status output should not fail for it.
-    """
-    try:
-        return OnDemandState.model_validate_json(path.read_bytes()).models
-    except (OSError, ValidationError):
-        return {}
 
 
 _ENDED = ("gone", "cancelled", "failed", "idle")

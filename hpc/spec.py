@@ -172,6 +172,38 @@ class OnDemand(_Strict):
     )
 
 
+class TokenLimits(_Strict):
+    """What the gateway does with a request's output limit for this model.
+
+    ``max_tokens`` (or ``max_completion_tokens``, or ``max_output_tokens`` on
+    ``/v1/responses``) is set to ``max_tokens_default`` when a request sends none, and
+    lowered to ``max_tokens_cap`` when it asks for more (clamped, not refused: UIs and agents
+    cannot be told to ask for less). A request with neither and no default gets the cap.
+    """
+
+    max_tokens_default: int | None = Field(
+        default=None,
+        gt=0,
+        description="the output limit of a request that sends none (UIs often send none)",
+    )
+    max_tokens_cap: int | None = Field(
+        default=None,
+        gt=0,
+        description="a request asking for more output tokens is lowered to this (clamped)",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> TokenLimits:
+        default, cap = self.max_tokens_default, self.max_tokens_cap
+        if default is not None and cap is not None and default > cap:
+            raise ValueError(f"max_tokens_default ({default}) is above max_tokens_cap ({cap})")
+        return self
+
+    def any(self) -> bool:
+        """True if a default or a cap is set."""
+        return self.max_tokens_default is not None or self.max_tokens_cap is not None
+
+
 ExposedRoute = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./*-]*$", max_length=200)]
 
 
@@ -214,6 +246,10 @@ class ModelSpec(_Strict):
         description="names the gateway serves instead, in order, when this one has no "
         "replica that answers",
     )
+    limits: TokenLimits = Field(
+        default_factory=TokenLimits,
+        description="the gateway's max_tokens default and cap for requests to this model",
+    )
 
 
 class StaticBackend(_Strict):
@@ -230,6 +266,10 @@ class StaticBackend(_Strict):
     fallbacks: tuple[ModelName, ...] = Field(
         default=(),
         description="names the gateway serves instead, in order, when this one does not answer",
+    )
+    limits: TokenLimits = Field(
+        default_factory=TokenLimits,
+        description="the gateway's max_tokens default and cap for requests to this backend",
     )
 
 

@@ -222,6 +222,7 @@ def test_ondemand_state_file_round_trips_the_gateways_json(tmp_path: Path) -> No
                 "in_flight": 0,
                 "error": None,
                 "failed_at": None,
+                "last_start_s": 95.0,
                 "jobs": [
                     {
                         "job": "slurm-1",

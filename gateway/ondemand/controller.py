@@ -30,6 +30,7 @@ from gateway.ondemand.statefile import state_document, write_state
 from gateway.routes import Upstream
 from hpc.backends import Backend, JobHandle, JobStatus
 from hpc.errors import MTError
+from hpc.ondemandstate import read_ondemand_state
 from hpc.openai import ErrorReply
 from hpc.reconcile import ENDED, settle
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
@@ -92,6 +93,14 @@ class OnDemandController:
                 spec.name: spec for spec in (models.models if models else ()) if spec.on_demand
             }
         return self._specs.get(model)
+
+    def last_starts(self) -> dict[str, float]:
+        """How long each model's last start took (submit to ready), where one is known."""
+        return {
+            name: state.last_start_s
+            for name, state in self.states.items()
+            if state.last_start_s is not None
+        }
 
     def enter(self, model: str, asker: Asker) -> ModelState:
         """Count a request for ``model`` in (until ``leave``); its state, to wait on."""
@@ -247,6 +256,11 @@ class OnDemandController:
     async def adopt(self) -> None:
         """Take over the live jobs a previous gateway started on demand (their records say)."""
         records = await asyncio.to_thread(self.registry.records)
+        # How long the previous gateway's last starts took: still the best guess of the next.
+        previous = await asyncio.to_thread(read_ondemand_state, self.state_file)
+        for model, entry in previous.items():
+            if entry.last_start_s is not None and self.spec(model) is not None:
+                self._state(model).last_start_s = entry.last_start_s
         now = time.time()
         for record in records:
             if record.state in FINAL_STATES or not is_own(record):
@@ -313,7 +327,12 @@ class OnDemandController:
         for key, job in list(state.jobs.items()):
             if key not in seen:
                 continue
+            was_ready = job.served or job.ready
             failed_start, ended = job.observe(*seen[key])
+            if job.ready and not was_ready:
+                # What a user waits for on a cold start: from submit (queue wait included).
+                state.last_start_s = round(max(0.0, time.time() - job.started_at), 1)
+                self._dirty = True
             if failed_start and job.record is not None:
                 self._fail(state, job_failure(job.record))
             if ended:

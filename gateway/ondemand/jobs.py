@@ -161,6 +161,7 @@ class ModelState:
     failure: str | None = None
     failure_until: float = 0.0  # loop time until which the failure is reported, not retried
     failed_at: float | None = None
+    last_start_s: float | None = None  # submit to ready, of the last job that became ready
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Jobs it cancelled or saw end: the route table lists them until its next reload.
     retired: dict[str, None] = field(default_factory=dict)  # an ordered set

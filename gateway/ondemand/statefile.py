@@ -28,6 +28,7 @@ def model_entry(state: ModelState, now: float, outstanding: Callable[[str], int]
         in_flight=state.in_flight,
         error=state.failure,
         failed_at=state.failed_at,
+        last_start_s=state.last_start_s,
         jobs=[
             JobEntry(
                 job=job.key,

@@ -26,6 +26,10 @@ class Exchange:
     events_relayed: int = 0
     prompt_tokens: int | None = None  # as the upstream reported them
     completion_tokens: int | None = None
+    # The client asked for a usage event (``stream_options.include_usage``).
+    wants_usage: bool = False
+    # The counts are the gateway's own (proxy.usage.usage_event): the engine sent none.
+    usage_estimated: bool = False
     # time.monotonic() (the loop's clock) of the steps the timing histograms measure.
     sent_at: float | None = None  # sent to the replica that answered
     upstream_first_at: float | None = None  # its first body byte (non-streaming: its body)

@@ -39,10 +39,11 @@ from gateway.proxy.failures import (
     unreachable,
 )
 from gateway.proxy.http1 import UpstreamError
+from gateway.proxy.outputlimit import limited_body
 from gateway.proxy.pool import UPSTREAMS
 from gateway.proxy.relay import relay_stream
 from gateway.proxy.upstream import Sent, attempt, send
-from gateway.proxy.usage import charge, with_usage
+from gateway.proxy.usage import charge, client_wants_usage, with_usage
 from gateway.ratelimit import KeyBuckets
 from gateway.routes import Upstream
 from gateway.state import (
@@ -92,6 +93,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         exchange.buckets, limited = _rate_limit(request, client, info)
         if limited is not None:
             return limited
+    body, info.output_limit = limited_body(request.path, payload, body, routes.limits(canonical))
 
     if request.app[ON_DEMAND].manages(canonical):
         info.routed = True
@@ -192,6 +194,7 @@ async def _proceed(
     canonical = plan[0]
     strip_usage = False
     if stream and not request.path.endswith("/embeddings"):
+        exchange.wants_usage = client_wants_usage(payload)  # before with_usage turns it on
         body, strip_usage = with_usage(payload, body)
 
     admission = request.app[ADMISSION]

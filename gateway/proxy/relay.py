@@ -44,10 +44,17 @@ from gateway.proxy.sse import (
     event_separator,
 )
 from gateway.proxy.upstream import Watch
-from gateway.proxy.usage import USAGE_MARKS, take_usage
+from gateway.proxy.usage import (
+    USAGE_MARKS,
+    USAGE_SENDERS,
+    content_events,
+    stream_id,
+    take_usage,
+    usage_event,
+)
 from gateway.routes import Upstream
 from gateway.state import CONFIG, METRICS, RequestInfo
-from hpc.openai import SERVER_ERROR, SSE_HEADERS, error_body, error_event
+from hpc.openai import DONE, SERVER_ERROR, SSE_HEADERS, error_body, error_event
 
 log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 
@@ -65,6 +72,7 @@ class Splice:
     __slots__ = (
         "_client",
         "_conn",
+        "_count",
         "_exchange",
         "_framed",
         "_gaps",
@@ -77,9 +85,11 @@ class Splice:
         "_watch",
         "carry",
         "client_gone",
+        "counted",
         "ended",
         "failure",
         "finished",
+        "held",
         "paused",
         "tail",
     )
@@ -94,7 +104,10 @@ class Splice:
         upstream: Upstream,
         strip_usage: bool,
         exchange: Exchange,
+        count: bool = False,
     ) -> None:
+        """``count``: count the events that carry text and hold back ``[DONE]`` while no
+        usage event has come (the client asked for one; the engine may send none)."""
         self._loop = asyncio.get_running_loop()
         self._client = client
         self._framed = framed  # HTTP/1.1 chunked framing; an HTTP/1.0 client gets raw bytes
@@ -105,6 +118,9 @@ class Splice:
         self._upstream = upstream
         self._strip_usage = strip_usage
         self._exchange = exchange
+        self._count = count
+        self.counted = 0  # events with text, while counting
+        self.held = b""  # the engine's [DONE] event, held back for the gateway's usage event
         self._waiter: asyncio.Future[None] | None = None
         self._last = 0.0
         self.tail = b""
@@ -150,6 +166,8 @@ class Splice:
                 chunk, self.carry = chunk[:at], b""
         if USAGE_MARKS[0] in chunk or USAGE_MARKS[1] in chunk:
             chunk = take_usage(chunk, self._strip_usage, self._exchange)
+        if self._count and self._exchange.completion_tokens is None:
+            chunk = self._counted(chunk)
         if chunk:
             self._write(chunk)
         if self.failure is not None:
@@ -157,6 +175,20 @@ class Splice:
             self._finish()
         elif not self.paused:
             self._watch.waiting_since = now
+
+    def _counted(self, chunk: bytes) -> bytes:
+        """Count ``chunk``'s tokens; hold back its closing ``[DONE]`` event, if it has one."""
+        self.counted += content_events(chunk)
+        at = chunk.rfind(DONE)
+        if at >= 0 and chunk[at - 1 : at] in (b"", b"\n") and chunk[at:].rstrip() == DONE:
+            self.held = chunk[at:]
+            return chunk[:at]
+        return chunk
+
+    def hold_last_done(self) -> None:
+        """At the end: a ``[DONE]`` left without its blank line (in ``carry``) is held too."""
+        if self._count and not self.held and self.carry.strip() == DONE:
+            self.held, self.carry = self.carry, b""
 
     def end(self, exc: BaseException | None) -> None:
         """The upstream's body ended: whole (``None``), or with ``exc``."""
@@ -235,10 +267,16 @@ async def relay_stream(
     gaps = Gaps()
     # aiohttp chose the framing when it sent the headers: chunked for HTTP/1.1 clients.
     framed = "chunked" in out.headers.get("Transfer-Encoding", "")
-    splice = Splice(transport, framed, conn, watch, gaps, upstream, strip_usage, exchange)
+    senders = request.app[USAGE_SENDERS]
+    # Counting costs a search per event: only for a client that asked for the usage, from
+    # a replica not known to send it.
+    count = exchange.wants_usage and not senders.sends(upstream.source)
+    splice = Splice(transport, framed, conn, watch, gaps, upstream, strip_usage, exchange, count)
     try:
         return await _relay(out, transport, conn, splice, first, upstream, info, exchange, config)
     finally:
+        if exchange.completion_tokens is not None and not exchange.usage_estimated:
+            senders.note(upstream.source)
         watch.close()
         request.app[METRICS].inter_token_latency.merge(upstream.model, gaps.counts, gaps.total)
 
@@ -270,9 +308,19 @@ async def _relay(
     if splice.client_gone:
         info.outcome = "client_disconnected"
         return out
-    failure = splice.failure or _failure(splice.ended, splice.tail, upstream, config)
     tail = splice.tail
+    if exchange.completion_tokens is None:
+        splice.hold_last_done()
+    if splice.held:
+        tail = (tail + splice.held)[-TAIL_BYTES:]  # the engine ended its stream whole
+    failure = splice.failure or _failure(splice.ended, tail, upstream, config)
     try:
+        if splice.held and failure is None:
+            # The engine sent no usage event: the gateway's, then the engine's [DONE].
+            event = b""
+            if exchange.completion_tokens is None:
+                event = usage_event(exchange, splice.counted, stream_id(first))
+            await out.write(event + splice.held)
         if splice.carry and failure is None:
             await out.write(splice.carry)
             tail = (tail + splice.carry[-TAIL_BYTES:])[-TAIL_BYTES:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,8 @@ from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
 from hpc.errors import MTError
 from hpc.registry import Record, record_key
-from hpc.spec import PoolSpec
+from hpc.spec import ModelSpec, PoolSpec
+from hpc.toolcalls import missing_tool_flags
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -27,6 +29,14 @@ def _progress_line(record: Record | None, status: JobStatus) -> str:
     if state == "pending" and status.state == "running":
         return "starting (job running, engine not started yet)"
     return state
+
+
+def _warn_tool_flags(specs: Iterable[ModelSpec]) -> None:
+    """A ``warning:`` line on stderr for each chat model started without tool calling."""
+    for spec in specs:
+        problem = missing_tool_flags(spec)
+        if problem is not None:
+            stderr().print(f"warning: {problem}", soft_wrap=True, markup=False, highlight=False)
 
 
 def submit(
@@ -60,12 +70,14 @@ def submit(
     site = cli.site()
     pool = cli.models().pool(model) if cli.models_path().is_file() else None
     if pool is not None:
+        _warn_tool_flags(cli.models().catalogue(pool))
         if dry_run:
             typer.echo(jobs.render_pool_script(site, cli.models(), pool, backend), nl=False)
             return
         handle = jobs.submit_pool(site, cli.models(), pool, backend)
     else:
         spec = cli.spec(model)
+        _warn_tool_flags((spec,))
         if dry_run:
             typer.echo(jobs.render_script(site, spec, backend), nl=False)
             return

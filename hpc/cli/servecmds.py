@@ -10,17 +10,22 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from hpc.catalog import ServedModel, served_models
+from hpc.catalog import Catalog, ServedModel, catalog, listing
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
 from hpc.errors import ConfigError
+from hpc.ondemandstate import default_path, read_ondemand_state
 from hpc.registry import Registry
 from hpc.spec import ModelsFile
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def served(cli: CliContext) -> list[ServedModel]:
+# What the READY ENDPOINTS column says of a name without one, by its state.
+_NO_ENDPOINT = {"on_demand": "starts on request", "starting": "starting"}
+
+
+def _catalog(cli: CliContext) -> Catalog:
     """What the gateway would serve now; without a models.yaml, the ready jobs alone."""
     try:
         configured: ModelsFile | None = cli.models()
@@ -28,21 +33,33 @@ def served(cli: CliContext) -> list[ServedModel]:
         if cli.models_path().exists():
             raise
         configured = None
-    return served_models(configured, Registry(cli.site().registry_dir).records())
+    return catalog(configured, Registry(cli.site().registry_dir).records())
+
+
+def served(cli: CliContext) -> list[ServedModel]:
+    """What the gateway would serve now (:func:`hpc.catalog.catalog`'s rows)."""
+    return list(_catalog(cli).models)
 
 
 def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """What the gateway would serve: configured models, static backends, ready jobs, aliases."""
+    """What the gateway would serve: configured models, static backends, ready jobs, aliases,
+    and whether each answers now, starts on request, or is stopped."""
     cli: CliContext = ctx.obj
+    # The gateway's on-demand state file says how long each model's last start took.
+    starts = read_ondemand_state(default_path(cli.site().registry_dir))
+    last_starts = {
+        name: entry.last_start_s for name, entry in starts.items() if entry.last_start_s is not None
+    }
     rows: dict[str, dict[str, object]] = {
-        model.name: {
-            "name": model.name,
-            "source": model.source,
-            "engine": model.engine,
-            "endpoints": [endpoint.base_url for endpoint in model.endpoints],
-            "alias_of": model.alias_of,
+        row.model.name: {
+            "name": row.model.name,
+            "source": row.model.source,
+            "engine": row.model.engine,
+            "endpoints": [endpoint.base_url for endpoint in row.model.endpoints],
+            "alias_of": row.model.alias_of,
+            **row.extension(),
         }
-        for model in served(cli)
+        for row in listing(_catalog(cli), last_starts)
     }
     if as_json:
         print_json(list(rows.values()))
@@ -53,17 +70,22 @@ def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         )
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("MODEL", "SOURCE", "ENGINE", "READY ENDPOINTS"):
+    for column in ("MODEL", "SOURCE", "ENGINE", "STATE", "READY ENDPOINTS"):
         table.add_column(column)
     for row in rows.values():
         endpoints = row["endpoints"]
         if not isinstance(endpoints, list):
             endpoints = []
+        state = str(row["state"])
+        waiting = _NO_ENDPOINT.get(state, "mt submit it")
+        if row["last_start_s"] is not None:
+            state += f" (last start {row['last_start_s']:.0f} s)"
         table.add_row(
             str(row["name"]),
             f"alias of {row['alias_of']}" if row["alias_of"] else str(row["source"]),
             str(row["engine"]),
-            ", ".join(endpoints) or "[dim]none (mt submit it)[/]",
+            state,
+            ", ".join(endpoints) or f"[dim]none ({waiting})[/]",
         )
     stdout().print(table)
 
