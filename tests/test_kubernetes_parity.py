@@ -38,6 +38,7 @@ NAMES = {"local": "gemma-local", "slurm": "gemma-slurm", "kubernetes": "gemma-k8
 def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
     with FakeKubeAPI() as api:
         monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
+        mt("keys", "create", "ops")  # the client keys of the gateway that submit applies
         yield api
 
 
