@@ -8,11 +8,16 @@ and the rendered gateway's own keys.yaml and models.yaml run a real gateway.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ import pytest
 import yaml
 from fake_upstream import FakeUpstream, Knobs
 from realparts import missing_part
-from test_gateway_proxy import CHAT, chat, gateway
+from test_gateway_proxy import CHAT, chat
 from test_kubernetes_manifests import (
     CLIENT_KEYS,
     EXAMPLE,
@@ -392,11 +397,59 @@ def test_monitors_scrape_with_a_secret_and_the_dashboard_is_the_repos() -> None:
 # --- the rendered gateway, run ----------------------------------------------------------------
 
 
-async def test_the_rendered_gateway_config_runs_a_real_gateway(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """keys.yaml from the Secret and models.yaml from the ConfigMap, as the pod mounts them:
-    a client key calls the model, the metrics token reads /metrics and calls no model."""
+def _resolve_env(
+    container: dict[str, Any], secrets: dict[str, dict[str, str]], paths: dict[str, str]
+) -> dict[str, str]:
+    """A container's environment as the kubelet sets it: values (pod paths mapped to this
+    machine's) and ``secretKeyRef``s read from the rendered Secrets."""
+    env = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = _mapped(entry["value"], paths)
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def _mapped(text: str, paths: dict[str, str]) -> str:
+    for pod_path, here in paths.items():
+        text = text.replace(pod_path, here)
+    return text
+
+
+@contextlib.contextmanager
+def _pod_gateway(
+    container: dict[str, Any], env: dict[str, str], paths: dict[str, str]
+) -> Iterator[str]:
+    """The gateway container's own command, run here (on loopback, a free port)."""
+    argv = [_mapped(arg, paths) for arg in container["command"]]
+    assert argv[0] == "mt"
+    argv[argv.index("--host") + 1] = "127.0.0.1"  # the pod's 0.0.0.0 is its own network
+    argv[argv.index("--port") + 1] = "0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpc.cli", *argv[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stderr.read()
+        yield line.split("listening on", 1)[1].strip()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+async def test_the_rendered_gateway_pod_runs_here(tmp_path: Path) -> None:
+    """The gateway pod's init container and gateway container, with their rendered
+    command, environment, Secret and ConfigMap, run here as they would in the pod: a client
+    key calls the model with the engine's key; the metrics token reads /metrics and may
+    call no model."""
     alice = "mt-alice-key-for-the-rendered-gateway"
     client_keys = f"keys:\n- name: alice\n  sha256: {hashlib.sha256(alice.encode()).hexdigest()}\n"
     spec = ModelSpec.model_validate(
@@ -414,36 +467,70 @@ async def test_the_rendered_gateway_config_runs_a_real_gateway(
         metrics_token=METRICS_TOKEN,
         site=SITE,
     )
-    (secret,) = yaml.safe_load_all(files["gateway/secret.yaml"])
-    (config,) = yaml.safe_load_all(files["gateway/configmap.yaml"])
-    (dep,) = yaml.safe_load_all(files["gateway/deployment.yaml"])
-    (container,) = dep["spec"]["template"]["spec"]["containers"]
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(secret["stringData"]["keys.yaml"])
-    keys.chmod(0o600)  # what the init container's install -m 0600 does
+    objects = [
+        o
+        for rel, text in files.items()
+        if rel.endswith(".yaml") and not rel.endswith("kustomization.yaml")
+        for o in yaml.safe_load_all(text)
+    ]
+    secrets = {o["metadata"]["name"]: o["stringData"] for o in objects if o["kind"] == "Secret"}
+    (config,) = [o for o in objects if o["metadata"]["name"] == "mt-gateway-models"]
+    (dep,) = [
+        o for o in objects if o["metadata"]["name"] == "mt-gateway" and o["kind"] == "Deployment"
+    ]
+    pod = dep["spec"]["template"]["spec"]
+    # The pod's volumes, as directories here: an emptyDir (0777, as the kubelet makes it),
+    # the Secret's items and the ConfigMap's files.
+    paths = {
+        p: str(tmp_path / p.strip("/").replace("/", "-"))
+        for p in ("/var/lib/mt", "/etc/mt/secret", "/etc/mt/models")
+    }
+    Path(paths["/var/lib/mt"]).mkdir()
+    Path(paths["/var/lib/mt"]).chmod(0o777)
+    (keys_volume,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    Path(paths["/etc/mt/secret"]).mkdir()
+    for item in keys_volume["items"]:
+        (Path(paths["/etc/mt/secret"]) / item["path"]).write_text(
+            secrets[keys_volume["secretName"]][item["key"]]
+        )
+    (init,) = pod["initContainers"]
+    done = subprocess.run(
+        [_mapped(arg, paths) for arg in init["command"]],
+        env={"PATH": os.environ["PATH"], **_resolve_env(init, secrets, paths)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (gateway_container,) = pod["containers"]
     async with FakeUpstream(Knobs(require_key=KEY)) as fake:
         models = yaml.safe_load(config["data"]["models.yaml"])
         (entry,) = models["static"]
         assert entry["base_url"] == "http://mt-tiny.llm.svc:8000/v1"
         entry["base_url"] = fake.base_url  # the Service's DNS name resolves only in a cluster
-        (models_file := tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
-        # The engine key reaches the gateway by the environment variable the pod sets.
-        (env,) = [e for e in container["env"] if e["name"] == entry["api_key_env"]]
-        assert env["valueFrom"]["secretKeyRef"] == {"name": "mt-tiny-key", "key": "api-key"}
-        monkeypatch.setenv(entry["api_key_env"], KEY)
-        async with (
-            gateway(tmp_path, keys_file=keys, models_file=models_file) as url,
-            aiohttp.ClientSession() as client,
-        ):
-            good = {"Authorization": f"Bearer {alice}"}
-            async with client.post(url + CHAT, json=chat("tiny"), headers=good) as resp:
-                assert resp.status == 200
-            scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
-            async with client.get(url + "/metrics", headers=scrape) as resp:
-                assert resp.status == 200
-                assert "mt_gateway_requests_total" in await resp.text()
-            async with client.post(url + CHAT, json=chat("tiny"), headers=scrape) as resp:
-                assert resp.status == 403
-            async with client.get(url + "/healthz") as resp:  # the probes need no key
-                assert resp.status == 200
+        Path(paths["/etc/mt/models"]).mkdir()
+        (Path(paths["/etc/mt/models"]) / "models.yaml").write_text(yaml.safe_dump(models))
+        env = _resolve_env(gateway_container, secrets, paths)
+        assert env[entry["api_key_env"]] == KEY  # the engine's key, from the engine's Secret
+        with _pod_gateway(gateway_container, env, paths) as url:
+            async with aiohttp.ClientSession() as client:
+                async with client.get(url + "/healthz") as resp:  # the probes need no key
+                    assert resp.status == 200
+                good = {"Authorization": f"Bearer {alice}"}
+                async with client.post(url + CHAT, json=chat("tiny"), headers=good) as resp:
+                    assert resp.status == 200
+                scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+                async with client.get(url + "/metrics", headers=scrape) as resp:
+                    assert resp.status == 200
+                    assert "mt_gateway_requests_total" in await resp.text()
+                async with client.post(url + CHAT, json=chat("tiny"), headers=scrape) as resp:
+                    assert resp.status == 403
+                async with client.get(url + "/metrics") as resp:
+                    assert resp.status == 401
     assert fake.seen.authorization == [f"Bearer {KEY}"]
+    home = Path(env["MT_HOME"])
+    assert (home.stat().st_mode & 0o777, (home / "keys.yaml").stat().st_mode & 0o777) == (
+        0o700,
+        0o600,
+    )
