@@ -47,6 +47,7 @@ from hpc.k8s.manifests import names_for
 from hpc.k8s.monitoring import monitoring_objects
 from hpc.k8s.settings import GatewayK8s, KubernetesSite
 from hpc.k8s.stack import gateway_group
+from hpc.site import SiteConfig
 from hpc.spec import ModelSpec
 
 pytestmark = pytest.mark.timeout(60)
@@ -534,3 +535,15 @@ async def test_the_rendered_gateway_pod_runs_here(tmp_path: Path) -> None:
         0o700,
         0o600,
     )
+
+
+def test_the_site_settings_in_the_docs_are_valid() -> None:
+    """docs/kubernetes.md's `kubernetes:` block is a site.yaml the code accepts, as shown."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "kubernetes.md").read_text()
+    section = text.split("## Site settings (`kubernetes:` in site.yaml)", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = SiteConfig.model_validate(yaml.safe_load(block))
+    k8s = config.kubernetes
+    assert (k8s.gateway.replicas, k8s.gateway.expose, k8s.gateway.run_as_user) == (3, "route", None)
+    assert k8s.gateway.client_namespaces == ("librechat", "llamastack")
+    assert k8s.gpu_types == {"a100": "NVIDIA-A100-SXM4-80GB"}

@@ -374,14 +374,17 @@ class KubernetesBackend:
         """Delete the job's objects (its weights PVC stays, a cache)."""
         namespace = self._ns_of(handle)
         names = Names(handle.job_id, namespace, pvc="")
-        kinds = [("Deployment", names.instance), ("Service", names.instance)]
-        kinds += [("NetworkPolicy", names.instance)]
-        if self._site().monitoring.enabled:
-            kinds.append(("ServiceMonitor", names.instance))
-        # A job submitted before engines lost their Route may still have one.
-        kinds += [("Route", names.instance), ("Secret", names.secret)]
-        kinds.append(("ConfigMap", names.configmap))
-        for kind, name in kinds:
+        # The ServiceMonitor even if monitoring is off now (the job may predate that), and
+        # the Route a job submitted before engines lost theirs may have: absent is fine.
+        for kind, name in (
+            ("Deployment", names.instance),
+            ("Service", names.instance),
+            ("NetworkPolicy", names.instance),
+            ("ServiceMonitor", names.instance),
+            ("Route", names.instance),
+            ("Secret", names.secret),
+            ("ConfigMap", names.configmap),
+        ):
             self._delete(kind, name, namespace)
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
