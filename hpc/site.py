@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
+from hpc.k8s.settings import KubernetesSite
 from hpc.ondemandstate import default_path as ondemand_state_path
 from hpc.ownerkey import owner_key_path
 from hpc.permissions import records_in
@@ -137,6 +138,7 @@ class SiteConfig(_Strict):
     )
     slurm: SlurmSite = Field(default_factory=SlurmSite)
     gateway: GatewaySite = Field(default_factory=GatewaySite)
+    kubernetes: KubernetesSite = Field(default_factory=KubernetesSite)
 
 
 class Site:

@@ -136,7 +136,11 @@ class KubernetesOptions(_Strict):
     run_as_user: int | None = Field(
         default=1000, ge=1, description="null on OpenShift, whose SCC assigns the UID"
     )
-    route: bool = Field(default=False, description="OpenShift: expose it by a Route (edge TLS)")
+    route: bool = Field(
+        default=False,
+        description="refused: a Route to the engine bypasses the gateway, whose Route/Ingress "
+        "(site.yaml kubernetes.gateway) is the way in",
+    )
     route_host: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 

@@ -12,8 +12,10 @@ pytest.importorskip("kubernetes", reason="pip install -e '.[kubernetes]'")
 
 from fake_k8s_api import FakeKubeAPI
 
+from gateway.keys import create_key
 from hpc import jobs
 from hpc.backends.kubernetes import KubernetesBackend
+from hpc.errors import MTError
 from hpc.jobs import JobService
 from hpc.k8s.apierrors import KubernetesError
 from hpc.registry import Registry, record_key
@@ -40,7 +42,29 @@ def api() -> Iterator[FakeKubeAPI]:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Site:
-    return Site(SiteConfig(), tmp_path / "mt-home")
+    """A site with a client key (the gateway that submit applies needs its keys.yaml)."""
+    site = Site(SiteConfig(), tmp_path / "mt-home")
+    create_key(site.keys_file, "alice")
+    return site
+
+
+# What the first submit of a namespace adds beside the job's own objects, and keeps.
+GATEWAY = {
+    "deployments": ["mt-gateway"],
+    "services": ["mt-gateway"],
+    "secrets": ["mt-gateway-keys"],
+    "configmaps": ["mt-gateway-models", "mt-grafana-dashboard"],
+    "networkpolicies": ["mt-gateway"],
+    "poddisruptionbudgets": ["mt-gateway"],
+    "ingresses": ["mt-gateway"],
+    "servicemonitors": ["mt-gateway"],
+    "prometheusrules": ["mt-alerts"],
+}
+
+
+def job_names(api: FakeKubeAPI, plural: str) -> list[str]:
+    """The stored objects of one kind in NS that are not the gateway's."""
+    return [n for n in api.names(plural, NS) if n not in GATEWAY.get(plural, [])]
 
 
 @pytest.fixture
@@ -60,11 +84,16 @@ def test_submit_available_ready_cancel_gone(
     handle = backend.submit(SPEC)
     name = handle.job_id
     assert name == f"mt-gemma-3-270m-{handle.nonce}"
-    assert api.names("deployments", NS) == [name]
-    assert api.names("services", NS) == [name]
-    assert api.names("secrets", NS) == [f"{name}-key"]
-    assert api.names("configmaps", NS) == [f"{name}-config"]
+    assert job_names(api, "deployments") == [name]
+    assert job_names(api, "services") == [name]
+    assert job_names(api, "secrets") == [f"{name}-key"]
+    assert job_names(api, "configmaps") == [f"{name}-config"]
+    assert job_names(api, "networkpolicies") == [name]
+    assert job_names(api, "servicemonitors") == [name]
     assert api.names("persistentvolumeclaims", NS) == ["mt-gemma-3-270m-weights"]
+    for plural, names in GATEWAY.items():  # the gateway in front, applied with the job
+        assert set(names) <= set(api.names(plural, NS)), plural
+    assert api.names("routes", NS) == []  # nothing exposes the engine itself
 
     registry = Registry(site.registry_dir)
     key = record_key("kubernetes", name)
@@ -99,10 +128,12 @@ def test_submit_available_ready_cancel_gone(
 
     gone = jobs.cancel(site, name)
     assert gone.state == "gone"
-    assert api.names("deployments", NS) == []
-    assert api.names("services", NS) == []
-    assert api.names("secrets", NS) == []
-    assert api.names("pods", NS) == []
+    for plural in ("deployments", "services", "secrets", "configmaps", "networkpolicies"):
+        assert job_names(api, plural) == [], plural
+    assert job_names(api, "servicemonitors") == []
+    assert [p for p in api.names("pods", NS) if p.startswith(name)] == []
+    for plural, names in GATEWAY.items():  # the gateway stays for the namespace's next job
+        assert api.names(plural, NS) == names, plural
     assert api.names("persistentvolumeclaims", NS) == ["mt-gemma-3-270m-weights"]  # a cache
     assert backend.status([handle])[name].state == "missing"
 
@@ -190,20 +221,80 @@ def test_deleted_behind_our_back_is_marked_gone(
 
 def test_logs_of_the_engine_container(api: FakeKubeAPI, backend: JobService) -> None:
     handle = backend.submit(SPEC)
-    (pod,) = api.names("pods", NS)
+    (pod,) = [p for p in api.names("pods", NS) if p.startswith(handle.job_id)]
     api.pod_logs[pod] = "loading model\nserver listening\n"
     assert list(backend.logs(handle)) == ["loading model", "server listening"]
     assert list(backend.logs(handle, follow=True)) == ["loading model", "server listening"]
 
 
-def test_route_is_created_and_deleted(api: FakeKubeAPI, backend: JobService) -> None:
+def test_an_engine_route_is_refused_before_anything_is_created(
+    api: FakeKubeAPI, backend: JobService
+) -> None:
     spec = SPEC.model_copy(
         update={"kubernetes": SPEC.kubernetes.model_copy(update={"route": True})}
     )
-    handle = backend.submit(spec)
-    assert api.names("routes", NS) == [handle.job_id]
-    backend.cancel(handle)
-    assert api.names("routes", NS) == []
+    with pytest.raises(MTError) as info:
+        backend.submit(spec)
+    assert "kubernetes.route" in info.value.message
+    assert [m for m, _ in api.requests if m == "POST"] == []
+
+
+def test_the_gateway_is_created_once_and_kept(api: FakeKubeAPI, backend: JobService) -> None:
+    first = backend.submit(SPEC)
+    (secret_before,) = [
+        obj
+        for (_, p, _, n), obj in api.objects.items()
+        if p == "secrets" and n == "mt-gateway-keys"
+    ]
+    uid = secret_before["metadata"]["uid"]
+    second = backend.submit(SPEC)
+    assert job_names(api, "deployments") == sorted([first.job_id, second.job_id])
+    assert api.names("deployments", NS).count("mt-gateway") == 1
+    (secret_after,) = [
+        obj
+        for (_, p, _, n), obj in api.objects.items()
+        if p == "secrets" and n == "mt-gateway-keys"
+    ]
+    assert secret_after["metadata"]["uid"] == uid  # not replaced: the first job's keys stay
+
+
+def test_missing_monitoring_crds_are_named_and_nothing_is_left(
+    api: FakeKubeAPI, backend: JobService, site: Site
+) -> None:
+    api.fail("POST", "servicemonitors", 404, "the server could not find the requested resource")
+    with pytest.raises(KubernetesError) as info:
+        backend.submit(SPEC)
+    assert "ServiceMonitor" in info.value.message
+    assert "kubernetes.monitoring.enabled: false" in (info.value.hint or "")
+    assert Registry(site.registry_dir).records() == []
+    for plural in ("secrets", "configmaps", "deployments", "services", "networkpolicies"):
+        assert api.names(plural, NS) == [], plural
+
+
+def test_a_site_without_the_gateway_on_submit_creates_only_the_job(
+    api: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = SiteConfig.model_validate(
+        {"kubernetes": {"gateway": {"apply_on_submit": False}, "monitoring": {"enabled": False}}}
+    )
+    site = Site(config, tmp_path / "no-keys-home")  # no keys.yaml: not needed
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
+    handle = JobService(site, KubernetesBackend(site)).submit(SPEC)
+    assert api.names("deployments", NS) == [handle.job_id]
+    assert api.names("networkpolicies", NS) == [handle.job_id]
+    assert api.names("servicemonitors", NS) == []
+    assert api.names("secrets", NS) == [f"{handle.job_id}-key"]
+
+
+def test_submit_without_client_keys_says_how_to_make_them(
+    api: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = Site(SiteConfig(), tmp_path / "empty-home")
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
+    with pytest.raises(MTError) as info:
+        JobService(site, KubernetesBackend(site)).submit(SPEC)
+    assert "mt keys create" in (info.value.hint or "")
+    assert api.requests == []
 
 
 def test_no_kubeconfig_is_a_clear_error(

@@ -11,31 +11,39 @@ import pytest
 import yaml
 
 from hpc.configfile import load_models
+from hpc.errors import MTError
 from hpc.k8s.kustomize import layout_tree, to_yaml, write_tree
-from hpc.k8s.manifests import model_objects, names_for
+from hpc.k8s.manifests import engine_image, model_objects, names_for
+from hpc.k8s.settings import KubernetesSite
+from hpc.k8s.stack import model_group
 from hpc.spec import ModelSpec
 
 GOLDEN = Path(__file__).parent / "golden" / "k8s"
 UPDATE = os.environ.get("MT_UPDATE_GOLDEN") == "1"  # read before the env is cleaned
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "kustomize" / "models.yaml"
 KEY = "mtj-GOLDEN-KEY"
+METRICS_TOKEN = "mt-GOLDEN-METRICS-TOKEN"
+CLIENT_KEYS = "keys:\n- name: alice\n  sha256: " + "ab" * 32 + "\n"
 NONCE = "0123abcd"
 K8S_VERSION = "1.30"
 
+# A site that maps GPU types to the label NVIDIA's GPU feature discovery sets on nodes.
+SITE = KubernetesSite(
+    gpu_type_label="nvidia.com/gpu.product", gpu_types={"a100": "NVIDIA-A100-SXM4-80GB"}
+)
+
 CASES: dict[str, dict[str, Any]] = {
-    "vllm_two_gpus_route": {
+    "vllm_two_gpus_a100": {
         "name": "Qwen3-Coder-30B-A3B",
         "engine": "vllm",
         "weights": {"source": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "revision": "main"},
         "engine_args": ["--max-model-len", "32768"],
-        "resources": {"gpus": 2, "cpus": 16, "mem_gb": 128},
+        "resources": {"gpus": 2, "gpu_type": "a100", "cpus": 16, "mem_gb": 128},
         "startup_timeout_s": 1800,
         "kubernetes": {
             "namespace": "llm",
             "role": "coder",
-            "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
-            "route": True,
-            "route_host": "coder.llm.example.org",
+            "node_selector": {"topology.kubernetes.io/zone": "zone-a"},
             "storage_class": "fast-ssd",
         },
     },
@@ -56,9 +64,11 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def objects(case: str) -> list[dict[str, Any]]:
+    """The model's whole group as `mt submit` creates it: engine, NetworkPolicy, monitor."""
     spec = ModelSpec.model_validate(CASES[case])
     names = names_for(spec, namespace=spec.kubernetes.namespace or "default", nonce=NONCE)
-    return model_objects(spec, names, api_key=KEY, nonce=NONCE)
+    ns = names.namespace
+    return model_group(spec, names, api_key=KEY, site=SITE, gateway_namespace=ns, nonce=NONCE)
 
 
 def check_golden(path: Path, text: str) -> None:
@@ -68,11 +78,16 @@ def check_golden(path: Path, text: str) -> None:
     assert text == path.read_text(encoding="utf-8"), f"regenerate with MT_UPDATE_GOLDEN=1: {path}"
 
 
+# CRDs' kinds: kubernetes-validate ships Kubernetes' own schemas only; their golden files,
+# kubectl kustomize and tests/test_kubernetes_layout.py's structural checks cover them.
+CRD_GROUPS = ("route.openshift.io/", "monitoring.coreos.com/")
+
+
 def validate(obj: dict[str, Any]) -> None:
     """Against Kubernetes' JSON schemas (strict: unknown fields fail), shipped in the package."""
     kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
-    if obj["apiVersion"].startswith("route.openshift.io/"):
-        return  # OpenShift's Route has no schema there; its golden file still checks it
+    if obj["apiVersion"].startswith(CRD_GROUPS):
+        return
     kv.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -85,9 +100,16 @@ def test_golden_and_schema(case: str) -> None:
 
 
 def test_example_layout_golden_tree(tmp_path: Path) -> None:
-    """Two pinned models and a swap pool, one directory each, as `mt render` writes them."""
+    """The gateway, the monitoring, and two pinned models and a swap pool, one directory
+    each, as `mt render` writes them."""
     specs = load_models(EXAMPLE).models
-    files = layout_tree(specs, api_keys={s.name: KEY for s in specs})
+    files = layout_tree(
+        specs,
+        api_keys={s.name: KEY for s in specs},
+        client_keys=CLIENT_KEYS,
+        metrics_token=METRICS_TOKEN,
+        site=SITE,
+    )
     write_tree(tmp_path, files)
     for rel, text in files.items():
         if rel.endswith(".yaml"):
@@ -132,7 +154,7 @@ def test_pod_rules(case: str) -> None:
     (engine,) = pod["containers"]
     startup = engine["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= spec.startup_timeout_s
-    assert KEY not in json.dumps(dep)  # the key is only in the Secret
+    assert KEY not in json.dumps([o for o in objects(case) if o["kind"] != "Secret"])
     assert any(e.get("valueFrom", {}).get("secretKeyRef") for e in engine["env"])
     gpus = engine["resources"]["limits"].get(spec.kubernetes.gpu_resource)
     assert gpus == (str(spec.resources.gpus) if spec.resources.gpus else None)
@@ -166,3 +188,60 @@ def test_fetcher_links_the_quant_match(tmp_path: Path) -> None:
     assert link.read_text() == "m-q4_k_m.gguf"
     fetch(tmp_path / "weights", "llamacpp", str(src), "Q8_0", None)  # relinked in place
     assert link.read_text() == "m-Q8_0.gguf"
+
+
+def test_an_engine_route_is_refused_with_the_reason() -> None:
+    """A Route straight to an engine would bypass the gateway's keys, limits and timeouts."""
+    spec = ModelSpec.model_validate(
+        {**CASES["llamacpp_cpu"], "kubernetes": {"route": True, "route_host": "x.example.org"}}
+    )
+    with pytest.raises(MTError) as info:
+        model_objects(spec, names_for(spec, namespace="llm"), api_key=KEY)
+    assert "per-job key" in info.value.message
+    assert "kubernetes.gateway.expose" in (info.value.hint or "")
+
+
+def test_gpu_type_becomes_the_sites_node_label() -> None:
+    (dep,) = [o for o in objects("vllm_two_gpus_a100") if o["kind"] == "Deployment"]
+    assert dep["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+        "topology.kubernetes.io/zone": "zone-a",
+    }
+    # A type the site does not map is used as the label's value as it is.
+    spec = ModelSpec.model_validate(
+        {**CASES["vllm_two_gpus_a100"], "resources": {"gpus": 1, "gpu_type": "NVIDIA-H100"}}
+    )
+    (dep,) = [
+        o
+        for o in model_objects(spec, names_for(spec, namespace="llm"), api_key=KEY, site=SITE)
+        if o["kind"] == "Deployment"
+    ]
+    assert (
+        dep["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100"
+    )
+
+
+def test_gpu_type_without_a_site_label_is_refused() -> None:
+    spec = ModelSpec.model_validate(CASES["vllm_two_gpus_a100"])
+    with pytest.raises(MTError) as info:
+        model_objects(spec, names_for(spec, namespace="llm"), api_key=KEY)
+    assert "a100" in info.value.message
+    assert "kubernetes.gpu_type_label" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("resources", "kubernetes", "image"),
+    [
+        ({}, {}, "ghcr.io/ggml-org/llama.cpp:server"),
+        ({"gpus": 1}, {}, "ghcr.io/ggml-org/llama.cpp:server-cuda"),
+        ({"gpus": 1}, {"gpu_resource": "amd.com/gpu"}, "ghcr.io/ggml-org/llama.cpp:server-rocm"),
+        ({"gpus": 1}, {"image": "registry.example.org/llama:1"}, "registry.example.org/llama:1"),
+    ],
+)
+def test_the_llamacpp_image_follows_the_accelerator(
+    resources: dict[str, Any], kubernetes: dict[str, Any], image: str
+) -> None:
+    spec = ModelSpec.model_validate(
+        {**CASES["llamacpp_cpu"], "resources": resources, "kubernetes": kubernetes}
+    )
+    assert engine_image(spec) == image

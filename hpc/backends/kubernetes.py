@@ -1,5 +1,7 @@
 """The Kubernetes backend: a model spec becomes a Deployment and a Service (plus its Secret,
-ConfigMap, PVC and, on OpenShift, a Route), through the official ``kubernetes`` client.
+ConfigMap, PVC, NetworkPolicy and ServiceMonitor), through the official ``kubernetes``
+client; the gateway in front of the namespace's engines (hpc.k8s.gateway) is created with
+the first job and kept.
 
 No job wrapper runs inside the pod (the engine is the container), so the transitions the
 wrapper writes under Slurm come from :meth:`KubernetesBackend.status` instead, as
@@ -24,6 +26,7 @@ from typing import Any
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.k8s.apierrors import KubernetesError, api_error, unschedulable_hint
+from hpc.k8s.clientkeys import read_client_keys
 from hpc.k8s.kustomize import to_yaml
 from hpc.k8s.manifests import (
     ENGINE_CONTAINER,
@@ -31,14 +34,35 @@ from hpc.k8s.manifests import (
     MANAGED_SELECTOR,
     Manifest,
     Names,
-    model_objects,
     names_for,
 )
+from hpc.k8s.monitoring import monitoring_objects
+from hpc.k8s.settings import KubernetesSite
+from hpc.k8s.stack import gateway_group, model_group
+from hpc.ownerkey import new_key
 from hpc.registry import new_nonce
 from hpc.site import Site
 from hpc.spec import ModelSpec, PoolSpec
 
 _TIMEOUT_S = 30
+# Built-in kinds: (the client's API class, the noun of its namespaced methods).
+_TYPED = {
+    "Secret": ("CoreV1Api", "secret"),
+    "ConfigMap": ("CoreV1Api", "config_map"),
+    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim"),
+    "Service": ("CoreV1Api", "service"),
+    "Deployment": ("AppsV1Api", "deployment"),
+    "NetworkPolicy": ("NetworkingV1Api", "network_policy"),
+    "Ingress": ("NetworkingV1Api", "ingress"),
+    "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget"),
+}
+# Kinds a CRD adds: (group, version, plural).
+_CUSTOM = {
+    "Route": ("route.openshift.io", "v1", "routes"),
+    "ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors"),
+    "PrometheusRule": ("monitoring.coreos.com", "v1", "prometheusrules"),
+}
+_MONITORING = frozenset({"ServiceMonitor", "PrometheusRule"})
 _IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -133,13 +157,38 @@ class KubernetesBackend:
 
     # --- manifests -----------------------------------------------------------------------
 
+    def _site(self) -> KubernetesSite:
+        return self.site.config.kubernetes
+
+    def _groups(
+        self, spec: ModelSpec, names: Names, nonce: str, *, api_key: str, client_keys: str | None
+    ) -> tuple[list[Manifest], list[Manifest]]:
+        """The model's objects, and the gateway's (with the monitoring) if the site applies
+        them on submit (``client_keys`` is None: it does not)."""
+        site = self._site()
+        ns = names.namespace
+        model = model_group(
+            spec, names, api_key=api_key, site=site, gateway_namespace=ns, nonce=nonce
+        )
+        if client_keys is None:
+            return model, []
+        # Jobs come and go with nonces: the gateway lists none of them statically.
+        gateway = gateway_group(ns, site, [], client_keys=client_keys, metrics_token=new_key())
+        return model, gateway + monitoring_objects(ns, site, [])
+
     def render_script(self, spec: ModelSpec) -> str:
-        """The objects ``submit`` would create, as one multi-document YAML (key masked)."""
+        """The objects ``submit`` would create, as one multi-document YAML (keys masked)."""
         namespace = spec.kubernetes.namespace or "default"
         nonce = new_nonce()
         names = names_for(spec, namespace=namespace, nonce=nonce)
-        objects = model_objects(spec, names, api_key="<per-job key, made at submit>", nonce=nonce)
-        return "---\n".join(to_yaml(obj) for obj in objects)
+        placeholder = "keys: []\n" if self._site().gateway.apply_on_submit else None
+        model, gateway = self._groups(
+            spec, names, nonce, api_key="<per-job key, made at submit>", client_keys=placeholder
+        )
+        for obj in gateway:
+            if obj["kind"] == "Secret":  # the site's keys.yaml and a token, read at submit
+                obj["stringData"] = dict.fromkeys(obj["stringData"], "<made at submit>")
+        return "---\n".join(to_yaml(obj) for obj in model + gateway)
 
     # --- the Protocol --------------------------------------------------------------------
 
@@ -156,15 +205,27 @@ class KubernetesBackend:
     # --- the Protocol --------------------------------------------------------------------
 
     def submit(self, spec: ModelSpec, request: JobRequest) -> Submitted:
-        """Create the objects; the service writes the pending record once all were accepted."""
+        """Create the objects; the service writes the pending record once all were accepted.
+
+        The gateway's objects (when the site applies them on submit) are created if absent
+        and otherwise left as they are: one gateway serves every job of the namespace.
+        """
+        client_keys = (
+            read_client_keys(self.site.keys_file) if self._site().gateway.apply_on_submit else None
+        )
         namespace = self._namespace(spec)
         names = names_for(spec, namespace=namespace, nonce=request.nonce)
         key = request.api_key.get_secret_value()
-        objects = model_objects(spec, names, api_key=key, nonce=request.nonce)
+        model, gateway = self._groups(
+            spec, names, request.nonce, api_key=key, client_keys=client_keys
+        )
         created: list[Manifest] = []
         try:
-            for obj in objects:
+            for obj in model:
                 if self._create(obj, namespace):
+                    created.append(obj)
+            for obj in gateway:
+                if self._create(obj, namespace, shared=True):
                     created.append(obj)
         except KubernetesError:
             for obj in reversed(created):
@@ -174,55 +235,49 @@ class KubernetesBackend:
         handle = JobHandle(self.name, names.instance, request.nonce, node=names.service_host)
         return Submitted(handle, node=names.service_host, port=spec.kubernetes.port)
 
-    def _create(self, obj: Manifest, namespace: str) -> bool:
-        """Create one object; False if it is a PVC that already exists (weights are kept)."""
-        core, apps, custom = self._apis()
+    def _create(self, obj: Manifest, namespace: str, *, shared: bool = False) -> bool:
+        """Create one object; False if it already exists and is kept: a PVC (weights are
+        kept) or a ``shared`` object (the gateway's, made by an earlier job)."""
         kind = obj["kind"]
         action = f"create {kind} {obj['metadata']['name']}"
-        creators: dict[str, Callable[..., Any]] = {
-            "Secret": core.create_namespaced_secret,
-            "ConfigMap": core.create_namespaced_config_map,
-            "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
-            "Service": core.create_namespaced_service,
-            "Deployment": apps.create_namespaced_deployment,
-        }
         try:
-            if kind == "Route":
-                self._call(
-                    action,
-                    namespace,
-                    custom.create_namespaced_custom_object,
-                    "route.openshift.io",
-                    "v1",
-                    namespace,
-                    "routes",
-                    obj,
-                )
+            if kind in _CUSTOM:
+                group, version, plural = _CUSTOM[kind]
+                custom = self._apis()[2]
+                fn = custom.create_namespaced_custom_object
+                self._call(action, namespace, fn, group, version, namespace, plural, obj)
             else:
-                self._call(action, namespace, creators[kind], namespace, obj)
+                self._call(action, namespace, self._typed(kind, "create"), namespace, obj)
         except KubernetesError as exc:
-            if kind == "PersistentVolumeClaim" and exc.status == 409:
+            if exc.status == 409 and (shared or kind == "PersistentVolumeClaim"):
                 return False
+            if exc.status == 404 and kind in _MONITORING:
+                raise KubernetesError(
+                    f"this cluster has no {kind} resource (the prometheus-operator's CRDs)",
+                    status=404,
+                    hint="install the prometheus-operator (OpenShift: user workload "
+                    "monitoring), or set kubernetes.monitoring.enabled: false in site.yaml",
+                ) from exc
             raise
         return True
 
+    def _typed(self, kind: str, verb: str) -> Callable[..., Any]:
+        """The typed client method for ``verb`` (create, delete) on a built-in ``kind``."""
+        from kubernetes import client
+
+        api = self._client()
+        owner, noun = _TYPED[kind]
+        return getattr(getattr(client, owner)(api), f"{verb}_namespaced_{noun}")  # type: ignore[no-any-return]
+
     def _delete(self, kind: str, name: str, namespace: str, *, quiet: bool = False) -> None:
-        core, apps, custom = self._apis()
-        deleters: dict[str, Callable[..., Any]] = {
-            "Secret": core.delete_namespaced_secret,
-            "ConfigMap": core.delete_namespaced_config_map,
-            "PersistentVolumeClaim": core.delete_namespaced_persistent_volume_claim,
-            "Service": core.delete_namespaced_service,
-            "Deployment": apps.delete_namespaced_deployment,
-        }
+        action = f"delete {kind} {name}"
         try:
-            if kind == "Route":
-                args: tuple[Any, ...] = ("route.openshift.io", "v1", namespace, "routes", name)
-                self._call(
-                    f"delete Route {name}", namespace, custom.delete_namespaced_custom_object, *args
-                )
+            if kind in _CUSTOM:
+                group, version, plural = _CUSTOM[kind]
+                fn = self._apis()[2].delete_namespaced_custom_object
+                self._call(action, namespace, fn, group, version, namespace, plural, name)
             else:
-                self._call(f"delete {kind} {name}", namespace, deleters[kind], name, namespace)
+                self._call(action, namespace, self._typed(kind, "delete"), name, namespace)
         except KubernetesError as exc:
             if exc.status == 404 or quiet:
                 return
@@ -319,9 +374,13 @@ class KubernetesBackend:
         """Delete the job's objects (its weights PVC stays, a cache)."""
         namespace = self._ns_of(handle)
         names = Names(handle.job_id, namespace, pvc="")
+        # The ServiceMonitor even if monitoring is off now (the job may predate that), and
+        # the Route a job submitted before engines lost theirs may have: absent is fine.
         for kind, name in (
             ("Deployment", names.instance),
             ("Service", names.instance),
+            ("NetworkPolicy", names.instance),
+            ("ServiceMonitor", names.instance),
             ("Route", names.instance),
             ("Secret", names.secret),
             ("ConfigMap", names.configmap),

@@ -252,8 +252,26 @@ def render(
     backend: Annotated[
         str, typer.Option("--backend", "-b", help="slurm (default) or kubernetes.")
     ] = "slurm",
+    gateway_replicas: Annotated[
+        int | None,
+        typer.Option(
+            "--gateway-replicas",
+            min=1,
+            max=100,
+            help="kubernetes: gateway replicas (default: site.yaml kubernetes.gateway.replicas).",
+        ),
+    ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys",
+            help="kubernetes: the gateway's keys.yaml (default $MT_HOME/keys.yaml, "
+            "made by `mt keys create`).",
+        ),
+    ] = None,
 ) -> None:
-    """Write MODEL's (or a swap pool's) job script (slurm) or kustomize directory (kubernetes)."""
+    """Write MODEL's (or a swap pool's) job script (slurm) or kustomize directory (kubernetes:
+    the gateway in front, NetworkPolicies, monitoring, one directory per model)."""
     cli: CliContext = ctx.obj
     pool = cli.models().pool(models[0]) if cli.models_path().is_file() else None
     if pool is not None:
@@ -261,19 +279,7 @@ def render(
         return
     specs = [cli.spec(name) for name in models]
     if backend == "kubernetes":
-        from hpc.k8s.kustomize import layout_tree, model_tree, write_tree
-        from hpc.registry import new_api_key
-
-        if len(specs) == 1:
-            files = model_tree(specs[0], api_key=new_api_key())
-        else:
-            files = layout_tree(specs, api_keys={s.name: new_api_key() for s in specs})
-        directory = output or Path(f"{specs[0].name}-k8s" if len(specs) == 1 else "k8s")
-        write_tree(directory, files)
-        stderr().print(
-            f"wrote {len(files)} files to {directory}/; apply them with "
-            f"`kubectl apply -k {directory}` (secret.yaml holds the API key and is gitignored)"
-        )
+        _render_kubernetes(cli, specs, output, gateway_replicas, keys)
         return
     if len(specs) != 1:
         raise typer.BadParameter("the slurm backend renders one model at a time")
@@ -283,6 +289,38 @@ def render(
     path.write_text(script, encoding="utf-8")
     stderr().print(
         f"wrote {path}; submit it with `sbatch {path}` — the job registers its endpoint itself"
+    )
+
+
+def _render_kubernetes(
+    cli: CliContext,
+    specs: list[ModelSpec],
+    output: Path | None,
+    gateway_replicas: int | None,
+    keys: Path | None,
+) -> None:
+    from hpc.k8s.clientkeys import read_client_keys
+    from hpc.k8s.kustomize import layout_tree, write_tree
+    from hpc.ownerkey import new_key
+    from hpc.registry import new_api_key
+
+    site = cli.site()
+    k8s = site.config.kubernetes
+    if gateway_replicas is not None:
+        gateway = k8s.gateway.model_copy(update={"replicas": gateway_replicas})
+        k8s = k8s.model_copy(update={"gateway": gateway})
+    files = layout_tree(
+        specs,
+        api_keys={s.name: new_api_key() for s in specs},
+        client_keys=read_client_keys(keys or site.keys_file),
+        metrics_token=new_key(),
+        site=k8s,
+    )
+    directory = output or Path(f"{specs[0].name}-k8s" if len(specs) == 1 else "k8s")
+    write_tree(directory, files)
+    stderr().print(
+        f"wrote {len(files)} files to {directory}/; apply them with "
+        f"`kubectl apply -k {directory}` (the secret.yaml files hold keys and are gitignored)"
     )
 
 

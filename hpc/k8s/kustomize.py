@@ -1,8 +1,9 @@
 """Kustomize directories from model specs: one YAML file per object plus kustomization.yaml.
 
 Pure: every function returns ``{relative path: text}``; only :func:`write_tree` touches the
-filesystem. The result is what people commit and ``kubectl apply -k``. ``secret.yaml``
-holds the model's key, so each directory's ``.gitignore`` keeps it out of git.
+filesystem. The result is what people commit and ``kubectl apply -k``: ``gateway/`` (the
+one way in), ``monitoring/`` (alerts and dashboard) and one directory per model. A
+``secret.yaml`` holds a key, so each such directory's ``.gitignore`` keeps it out of git.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any
 import yaml
 
 from hpc.errors import MTError
-from hpc.k8s.manifests import Manifest, model_objects, names_for, slug
+from hpc.k8s.manifests import Manifest, names_for, slug
+from hpc.k8s.monitoring import monitoring_objects
+from hpc.k8s.settings import KubernetesSite
+from hpc.k8s.stack import gateway_group, model_group
 from hpc.spec import ModelSpec
 
 _FILE_NAMES = {
@@ -25,6 +29,11 @@ _FILE_NAMES = {
     "Deployment": "deployment.yaml",
     "Service": "service.yaml",
     "Route": "route.yaml",
+    "Ingress": "ingress.yaml",
+    "PodDisruptionBudget": "pdb.yaml",
+    "NetworkPolicy": "networkpolicy.yaml",
+    "ServiceMonitor": "servicemonitor.yaml",
+    "PrometheusRule": "prometheusrule.yaml",
 }
 
 
@@ -49,38 +58,80 @@ def to_yaml(obj: Any) -> str:
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
-def model_tree(spec: ModelSpec, *, api_key: str, namespace: str | None = None) -> dict[str, str]:
-    """A kustomize directory for one model: its objects, kustomization.yaml, .gitignore."""
-    names = names_for(spec, namespace=namespace or spec.kubernetes.namespace or "default")
-    objects = model_objects(spec, names, api_key=api_key)
+def _directory(objects: Sequence[Manifest], *, secret_note: str) -> dict[str, str]:
+    """One file per object plus kustomization.yaml (and a .gitignore when a Secret is in)."""
     files = {_FILE_NAMES[obj["kind"]]: to_yaml(obj) for obj in objects}
+    if len(files) != len(objects):  # two objects of a kind would overwrite each other
+        raise ValueError(f"two objects of one kind in {[o['kind'] for o in objects]}")
     kustomization: Manifest = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": list(files),
     }
     files["kustomization.yaml"] = to_yaml(kustomization)
-    files[".gitignore"] = "# the model's API key: never commit it\nsecret.yaml\n"
+    if "secret.yaml" in files:
+        files[".gitignore"] = f"# {secret_note}: never commit it\nsecret.yaml\n"
     return files
 
 
-def layout_tree(
-    specs: Sequence[ModelSpec], *, api_keys: Mapping[str, str], namespace: str | None = None
-) -> dict[str, str]:
-    """Several models, one subdirectory each, and a top kustomization.yaml listing them."""
-    dirs = [slug(spec.name) for spec in specs]
-    if len(set(dirs)) != len(dirs):
+def layout_namespace(specs: Sequence[ModelSpec], namespace: str | None) -> str:
+    """The layout's one namespace: ``namespace``, else the models' own, else ``default``."""
+    if namespace:
+        return namespace
+    chosen = {spec.kubernetes.namespace or "default" for spec in specs}
+    if len(chosen) > 1:
         raise MTError(
-            "two models map to the same directory name", hint="give the models distinct names"
+            f"the models are in several namespaces ({', '.join(sorted(chosen))}), and the "
+            "gateway in front of them reads their keys from their Secrets, in its own namespace",
+            hint="give every model the same kubernetes.namespace",
         )
+    return chosen.pop()
+
+
+def layout_tree(
+    specs: Sequence[ModelSpec],
+    *,
+    api_keys: Mapping[str, str],
+    client_keys: str,
+    metrics_token: str,
+    site: KubernetesSite,
+    namespace: str | None = None,
+) -> dict[str, str]:
+    """The gateway, the monitoring and one directory per model, under a top kustomization.
+
+    ``client_keys`` is the gateway's keys.yaml (key hashes); ``metrics_token`` the key
+    Prometheus scrapes with (its hash is added to keys.yaml).
+    """
+    dirs = [slug(spec.name) for spec in specs]
+    if len(set(dirs)) != len(dirs) or {"gateway", "monitoring"} & set(dirs):
+        raise MTError(
+            "two models map to the same directory name (or to gateway/ or monitoring/)",
+            hint="give the models distinct names",
+        )
+    ns = layout_namespace(specs, namespace)
+    engines = [(spec, names_for(spec, namespace=ns)) for spec in specs]
+    groups: dict[str, tuple[list[Manifest], str]] = {
+        "gateway": (
+            gateway_group(ns, site, engines, client_keys=client_keys, metrics_token=metrics_token),
+            "the gateway's metrics token and client key hashes",
+        )
+    }
+    monitoring = monitoring_objects(ns, site, engines)
+    if monitoring:
+        groups["monitoring"] = (monitoring, "")
+    for directory, (spec, names) in zip(dirs, engines, strict=True):
+        objects = model_group(
+            spec, names, api_key=api_keys[spec.name], site=site, gateway_namespace=ns
+        )
+        groups[directory] = (objects, "the model's API key")
     files: dict[str, str] = {}
-    for spec, directory in zip(specs, dirs, strict=True):
-        tree = model_tree(spec, api_key=api_keys[spec.name], namespace=namespace)
+    for directory, (objects, note) in groups.items():
+        tree = _directory(objects, secret_note=note)
         files |= {f"{directory}/{path}": text for path, text in tree.items()}
     top: Manifest = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": dirs,
+        "resources": list(groups),
     }
     files["kustomization.yaml"] = to_yaml(top)
     return dict(sorted(files.items()))

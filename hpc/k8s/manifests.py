@@ -2,10 +2,11 @@
 
 One model is a Secret (the per-job key), a ConfigMap (engine settings and the weight
 fetcher), a PersistentVolumeClaim (the weights, kept between runs), a Deployment (an init
-container that fetches the weights, then the engine), a ClusterIP Service and, on
-OpenShift, a Route with edge TLS. The key reaches the engine by ``secretKeyRef`` in its
-environment, never by argv. Every object carries ``app.kubernetes.io/managed-by:
-modeltainer``, which is how ``status`` lists them all in one call per namespace.
+container that fetches the weights, then the engine) and a ClusterIP Service. No Route or
+Ingress ever points at an engine: the gateway's (hpc.k8s.gateway) is the way in. The key
+reaches the engine by ``secretKeyRef`` in its environment, never by argv. Every object
+carries ``app.kubernetes.io/managed-by: modeltainer``, which is how ``status`` lists them all
+in one call per namespace.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from hpc.errors import MTError
+from hpc.k8s.settings import KubernetesSite
 from hpc.spec import ModelSpec
 
 Manifest = dict[str, Any]
@@ -29,10 +32,16 @@ KEY_ENTRY = "api-key"
 ENGINE_CONTAINER = "engine"
 WEIGHTS_ROOT = "/models/weights"
 
-# The engines' own server images, used unless kubernetes.image says otherwise.
+# The engines' own server images, used unless kubernetes.image says otherwise; llama.cpp's
+# follows the accelerator (a CUDA image on an AMD node or a CPU-only one does not start).
 DEFAULT_IMAGES = {
     "vllm": "docker.io/vllm/vllm-openai:v0.11.0",
     "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-cuda",
+}
+_LLAMACPP_IMAGES = {
+    "nvidia.com/gpu": "ghcr.io/ggml-org/llama.cpp:server-cuda",
+    "amd.com/gpu": "ghcr.io/ggml-org/llama.cpp:server-rocm",
+    "cpu": "ghcr.io/ggml-org/llama.cpp:server",
 }
 _COMMANDS = {"vllm": ["vllm", "serve"], "llamacpp": ["/app/llama-server"]}
 _KEY_ENV = {"vllm": "VLLM_API_KEY", "llamacpp": "LLAMA_API_KEY"}
@@ -88,7 +97,7 @@ def names_for(spec: ModelSpec, *, namespace: str, nonce: str | None = None) -> N
     return Names(instance_name(spec, nonce), namespace, pvc)
 
 
-def _labels(spec: ModelSpec, names: Names, nonce: str | None) -> dict[str, str]:
+def labels_for(spec: ModelSpec, names: Names, nonce: str | None) -> dict[str, str]:
     labels = {
         "app.kubernetes.io/name": "model-server",
         INSTANCE_LABEL: names.instance,
@@ -100,7 +109,7 @@ def _labels(spec: ModelSpec, names: Names, nonce: str | None) -> dict[str, str]:
     return labels
 
 
-def _meta(name: str, names: Names, labels: dict[str, str], spec: ModelSpec) -> dict[str, Any]:
+def meta_for(name: str, names: Names, labels: dict[str, str], spec: ModelSpec) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": names.namespace,
@@ -113,6 +122,16 @@ def _has_flag(args: tuple[str, ...], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in args for f in flags)
 
 
+def engine_image(spec: ModelSpec) -> str:
+    """``kubernetes.image``, else the engine's server image for the model's accelerator."""
+    if spec.kubernetes.image:
+        return spec.kubernetes.image
+    if spec.engine == "llamacpp":
+        accelerator = spec.kubernetes.gpu_resource if spec.resources.gpus else "cpu"
+        return _LLAMACPP_IMAGES[accelerator]
+    return DEFAULT_IMAGES[spec.engine]
+
+
 def engine_args(spec: ModelSpec) -> list[str]:
     """The engine's argv after its command: the weights link, the port, the served name."""
     port = str(spec.kubernetes.port)
@@ -120,6 +139,8 @@ def engine_args(spec: ModelSpec) -> list[str]:
     if spec.engine == "llamacpp":
         args = ["--model", f"{WEIGHTS_ROOT}/model.gguf", "--host", "0.0.0.0", "--port", port]  # noqa: S104 - the Service is the way in; the key guards it
         args += ["--alias", spec.name]
+        if not _has_flag(spec.engine_args, "--metrics"):
+            args.append("--metrics")  # Prometheus text on /metrics (behind the key)
         if gpus and not _has_flag(spec.engine_args, "-ngl", "--n-gpu-layers"):
             args += ["--n-gpu-layers", "999"]
     else:
@@ -135,7 +156,7 @@ def secret(spec: ModelSpec, names: Names, api_key: str, nonce: str | None = None
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _meta(names.secret, names, _labels(spec, names, nonce), spec),
+        "metadata": meta_for(names.secret, names, labels_for(spec, names, nonce), spec),
         "type": "Opaque",
         "stringData": {KEY_ENTRY: api_key},
     }
@@ -156,7 +177,7 @@ def configmap(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manife
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(names.configmap, names, _labels(spec, names, nonce), spec),
+        "metadata": meta_for(names.configmap, names, labels_for(spec, names, nonce), spec),
         "data": data,
     }
 
@@ -169,12 +190,12 @@ def pvc(spec: ModelSpec, names: Names) -> Manifest:
     }
     if spec.kubernetes.storage_class:
         claim["storageClassName"] = spec.kubernetes.storage_class
-    labels = _labels(spec, names, None)
+    labels = labels_for(spec, names, None)
     labels[INSTANCE_LABEL] = names.pvc
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _meta(names.pvc, names, labels, spec),
+        "metadata": meta_for(names.pvc, names, labels, spec),
         "spec": claim,
     }
 
@@ -200,7 +221,7 @@ def _resources(spec: ModelSpec) -> dict[str, Any]:
     return {"requests": {"cpu": str(res.cpus), "memory": mem}, "limits": limits}
 
 
-def _container_security() -> dict[str, Any]:
+def container_security() -> dict[str, Any]:
     return {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -209,7 +230,9 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def _probe(path: str, port: str, period_s: int, failures: int, timeout_s: int) -> dict[str, Any]:
+def http_probe(
+    path: str, port: str, period_s: int, failures: int, timeout_s: int
+) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
         "periodSeconds": period_s,
@@ -218,10 +241,33 @@ def _probe(path: str, port: str, period_s: int, failures: int, timeout_s: int) -
     }
 
 
-def deployment(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+def node_selector(spec: ModelSpec, site: KubernetesSite) -> dict[str, str]:
+    """``kubernetes.node_selector`` plus the site's GPU-model label for ``gpu_type``."""
+    selector = dict(spec.kubernetes.node_selector)
+    gpu_type = spec.resources.gpu_type
+    if gpu_type and spec.resources.gpus:
+        if site.gpu_type_label is None:
+            raise MTError(
+                f"{spec.name} asks for gpu_type {gpu_type}, and the site names no node label "
+                "for GPU models, so Kubernetes could put it on any GPU",
+                hint="set kubernetes.gpu_type_label (e.g. nvidia.com/gpu.product) and "
+                f"kubernetes.gpu_types ({{{gpu_type}: <that label's value>}}) in site.yaml, "
+                "or drop resources.gpu_type",
+            )
+        selector[site.gpu_type_label] = site.gpu_types.get(gpu_type, gpu_type)
+    return dict(sorted(selector.items()))
+
+
+def deployment(
+    spec: ModelSpec,
+    names: Names,
+    nonce: str | None = None,
+    site: KubernetesSite | None = None,
+) -> Manifest:
     """The model's pod: fetch the weights into the PVC, then serve them with the engine."""
     k8s = spec.kubernetes
-    labels = _labels(spec, names, nonce)
+    selector_of_nodes = node_selector(spec, site or KubernetesSite())
+    labels = labels_for(spec, names, nonce)
     selector = {INSTANCE_LABEL: names.instance, "app.kubernetes.io/managed-by": MANAGED_BY}
     # Model load counts against the startup probe only; liveness starts after it passes, so
     # a slow load is never killed as a hang, and a hung engine is still restarted later.
@@ -239,16 +285,16 @@ def deployment(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manif
     ]
     engine: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
-        "image": k8s.image or DEFAULT_IMAGES[spec.engine],
+        "image": engine_image(spec),
         "command": list(_COMMANDS[spec.engine]),
         "args": engine_args(spec),
         "env": [*env, {"name": _KEY_ENV[spec.engine], "valueFrom": key_ref}],
         "ports": [{"name": "http", "containerPort": k8s.port, "protocol": "TCP"}],
         "resources": _resources(spec),
-        "startupProbe": _probe("/health", "http", _PROBE_PERIOD_S, startup_failures, 5),
-        "readinessProbe": _probe("/health", "http", _PROBE_PERIOD_S, 3, 5),
-        "livenessProbe": _probe("/health", "http", 20, 3, 10),
-        "securityContext": _container_security(),
+        "startupProbe": http_probe("/health", "http", _PROBE_PERIOD_S, startup_failures, 5),
+        "readinessProbe": http_probe("/health", "http", _PROBE_PERIOD_S, 3, 5),
+        "livenessProbe": http_probe("/health", "http", 20, 3, 10),
+        "securityContext": container_security(),
         "volumeMounts": [*mounts, {"name": "shm", "mountPath": "/dev/shm"}],  # noqa: S108 - vLLM needs shm
     }
     fetch: dict[str, Any] = {
@@ -261,7 +307,7 @@ def deployment(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manif
             "requests": {"cpu": "500m", "memory": "1Gi"},
             "limits": {"memory": "2Gi"},
         },
-        "securityContext": _container_security(),
+        "securityContext": container_security(),
         "volumeMounts": [
             *mounts,
             {"name": "fetcher", "mountPath": "/etc/modeltainer", "readOnly": True},
@@ -293,8 +339,8 @@ def deployment(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manif
             },
         ],
     }
-    if k8s.node_selector:
-        pod["nodeSelector"] = dict(sorted(k8s.node_selector.items()))
+    if selector_of_nodes:
+        pod["nodeSelector"] = selector_of_nodes
     affinity = _affinity(spec)
     if affinity:
         pod["affinity"] = affinity
@@ -306,7 +352,7 @@ def deployment(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manif
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(names.instance, names, labels, spec),
+        "metadata": meta_for(names.instance, names, labels, spec),
         "spec": {
             "replicas": 1,
             # One GPU set and one RWO volume: the old pod goes before the new one starts.
@@ -329,7 +375,7 @@ def service(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(names.instance, names, _labels(spec, names, nonce), spec),
+        "metadata": meta_for(names.instance, names, labels_for(spec, names, nonce), spec),
         "spec": {
             "type": "ClusterIP",
             "selector": {
@@ -341,36 +387,35 @@ def service(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest
     }
 
 
-def route(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
-    """OpenShift: a Route with edge TLS to the Service (plain HTTP is redirected)."""
-    body: dict[str, Any] = {
-        "to": {"kind": "Service", "name": names.instance, "weight": 100},
-        "port": {"targetPort": "http"},
-        "tls": {"termination": "edge", "insecureEdgeTerminationPolicy": "Redirect"},
-    }
-    if spec.kubernetes.route_host:
-        body["host"] = spec.kubernetes.route_host
-    return {
-        "apiVersion": "route.openshift.io/v1",
-        "kind": "Route",
-        "metadata": _meta(names.instance, names, _labels(spec, names, nonce), spec),
-        "spec": body,
-    }
-
-
 def base_url(spec: ModelSpec, names: Names) -> str:
     """The engine's OpenAI root through the Service, as the registry records it."""
     return f"http://{names.service_host}:{spec.kubernetes.port}/v1"
 
 
+def refuse_engine_route(spec: ModelSpec) -> None:
+    """A Route to an engine is refused: the gateway's Route/Ingress is the way in."""
+    if spec.kubernetes.route or spec.kubernetes.route_host:
+        raise MTError(
+            f"{spec.name}: kubernetes.route would expose the engine itself, which answers "
+            "only with its per-job key and has none of the gateway's client keys, limits "
+            "or streaming timeouts",
+            hint="remove kubernetes.route/route_host from the model; the gateway's Route or "
+            "Ingress (site.yaml kubernetes.gateway.expose and host) is in front of every model",
+        )
+
+
 def model_objects(
-    spec: ModelSpec, names: Names, *, api_key: str, nonce: str | None = None
+    spec: ModelSpec,
+    names: Names,
+    *,
+    api_key: str,
+    nonce: str | None = None,
+    site: KubernetesSite | None = None,
 ) -> list[Manifest]:
-    """Every object of one model, in the order they are created (dependencies first)."""
+    """The engine's own objects, in the order they are created (dependencies first)."""
+    refuse_engine_route(spec)
     objects = [secret(spec, names, api_key, nonce), configmap(spec, names, nonce)]
     if spec.kubernetes.pvc is None:  # an existing PVC is the user's, never ours to create
         objects.append(pvc(spec, names))
-    objects += [deployment(spec, names, nonce), service(spec, names, nonce)]
-    if spec.kubernetes.route:
-        objects.append(route(spec, names, nonce))
+    objects += [deployment(spec, names, nonce, site), service(spec, names, nonce)]
     return objects

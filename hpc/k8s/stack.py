@@ -1,0 +1,56 @@
+"""Everything one deployment of models needs, grouped the way it is applied (pure).
+
+A model's group is its engine (hpc.k8s.manifests), the NetworkPolicy that lets only the
+gateway in, and the ServiceMonitor of its metrics. The gateway's group is the gateway
+(hpc.k8s.gateway) and its NetworkPolicy; the monitoring of the whole layout
+(hpc.k8s.monitoring) goes beside it. Both
+``mt render`` (hpc.k8s.kustomize) and ``mt submit`` (hpc.backends.kubernetes) build their
+objects here, so what is committed and what is applied are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hpc.k8s.gateway import gateway_objects
+from hpc.k8s.manifests import Manifest, Names, model_objects
+from hpc.k8s.monitoring import engine_monitor
+from hpc.k8s.netpol import engine_policy, gateway_policy
+from hpc.k8s.settings import KubernetesSite
+from hpc.spec import ModelSpec
+
+
+def model_group(
+    spec: ModelSpec,
+    names: Names,
+    *,
+    api_key: str,
+    site: KubernetesSite,
+    gateway_namespace: str,
+    nonce: str | None = None,
+) -> list[Manifest]:
+    """One model's objects: its engine, the policy that admits only the gateway, its monitor."""
+    objects = model_objects(spec, names, api_key=api_key, nonce=nonce, site=site)
+    objects.append(
+        engine_policy(spec, names, gateway_namespace=gateway_namespace, site=site, nonce=nonce)
+    )
+    if site.monitoring.enabled:
+        objects.append(engine_monitor(spec, names, nonce))
+    return objects
+
+
+def gateway_group(
+    namespace: str,
+    site: KubernetesSite,
+    engines: Sequence[tuple[ModelSpec, Names]],
+    *,
+    client_keys: str,
+    metrics_token: str,
+) -> list[Manifest]:
+    """The gateway's objects and its NetworkPolicy (the monitoring is apart:
+    hpc.k8s.monitoring.monitoring_objects)."""
+    objects = gateway_objects(
+        namespace, site, engines, client_keys=client_keys, metrics_token=metrics_token
+    )
+    objects.append(gateway_policy(namespace, site))
+    return objects
