@@ -16,6 +16,7 @@ from hpc.cli import (
     imagecmd,
     jobcmds,
     poolcmd,
+    remote,
     servecmds,
     tunnelcmd,
 )
@@ -73,11 +74,23 @@ def _root(
         Path | None,
         typer.Option("--identity", help="SSH private key for --host (default: agent, ssh config)."),
     ] = None,
+    here: Annotated[
+        bool,
+        typer.Option(
+            "--here",
+            hidden=True,  # what `mt --host` runs on the login node: never a hop further
+            help="Act on this machine, whatever slurm.ssh_host says.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    cli = CliContext(site_file=site, models_file=models, host=host, identity=identity)
+    if here and host is not None:
+        raise typer.BadParameter("--here and --host contradict each other", param_hint="--here")
+    if here:
+        remote.stop_when_the_channel_closes()
+    cli = CliContext(site_file=site, models_file=models, host=host, identity=identity, here=here)
     ctx.obj = cli
     ctx.call_on_close(cli.close)  # one SSH connection per command, closed when it ends
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from hpc.catalog import ServedModel, served_models
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
+from hpc.cli.remote import run_there
 from hpc.errors import ConfigError
 from hpc.registry import Registry
 from hpc.spec import ModelsFile
@@ -33,6 +34,7 @@ def served(cli: CliContext) -> list[ServedModel]:
 
 def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """What the gateway would serve: configured models, static backends, ready jobs, aliases."""
+    run_there(ctx)
     cli: CliContext = ctx.obj
     rows: dict[str, dict[str, object]] = {
         model.name: {
