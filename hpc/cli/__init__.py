@@ -66,8 +66,9 @@ def _root(
         typer.Option(
             "--host",
             callback=_ssh_host,
-            help="Run Slurm commands on this login node over SSH: \\[user@]host[:port] or an "
-            "~/.ssh/config alias (default: slurm.ssh_host in site.yaml, else here).",
+            help="Act on this login node over SSH (submit, status, logs, cancel, models, pool "
+            "status and doctor run as mt there, on its registry and Slurm): \\[user@]host[:port] "
+            "or an ~/.ssh/config alias (default: slurm.ssh_host in site.yaml, else here).",
         ),
     ] = None,
     identity: Annotated[
