@@ -140,6 +140,13 @@ def test_every_verb_acts_on_the_login_nodes_registry(
     names = {row["name"] for row in json.loads(served.stdout)}
     assert REMOTE_ONLY in names and FAILING not in names
 
+    # submit --dry-run: the script the login node would submit names its registry, not ours.
+    script = mt("--host", "login", "submit", FAILING, "--backend", "slurm", "--dry-run")
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.startswith("#!/bin/bash")
+    assert json.dumps(str(login / "registry")) in script.stdout
+    assert str(laptop_home()) not in script.stdout
+
     # submit --wait: the laptop's model, submitted and waited for there; it fails on the node.
     waited = mt(
         "--host", "login", "submit", FAILING, "--backend", "slurm", "--wait", "--timeout", "120"
@@ -188,7 +195,7 @@ def test_every_verb_acts_on_the_login_nodes_registry(
     assert str(laptop_home()) not in doctor.stdout
 
     # One SSH login per command; and nothing of any of it on the laptop.
-    assert sshd.logins() == logins + 10
+    assert sshd.logins() == logins + 11
     assert not laptop_home().exists(), sorted(laptop_home().rglob("*"))
 
 
