@@ -150,10 +150,17 @@ class Site:
     """
 
     def __init__(
-        self, config: SiteConfig, home: Path, *, transport: Transport | None = None
+        self,
+        config: SiteConfig,
+        home: Path,
+        *,
+        transport: Transport | None = None,
+        source: Path | None = None,
     ) -> None:
         self.config = config
         self.home = home
+        # The site.yaml it came from (None: defaults); errors about a setting name it.
+        self.source = source
         # A relative path in site.yaml means under the state directory, not under whatever
         # directory the command (or the job) happens to run in.
         self.registry_dir = home / (config.registry_dir or Path("registry")).expanduser()
@@ -194,6 +201,32 @@ class Site:
             )
         return LocalTransport()
 
+    @property
+    def file(self) -> Path:
+        """The site.yaml to name in an error: the one loaded, else where it would be."""
+        return self.source or self.home / "site.yaml"
+
+    def paths_elsewhere(self) -> list[tuple[str, str]]:
+        """Settings whose path would be this machine's, not the login node's: ``(setting,
+        why)`` for each, when Slurm commands run elsewhere (``slurm.ssh_host``).
+
+        A job script holds the registry and log directories; unset, or relative, or under
+        ``~``, they resolve against this machine's ``$MT_HOME`` or home, which the cluster's
+        nodes do not see. Empty when Slurm runs here.
+        """
+        if not self.config.slurm.ssh_host:
+            return []
+        found = []
+        for setting, raw, resolved in (
+            ("registry_dir", self.config.registry_dir, self.registry_dir),
+            ("log_dir", self.config.log_dir, self.log_dir),
+        ):
+            if raw is None:
+                found.append((setting, f"is not set, so jobs would use this machine's {resolved}"))
+            elif not raw.is_absolute():
+                found.append((setting, f"{raw} is this machine's {resolved}"))
+        return found
+
 
 def load_site(path: Path | None, environ: Mapping[str, str] | None = None) -> Site:
     """The site: ``path``, else ``$MT_SITE``, else ``$MT_HOME/site.yaml``, else defaults."""
@@ -203,4 +236,4 @@ def load_site(path: Path | None, environ: Mapping[str, str] | None = None) -> Si
     if chosen is None and (home / "site.yaml").is_file():
         chosen = home / "site.yaml"
     config = load_model(chosen, SiteConfig) if chosen is not None else SiteConfig()
-    return Site(config, home)
+    return Site(config, home, source=chosen)

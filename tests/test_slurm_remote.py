@@ -3,8 +3,11 @@
 The test process has no ``SLURM_CONF`` (tests/conftest.py clears ``SLURM_*``), so no Slurm
 command here can reach the private cluster except through sshd, whose sessions get
 ``SLURM_CONF`` from the transport's ``env`` prefix (``slurm.ssh_env`` in site.yaml). sshd's
-log counts the logins and commands. Laptop and cluster share this machine's filesystem,
-which is what `mt --wait` and `mt status` need today (they read the registry directly).
+log counts the logins and commands. The login node's state directory is ``login-home``
+beside the test's ``MT_HOME`` (the laptop's): sshd's sessions get it as ``MT_HOME`` from
+``slurm.ssh_env``, and ``registry_dir``/``log_dir`` in the laptop's site.yaml name it, as
+they would name a path on a real cluster's shared filesystem (tests/test_remote_cli.py
+has every verb with ``--host``).
 """
 
 from __future__ import annotations
@@ -75,21 +78,40 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def login_home() -> Path:
+    """The login node's MT_HOME (its registry and logs): beside the laptop's."""
+    return Path(os.environ["MT_HOME"]).with_name("login-home")
+
+
 def write_site(cluster: SlurmCluster, ssh_config: Path, **slurm: str) -> None:
-    """$MT_HOME/site.yaml for a laptop: where the ssh config is, SLURM_CONF on the far side."""
+    """$MT_HOME/site.yaml for a laptop: where the ssh config is, SLURM_CONF, MT_HOME and this
+    checkout on the far side, and the cluster's registry and log directories for jobs."""
     home = Path(os.environ["MT_HOME"])
     home.mkdir(mode=0o700, exist_ok=True)
+    login_home().mkdir(mode=0o700, exist_ok=True)
     settings = {
         "ssh_config": str(ssh_config),
-        "ssh_env": {"SLURM_CONF": str(cluster.conf_path)},
+        "ssh_env": {
+            "SLURM_CONF": str(cluster.conf_path),
+            "MT_HOME": str(login_home()),
+            "PYTHONPATH": str(REPO),
+        },
         "python": sys.executable,  # the cluster's Python: the same machine here
         **slurm,
     }
-    (home / "site.yaml").write_text(json.dumps({"slurm": settings}))  # JSON is YAML
+    site = {
+        "registry_dir": str(login_home() / "registry"),
+        "log_dir": str(login_home() / "logs"),
+        "slurm": settings,
+    }
+    (home / "site.yaml").write_text(json.dumps(site))  # JSON is YAML
 
 
 def registry() -> Registry:
-    return Registry(Path(os.environ["MT_HOME"]) / "registry")
+    return Registry(login_home() / "registry")
 
 
 def wait_record(key: str, states: tuple[str, ...], timeout_s: float = 90) -> Record:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
-from hpc.errors import BackendError, MTError, SlurmError
+from hpc.errors import BackendError, ConfigError, ConfigIssue, MTError, SlurmError
 from hpc.job.plan import JobPlan, PoolPlan, warning_drain_s
 from hpc.privatefile import make_private_dir
 from hpc.registry import new_nonce
@@ -89,6 +89,21 @@ class SlurmBackend:
             raise MTError(  # this machine's Python means nothing on the cluster's nodes
                 "slurm.python is not set, and jobs submitted over SSH cannot use this machine's",
                 hint="set slurm.python in site.yaml to the Python with ModelTainer on the cluster",
+            )
+        # Nor do this machine's paths: a job script that names them would register nowhere.
+        elsewhere = self.site.paths_elsewhere()
+        if elsewhere:
+            path = self.site.file
+            raise ConfigError(
+                path,
+                [
+                    ConfigIssue(path, None, setting, f"{why}, which the cluster does not see")
+                    for setting, why in elsewhere
+                ],
+                hint=f"let the login node write the job: `mt --host "
+                f"{self.site.config.slurm.ssh_host} submit MODEL` runs mt there with its own "
+                f"site.yaml; or set {' and '.join(s for s, _ in elsewhere)} in {path} to "
+                "absolute paths on the cluster's shared filesystem",
             )
 
     def _engine_host(self) -> str:
@@ -216,6 +231,10 @@ class SlurmBackend:
             jobs = self.client.jobs(ids)
         except CommandTimeout:
             return {i: JobStatus("unknown", "squeue did not answer in time") for i in ids}
+        except SlurmError as exc:
+            # The controller is down or unreachable: these jobs' state is unknown, which is
+            # not failure, and says nothing about the other backends' jobs.
+            return {i: JobStatus("unknown", exc.message) for i in ids}
         out = {i: scheduler_status(job) for i, job in jobs.items()}
         missing = [i for i in ids if i not in out]
         if missing:

@@ -16,6 +16,7 @@ from hpc.cli import (
     imagecmd,
     jobcmds,
     poolcmd,
+    remote,
     servecmds,
     tunnelcmd,
 )
@@ -65,19 +66,32 @@ def _root(
         typer.Option(
             "--host",
             callback=_ssh_host,
-            help="Run Slurm commands on this login node over SSH: \\[user@]host[:port] or an "
-            "~/.ssh/config alias (default: slurm.ssh_host in site.yaml, else here).",
+            help="Act on this login node over SSH (submit, status, logs, cancel, models, pool "
+            "status and doctor run as mt there, on its registry and Slurm): \\[user@]host[:port] "
+            "or an ~/.ssh/config alias (default: slurm.ssh_host in site.yaml, else here).",
         ),
     ] = None,
     identity: Annotated[
         Path | None,
         typer.Option("--identity", help="SSH private key for --host (default: agent, ssh config)."),
     ] = None,
+    here: Annotated[
+        bool,
+        typer.Option(
+            "--here",
+            hidden=True,  # what `mt --host` runs on the login node: never a hop further
+            help="Act on this machine, whatever slurm.ssh_host says.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    cli = CliContext(site_file=site, models_file=models, host=host, identity=identity)
+    if here and host is not None:
+        raise typer.BadParameter("--here and --host contradict each other", param_hint="--here")
+    if here:
+        remote.stop_when_the_channel_closes()
+    cli = CliContext(site_file=site, models_file=models, host=host, identity=identity, here=here)
     ctx.obj = cli
     ctx.call_on_close(cli.close)  # one SSH connection per command, closed when it ends
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from hpc.ssh.exec import SSHTransport
 
 
+STDIN_MODELS = "-"  # `mt --models -`: models.yaml on standard input (from `mt --host`)
+
+
 def models_path(explicit: Path | None) -> Path:
     """``--models``, else ``$MT_MODELS``, else ./models.yaml, else ``$MT_HOME/models.yaml``."""
     if explicit is not None:
@@ -31,6 +35,16 @@ def models_path(explicit: Path | None) -> Path:
     return mt_home() / "models.yaml"
 
 
+def _models_from_stdin() -> ModelsFile:
+    """models.yaml sent on standard input, parsed from a private copy (the loader reads
+    files, and names them in its errors: ``models.yaml`` here)."""
+    text = sys.stdin.buffer.read()
+    with tempfile.TemporaryDirectory(prefix="mt-models-") as tmp:  # 0700
+        path = Path(tmp) / "models.yaml"
+        path.write_bytes(text)
+        return load_models(path)
+
+
 @dataclass
 class CliContext:
     """Loaded lazily, so `mt status` works without a models.yaml."""
@@ -39,6 +53,7 @@ class CliContext:
     models_file: Path | None = None
     host: str | None = None  # `mt --host`: Slurm commands run there over SSH
     identity: Path | None = None  # `mt --identity`: the SSH key for it
+    here: bool = False  # `mt --here` (what `mt --host` runs there): no slurm.ssh_host
     _site: Site | None = field(default=None, init=False)
     _ssh: SSHTransport | None = field(default=None, init=False)
     _models: ModelsFile | None = field(default=None, init=False)
@@ -58,13 +73,16 @@ class CliContext:
             config = site.config
             if self.host is not None or self.identity is not None:
                 config = self._ssh_override(config)
+            if self.here:
+                slurm = config.slurm.model_copy(update={"ssh_host": None})
+                config = config.model_copy(update={"slurm": slurm})
             if config.slurm.ssh_host:
                 # Imported here: paramiko loads only for commands that reach a login node.
                 from hpc.ssh.exec import ssh_transport
 
                 # One transport per command: one SSH login however many Slurm commands run.
                 self._ssh = ssh_transport(config.slurm)
-            self._site = Site(config, site.home, transport=self._ssh)
+            self._site = Site(config, site.home, transport=self._ssh, source=site.source)
         if check_permissions and not self._checked:
             self.check_private(*self._site.private_paths())
             self._checked = True
@@ -93,14 +111,30 @@ class CliContext:
         if self._ssh is not None:
             self._ssh.close()
 
+    def login_node(self) -> SSHTransport | None:
+        """The connection to the login node this command acts on (`mt --host`, or
+        ``slurm.ssh_host``), not yet opened; None when it acts on this machine."""
+        self.site(check_permissions=False)  # this machine's registry is not used then
+        return self._ssh
+
     def models_path(self) -> Path:
         """The models.yaml this command reads."""
         return models_path(self.models_file)
 
+    def has_models(self) -> bool:
+        """Whether there is a models.yaml to read (a file, or standard input)."""
+        return self._from_stdin() or self.models_path().is_file()
+
+    def _from_stdin(self) -> bool:
+        return self.models_file == Path(STDIN_MODELS)
+
     def models(self) -> ModelsFile:
         """The parsed models.yaml."""
         if self._models is None:
-            self._models = load_models(self.models_path())
+            if self._from_stdin():
+                self._models = _models_from_stdin()
+            else:
+                self._models = load_models(self.models_path())
         return self._models
 
     def spec(self, name: str) -> ModelSpec:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
+from hpc.cli.remote import run_there
 from hpc.doctor import diagnosis as lib
 
 _MARKS = {
@@ -41,6 +42,7 @@ def doctor(
 
     Exits 1 if a check failed; a dash marks what does not apply here.
     """
+    run_there(ctx)
     cli: CliContext = ctx.obj
     site = cli.site(check_permissions=False)  # it reports loose files rather than refuse
     if probe and not as_json:

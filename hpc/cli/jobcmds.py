@@ -14,6 +14,7 @@ from hpc import jobs
 from hpc.backends import JobHandle, JobStatus
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
+from hpc.cli.remote import run_there
 from hpc.errors import MTError
 from hpc.registry import Record, record_key
 from hpc.spec import ModelSpec, PoolSpec
@@ -66,9 +67,10 @@ def submit(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a job that serves MODEL (or swap pool); with --wait, show its progress until ready."""
+    run_there(ctx, send_models=True)
     cli: CliContext = ctx.obj
     site = cli.site()
-    pool = cli.models().pool(model) if cli.models_path().is_file() else None
+    pool = cli.models().pool(model) if cli.has_models() else None
     if pool is not None:
         _warn_tool_flags(cli.models().catalogue(pool))
         if dry_run:
@@ -167,6 +169,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs: model, backend, job, state, endpoint, age."""
+    run_there(ctx)
     cli: CliContext = ctx.obj
     views = jobs.job_views(cli.site())
     if not show_all:
@@ -192,11 +195,12 @@ def status(
     for view in views:
         r = view.record
         state: str = r.state
-        if r.state == "pending" and view.scheduler.reason:
+        unknown = view.scheduler.state == "unknown"
+        if r.state == "pending" and view.scheduler.reason and not unknown:
             state += f" ({view.scheduler.reason})"
         if r.state == "failed" and r.reason:
             state += f": {r.reason}"
-        if view.scheduler.state == "unknown" and view.scheduler.reason:
+        if unknown and view.scheduler.reason:  # what could not be asked, and why
             state += f" (unknown: {view.scheduler.reason})"
         table.add_row(r.model, r.backend, r.key, state, r.base_url or "-", age(r.created_at, now))
     stdout().print(table)
@@ -210,6 +214,7 @@ def logs(
     ] = False,
 ) -> None:
     """Print a job's log (the engine's output, with its key masked)."""
+    run_there(ctx)
     cli: CliContext = ctx.obj
     record = jobs.find_record(cli.site(), job)
     try:
@@ -227,6 +232,7 @@ def cancel(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop a job: its engine drains and stops, its record becomes gone."""
+    run_there(ctx)
     cli: CliContext = ctx.obj
     record = jobs.cancel(cli.site(), job)
     if as_json:
@@ -273,7 +279,7 @@ def render(
     """Write MODEL's (or a swap pool's) job script (slurm) or kustomize directory (kubernetes:
     the gateway in front, NetworkPolicies, monitoring, one directory per model)."""
     cli: CliContext = ctx.obj
-    pool = cli.models().pool(models[0]) if cli.models_path().is_file() else None
+    pool = cli.models().pool(models[0]) if cli.has_models() else None
     if pool is not None:
         _render_pool(cli, pool, models, output, backend)
         return

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
+from hpc.cli.remote import run_there
 from hpc.poolstatus import OnDemandView, PoolView, pool_report
 
 pool_app = typer.Typer(help="Swap pools and models started on demand.", no_args_is_help=True)
@@ -81,6 +82,7 @@ def status(
     ] = 5.0,
 ) -> None:
     """Each live swap pool's slots (model, state, idle time, loads) and on-demand jobs."""
+    run_there(ctx)
     cli: CliContext = ctx.obj
     report = pool_report(cli.site(), timeout_s=timeout_s)
     if as_json:

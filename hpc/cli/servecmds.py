@@ -13,6 +13,7 @@ from rich.table import Table
 from hpc.catalog import Catalog, ServedModel, catalog, listing
 from hpc.cli.context import CliContext
 from hpc.cli.output import print_json, stderr, stdout
+from hpc.cli.remote import run_there
 from hpc.errors import ConfigError
 from hpc.ondemandstate import default_path, read_ondemand_state
 from hpc.registry import Registry
@@ -44,6 +45,7 @@ def served(cli: CliContext) -> list[ServedModel]:
 def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """What the gateway would serve: configured models, static backends, ready jobs, aliases,
     and whether each answers now, starts on request, or is stopped."""
+    run_there(ctx)
     cli: CliContext = ctx.obj
     # The gateway's on-demand state file says how long each model's last start took.
     starts = read_ondemand_state(default_path(cli.site().registry_dir))

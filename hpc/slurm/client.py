@@ -192,7 +192,7 @@ class SlurmClient:
             result = self.run(["squeue", "--json"], check=False)
             if result.returncode == 0:
                 self._json = True
-                found = _parse_squeue_json(result.stdout)
+                found = _parse_squeue_json(result)
                 return {k: v for k, v in found.items() if wanted is None or k in wanted}
             if "json" not in result.stderr.lower() and "unrecognized" not in result.stderr.lower():
                 self.run(["squeue", "--json"])  # raise the real error
@@ -269,8 +269,24 @@ def _state_word(value: object) -> str:
     return str(value or "UNKNOWN")
 
 
-def _parse_squeue_json(text: str) -> dict[str, SlurmJob]:
-    data = json.loads(text)
+def _parse_squeue_json(result: CommandResult) -> dict[str, SlurmJob]:
+    data = json.loads(result.stdout)
+    # Slurm 22.05's squeue --json exits 0 when it cannot reach the controller, with an empty
+    # job list and the failure under "errors": read as it is, every job would look ended.
+    errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
+    if errors:
+        said = "; ".join(
+            ": ".join(str(e[k]) for k in ("source", "error", "description") if e.get(k))
+            for e in errors
+        )
+        raise SlurmError(
+            f"squeue failed: {said or 'an error without a message'}",
+            argv=result.argv,
+            returncode=result.returncode,
+            stderr=result.stderr,
+            hint=hint_for(result.stderr)
+            or "the Slurm controller did not answer: `scontrol ping` says whether it is up",
+        )
     out: dict[str, SlurmJob] = {}
     for job in data.get("jobs", []):
         job_id = str(job.get("job_id"))

@@ -19,14 +19,14 @@ import select
 import shlex
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import paramiko
 
 from hpc.site import SlurmSite
 from hpc.ssh.auth import interactive_prompter
 from hpc.ssh.connection import LinkOptions, SSHConnection
-from hpc.ssh.failures import ConnectionLost, exec_error
+from hpc.ssh.failures import ConnectionLost, closed_error, exec_error
 from hpc.ssh.target import SSHTarget
 from hpc.transport import CommandResult, CommandTimeout
 
@@ -37,6 +37,18 @@ COMMAND_NOT_FOUND = 127  # what sh (and `env`) exit with when the command does n
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CHUNK = 65536
 _POLL_S = 0.05
+
+
+class Sink(Protocol):
+    """Where :meth:`SSHTransport.relay` copies a command's output (a binary stream)."""
+
+    def write(self, data: bytes, /) -> int:
+        """Write ``data``."""
+        ...
+
+    def flush(self) -> None:
+        """Pass it on now."""
+        ...
 
 
 class SSHTransport:
@@ -123,6 +135,51 @@ class SSHTransport:
         return CommandResult(
             argv, code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
         )
+
+    def relay(self, argv: list[str], *, stdin: bytes | None, out: Sink, err: Sink) -> int:
+        """Run ``argv`` on the login node, copying its stdout and stderr to ``out`` and
+        ``err`` as they arrive (a follow or a wait shows each line when it comes); its exit
+        code. No timeout: the command ends itself, or the user stops it (Ctrl-C closes the
+        channel). A connection that drops meanwhile raises SSHError; a command the remote
+        shell cannot find (exit 127), FileNotFoundError.
+        """
+        command = self.command_line(argv)
+        transport = self.link.transport()
+        target = self.target
+        try:
+            channel = transport.open_session(timeout=self.link.connect_timeout_s)
+            channel.exec_command(command)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise exec_error(exc, argv, target) from exc
+        try:
+            while True:
+                busy = False
+                if channel.recv_ready():
+                    out.write(channel.recv(_CHUNK))
+                    out.flush()
+                    busy = True
+                if channel.recv_stderr_ready():
+                    err.write(channel.recv_stderr(_CHUNK))
+                    err.flush()
+                    busy = True
+                finished = channel.closed or (channel.eof_received and channel.exit_status_ready())
+                if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
+                    break
+                if not busy:
+                    select.select([channel], [], [], _POLL_S * 20)
+        finally:
+            channel.close()
+        code = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        if code == -1:
+            raise closed_error(target)
+        if code == COMMAND_NOT_FOUND:
+            raise FileNotFoundError(
+                errno.ENOENT, f"{argv[0]}: command not found on {target}", argv[0]
+            )
+        return code
 
 
 def exec_on(
