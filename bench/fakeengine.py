@@ -7,6 +7,13 @@ JSON answers, and for ``"stream": true`` Server-Sent Events ``data: {...}\\n\\n`
 with ``data: [DONE]\\n\\n``; it requires ``Authorization: Bearer <job key>`` as the real
 engines do when started with an API key.
 
+For the agent APIs it stands for vLLM's ``/v1/responses`` (which stores each response in
+the replica's memory: a ``previous_response_id`` it did not make is a 404, as vLLM answers)
+and ``/v1/messages`` (Anthropic's events, ending with ``message_stop``), and for the
+engines' other model endpoints (``/tokenize``, ``/detokenize``, ``/v1/rerank``,
+``/v1/score``, and ``/v1/audio/transcriptions``, whose body is a multipart form) with an
+answer that says what it received: ``{"path", "model", "form"}``.
+
 It is a real aiohttp app on 127.0.0.1, port 0. Its behaviour is set by ``Knobs`` when it
 is made (no module globals), and ``Seen`` counts what it received, including requests
 whose client went away before the answer was done (a real engine aborts those): each is
@@ -29,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.policy
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from typing import Any, Literal
 
 from aiohttp import web
@@ -110,6 +119,8 @@ class Seen:
     health_probes: int = 0  # GET /health received
     metrics_scrapes: int = 0  # GET /metrics received
     probe_authorization: list[str | None] = field(default_factory=list)  # of both
+    paths: list[str] = field(default_factory=list)  # path and query of each POST
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each POST
 
 
 class FakeUpstream:
@@ -128,6 +139,7 @@ class FakeUpstream:
         self.port = port
         self.uds = uds  # a Unix socket instead of a port, as a job's engine listens
         self._runner: web.AppRunner | None = None
+        self.responses: set[str] = set()  # the ids of the responses it stored
 
     @property
     def base_url(self) -> str:
@@ -137,7 +149,9 @@ class FakeUpstream:
     async def __aenter__(self) -> FakeUpstream:
         # Real engines take large bodies (base64 images); aiohttp's default cap is 1 MiB.
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *_AGENT):
+            app.router.add_post(path, self._handle)
+        for path in _OTHER:
             app.router.add_post(path, self._handle)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -189,6 +203,8 @@ class FakeUpstream:
         self.seen.requests += 1
         self.seen.authorization.append(request.headers.get("Authorization"))
         self.seen.request_ids.append(request.headers.get("X-Request-Id"))
+        self.seen.paths.append(request.path_qs)
+        self.seen.headers.append(dict(request.headers))
         body = await request.read()
         self.seen.bodies.append(body)
         knobs = self.knobs
@@ -210,7 +226,11 @@ class FakeUpstream:
             if knobs.retry_after is not None:
                 error.headers["Retry-After"] = knobs.retry_after
             return error
+        if request.path in _OTHER:
+            return web.json_response(_other(request, body))
         payload = json.loads(body)
+        if request.path in _AGENT:
+            return await self._agent(request, payload)
         exchange = _Exchange()
         try:
             if payload.get("stream") is True and not request.path.endswith("/embeddings"):
@@ -225,6 +245,51 @@ class FakeUpstream:
             if not exchange.cut:
                 self._aborted(request.headers.get("X-Request-Id"), exchange)
             raise
+
+    async def _agent(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        """The Responses and Messages APIs (see the module doc)."""
+        path, tokens = request.path, self._tokens(payload)
+        text = [f"tok{i} " for i in range(tokens)]
+        if path == "/v1/messages/count_tokens":
+            return web.json_response({"input_tokens": _usage(payload, 0)["prompt_tokens"]})
+        if path == "/v1/responses":
+            previous = payload.get("previous_response_id")
+            if previous is not None and previous not in self.responses:
+                return _error(404, f"Response with id '{previous}' not found.", "invalid_request")
+            rid = f"resp_{self.port}_{len(self.responses)}"
+            self.responses.add(rid)
+            done = _response(rid, payload.get("model", self.model), "".join(text), tokens)
+            events: list[tuple[str, dict[str, Any]]]
+            events = [("response.created", {"type": "response.created", "response": done})]
+            events += [
+                ("response.output_text.delta", {"type": "response.output_text.delta", "delta": t})
+                for t in text
+            ]
+            events.append(("response.completed", {"type": "response.completed", "response": done}))
+        else:
+            done = _message(payload.get("model", self.model), "".join(text), tokens)
+            events = [("message_start", {"type": "message_start", "message": done})]
+            events += [
+                ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": t}})
+                for t in text
+            ]  # fmt: skip
+            events.append(("message_stop", {"type": "message_stop"}))
+        self.seen.completed += 1
+        if payload.get("stream") is not True:
+            return web.json_response(done)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, (name, data) in enumerate(events):
+            if self.knobs.cut_after is not None and index > self.knobs.cut_after:
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            if self.knobs.omit_done and index == len(events) - 1:
+                break
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        await response.write_eof()
+        return response
 
     def _aborted(self, request_id: str | None, exchange: _Exchange) -> None:
         phase: AbortPhase = "non-stream"
@@ -328,6 +393,55 @@ class FakeUpstream:
             "choices": [choice],
             "usage": usage,
         }
+
+
+# The agent APIs the fake answers (``FakeUpstream._agent``), and the other model endpoints.
+_AGENT = ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+_OTHER = ("/tokenize", "/detokenize", "/v1/rerank", "/v1/score", "/v1/audio/transcriptions")
+
+
+def _other(request: web.Request, body: bytes) -> dict[str, Any]:
+    """What an endpoint of ``_OTHER`` received: its path, the model, and whether a form."""
+    content_type = request.headers.get("Content-Type", "")
+    if content_type.startswith("multipart/form-data"):
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
+        )
+        fields = {
+            part.get_param("name", header="content-disposition"): part.get_content()
+            for part in message.iter_parts()
+        }
+        return {"path": request.path, "model": fields.get("model"), "form": sorted(fields)}
+    return {"path": request.path, "model": json.loads(body).get("model"), "form": None}
+
+
+def _response(rid: str, model: str, text: str, tokens: int) -> dict[str, Any]:
+    """A whole Responses API answer."""
+    item = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": model,
+        "output": [item],
+        "usage": {"input_tokens": 1, "output_tokens": tokens, "total_tokens": 1 + tokens},
+    }
+
+
+def _message(model: str, text: str, tokens: int) -> dict[str, Any]:
+    """A whole Anthropic Messages answer."""
+    return {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": tokens},
+    }
 
 
 def _usage(payload: dict[str, Any], tokens: int) -> dict[str, int]:

@@ -7,6 +7,12 @@ with nothing sent to the client yet (least outstanding requests first, see ``bal
 what counts as failed is ``failures``). An on-demand model is waited for first
 (``gateway.ondemand.wait``); the handler then carries on with the replicas it is given.
 Admission control (``admission``) is checked before any upstream is tried.
+
+One handler per model-routed route (:func:`proxy_for`): what differs between them (where
+the engine serves the path, how a stream ends, the error shape, a form body) is the route's
+``apis.Api``, read as attributes, so chat completions pay nothing for the other APIs. A
+Responses follow-up (``previous_response_id``) goes to the replica that holds the response
+(``gateway.responses``).
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from gateway.anthropic import anthropic_response
 from gateway.errors import openai_error
 from gateway.keys import Client
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import Metrics
 from gateway.ondemand.jobs import Asker
 from gateway.ondemand.wait import ON_DEMAND, Ready, end_stream, ready
+from gateway.proxy.apis import Api
 from gateway.proxy.body import read_body
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failures import (
@@ -44,6 +53,7 @@ from gateway.proxy.relay import relay_stream
 from gateway.proxy.upstream import Sent, attempt, send
 from gateway.proxy.usage import charge, with_usage
 from gateway.ratelimit import KeyBuckets
+from gateway.responses import RESPONSE_HOMES, Home, response_id
 from gateway.routes import Upstream
 from gateway.state import (
     ADMISSION,
@@ -58,23 +68,41 @@ from gateway.state import (
     REQUEST_INFO,
     RequestInfo,
 )
-from hpc.openai import API_PREFIX, INVALID_REQUEST
+from hpc.openai import INVALID_REQUEST
 
 log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 # The in-band error of a stream whose answer was no plain response (not reached today).
 _NO_ANSWER = b'{"error": {"message": "no answer"}}'
 
 
-async def proxy(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+def proxy_for(api: Api) -> Handler:
+    """The handler of one model-routed route (``apis``): parse, authorise, plan, forward."""
+    if api.anthropic:
+
+        async def anthropic(request: web.Request) -> web.StreamResponse:
+            response = await _proxy(request, api)
+            if isinstance(response, web.Response) and response.status >= 400:
+                return anthropic_response(response)
+            return response
+
+        return anthropic
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        return await _proxy(request, api)
+
+    return proxy
+
+
+async def _proxy(request: web.Request, api: Api) -> web.StreamResponse:
+    """POST to a model-routed route: /v1/chat/completions, /v1/responses, /tokenize, …"""
     info = request[REQUEST_INFO]
     config = request.app[CONFIG]
-    read = await read_body(request, config, request.app[ADMISSION])
+    read = await read_body(request, config, request.app[ADMISSION], form=api.multipart)
     if isinstance(read, web.Response):
         return read
     body, payload, model = read.raw, read.payload, read.model
     info.model = model[:200]
-    exchange = Exchange(payload)
+    exchange = Exchange(payload, api, read.form)
     stream = payload.get("stream") is True
 
     routes = request.app[LIVE].snapshot.routes
@@ -88,6 +116,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             "model_not_allowed",
             param="model",
         )
+    pinned: Upstream | None = None
+    if api.sticky:
+        found = _pinned(request, payload, canonical, client)
+        if isinstance(found, web.Response):
+            return found
+        pinned = found
     if client is not None:
         exchange.buckets, limited = _rate_limit(request, client, info)
         if limited is not None:
@@ -95,17 +129,73 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
     if request.app[ON_DEMAND].manages(canonical):
         info.routed = True
-        return await _on_demand(request, info, exchange, body, stream, canonical)
+        response = await _on_demand(request, info, exchange, body, stream, canonical, pinned)
+        return response
     # The model itself, then its fallbacks (those the key may use), each tried only when
-    # every replica of the one before failed with nothing sent to the client yet.
+    # every replica of the one before failed with nothing sent to the client yet. A
+    # follow-up of a stored response goes to the replica that holds it, and nowhere else.
     plan = [canonical]
-    plan += [f for f in routes.fallbacks(canonical) if client is None or client.allows(f)]
+    if pinned is None:
+        plan += [f for f in routes.fallbacks(canonical) if client is None or client.allows(f)]
     if not any(routes.upstreams(served) for served in plan):
         info.routed = routes.is_known(model)
         return no_route(routes, model[:200], canonical, config.retry_after_s)
     info.routed = True
-    response, _used = await _proceed(request, exchange, body, stream, info, plan, None)
+    candidates = (pinned,) if pinned is not None else None
+    response, used = await _proceed(request, exchange, body, stream, info, plan, candidates)
+    if api.sticky and used is not None:
+        _remember(request, response, exchange, stream, used, client)
     return response
+
+
+def _pinned(
+    request: web.Request, payload: dict[str, Any], model: str, client: Client | None
+) -> Upstream | web.Response | None:
+    """The replica that holds the ``previous_response_id`` a follow-up names: None if the
+    gateway does not know the id (routed like any request), or the 400 that refuses it."""
+    previous = payload.get("previous_response_id")
+    if not isinstance(previous, str):
+        return None
+    home = request.app[RESPONSE_HOMES].find(previous)
+    if home is None:
+        return None
+    owner = client.name if client is not None else None
+    if home.client == owner:
+        for upstream in request.app[LIVE].snapshot.routes.upstreams(model):
+            if upstream.source == home.source:
+                return upstream
+        reason = "the replica that holds it no longer serves this model"
+    else:
+        reason = "it was not made with this key"
+    return openai_error(
+        400,
+        f"previous response {previous[:200]!r} cannot be continued here: {reason}; "
+        "start a new conversation (send the whole input)",
+        INVALID_REQUEST,
+        "previous_response_not_found",
+        param="previous_response_id",
+    )
+
+
+def _remember(
+    request: web.Request,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    stream: bool,
+    source: str,
+    client: Client | None,
+) -> None:
+    """Note which replica holds the response just relayed (its id from the answer)."""
+    if stream:
+        data = exchange.first
+    elif isinstance(response, web.Response) and response.status == 200:
+        data = response.body if isinstance(response.body, bytes) else None
+    else:
+        data = None
+    found = response_id(data, stream=stream) if data else None
+    if found is not None:
+        home = Home(source, client.name if client is not None else None)
+        request.app[RESPONSE_HOMES].remember(found, home)
 
 
 async def _on_demand(
@@ -115,9 +205,11 @@ async def _on_demand(
     body: bytes,
     stream: bool,
     model: str,
+    pinned: Upstream | None,
 ) -> web.StreamResponse:
     """Wait for the on-demand model's replicas (its job may have to start first), then
-    forward to them; the controller counts the request in flight until it is answered."""
+    forward to them (only ``pinned``, if it is one: it holds the previous response); the
+    controller counts the request in flight until it is answered."""
     controller = request.app[ON_DEMAND]
     client = request.get(CLIENT)
     asker = Asker(
@@ -133,9 +225,10 @@ async def _on_demand(
         if not isinstance(waited, Ready):
             return waited  # refused (or the client left while it waited)
         exchange.out = waited.out
-        response, used = await _proceed(
-            request, exchange, body, stream, info, [model], waited.replicas
-        )
+        replicas = (pinned,) if pinned in waited.replicas else waited.replicas
+        response, used = await _proceed(request, exchange, body, stream, info, [model], replicas)
+        if exchange.api.sticky and used is not None:
+            _remember(request, response, exchange, stream, used, client)
         if waited.out is not None and response is not waited.out:
             # No replica answered, and the wait's keep-alives have committed the 200.
             error = response.body if isinstance(response, web.Response) else None
@@ -191,7 +284,7 @@ async def _proceed(
     model = payload["model"]
     canonical = plan[0]
     strip_usage = False
-    if stream and not request.path.endswith("/embeddings"):
+    if stream and exchange.api.force_usage:
         body, strip_usage = with_usage(payload, body)
 
     admission = request.app[ADMISSION]
@@ -211,7 +304,7 @@ async def _proceed(
             info.served_model = served
             # The engine knows its model by its own name, not by an alias or the name
             # the client asked for; only then is the body re-serialized.
-            served_body = body if served == model else _renamed(payload, served)
+            served_body = body if served == model else _renamed(exchange, body, served)
             answer = await _forward(
                 request, replicas, served_body, stream, strip_usage, info, exchange
             )
@@ -244,8 +337,10 @@ async def _proceed(
             inflight.leave(task)
 
 
-def _renamed(payload: dict[str, Any], model: str) -> bytes:
-    return json.dumps({**payload, "model": model}).encode("utf-8")
+def _renamed(exchange: Exchange, body: bytes, model: str) -> bytes:
+    if exchange.form is not None:
+        return exchange.form.renamed(body, model)
+    return json.dumps({**exchange.payload, "model": model}).encode("utf-8")
 
 
 async def _forward(
@@ -272,7 +367,11 @@ async def _forward(
     metrics = request.app[METRICS]
     inflight = request.app[INFLIGHT]
     task = asyncio.current_task()
-    suffix = request.path[len(API_PREFIX) :]
+    api = exchange.api
+    suffix = api.suffix
+    if api.keep_query and request.query_string:
+        suffix += "?" + request.rel_url.raw_query_string
+    headers = _passed_headers(request, api)
     loop = asyncio.get_running_loop()
     model = candidates[0].model
     failure = unreachable("upstream_unavailable", model, len(candidates), config)
@@ -294,7 +393,16 @@ async def _forward(
             # The time-to-first-token clock runs from here to the first byte of the body.
             first_byte_by = loop.time() + limit_s
             try:
-                sent = await send(pool, upstream, suffix, body, info.request_id, first_byte_by)
+                sent = await send(
+                    pool,
+                    upstream,
+                    suffix,
+                    body,
+                    info.request_id,
+                    first_byte_by,
+                    at_root=api.at_root,
+                    headers=headers,
+                )
             except asyncio.TimeoutError:
                 if unhealthy_all:
                     return unhealthy(model, limit_s, config.retry_after_s), upstream
@@ -335,6 +443,8 @@ async def _forward(
                 _observe_timing(metrics, info, exchange, model)
                 charge(metrics, info, exchange, stream=False)
                 return answer, upstream
+            if api.sticky:
+                exchange.first = answer.first
             try:
                 relayed = await relay_stream(
                     request, sent.conn, upstream, answer.first, strip_usage, info, exchange
@@ -354,6 +464,22 @@ async def _forward(
             balancer.finished(upstream)
 
     return failure
+
+
+def _passed_headers(request: web.Request, api: Api) -> dict[str, str] | None:
+    """The client's headers that go on to the engine for ``api``: a form's Content-Type
+    (its boundary), Anthropic's version headers; never a key (the gateway sends its own)."""
+    if not api.headers and not api.multipart:
+        return None
+    # Spelled as the gateway's own headers are: a form's Content-Type replaces its JSON one.
+    names = (*api.headers, "Content-Type") if api.multipart else api.headers
+    passed = {}
+    for name in names:
+        value = request.headers.get(name)
+        # A value goes into the engine's request line by line: no line breaks in it.
+        if value is not None and value.isprintable() and value.isascii():
+            passed[name] = value
+    return passed
 
 
 def _observe_timing(metrics: Metrics, info: RequestInfo, exchange: Exchange, model: str) -> None:

@@ -39,7 +39,6 @@ from gateway.proxy.sse import (
     ERROR_KEY,
     MAX_CARRY_BYTES,
     TAIL_BYTES,
-    ends_done,
     engine_error_at,
     event_separator,
 )
@@ -47,7 +46,7 @@ from gateway.proxy.upstream import Watch
 from gateway.proxy.usage import USAGE_MARKS, take_usage
 from gateway.routes import Upstream
 from gateway.state import CONFIG, METRICS, RequestInfo
-from hpc.openai import SERVER_ERROR, SSE_HEADERS, error_body, error_event
+from hpc.openai import SSE_HEADERS
 
 log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 
@@ -270,15 +269,17 @@ async def _relay(
     if splice.client_gone:
         info.outcome = "client_disconnected"
         return out
-    failure = splice.failure or _failure(splice.ended, splice.tail, upstream, config)
+    failure = splice.failure or _failure(splice.ended, splice.tail, upstream, config, exchange)
     tail = splice.tail
     try:
         if splice.carry and failure is None:
             await out.write(splice.carry)
             tail = (tail + splice.carry[-TAIL_BYTES:])[-TAIL_BYTES:]
-        if failure is None and not ends_done(tail):
+        api = exchange.api
+        if failure is None and not api.whole(tail):
+            end = (api.stream_end or b"").decode()
             failure = (
-                f"upstream {upstream.source} ended the stream without [DONE]",
+                f"upstream {upstream.source} ended the stream without {end}",
                 "upstream_error",
             )
         if failure is not None:
@@ -288,7 +289,7 @@ async def _relay(
                 "stream failed",
                 extra=fields(request_id=info.request_id, upstream=upstream.source, error=message),
             )
-            event = error_event(error_body(message, SERVER_ERROR, code))
+            event = api.error_event(message, code)
             await out.write(event_separator(tail) + event)
         await out.write_eof()
     except ConnectionResetError:
@@ -311,7 +312,11 @@ async def _drained(transport: asyncio.Transport) -> bool:
 
 
 def _failure(
-    ended: BaseException | None, tail: bytes, upstream: Upstream, config: GatewayConfig
+    ended: BaseException | None,
+    tail: bytes,
+    upstream: Upstream,
+    config: GatewayConfig,
+    exchange: Exchange,
 ) -> tuple[str, str] | None:
     """What the client is told of an upstream body that ended with ``ended``."""
     if ended is None:
@@ -320,7 +325,7 @@ def _failure(
         return timeout_message(upstream, ended.code, config), ended.code
     if isinstance(ended, ShuttingDown):
         return SHUTTING_DOWN, "gateway_shutting_down"
-    if ends_done(tail):
+    if exchange.api.stream_end is not None and exchange.api.whole(tail):
         # The engine said the stream is whole, then botched the end of the HTTP body
         # (llama-cpp-python's server does, after an interrupt): the client has its whole
         # answer, and an error after [DONE] would contradict it.
