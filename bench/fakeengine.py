@@ -255,7 +255,9 @@ class FakeUpstream:
         if path == "/v1/responses":
             previous = payload.get("previous_response_id")
             if previous is not None and previous not in self.responses:
-                return _error(404, f"Response with id '{previous}' not found.", "invalid_request")
+                return _error(
+                    404, f"Response with id '{previous}' not found.", "invalid_request_error"
+                )
             rid = f"resp_{self.port}_{len(self.responses)}"
             self.responses.add(rid)
             done = _response(rid, payload.get("model", self.model), "".join(text), tokens)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import pytest
 from fake_upstream import FakeUpstream, Knobs
 from test_gateway_proxy import JOB_KEY, add_record, assert_openai_error, gateway
@@ -25,9 +27,6 @@ from gateway.keys import create_key
 from gateway.proxy.form import boundary_of, read_form
 from gateway.responses import Home, ResponseHomes, response_id
 from hpc.registry import Registry
-
-openai = pytest.importorskip("openai")
-anthropic = pytest.importorskip("anthropic")
 
 pytestmark = pytest.mark.timeout(60)
 
