@@ -7,12 +7,8 @@ JSON answers, and for ``"stream": true`` Server-Sent Events ``data: {...}\\n\\n`
 with ``data: [DONE]\\n\\n``; it requires ``Authorization: Bearer <job key>`` as the real
 engines do when started with an API key.
 
-For the agent APIs it stands for vLLM's ``/v1/responses`` (which stores each response in
-the replica's memory: a ``previous_response_id`` it did not make is a 404, as vLLM answers)
-and ``/v1/messages`` (Anthropic's events, ending with ``message_stop``), and for the
-engines' other model endpoints (``/tokenize``, ``/detokenize``, ``/v1/rerank``,
-``/v1/score``, and ``/v1/audio/transcriptions``, whose body is a multipart form) with an
-answer that says what it received: ``{"path", "model", "form"}``.
+It also answers the agent APIs (vLLM's ``/v1/responses``, ``/v1/messages``) and the
+engines' other model endpoints; what it answers is ``bench.fakeanswers``.
 
 It is a real aiohttp app on 127.0.0.1, port 0. Its behaviour is set by ``Knobs`` when it
 is made (no module globals), and ``Seen`` counts what it received, including requests
@@ -36,16 +32,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import email.policy
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from email.parser import BytesParser
 from typing import Any, Literal
 
 from aiohttp import web
+
+from bench.fakeanswers import (
+    AGENT_PATHS,
+    OTHER_PATHS,
+    agent_answer,
+    answer,
+    chunk_of,
+    other_answer,
+    usage_of,
+)
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,9 @@ class FakeUpstream:
     async def __aenter__(self) -> FakeUpstream:
         # Real engines take large bodies (base64 images); aiohttp's default cap is 1 MiB.
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *_AGENT):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *AGENT_PATHS):
             app.router.add_post(path, self._handle)
-        for path in _OTHER:
+        for path in OTHER_PATHS:
             app.router.add_post(path, self._handle)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -226,10 +230,10 @@ class FakeUpstream:
             if knobs.retry_after is not None:
                 error.headers["Retry-After"] = knobs.retry_after
             return error
-        if request.path in _OTHER:
-            return web.json_response(_other(request, body))
+        if request.path in OTHER_PATHS:
+            return web.json_response(other_answer(request, body))
         payload = json.loads(body)
-        if request.path in _AGENT:
+        if request.path in AGENT_PATHS:
             return await self._agent(request, payload)
         exchange = _Exchange()
         try:
@@ -239,7 +243,7 @@ class FakeUpstream:
             tokens = self._tokens(payload)
             await asyncio.sleep(knobs.ttft_s + self._generation_s(tokens))
             self.seen.completed += 1
-            return web.json_response(self._answer(request.path, payload, tokens))
+            return web.json_response(answer(request.path, payload, tokens, self.model))
         except (asyncio.CancelledError, ConnectionResetError):
             # A deliberate cut aborts our own transport; only count clients that left.
             if not exchange.cut:
@@ -247,51 +251,13 @@ class FakeUpstream:
             raise
 
     async def _agent(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
-        """The Responses and Messages APIs (see the module doc)."""
-        path, tokens = request.path, self._tokens(payload)
-        text = [f"tok{i} " for i in range(tokens)]
-        if path == "/v1/messages/count_tokens":
-            return web.json_response({"input_tokens": _usage(payload, 0)["prompt_tokens"]})
-        if path == "/v1/responses":
-            previous = payload.get("previous_response_id")
-            if previous is not None and previous not in self.responses:
-                return _error(
-                    404, f"Response with id '{previous}' not found.", "invalid_request_error"
-                )
-            rid = f"resp_{self.port}_{len(self.responses)}"
-            self.responses.add(rid)
-            done = _response(rid, payload.get("model", self.model), "".join(text), tokens)
-            events: list[tuple[str, dict[str, Any]]]
-            events = [("response.created", {"type": "response.created", "response": done})]
-            events += [
-                ("response.output_text.delta", {"type": "response.output_text.delta", "delta": t})
-                for t in text
-            ]
-            events.append(("response.completed", {"type": "response.completed", "response": done}))
-        else:
-            done = _message(payload.get("model", self.model), "".join(text), tokens)
-            events = [("message_start", {"type": "message_start", "message": done})]
-            events += [
-                ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                         "delta": {"type": "text_delta", "text": t}})
-                for t in text
-            ]  # fmt: skip
-            events.append(("message_stop", {"type": "message_stop"}))
+        """The Responses and Messages APIs (``bench.fakeanswers``)."""
         self.seen.completed += 1
-        if payload.get("stream") is not True:
-            return web.json_response(done)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for index, (name, data) in enumerate(events):
-            if self.knobs.cut_after is not None and index > self.knobs.cut_after:
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            if self.knobs.omit_done and index == len(events) - 1:
-                break
-            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
-        await response.write_eof()
-        return response
+        tokens, knobs = self._tokens(payload), self.knobs
+        cut = (knobs.cut_after, knobs.omit_done)
+        return await agent_answer(
+            request, payload, tokens, cut, self.responses, f"resp_{self.port}"
+        )
 
     def _aborted(self, request_id: str | None, exchange: _Exchange) -> None:
         phase: AbortPhase = "non-stream"
@@ -345,7 +311,7 @@ class FakeUpstream:
                 break
             last = index == tokens - 1
             text = f"tok{index} " + "x" * knobs.pad_bytes
-            chunk = _chunk(self.model, chat, text, "stop" if last else None)
+            chunk = chunk_of(self.model, chat, text, "stop" if last else None)
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             exchange.chunks += 1
             self.seen.chunks_sent += 1
@@ -356,121 +322,15 @@ class FakeUpstream:
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
             # OpenAI's last chunk for include_usage: no choices, the usage of the whole answer.
-            final = _chunk(self.model, chat, "", None)
+            final = chunk_of(self.model, chat, "", None)
             final["choices"] = []
-            final["usage"] = _usage(payload, tokens)
+            final["usage"] = usage_of(payload, tokens)
             await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         if not knobs.omit_done:
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.seen.completed += 1
         return response
-
-    def _answer(self, path: str, payload: dict[str, Any], tokens: int) -> dict[str, Any]:
-        created = int(time.time())
-        text = "".join(f"tok{i} " for i in range(tokens))
-        usage = _usage(payload, tokens)
-        if path.endswith("/embeddings"):
-            return {
-                "object": "list",
-                "model": self.model,
-                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                "usage": {"prompt_tokens": 1, "total_tokens": 1},
-            }
-        if path.endswith("/chat/completions"):
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop",
-            }
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop"}
-            kind = "text_completion"
-        return {
-            "id": "cmpl-fake",
-            "object": kind,
-            "created": created,
-            "model": payload.get("model", self.model),
-            "choices": [choice],
-            "usage": usage,
-        }
-
-
-# The agent APIs the fake answers (``FakeUpstream._agent``), and the other model endpoints.
-_AGENT = ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
-_OTHER = ("/tokenize", "/detokenize", "/v1/rerank", "/v1/score", "/v1/audio/transcriptions")
-
-
-def _other(request: web.Request, body: bytes) -> dict[str, Any]:
-    """What an endpoint of ``_OTHER`` received: its path, the model, and whether a form."""
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.startswith("multipart/form-data"):
-        message = BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
-        )
-        fields = {
-            part.get_param("name", header="content-disposition"): part.get_content()
-            for part in message.iter_parts()
-        }
-        return {"path": request.path, "model": fields.get("model"), "form": sorted(fields)}
-    return {"path": request.path, "model": json.loads(body).get("model"), "form": None}
-
-
-def _response(rid: str, model: str, text: str, tokens: int) -> dict[str, Any]:
-    """A whole Responses API answer."""
-    item = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "completed",
-        "model": model,
-        "output": [item],
-        "usage": {"input_tokens": 1, "output_tokens": tokens, "total_tokens": 1 + tokens},
-    }
-
-
-def _message(model: str, text: str, tokens: int) -> dict[str, Any]:
-    """A whole Anthropic Messages answer."""
-    return {
-        "id": "msg_fake",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 1, "output_tokens": tokens},
-    }
-
-
-def _usage(payload: dict[str, Any], tokens: int) -> dict[str, int]:
-    # One "token" per word of the prompt: enough for the bench's tokens-in column.
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-    else:
-        text = str(payload.get("prompt", ""))
-    prompt = max(1, len(text.split()))
-    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-
-
-def _chunk(model: str, chat: bool, text: str, finish: str | None) -> dict[str, Any]:
-    if chat:
-        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
-        kind = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish}
-        kind = "text_completion"
-    return {
-        "id": "cmpl-fake",
-        "object": kind,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
 
 
 def _error(status: int, message: str, type_: str) -> web.Response:
