@@ -18,7 +18,7 @@ path reads an attribute instead of comparing paths:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.anthropic import anthropic_event, is_anthropic
 from gateway.proxy.sse import ends_done
@@ -40,20 +40,18 @@ class Api:
     keep_query: bool = False
     headers: tuple[str, ...] = ()  # the client's headers passed on, by lower-case name
 
-    @property
-    def anthropic(self) -> bool:
-        """Errors in Anthropic's shape."""
-        return is_anthropic(self.path)
+    # Worked out once, when the table is made: the hot path reads them as attributes.
+    anthropic: bool = field(init=False)  # errors in Anthropic's shape
+    at_root: bool = field(init=False)  # served at the engine's root, not under /v1
+    suffix: str = field(init=False)  # the path after the engine's OpenAI root (or its root)
+    passes_headers: bool = field(init=False)  # some of the client's headers go on
 
-    @property
-    def at_root(self) -> bool:
-        """Served at the engine's root, not under its OpenAI root (``/v1``)."""
-        return not self.path.startswith(API_PREFIX + "/")
-
-    @property
-    def suffix(self) -> str:
-        """The path after the engine's OpenAI root (or its root, for :attr:`at_root`)."""
-        return self.path if self.at_root else self.path[len(API_PREFIX) :]
+    def __post_init__(self) -> None:
+        at_root = not self.path.startswith(API_PREFIX + "/")
+        object.__setattr__(self, "anthropic", is_anthropic(self.path))
+        object.__setattr__(self, "at_root", at_root)
+        object.__setattr__(self, "suffix", self.path if at_root else self.path[len(API_PREFIX) :])
+        object.__setattr__(self, "passes_headers", bool(self.headers) or self.multipart)
 
     def whole(self, tail: bytes) -> bool:
         """True if a stream whose last bytes are ``tail`` said it is whole (or needs not)."""
@@ -66,7 +64,10 @@ class Api:
     def error_event(self, message: str, code: str) -> bytes:
         """The in-band event that ends a failed stream, in this API's shape."""
         if self.anthropic:
-            return anthropic_event(502 if code == "upstream_error" else 504, message)
+            status = 504 if code.endswith("_timeout") else 502
+            if code == "gateway_shutting_down":
+                status = 503
+            return anthropic_event(status, message)
         return error_event(error_body(message, SERVER_ERROR, code))
 
 

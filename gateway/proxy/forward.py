@@ -149,7 +149,7 @@ async def _forward(
     suffix = api.suffix
     if api.keep_query and request.query_string:
         suffix += "?" + request.rel_url.raw_query_string
-    headers = _passed_headers(request, api)
+    headers = _passed_headers(request, api) if api.passes_headers else None
     loop = asyncio.get_running_loop()
     model = candidates[0].model
     failure = unreachable("upstream_unavailable", model, len(candidates), config)
@@ -244,11 +244,9 @@ async def _forward(
     return failure
 
 
-def _passed_headers(request: web.Request, api: Api) -> dict[str, str] | None:
+def _passed_headers(request: web.Request, api: Api) -> dict[str, str]:
     """The client's headers that go on to the engine for ``api``: a form's Content-Type
     (its boundary), Anthropic's version headers; never a key (the gateway sends its own)."""
-    if not api.headers and not api.multipart:
-        return None
     # Spelled as the gateway's own headers are: a form's Content-Type replaces its JSON one.
     names = (*api.headers, "Content-Type") if api.multipart else api.headers
     passed = {}
