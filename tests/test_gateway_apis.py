@@ -368,3 +368,25 @@ def test_the_form_reader_finds_the_model_wherever_it_is() -> None:
     assert read_form(nameless, boundary) is None
     assert boundary_of("application/json") is None
     assert boundary_of("multipart/form-data") is None
+
+
+async def test_x_api_key_counts_only_without_a_bearer_token(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    client_key = create_key(keys, "alice")
+    body = {"model": "m", "messages": HI}
+    statuses = []
+    async with FakeUpstream() as fake:
+        add_record(tmp_path / "registry", "m", fake.base_url)
+        async with gateway(tmp_path, keys_file=keys) as url, aiohttp.ClientSession() as session:
+            for headers in (
+                {"x-api-key": client_key},
+                {"Authorization": f"Bearer {client_key}", "x-api-key": "mt-wrong"},
+                {"Authorization": "Bearer mt-wrong", "x-api-key": client_key},
+                {"Authorization": f"Basic {client_key}"},
+            ):
+                async with session.post(
+                    url + "/v1/chat/completions", json=body, headers=headers
+                ) as response:
+                    statuses.append(response.status)
+    assert statuses == [200, 200, 401, 401]
+    assert "x-api-key" not in {name.lower() for name in fake.seen.headers[0]}
