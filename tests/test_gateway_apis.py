@@ -24,8 +24,10 @@ from fake_upstream import FakeUpstream, Knobs
 from test_gateway_proxy import JOB_KEY, add_record, assert_openai_error, gateway
 
 from gateway.keys import create_key
+from gateway.proxy.apis import APIS
 from gateway.proxy.form import boundary_of, read_form
 from gateway.responses import Home, ResponseHomes, response_id
+from hpc.openai import error_body
 from hpc.registry import Registry
 
 pytestmark = pytest.mark.timeout(60)
@@ -390,3 +392,17 @@ async def test_x_api_key_counts_only_without_a_bearer_token(tmp_path: Path) -> N
                     statuses.append(response.status)
     assert statuses == [200, 200, 401, 401]
     assert "x-api-key" not in {name.lower() for name in fake.seen.headers[0]}
+
+
+def test_an_open_stream_ends_with_an_error_in_its_apis_shape() -> None:
+    by_path = {api.path: api for api in APIS}
+    body = error_body("no replica answered", "server_error", "upstream_unavailable")
+    assert by_path["/v1/chat/completions"].end_event(body) == b"data: " + body + b"\n\n"
+    assert by_path["/v1/responses"].end_event(body) == b"data: " + body + b"\n\n"
+    name, data = by_path["/v1/messages"].end_event(body).decode().strip().split("\n")
+    assert name == "event: error"
+    error = json.loads(data.removeprefix("data: "))
+    _assert_anthropic_error(error, "overloaded_error")  # a 503 before the 200
+    assert error["error"]["message"] == "no replica answered"
+    cut = by_path["/v1/messages"].error_event("broke off", "upstream_idle_timeout")
+    _assert_anthropic_error(json.loads(cut.split(b"data: ", 1)[1]), "api_error")

@@ -18,12 +18,15 @@ path reads an attribute instead of comparing paths:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from gateway.anthropic import anthropic_event, is_anthropic
 from gateway.proxy.sse import ends_done
 from hpc.openai import API_PREFIX, SERVER_ERROR, error_body, error_event
 
+# Codes of a failed stream that are 502s (the others: 504 for a clock, 503 for the rest).
+_BROKEN = frozenset({"", "upstream_error", "internal_error"})
 # The end of a whole Messages stream: its last event's type.
 _MESSAGE_STOP = b"message_stop"
 
@@ -61,12 +64,27 @@ class Api:
             return ends_done(tail)
         return self.stream_end in tail
 
+    def end_event(self, body: bytes) -> bytes:
+        """The in-band event that ends a stream already open with the error ``body`` (an
+        OpenAI error object: the answer the client would have had before its 200)."""
+        if not self.anthropic:
+            return error_event(body)
+        try:
+            error = json.loads(body)["error"]
+            message, code = str(error["message"]), str(error.get("code") or "")
+        except (ValueError, KeyError, TypeError):
+            message, code = body[:500].decode("utf-8", "replace"), ""
+        return self.error_event(message, code)
+
     def error_event(self, message: str, code: str) -> bytes:
         """The in-band event that ends a failed stream, in this API's shape."""
         if self.anthropic:
-            status = 504 if code.endswith("_timeout") else 502
-            if code == "gateway_shutting_down":
-                status = 503
+            # The status the error would have had before the 200 (its Anthropic type).
+            status = 503
+            if code.endswith("_timeout"):
+                status = 504
+            elif code in _BROKEN:
+                status = 502
             return anthropic_event(status, message)
         return error_event(error_body(message, SERVER_ERROR, code))
 

@@ -10,6 +10,7 @@ the client's headers and query go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -19,7 +20,6 @@ from aiohttp import web
 
 from gateway.logs import LOGGER_NAME, fields
 from gateway.metrics import Metrics
-from gateway.ondemand.wait import end_stream
 from gateway.proxy.apis import Api
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failures import (
@@ -106,7 +106,8 @@ async def proceed(
         refusal = shutting_down(config)
         if exchange.out is not None:
             # A stream's 200 is out (an on-demand wait's keep-alives): end it in-band.
-            await end_stream(exchange.out, refusal.body if isinstance(refusal.body, bytes) else b"")
+            body = refusal.body if isinstance(refusal.body, bytes) else b""
+            await end_open_stream(exchange.out, exchange.api, body)
             return exchange.out, None
         return refusal, None
     finally:
@@ -242,6 +243,15 @@ async def _forward(
             balancer.finished(upstream)
 
     return failure
+
+
+async def end_open_stream(out: web.StreamResponse, api: Api, body: bytes) -> None:
+    """End a stream already started with the error ``body`` as its last event, in the
+    API's shape (and no end marker, so the client knows the answer is not whole); a client
+    that left is no error."""
+    with contextlib.suppress(ConnectionResetError):
+        await out.write(api.end_event(body))
+        await out.write_eof()
 
 
 def _passed_headers(request: web.Request, api: Api) -> dict[str, str]:

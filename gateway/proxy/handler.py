@@ -25,12 +25,12 @@ from gateway.anthropic import anthropic_response
 from gateway.errors import openai_error
 from gateway.keys import Client
 from gateway.ondemand.jobs import Asker
-from gateway.ondemand.wait import ON_DEMAND, Ready, end_stream, ready
+from gateway.ondemand.wait import ON_DEMAND, Ready, ready
 from gateway.proxy.apis import Api
 from gateway.proxy.body import read_body
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failures import no_route
-from gateway.proxy.forward import proceed
+from gateway.proxy.forward import end_open_stream, proceed
 from gateway.proxy.sticky import pinned_replica, remember
 from gateway.ratelimit import KeyBuckets
 from gateway.routes import Upstream
@@ -157,7 +157,8 @@ async def _on_demand(
         if waited.out is not None and response is not waited.out:
             # No replica answered, and the wait's keep-alives have committed the 200.
             error = response.body if isinstance(response, web.Response) else None
-            await end_stream(waited.out, error if isinstance(error, bytes) else _NO_ANSWER)
+            body = error if isinstance(error, bytes) else _NO_ANSWER
+            await end_open_stream(waited.out, exchange.api, body)
             return waited.out
         return response
     finally:
