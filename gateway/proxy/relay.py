@@ -8,8 +8,9 @@ pass-through. The handler's coroutine only waits for the end, or drains a slow c
 
 No per-chunk JSON parsing: only the last few bytes are kept, to see whether
 ``data: [DONE]`` came, and an incomplete trailing event waits for its end. A stream that
-breaks after the 200, or ends without ``[DONE]``, gets an in-band ``data: {"error": …}``
-event and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
+breaks after the 200, or ends without ``[DONE]`` (the route's own end mark: ``apis``),
+gets an in-band ``data: {"error": …}`` event (Anthropic's ``event: error`` on its routes)
+and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
 engine's own in-band error event (found by a bytes search for ``{"error"``).
 
 Back-pressure: when the client's transport buffer passes its high-water mark, the upstream
