@@ -7,6 +7,9 @@ JSON answers, and for ``"stream": true`` Server-Sent Events ``data: {...}\\n\\n`
 with ``data: [DONE]\\n\\n``; it requires ``Authorization: Bearer <job key>`` as the real
 engines do when started with an API key.
 
+It also answers the agent APIs (vLLM's ``/v1/responses``, ``/v1/messages``) and the
+engines' other model endpoints; what it answers is ``bench.fakeanswers``.
+
 It is a real aiohttp app on 127.0.0.1, port 0. Its behaviour is set by ``Knobs`` when it
 is made (no module globals), and ``Seen`` counts what it received, including requests
 whose client went away before the answer was done (a real engine aborts those): each is
@@ -37,6 +40,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
+
+from bench.fakeanswers import (
+    AGENT_PATHS,
+    OTHER_PATHS,
+    agent_answer,
+    answer,
+    chunk_of,
+    other_answer,
+    usage_of,
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,8 @@ class Seen:
     health_probes: int = 0  # GET /health received
     metrics_scrapes: int = 0  # GET /metrics received
     probe_authorization: list[str | None] = field(default_factory=list)  # of both
+    paths: list[str] = field(default_factory=list)  # path and query of each POST
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each POST
 
 
 class FakeUpstream:
@@ -129,6 +144,7 @@ class FakeUpstream:
         self.port = port
         self.uds = uds  # a Unix socket instead of a port, as a job's engine listens
         self._runner: web.AppRunner | None = None
+        self.responses: set[str] = set()  # the ids of the responses it stored
 
     @property
     def base_url(self) -> str:
@@ -138,7 +154,9 @@ class FakeUpstream:
     async def __aenter__(self) -> FakeUpstream:
         # Real engines take large bodies (base64 images); aiohttp's default cap is 1 MiB.
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *AGENT_PATHS):
+            app.router.add_post(path, self._handle)
+        for path in OTHER_PATHS:
             app.router.add_post(path, self._handle)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -190,6 +208,8 @@ class FakeUpstream:
         self.seen.requests += 1
         self.seen.authorization.append(request.headers.get("Authorization"))
         self.seen.request_ids.append(request.headers.get("X-Request-Id"))
+        self.seen.paths.append(request.path_qs)
+        self.seen.headers.append(dict(request.headers))
         body = await request.read()
         self.seen.bodies.append(body)
         knobs = self.knobs
@@ -211,7 +231,11 @@ class FakeUpstream:
             if knobs.retry_after is not None:
                 error.headers["Retry-After"] = knobs.retry_after
             return error
+        if request.path in OTHER_PATHS:
+            return web.json_response(other_answer(request, body))
         payload = json.loads(body)
+        if request.path in AGENT_PATHS:
+            return await self._agent(request, payload)
         exchange = _Exchange()
         try:
             if payload.get("stream") is True and not request.path.endswith("/embeddings"):
@@ -220,12 +244,21 @@ class FakeUpstream:
             tokens = self._tokens(payload)
             await asyncio.sleep(knobs.ttft_s + self._generation_s(tokens))
             self.seen.completed += 1
-            return web.json_response(self._answer(request.path, payload, tokens))
+            return web.json_response(answer(request.path, payload, tokens, self.model))
         except (asyncio.CancelledError, ConnectionResetError):
             # A deliberate cut aborts our own transport; only count clients that left.
             if not exchange.cut:
                 self._aborted(request.headers.get("X-Request-Id"), exchange)
             raise
+
+    async def _agent(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        """The Responses and Messages APIs (``bench.fakeanswers``)."""
+        self.seen.completed += 1
+        tokens, knobs = self._tokens(payload), self.knobs
+        cut = (knobs.cut_after, knobs.omit_done)
+        return await agent_answer(
+            request, payload, tokens, cut, self.responses, f"resp_{self.port}"
+        )
 
     def _aborted(self, request_id: str | None, exchange: _Exchange) -> None:
         phase: AbortPhase = "non-stream"
@@ -279,7 +312,7 @@ class FakeUpstream:
                 break
             last = index == tokens - 1
             text = f"tok{index} " + "x" * knobs.pad_bytes
-            chunk = _chunk(self.model, chat, text, "stop" if last else None)
+            chunk = chunk_of(self.model, chat, text, "stop" if last else None)
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             exchange.chunks += 1
             self.seen.chunks_sent += 1
@@ -290,72 +323,15 @@ class FakeUpstream:
         options = None if knobs.no_usage else payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
             # OpenAI's last chunk for include_usage: no choices, the usage of the whole answer.
-            final = _chunk(self.model, chat, "", None)
+            final = chunk_of(self.model, chat, "", None)
             final["choices"] = []
-            final["usage"] = _usage(payload, tokens)
+            final["usage"] = usage_of(payload, tokens)
             await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         if not knobs.omit_done:
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.seen.completed += 1
         return response
-
-    def _answer(self, path: str, payload: dict[str, Any], tokens: int) -> dict[str, Any]:
-        created = int(time.time())
-        text = "".join(f"tok{i} " for i in range(tokens))
-        usage = _usage(payload, tokens)
-        if path.endswith("/embeddings"):
-            return {
-                "object": "list",
-                "model": self.model,
-                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                "usage": {"prompt_tokens": 1, "total_tokens": 1},
-            }
-        if path.endswith("/chat/completions"):
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop",
-            }
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop"}
-            kind = "text_completion"
-        return {
-            "id": "cmpl-fake",
-            "object": kind,
-            "created": created,
-            "model": payload.get("model", self.model),
-            "choices": [choice],
-            "usage": usage,
-        }
-
-
-def _usage(payload: dict[str, Any], tokens: int) -> dict[str, int]:
-    # One "token" per word of the prompt: enough for the bench's tokens-in column.
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-    else:
-        text = str(payload.get("prompt", ""))
-    prompt = max(1, len(text.split()))
-    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-
-
-def _chunk(model: str, chat: bool, text: str, finish: str | None) -> dict[str, Any]:
-    if chat:
-        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
-        kind = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish}
-        kind = "text_completion"
-    return {
-        "id": "cmpl-fake",
-        "object": kind,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
 
 
 def _error(status: int, message: str, type_: str) -> web.Response:

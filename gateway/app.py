@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.admission import Admission
+from gateway.anthropic import API_KEY_HEADER, anthropic_response, is_anthropic
 from gateway.balancer import Balancer
 from gateway.config import GatewayConfig
 from gateway.connections import Connections
@@ -31,11 +32,13 @@ from gateway.modellist import visible_models
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.wait import ON_DEMAND, on_demand_context
 from gateway.openapi import document
-from gateway.proxy.handler import proxy
+from gateway.proxy.apis import APIS
+from gateway.proxy.handler import proxy_for
 from gateway.proxy.pool import UPSTREAMS, Pool
 from gateway.proxy.usage import USAGE_SENDERS, UsageSenders
 from gateway.ratelimit import Limiter
 from gateway.reload import CleanupContext, reload_context
+from gateway.responses import RESPONSE_HOMES, ResponseHomes
 from gateway.state import (
     ADMISSION,
     BALANCER,
@@ -51,7 +54,7 @@ from gateway.state import (
     RequestInfo,
 )
 from hpc.backends import Backend
-from hpc.openai import INVALID_REQUEST, PROXIED_PATHS
+from hpc.openai import INVALID_REQUEST
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
@@ -118,8 +121,8 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a keys file, every request but ``/healthz`` and ``/openapi.json`` needs
-    ``Authorization: Bearer <key>``.
+    """With a keys file, every request but ``/healthz`` and ``/openapi.json`` needs a key:
+    ``Authorization: Bearer <key>``, or ``x-api-key: <key>`` (Anthropic's clients), alike.
 
     Deny by default: an allow-list of public paths cannot be dodged by spelling a
     ``/v1/*`` path another way.
@@ -128,7 +131,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if keys is None or request.path in _PUBLIC_PATHS:
         return await handler(request)
     header = request.headers.get("Authorization", "")
-    token = header[len(_BEARER) :].strip() if header.lower().startswith(_BEARER) else ""
+    if header.lower().startswith(_BEARER):
+        token = header[len(_BEARER) :].strip()
+    else:
+        token = request.headers.get(API_KEY_HEADER, "").strip()
     client = keys.find(token) if token else None
     if client is None or (
         client.entry.expires_at is not None and client.entry.expired(datetime.now(timezone.utc))
@@ -138,14 +144,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         elif token:
             message = "invalid API key"
         else:
-            message = "missing API key (Authorization: Bearer <key>)"
-        return openai_error(
+            message = "missing API key (Authorization: Bearer <key>, or x-api-key: <key>)"
+        refused = openai_error(
             401,
             message,
             INVALID_REQUEST,
             "invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+        return anthropic_response(refused) if is_anthropic(request.path) else refused
     info = request[REQUEST_INFO]
     info.client = client.name
     request[CLIENT] = client
@@ -173,6 +180,24 @@ async def list_models(request: web.Request) -> web.Response:
     shape with an ``mt`` field each: ready, in a swap pool, or started on request."""
     data = [row.openai() for row in visible_models(request)]
     return web.json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (the openai client's ``models.retrieve``): one entry of the list
+    (so the key's allow-list holds here too), or 404 ``model_not_found``; a name may hold
+    slashes (``org/model``)."""
+    wanted = request.match_info["id"]
+    for row in visible_models(request):
+        entry = row.openai()
+        if entry["id"] == wanted:
+            return web.json_response(entry)
+    return openai_error(
+        404,
+        f"model {wanted[:200]!r} is not served here; GET /v1/models lists the names that are",
+        INVALID_REQUEST,
+        "model_not_found",
+        param="model",
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -220,6 +245,7 @@ def create_app(
     balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
     app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
     app[INFLIGHT] = Inflight()
+    app[RESPONSE_HOMES] = ResponseHomes()
     # Counted by the connections' own handlers (protocol.py) when served by ``server.start``.
     app[CONNECTIONS] = Connections(
         config.max_connections, config.max_connections_per_client or None
@@ -239,6 +265,7 @@ def create_app(
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{id:.+}", retrieve_model)
     app.router.add_get("/metrics", metrics)
     openapi = json.dumps(document()).encode("utf-8")
 
@@ -247,6 +274,6 @@ def create_app(
         return web.Response(body=openapi, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_json)
-    for path in PROXIED_PATHS:
-        app.router.add_post(path, proxy)
+    for api in APIS:
+        app.router.add_post(api.path, proxy_for(api))
     return app

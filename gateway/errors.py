@@ -13,7 +13,7 @@ a cap) gets ``protocol_error`` or ``connection_refused`` from the connection's o
 
     status  type                    code
     400     invalid_request_error   invalid_json · invalid_body · missing_model ·
-                                    malformed_request
+                                    malformed_request · previous_response_not_found
     401     invalid_request_error   invalid_api_key
     403     invalid_request_error   model_not_allowed
     404     invalid_request_error   model_not_found · not_found (path)
@@ -33,6 +33,10 @@ a cap) gets ``protocol_error`` or ``connection_refused`` from the connection's o
                                     (+ Retry-After)
     504     server_error            upstream_connect_timeout · upstream_first_token_timeout ·
                                     upstream_idle_timeout
+
+On Anthropic's Messages paths (``/v1/messages``, ``/v1/messages/count_tokens``) the same
+errors are in Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}``
+(``gateway.anthropic``).
 
 The types are OpenAI's own (``invalid_request_error`` for 4xx, ``server_error`` for 5xx) so
 clients that branch on them keep working; ``code`` says what happened.
@@ -54,6 +58,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.typedefs import Handler
 
+from gateway.anthropic import anthropic_response, is_anthropic
 from gateway.connections import CLIENT
 from gateway.logs import LOGGER_NAME, fields
 from hpc.openai import (
@@ -167,13 +172,14 @@ def connection_refused(cap: str, retry_after_s: int) -> ErrorReply:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's HTTP errors and escaped exceptions into OpenAI-shaped responses."""
+    """Turn aiohttp's HTTP errors and escaped exceptions into OpenAI-shaped responses
+    (Anthropic-shaped on its Messages paths: ``gateway.anthropic``)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _from_http_exception(exc, request)
+        response = _from_http_exception(exc, request)
     except web.RequestPayloadError as exc:
         # A body aiohttp could not decode (bad chunked encoding, say): the client's fault.
         response = reply_response(protocol_error(400, exc.__cause__ or exc))
@@ -181,11 +187,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # Nothing more is read from the body: aiohttp would otherwise drain it after the
         # response, meet the same error again and log it as an unhandled exception.
         request.content.feed_eof()
-        return response
     except Exception as exc:
         # The one boundary where an unexpected error becomes a 500 for the client; the
         # traceback goes to the log, never to the client.
         log.exception("unhandled error", extra=fields(method=request.method, path=request.path))
-        return openai_error(
+        response = openai_error(
             500, f"internal gateway error ({type(exc).__name__})", SERVER_ERROR, "internal_error"
         )
+    return anthropic_response(response) if is_anthropic(request.path) else response

@@ -1,8 +1,10 @@
 """``GET /openapi.json``: a small static OpenAPI 3 description of the gateway.
 
-It describes what the gateway itself checks (the routes, the bearer key, a JSON body with a
-``model``) and its error shape; the bodies' other fields are the engines' business and are
-left open. ``document()`` builds the dict; the app serializes it once when it is created.
+It describes what the gateway itself checks (the routes, the key as a bearer token or
+``x-api-key``, a JSON body with a ``model``, a form with a ``model`` field for audio) and
+its error shapes (OpenAI's; Anthropic's on ``/v1/messages``); the bodies' other fields are
+the engines' business and are left open. ``document()`` builds the dict; the app
+serializes it once when it is created.
 """
 
 from __future__ import annotations
@@ -41,23 +43,43 @@ _ERROR_SCHEMA = {
 }
 
 
-def _errors(*statuses: str) -> dict[str, Any]:
+_ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+def _errors(*statuses: str, schema: str = "Error") -> dict[str, Any]:
     return {
         status: {
             "description": _ERROR_STATUSES[status],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
         for status in statuses
     }
 
 
-def _proxied(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+def _proxied(
+    summary: str,
+    body: dict[str, Any],
+    *,
+    media: str = "application/json",
+    errors: str = "Error",
+) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": body}},
+                "content": {media: {"schema": body}},
             },
             "responses": {
                 "200": {
@@ -73,7 +95,9 @@ def _proxied(summary: str, body: dict[str, Any]) -> dict[str, Any]:
                     },
                     "content": {"application/json": {}, "text/event-stream": {}},
                 },
-                **_errors("400", "401", "403", "404", "413", "429", "502", "503", "504"),
+                **_errors(
+                    "400", "401", "403", "404", "413", "429", "502", "503", "504", schema=errors
+                ),
             },
         }
     }
@@ -107,7 +131,7 @@ def document() -> dict[str, Any]:
             "version": "1",
             "description": "An OpenAI-compatible gateway; see docs/gateway.md.",
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"apiKey": []}],
         "paths": {
             "/healthz": {
                 "get": {
@@ -128,6 +152,18 @@ def document() -> dict[str, Any]:
                     "summary": "every model the key may use, each with an mt field: ready, "
                     "pool, starting or on_demand, whether it starts on request, its last start",
                     "responses": {**listing, **_errors("401")},
+                }
+            },
+            "/v1/models/{id}": {
+                "get": {
+                    "summary": "one model of the list (a name may hold slashes)",
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": {"description": "the model", "content": {"application/json": {}}},
+                        **_errors("401", "404"),
+                    },
                 }
             },
             "/metrics": {
@@ -153,9 +189,57 @@ def document() -> dict[str, Any]:
             "/v1/embeddings": _proxied(
                 "embeddings", _body(["input"], {"input": {"type": "string"}})
             ),
+            "/v1/responses": _proxied(
+                "a response (OpenAI's Responses API); a follow-up naming previous_response_id "
+                "goes to the replica that holds it",
+                _body(
+                    ["input"],
+                    {
+                        "input": {"type": "string"},
+                        "stream": stream,
+                        "previous_response_id": {"type": "string"},
+                    },
+                ),
+            ),
+            "/v1/messages": _proxied(
+                "a message (Anthropic's Messages API); errors in Anthropic's shape",
+                _body(
+                    ["messages", "max_tokens"],
+                    {"messages": messages, "max_tokens": max_tokens, "stream": stream},
+                ),
+                errors="AnthropicError",
+            ),
+            "/v1/messages/count_tokens": _proxied(
+                "a prompt's token count (Anthropic's shape)",
+                _body(["messages"], {"messages": messages}),
+                errors="AnthropicError",
+            ),
+            "/tokenize": _proxied(
+                "the engine's tokenizer (at its root)", _body([], {"content": {"type": "string"}})
+            ),
+            "/detokenize": _proxied(
+                "the engine's detokenizer (at its root)",
+                _body([], {"tokens": {"type": "array", "items": {"type": "integer"}}}),
+            ),
+            "/v1/rerank": _proxied(
+                "documents ranked against a query, where the engine serves it",
+                _body([], {"query": {"type": "string"}}),
+            ),
+            "/v1/score": _proxied(
+                "pair scores (vLLM), where the engine serves it",
+                _body([], {"text_1": {"type": "string"}}),
+            ),
+            "/v1/audio/transcriptions": _proxied(
+                "a transcription, where the engine serves it: a form, model a field",
+                _body(["file"], {"file": {"type": "string", "format": "binary"}}),
+                media="multipart/form-data",
+            ),
         },
         "components": {
-            "schemas": {"Error": _ERROR_SCHEMA},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": _ERROR_SCHEMA, "AnthropicError": _ANTHROPIC_ERROR_SCHEMA},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
         },
     }

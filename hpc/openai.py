@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 API_PREFIX = "/v1"
-# The POST routes both servers forward to an engine, body untouched.
+# The POST routes the swap pool forwards to an engine, body untouched (the gateway routes
+# these and more: gateway.proxy.apis).
 PROXIED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 INVALID_REQUEST = "invalid_request_error"

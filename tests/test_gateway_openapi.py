@@ -19,6 +19,7 @@ from fake_upstream import FakeUpstream
 from hypothesis import HealthCheck, settings
 from test_gateway_proxy import add_record, gateway
 
+from gateway.anthropic import is_anthropic
 from gateway.keys import create_key
 from gateway.openapi import document
 
@@ -77,6 +78,13 @@ def assert_openai_error(body: Any) -> None:
     assert error["type"] in ("invalid_request_error", "server_error")
 
 
+def assert_anthropic_error(body: Any) -> None:
+    assert isinstance(body, dict) and set(body) == {"type", "error"}, body
+    assert body["type"] == "error"
+    assert set(body["error"]) == {"type", "message"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
 async def test_openapi_json_is_served_without_a_key(tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
     create_key(keys, "alice")
@@ -105,9 +113,13 @@ def test_fuzzed_requests_get_no_5xx_and_openai_shaped_errors(
     headers = {"Authorization": f"Bearer {live.key}"} if with_key else {}
     if not with_key and case.headers:
         case.headers.pop("Authorization", None)
+    if not with_key and case.headers:
+        case.headers.pop("x-api-key", None)
     response = case.call(base_url=live.url, headers=headers, timeout=10)
     assert response.status_code < 500, response.text
-    if response.status_code >= 400:
+    if response.status_code >= 400 and is_anthropic(case.path):
+        assert_anthropic_error(response.json())
+    elif response.status_code >= 400:
         assert_openai_error(response.json())
     if not with_key and case.path not in ("/healthz", "/openapi.json"):
         assert response.status_code == 401

@@ -21,6 +21,7 @@ from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import openai_error
 from gateway.proxy.failures import at_capacity
+from gateway.proxy.form import Form, boundary_of, read_form
 from hpc.openai import INVALID_REQUEST
 
 if sys.version_info >= (3, 11):
@@ -31,17 +32,20 @@ else:  # aiohttp itself depends on async-timeout before Python 3.11
 
 @dataclass(frozen=True, slots=True)
 class Body:
-    """The request's bytes as sent, and the JSON object they hold (with its ``model``)."""
+    """The request's bytes as sent, and the JSON object they hold (with its ``model``); for
+    a form, its fields as that object (``model``, ``stream``) and where ``model`` sits."""
 
     raw: bytes
     payload: dict[str, Any]
     model: str
+    form: Form | None = None
 
 
 async def read_body(
-    request: web.Request, config: GatewayConfig, admission: Admission
+    request: web.Request, config: GatewayConfig, admission: Admission, *, form: bool = False
 ) -> Body | web.Response:
-    """The request's body, or the error response that refuses it (503, 408, 400)."""
+    """The request's body, or the error response that refuses it (503, 408, 400); with
+    ``form``, a ``multipart/form-data`` one (``parse_form``)."""
     if not admission.start_reading():
         return at_capacity("", "gateway", config.retry_after_s)
     try:
@@ -58,7 +62,31 @@ async def read_body(
         return response
     finally:
         admission.stop_reading()
+    if form:
+        return parse_form(raw, request.headers.get("Content-Type", ""))
     return parse_body(raw)
+
+
+def parse_form(raw: bytes, content_type: str) -> Body | web.Response:
+    """``raw`` as a ``multipart/form-data`` body with a ``model`` field, or the 400."""
+    boundary = boundary_of(content_type)
+    if boundary is None:
+        return openai_error(
+            400,
+            "request body must be multipart/form-data (with a boundary)",
+            INVALID_REQUEST,
+            "invalid_body",
+        )
+    fields = read_form(raw, boundary)
+    if fields is None:
+        return openai_error(
+            400,
+            "request form needs a 'model' field (a name from GET /v1/models)",
+            INVALID_REQUEST,
+            "missing_model",
+            param="model",
+        )
+    return Body(raw, {"model": fields.model, "stream": fields.stream}, fields.model, fields)
 
 
 def parse_body(raw: bytes) -> Body | web.Response:

@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.proxy.apis import CHAT, Api
+from gateway.proxy.form import Form
 from gateway.ratelimit import KeyBuckets
 
 
@@ -19,6 +21,9 @@ class Exchange:
     """The request's body, its key's buckets, its stream once open, and what came back."""
 
     payload: dict[str, Any]  # the parsed body, for the estimate of a cut stream's prompt
+    api: Api = CHAT  # the route's wire differences
+    form: Form | None = None  # a multipart body's fields (the audio endpoints)
+    first: bytes | None = None  # a stream's first event, kept where the API is sticky
     buckets: KeyBuckets | None = None  # the client's rate-limit buckets, if it has limits
     # The client's stream once its 200 is out (an on-demand wait may open it with
     # keep-alives before any upstream answers): from then on the answer cannot change.

@@ -8,8 +8,9 @@ pass-through. The handler's coroutine only waits for the end, or drains a slow c
 
 No per-chunk JSON parsing: only the last few bytes are kept, to see whether
 ``data: [DONE]`` came, and an incomplete trailing event waits for its end. A stream that
-breaks after the 200, or ends without ``[DONE]``, gets an in-band ``data: {"error": …}``
-event and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
+breaks after the 200, or ends without ``[DONE]`` (the route's own end mark: ``apis``),
+gets an in-band ``data: {"error": …}`` event (Anthropic's ``event: error`` on its routes)
+and no ``[DONE]``, so a client can tell a cut answer from a whole one; so does an
 engine's own in-band error event (found by a bytes search for ``{"error"``).
 
 Back-pressure: when the client's transport buffer passes its high-water mark, the upstream
@@ -39,7 +40,6 @@ from gateway.proxy.sse import (
     ERROR_KEY,
     MAX_CARRY_BYTES,
     TAIL_BYTES,
-    ends_done,
     engine_error_at,
     event_separator,
 )
@@ -54,7 +54,7 @@ from gateway.proxy.usage import (
 )
 from gateway.routes import Upstream
 from gateway.state import CONFIG, METRICS, RequestInfo
-from hpc.openai import DONE, SERVER_ERROR, SSE_HEADERS, error_body, error_event
+from hpc.openai import DONE, SSE_HEADERS
 
 log = logging.getLogger(f"{LOGGER_NAME}.proxy")
 
@@ -313,7 +313,7 @@ async def _relay(
         splice.hold_last_done()
     if splice.held:
         tail = (tail + splice.held)[-TAIL_BYTES:]  # the engine ended its stream whole
-    failure = splice.failure or _failure(splice.ended, tail, upstream, config)
+    failure = splice.failure or _failure(splice.ended, tail, upstream, config, exchange)
     try:
         if splice.held and failure is None:
             # The engine sent no usage event: the gateway's, then the engine's [DONE].
@@ -324,9 +324,11 @@ async def _relay(
         if splice.carry and failure is None:
             await out.write(splice.carry)
             tail = (tail + splice.carry[-TAIL_BYTES:])[-TAIL_BYTES:]
-        if failure is None and not ends_done(tail):
+        api = exchange.api
+        if failure is None and not api.whole(tail):
+            end = (api.stream_end or b"").decode()
             failure = (
-                f"upstream {upstream.source} ended the stream without [DONE]",
+                f"upstream {upstream.source} ended the stream without {end}",
                 "upstream_error",
             )
         if failure is not None:
@@ -336,7 +338,7 @@ async def _relay(
                 "stream failed",
                 extra=fields(request_id=info.request_id, upstream=upstream.source, error=message),
             )
-            event = error_event(error_body(message, SERVER_ERROR, code))
+            event = api.error_event(message, code)
             await out.write(event_separator(tail) + event)
         await out.write_eof()
     except ConnectionResetError:
@@ -359,7 +361,11 @@ async def _drained(transport: asyncio.Transport) -> bool:
 
 
 def _failure(
-    ended: BaseException | None, tail: bytes, upstream: Upstream, config: GatewayConfig
+    ended: BaseException | None,
+    tail: bytes,
+    upstream: Upstream,
+    config: GatewayConfig,
+    exchange: Exchange,
 ) -> tuple[str, str] | None:
     """What the client is told of an upstream body that ended with ``ended``."""
     if ended is None:
@@ -368,7 +374,7 @@ def _failure(
         return timeout_message(upstream, ended.code, config), ended.code
     if isinstance(ended, ShuttingDown):
         return SHUTTING_DOWN, "gateway_shutting_down"
-    if ends_done(tail):
+    if exchange.api.stream_end is not None and exchange.api.whole(tail):
         # The engine said the stream is whole, then botched the end of the HTTP body
         # (llama-cpp-python's server does, after an interrupt): the client has its whole
         # answer, and an error after [DONE] would contradict it.

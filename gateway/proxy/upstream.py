@@ -16,6 +16,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -49,6 +50,7 @@ from gateway.proxy.sse import MAX_CARRY_BYTES, engine_error_at
 from gateway.proxy.usage import note_usage, read_usage
 from gateway.routes import Upstream
 from hpc.masking import mask
+from hpc.openai import API_PREFIX
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout_at
@@ -80,21 +82,27 @@ async def send(
     body: bytes,
     request_id: str,
     first_byte_by: float,
+    *,
+    at_root: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> Sent | str:
     """The upstream's connection with the answer's head in, or the error code if it cannot
     be reached: ``upstream_connect_timeout`` or ``upstream_unavailable``.
+    ``suffix`` follows the upstream's OpenAI root, or with ``at_root`` its root (the root
+    without its ``/v1``); ``headers`` go on besides the gateway's own (a form's
+    Content-Type, ``anthropic-version``).
     ``asyncio.TimeoutError`` if the head is not in by ``first_byte_by`` (loop time: the
     time-to-first-token clock); ``UpstreamProtocolError`` if the answer is not HTTP.
     """
     try:
         target = endpoint(upstream.base_url, upstream.tls_sha256)
-        data = request_bytes(
-            "POST",
-            target.path + suffix,
-            target.host_header,
-            _upstream_headers(upstream, request_id),
-            body,
-        )
+        root = target.path
+        if at_root and root.endswith(API_PREFIX):
+            root = root[: -len(API_PREFIX)]
+        sent_headers = _upstream_headers(upstream, request_id)
+        if headers:
+            sent_headers.update(headers)
+        data = request_bytes("POST", root + suffix, target.host_header, sent_headers, body)
         async with timeout_at(first_byte_by):
             return Sent(*await pool.request(target, data))
     except (UpstreamUnreachable, UpstreamClosed) as exc:

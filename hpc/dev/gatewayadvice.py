@@ -15,14 +15,20 @@ GATEWAY_ADVICE: dict[str, str] = {
     "client, or the proxy in front of the gateway that rewrites requests.",
     "header_too_large": "A request line or header is over 8 KiB, or there are over 128 "
     "headers: send fewer or shorter ones (a large cookie or token?); images go in the body.",
-    "invalid_api_key": "Send `Authorization: Bearer <key>` with a key from `mt keys create`; "
-    "an expired or revoked key is refused too (`mt keys list`).",
+    "invalid_api_key": "Send `Authorization: Bearer <key>` (or `x-api-key: <key>`, as "
+    "Anthropic's clients do) with a key from `mt keys create`; an expired or revoked key is "
+    "refused too (`mt keys list`).",
+    "previous_response_not_found": "The replica that holds that response has stopped, or "
+    "another key made it: start the conversation again with its whole input (no "
+    "`previous_response_id`).",
     "model_not_allowed": "The key's allow-list excludes this model; ask for a key with "
     "`mt keys create NAME --model 'GLOB'`.",
     "model_not_found": "Use a name from `GET /v1/models` (or `mt models`); add the model to "
     "models.yaml or `mt submit` it.",
     "not_found": "The gateway serves `/v1/models`, `/v1/chat/completions`, `/v1/completions`, "
-    "`/v1/embeddings`, `/healthz`, `/metrics`; check the base URL ends in `/v1`.",
+    "`/v1/embeddings`, `/v1/responses`, `/v1/messages`, `/tokenize`, `/healthz`, `/metrics` "
+    "(docs/gateway.md lists them all); check the base URL (OpenAI's clients: ending in `/v1`; "
+    "Anthropic's: without it).",
     "method_not_allowed": "Use GET for `/v1/models` and POST for completions and embeddings.",
     "request_too_large": "Send a smaller request (shorter prompt, fewer messages), or raise "
     "the gateway's `--max-body-mb` (large base64 images).",
