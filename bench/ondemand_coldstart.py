@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.mtgateway import running_gateway
 from hpc.ownerkey import owner_key_path, read_owner_key
 from hpc.registry import FINAL_STATES, Registry
 
@@ -153,25 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(tmp)
         _models_yaml(home / "models.yaml", gguf, args.idle_ttl)
         env = {**os.environ, "MT_HOME": str(home), "MT_MODELS": str(home / "models.yaml")}
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "hpc.cli", "gateway", "--port", "0", "--backend", args.backend],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        try:
-            line = gateway.stdout.readline() if gateway.stdout is not None else ""
-            if "listening on" not in line:
-                raise SystemExit(f"the gateway did not start: {line!r}")
-            url = line.split("listening on", 1)[1].strip()
+        with running_gateway(env, "--backend", args.backend) as url:
             registry = Registry(home / "registry")
             key = read_owner_key(owner_key_path(home))  # made by the gateway as it started
             rounds = [_round(url, key, registry) for _ in range(args.rounds)]
             _wait_cold(registry)  # leave no job behind
-        finally:
-            gateway.terminate()
-            gateway.wait(timeout=30)
     medians = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
     summary = {
         "rounds": args.rounds,

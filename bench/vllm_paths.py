@@ -20,19 +20,17 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
 import psutil
 
 from bench.loadgen import Target
+from bench.mtgateway import running_gateway
 from bench.pathcompare import compare, table
 from bench.workload import Workload
 from hpc import tlspin
@@ -61,26 +59,6 @@ def _mt(env: dict[str, str], *args: str) -> str:
     if done.returncode != 0:
         raise SystemExit(f"mt {' '.join(args)} failed:\n{done.stderr}")
     return done.stdout
-
-
-@contextmanager
-def gateway(env: dict[str, str]) -> Iterator[str]:
-    """``mt gateway --port 0``; its URL; stopped at the end."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hpc.cli", "gateway", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        line = proc.stdout.readline() if proc.stdout is not None else ""
-        if "listening on" not in line:
-            raise SystemExit(f"the gateway did not start: {line!r}")
-        yield line.split("listening on", 1)[1].strip()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
 
 
 def _engine_socket_and_key(record: Record) -> tuple[str, str]:
@@ -152,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if record is None or record.state != "ready":
             raise SystemExit(f"the job is not ready: {submitted}")
         healthy = record.updated_at - (record.engine_started_at or record.created_at)
-        with gateway(env) as url:
+        with running_gateway(env) as url:
             owner = read_owner_key(owner_key_path(home / "mt-home"))
             result = asyncio.run(measure(record, url, owner, args))
     finally:
