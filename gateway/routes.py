@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from hpc.catalog import Catalog, Endpoint, catalog
 from hpc.registry import Record
-from hpc.spec import ModelsFile, TokenLimits
+from hpc.spec import ModelsFile
+from hpc.specserving import TokenLimits
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hpc.registry import FINAL_STATES, Record
-from hpc.spec import ModelsFile, ModelSpec, StaticBackend, TokenLimits
+from hpc.spec import ModelsFile, ModelSpec, StaticBackend
+from hpc.specserving import TokenLimits
 
 Source = Literal["models.yaml", "static", "job", "alias"]
 # ready: a job or static backend answers now; pool: a ready swap pool loads it on request;

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from hpc.specbase import Strict
+from hpc.specserving import OnDemand, TokenLimits
 
 # A name users type and the gateway routes by: no spaces, no slashes, no shell metacharacters,
 # so it is safe in job names, file names and URLs.
@@ -37,11 +40,7 @@ DrainSeconds = Annotated[
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Weights(_Strict):
+class Weights(Strict):
     """Where the weights come from: a Hugging Face repo id or a local path (GGUF or HF dir)."""
 
     source: str = Field(min_length=1, description="HF repo id (org/name) or a filesystem path")
@@ -51,7 +50,7 @@ class Weights(_Strict):
     revision: str | None = None
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """What to ask the scheduler for."""
 
     gpus: int = Field(default=0, ge=0, le=64)
@@ -62,7 +61,7 @@ class Resources(_Strict):
     nodes: int = Field(default=1, gt=0, le=64)
 
 
-class Runtime(_Strict):
+class Runtime(Strict):
     """How the engine runs: bare (``none``) or inside an Apptainer image."""
 
     kind: Literal["none", "apptainer"] = "none"
@@ -77,7 +76,7 @@ class Runtime(_Strict):
         return self
 
 
-class SlurmOptions(_Strict):
+class SlurmOptions(Strict):
     """Per-model Slurm settings; anything unset falls back to site.yaml."""
 
     partition: SlurmName | None = None
@@ -107,7 +106,7 @@ K8sLabelKey = Annotated[
 ]
 
 
-class KubernetesOptions(_Strict):
+class KubernetesOptions(Strict):
     """Per-model Kubernetes settings (used by the Kubernetes backend and `mt render`)."""
 
     namespace: K8sName | None = Field(default=None, description="default: the kubeconfig's")
@@ -144,74 +143,10 @@ class KubernetesOptions(_Strict):
     route_host: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
-class OnDemand(_Strict):
-    """Start the model's job when a request asks for it; stop it when nobody has for a while.
-
-    The gateway submits the job through its backend on the first request that finds no
-    ready endpoint, holds that request (and every other one for the model) until the job
-    is ready or ``start_deadline_s`` has passed, and cancels the job after ``idle_ttl_s``
-    without requests. Under load (more than ``target_in_flight`` requests per ready
-    replica) it starts one more job at a time, up to ``max_replicas``, and cancels the
-    extra ones again when each has had no request for ``idle_ttl_s`` (see
-    docs/on-demand.md).
-    """
-
-    idle_ttl_s: float = Field(
-        default=900, gt=0, description="cancel the job after this long with no requests"
-    )
-    max_replicas: int = Field(
-        default=1, ge=1, le=64, description="jobs for this model the gateway may run at once"
-    )
-    target_in_flight: int = Field(
-        default=4,
-        ge=1,
-        le=100_000,
-        description="requests in flight per ready replica beyond which the gateway starts one "
-        "more job (up to max_replicas)",
-    )
-    start_deadline_s: float = Field(
-        default=900,
-        gt=0,
-        description="how long a non-streaming request waits for a cold start before a 503",
-    )
-
-
-class TokenLimits(_Strict):
-    """What the gateway does with a request's output limit for this model.
-
-    ``max_tokens`` (or ``max_completion_tokens``, or ``max_output_tokens`` on
-    ``/v1/responses``) is set to ``max_tokens_default`` when a request sends none, and
-    lowered to ``max_tokens_cap`` when it asks for more (clamped, not refused: UIs and agents
-    cannot be told to ask for less). A request with neither and no default gets the cap.
-    """
-
-    max_tokens_default: int | None = Field(
-        default=None,
-        gt=0,
-        description="the output limit of a request that sends none (UIs often send none)",
-    )
-    max_tokens_cap: int | None = Field(
-        default=None,
-        gt=0,
-        description="a request asking for more output tokens is lowered to this (clamped)",
-    )
-
-    @model_validator(mode="after")
-    def _default_within_cap(self) -> TokenLimits:
-        default, cap = self.max_tokens_default, self.max_tokens_cap
-        if default is not None and cap is not None and default > cap:
-            raise ValueError(f"max_tokens_default ({default}) is above max_tokens_cap ({cap})")
-        return self
-
-    def any(self) -> bool:
-        """True if a default or a cap is set."""
-        return self.max_tokens_default is not None or self.max_tokens_cap is not None
-
-
 ExposedRoute = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./*-]*$", max_length=200)]
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """One model as users name it, and everything needed to serve it."""
 
     name: ModelName
@@ -256,7 +191,7 @@ class ModelSpec(_Strict):
     )
 
 
-class StaticBackend(_Strict):
+class StaticBackend(Strict):
     """An endpoint ModelTainer did not start but the gateway should route to."""
 
     name: ModelName
@@ -277,7 +212,7 @@ class StaticBackend(_Strict):
     )
 
 
-class PoolSpec(_Strict):
+class PoolSpec(Strict):
     """A swap pool: one long allocation that loads a catalogue of models on request.
 
     The allocation's GPUs are split evenly between ``slots``; each slot holds one model at a
@@ -316,7 +251,7 @@ class PoolSpec(_Strict):
         return self
 
 
-class ModelsFile(_Strict):
+class ModelsFile(Strict):
     """The whole ``models.yaml``: models to submit, swap pools, static backends to route to."""
 
     models: tuple[ModelSpec, ...] = ()

@@ -21,7 +21,7 @@ from test_gateway_proxy import CHAT, add_record, assert_openai_error, gateway
 from gateway.proxy.outputlimit import limit_output
 from hpc.configfile import load_models
 from hpc.errors import ConfigError
-from hpc.spec import TokenLimits
+from hpc.specserving import TokenLimits
 
 pytestmark = pytest.mark.timeout(30)
 

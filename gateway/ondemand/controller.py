@@ -34,7 +34,8 @@ from hpc.ondemandstate import read_ondemand_state
 from hpc.openai import ErrorReply
 from hpc.reconcile import ENDED, settle
 from hpc.registry import FINAL_STATES, Record, Registry, record_key
-from hpc.spec import ModelsFile, ModelSpec, OnDemand
+from hpc.spec import ModelsFile, ModelSpec
+from hpc.specserving import OnDemand
 
 log = logging.getLogger(f"{LOGGER_NAME}.ondemand")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from gateway.inflight import SHUTTING_DOWN
 from gateway.ondemand.jobs import ModelState
 from hpc.openai import INVALID_REQUEST, SERVER_ERROR, ErrorReply
-from hpc.spec import OnDemand
+from hpc.specserving import OnDemand
 
 
 def failed(state: ModelState, now: float) -> ErrorReply:

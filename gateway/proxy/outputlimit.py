@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hpc.spec import TokenLimits
+from hpc.specserving import TokenLimits
 
 # The fields that bound a request's output, by path; the first is the one set when a
 # request has none (OpenAI's chat API has two names, its Responses API a third; Anthropic's
