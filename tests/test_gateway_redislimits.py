@@ -450,3 +450,35 @@ def test_a_redis_url_file_others_can_read_is_refused(
     assert "error:" in done.stderr and "hint:" in done.stderr
     assert str(url_file) in done.stderr
     assert "redis://" not in done.stderr
+
+
+async def test_the_url_may_come_from_the_environment_and_never_shows(
+    tmp_path: Path,
+    deployment: tuple[Path, Path, str],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys, _, key = deployment
+    monkeypatch.setenv("MT_REDIS_URL", redis_server.url)
+    with mt_gateway(tmp_path, "env", "--keys", str(keys)) as (url, log):
+        async with aiohttp.ClientSession() as session:
+            assert await shared_up(session, url, key) == "1"
+            assert await statuses(session, [url] * 5, key) == [200] * 4 + [429]
+    assert redis_server.password not in log.read_text()
+
+
+def test_without_a_url_no_redis_client_is_loaded(tmp_path: Path) -> None:
+    """The single-process path: no redis import, no shared-limits state, no metrics."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gateway.app import create_app\n"
+        "from gateway.config import GatewayConfig\n"
+        "from gateway.redislimits import SHARED_LIMITS\n"
+        f"app = create_app(GatewayConfig(registry_dir=Path({str(tmp_path)!r})))\n"
+        "print(SHARED_LIMITS in app, 'redis' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "False"]

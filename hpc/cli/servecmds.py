@@ -243,7 +243,9 @@ def gateway(
     )
     if redis_url_file is not None:
         cli.check_private(redis_url_file)  # the URL may carry a password
-    redis_url = read_url(redis_url_file) if redis_url_file else os.environ.get(REDIS_URL_ENV)
+    redis_url = (
+        read_url(redis_url_file) if redis_url_file else os.environ.get(REDIS_URL_ENV) or None
+    )
     config = GatewayConfig(
         host=host or site.config.gateway.host,
         port=site.config.gateway.port if port is None else port,
