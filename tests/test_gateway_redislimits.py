@@ -75,6 +75,18 @@ async def test_two_replicas_share_one_requests_bucket(redis_server: RedisServer)
         assert await a.admit("carol", None, None) is None
 
 
+async def test_a_changed_limit_starts_a_full_bucket(redis_server: RedisServer) -> None:
+    async with replica(redis_server) as a:
+        for _ in range(2):
+            found = await a.admit("alice", 2, None)
+            assert found is not None and found[0].allowed
+        refused = await a.admit("alice", 2, None)
+        assert refused is not None and not refused[0].allowed
+        raised = await a.admit("alice", 3, None)  # keys.yaml now says 3: a fresh bucket
+        assert raised is not None and raised[0].allowed
+        assert raised[0].headers["x-ratelimit-remaining-requests"] == "2"
+
+
 async def test_tokens_spent_on_one_replica_limit_the_other(redis_server: RedisServer) -> None:
     async with replica(redis_server) as a, replica(redis_server) as b:
         found = await a.admit("alice", None, 100)
