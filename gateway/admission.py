@@ -7,6 +7,10 @@ a request's body is read, and counts requests whose bodies are still arriving: c
 send headers and then trickle their bodies cannot hold more than the cap between them (the
 body timeout ends each of them). Counting is a few integer updates per request: no locks
 (one event loop) and no I/O.
+
+With several gateway replicas the caps hold for all of them through Redis
+(``gateway.redislimits``); each replica still counts its own requests here, which is what
+its caps are checked against while Redis is unreachable, and what bounds the bodies it reads.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ class Admission:
         self._per_model[model] = count + 1
         self.total += 1
         return None
+
+    def take(self, model: str) -> None:
+        """Count a request for ``model`` admitted elsewhere (the shared caps in Redis),
+        whatever the caps here; it must ``leave`` exactly once."""
+        self._per_model[model] = self._per_model.get(model, 0) + 1
+        self.total += 1
 
     def leave(self, model: str) -> None:
         """Give back the slot ``enter`` took; a model with none in flight is forgotten."""

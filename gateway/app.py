@@ -37,6 +37,7 @@ from gateway.proxy.handler import proxy_for
 from gateway.proxy.pool import UPSTREAMS, Pool
 from gateway.proxy.usage import USAGE_SENDERS, UsageSenders
 from gateway.ratelimit import Limiter
+from gateway.redislimits import SHARED_LIMITS, SharedLimits, shared_limits_context
 from gateway.reload import CleanupContext, reload_context
 from gateway.responses import RESPONSE_HOMES, ResponseHomes
 from gateway.state import (
@@ -208,6 +209,8 @@ async def metrics(request: web.Request) -> web.Response:
         + render_probes(balancer.probes())
         + render_connections(request.app[CONNECTIONS])
     )
+    if (shared := request.app.get(SHARED_LIMITS)) is not None:
+        text += shared.render()
     return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -239,11 +242,22 @@ def create_app(
         middlewares=[request_middleware, error_middleware, auth_middleware],
     )
     app[CONFIG] = config
-    app[LIMITER] = Limiter()
+    limiter = app[LIMITER] = Limiter()
     app[METRICS] = Metrics()
     app[USAGE_SENDERS] = UsageSenders()
     balancer = app[BALANCER] = Balancer(eject_after=config.health_failures_to_eject)
-    app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
+    admission = app[ADMISSION] = Admission(config.max_in_flight, config.max_in_flight_per_model)
+    if config.redis_url is not None:
+        # The limits of every replica, in Redis; these two are the fallback while it is down.
+        shared = app[SHARED_LIMITS] = SharedLimits(
+            config.redis_url.get_secret_value(),
+            config.redis_prefix,
+            limiter,
+            admission,
+            config.max_in_flight,
+            config.max_in_flight_per_model,
+        )
+        app.cleanup_ctx.append(shared_limits_context(shared))
     app[INFLIGHT] = Inflight()
     app[RESPONSE_HOMES] = ResponseHomes()
     # Counted by the connections' own handlers (protocol.py) when served by ``server.start``.

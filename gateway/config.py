@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from hpc.ondemandstate import STATE_FILE, default_path
 from hpc.site import GatewaySite
@@ -119,6 +119,21 @@ class GatewayConfig(BaseModel):
         ge=1,
         description="failed probes in a row before a replica gets no requests; one good probe "
         "brings it back",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis that holds the rate limits and in-flight caps of every gateway "
+        "replica (gateway.redislimits); it may carry a password, so `mt gateway` reads it from "
+        "--redis-url-file or $MT_REDIS_URL, never from its command line (None: this process "
+        "alone)",
+    )
+    redis_prefix: str = Field(
+        default="mt",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="the start of every Redis key the gateway writes: replicas with the same "
+        "one share their limits, so each deployment on one Redis needs its own",
     )
     max_on_demand_jobs: int | None = Field(
         default=None,

@@ -8,15 +8,17 @@ seconds a key gets at most ``capacity + rate·w`` requests through.
 
 Buckets live in ``Limiter``, keyed by key name, and survive a ``keys.yaml`` reload; a key
 whose limits change starts with fresh, full buckets. The clock is passed in (tests use
-their own).
+their own). With several gateway replicas the same buckets live in Redis
+(``gateway.redislimits``), and these are each replica's own while Redis is unreachable.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 Clock = Callable[[], float]
 
@@ -73,6 +75,30 @@ class Verdict:
     limited: str | None = None  # "requests" or "tokens" when not allowed
 
 
+# A bucket as its headers show it: kind, capacity, level now, seconds until full.
+Shown = tuple[str, float, float, float]
+
+
+class Spender(Protocol):
+    """Where a finished request's tokens are charged: a key's buckets, here or in Redis."""
+
+    def spend_tokens(self, count: int) -> None:
+        """Charge ``count`` tokens of a finished request."""
+
+
+def verdict(limited: str | None, wait_s: float, shown: Iterable[Shown]) -> Verdict:
+    """The verdict on one request: refused for ``limited`` (``requests`` or ``tokens``,
+    None if allowed) with ``wait_s`` until it may retry, and the ``x-ratelimit-*`` headers of
+    each limited bucket, given as ``(kind, capacity, level, reset_s)``."""
+    headers: dict[str, str] = {}
+    for kind, capacity, level, reset_s in shown:
+        headers[f"x-ratelimit-limit-{kind}"] = str(int(capacity))
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(level)))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset_s)
+    retry_after = max(1, math.ceil(wait_s)) if limited else 0
+    return Verdict(limited is None, retry_after, headers, limited)
+
+
 def _duration(seconds: float) -> str:
     # OpenAI's format for x-ratelimit-reset-*: "1s", "6m0s", "250ms".
     if seconds < 1:
@@ -100,14 +126,12 @@ class KeyBuckets:
             limited, wait = "tokens", tokens.wait_s(1)
         elif requests is not None and not requests.try_take():
             limited, wait = "requests", requests.wait_s(1)
-        headers: dict[str, str] = {}
-        for kind, bucket in (("requests", requests), ("tokens", tokens)):
-            if bucket is not None:
-                headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
-                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(bucket.level())))
-                headers[f"x-ratelimit-reset-{kind}"] = _duration(bucket.reset_s())
-        retry_after = max(1, math.ceil(wait)) if limited else 0
-        return Verdict(limited is None, retry_after, headers, limited)
+        shown = [
+            (kind, bucket.capacity, bucket.level(), bucket.reset_s())
+            for kind, bucket in (("requests", requests), ("tokens", tokens))
+            if bucket is not None
+        ]
+        return verdict(limited, wait, shown)
 
     def spend_tokens(self, count: int) -> None:
         """Charge ``count`` tokens of a finished request."""

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from otheruser import OtherUser, other_user_or_reason
 from realparts import missing_part
+from redisserver import RedisServer, unavailable
 from slurm_fixtures import cluster, slurm_cluster  # noqa: F401 - the private Slurm cluster
 from ssh_fixtures import sshd  # noqa: F401 - the session's sshd on loopback
 from tunnelkit import login_http, no_agent  # noqa: F401 - the tunnel tests' fixtures
@@ -68,6 +69,20 @@ def engine_url() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Redis on a free loopback port (tests/redisserver.py), killed at the end."""
+    reason = unavailable()
+    if reason is not None:
+        missing_part("redis", reason)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

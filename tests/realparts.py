@@ -1,4 +1,4 @@
-"""Real parts a test needs (llama.cpp, Slurm, sshd): skip without them, fail if CI requires them.
+"""Real parts a test needs (llama.cpp, Slurm, sshd, Redis): skip without, fail if CI requires.
 
 ``MT_TEST_REQUIRE`` (comma-separated part names) is read when this module is first imported,
 before tests/conftest.py's autouse fixture clears ``MT_*`` from each test's environment.

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.proxy.apis import CHAT, Api
 from gateway.proxy.form import Form
-from gateway.ratelimit import KeyBuckets
+from gateway.ratelimit import Spender
 
 
 @dataclass(slots=True)
@@ -24,7 +24,7 @@ class Exchange:
     api: Api = CHAT  # the route's wire differences
     form: Form | None = None  # a multipart body's fields (the audio endpoints)
     first: bytes | None = None  # a stream's first event, kept where the API is sticky
-    buckets: KeyBuckets | None = None  # the client's rate-limit buckets, if it has limits
+    buckets: Spender | None = None  # the client's rate-limit buckets, if it has limits
     # The client's stream once its 200 is out (an on-demand wait may open it with
     # keep-alives before any upstream answers): from then on the answer cannot change.
     out: web.StreamResponse | None = None

@@ -37,6 +37,7 @@ from gateway.proxy.pool import UPSTREAMS
 from gateway.proxy.relay import relay_stream
 from gateway.proxy.upstream import Sent, attempt, send
 from gateway.proxy.usage import charge, client_wants_usage, with_usage
+from gateway.redislimits import SHARED_LIMITS
 from gateway.routes import Upstream
 from gateway.state import ADMISSION, BALANCER, CONFIG, INFLIGHT, LIVE, METRICS, RequestInfo
 
@@ -67,7 +68,11 @@ async def proceed(
         body, strip_usage = with_usage(payload, body)
 
     admission = request.app[ADMISSION]
-    full = admission.enter(canonical)
+    shared = request.app.get(SHARED_LIMITS)  # the caps of every replica, in Redis
+    if shared is None:
+        full, slot = admission.enter(canonical), 0
+    else:
+        full, slot = await shared.enter(canonical)
     if full is not None:
         return at_capacity(model[:200], full, config.retry_after_s), None
     inflight = request.app[INFLIGHT]
@@ -112,7 +117,10 @@ async def proceed(
             return exchange.out, None
         return refusal, None
     finally:
-        admission.leave(canonical)
+        if shared is None:
+            admission.leave(canonical)
+        else:
+            shared.leave(canonical, slot)
         if task is not None:
             inflight.leave(task)
 

@@ -33,7 +33,8 @@ from gateway.proxy.failures import no_route
 from gateway.proxy.forward import end_open_stream, proceed
 from gateway.proxy.outputlimit import limited_body
 from gateway.proxy.sticky import pinned_replica, remember
-from gateway.ratelimit import KeyBuckets
+from gateway.ratelimit import KeyBuckets, Spender, Verdict
+from gateway.redislimits import SHARED_LIMITS, SharedLimits
 from gateway.routes import Upstream
 from gateway.state import (
     ADMISSION,
@@ -99,7 +100,11 @@ async def _proxy(request: web.Request, api: Api) -> web.StreamResponse:
             return found
         pinned = found
     if client is not None:
-        exchange.buckets, limited = _rate_limit(request, client, info)
+        shared = request.app.get(SHARED_LIMITS)
+        if shared is None:
+            exchange.buckets, limited = _rate_limit(request, client)
+        else:
+            exchange.buckets, limited = await _shared_rate_limit(request, client, shared)
         if limited is not None:
             return limited
     body, info.output_limit = limited_body(request.path, payload, body, routes.limits(canonical))
@@ -168,7 +173,7 @@ async def _on_demand(
 
 
 def _rate_limit(
-    request: web.Request, client: Client, info: RequestInfo
+    request: web.Request, client: Client
 ) -> tuple[KeyBuckets | None, web.Response | None]:
     """The client's buckets (None without limits), and a 429 if they are empty (else one
     request is taken)."""
@@ -178,12 +183,28 @@ def _rate_limit(
     )
     if buckets is None:
         return None, None
-    verdict = buckets.admit()
+    return buckets, _refusal(request, client, buckets.admit())
+
+
+async def _shared_rate_limit(
+    request: web.Request, client: Client, shared: SharedLimits
+) -> tuple[Spender | None, web.Response | None]:
+    """``_rate_limit`` with the buckets every gateway replica shares (``redislimits``)."""
+    entry = client.entry
+    found = await shared.admit(client.name, entry.requests_per_min, entry.tokens_per_min)
+    if found is None:
+        return None, None
+    verdict, buckets = found
+    return buckets, _refusal(request, client, verdict)
+
+
+def _refusal(request: web.Request, client: Client, verdict: Verdict) -> web.Response | None:
+    """The 429 of a refused ``verdict`` (None if allowed); its headers go on either answer."""
     request[RATELIMIT_HEADERS] = verdict.headers
     if verdict.allowed:
-        return buckets, None
+        return None
     per_min = "requests" if verdict.limited == "requests" else "tokens"
-    return buckets, openai_error(
+    return openai_error(
         429,
         f"rate limit reached: {per_min} per minute for key {client.name!r}; "
         f"retry in {verdict.retry_after_s} s",

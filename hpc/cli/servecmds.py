@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -208,10 +209,22 @@ def gateway(
     health_failures: Annotated[
         int, _gateway_option("health_failures_to_eject", "--health-failures")
     ] = _gateway_default("health_failures_to_eject"),
+    redis_url_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--redis-url-file",
+            help="A file only you can read with the Redis URL (redis://:PASSWORD@HOST:6379/0) "
+            "through which gateway replicas share limits; else $MT_REDIS_URL.",
+        ),
+    ] = None,
+    redis_prefix: Annotated[
+        str, _gateway_option("redis_prefix", "--redis-prefix")
+    ] = _gateway_default("redis_prefix"),
 ) -> None:
     """Run the OpenAI-compatible gateway in the foreground; it requires a key (yours:
     `mt keys owner`)."""
     from gateway.config import GatewayConfig
+    from gateway.redisurl import REDIS_URL_ENV, read_url
     from gateway.server import run
     from hpc.jobs import service
     from hpc.ownerkey import ensure_owner_key
@@ -227,6 +240,11 @@ def gateway(
         f"{'created' if created else 'using'} the owner key {owner_key} (only you can read "
         "it): `mt keys owner --env` prints OPENAI_API_KEY, `mt tunnel` reads it for a laptop",
         soft_wrap=True,
+    )
+    if redis_url_file is not None:
+        cli.check_private(redis_url_file)  # the URL may carry a password
+    redis_url = (
+        read_url(redis_url_file) if redis_url_file else os.environ.get(REDIS_URL_ENV) or None
     )
     config = GatewayConfig(
         host=host or site.config.gateway.host,
@@ -252,6 +270,8 @@ def gateway(
         max_on_demand_jobs=max_on_demand_jobs,
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
     )
     # The site's check covered MT_HOME, the registry and the default files; these are the
     # gateway's own (a --keys elsewhere).
