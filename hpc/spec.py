@@ -49,6 +49,13 @@ class Weights(_Strict):
         default=None, pattern=r"^[A-Za-z0-9_]+$", description="GGUF quant filter, e.g. Q4_K_M"
     )
     revision: str | None = None
+    stage: Literal["none", "node-local"] | None = Field(
+        default=None,
+        description="node-local: the job copies the weights (a file or folder) once into a "
+        "cache on the node (site.yaml staging.dir), kept across jobs, and the engine reads "
+        "them from there; none: the engine reads weights.source; unset: site.yaml's "
+        "staging.stage",
+    )
 
 
 class Resources(_Strict):
