@@ -1,0 +1,105 @@
+"""Node-local weight staging and start-up phases on the private Slurm cluster (issue 20, item 2).
+
+Real parts throughout: the session's Slurm cluster (tests/slurmcluster.py), the real Gemma
+GGUF served by llama-cpp-python's server behind the job's front, the real `mt` CLI. Two jobs
+in a row on the same node (``--nodelist=gpu1``): the first copies the GGUF into the node's
+cache, the second finds it there and copies 0 bytes; both engines read the staged copy;
+``mt status --phases`` shows the phases (text and JSON). The numbers are printed for
+docs/benchmarks.md ("Node-local staging").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mtcli import GEMMA, mt
+from slurmcluster import SlurmCluster
+
+from hpc.job.staging import cache_root
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+
+
+def _models_yaml(path: Path, gguf: Path) -> Path:
+    path.write_text(
+        "models:\n"
+        f"  - name: {GEMMA}\n"
+        "    engine: llamacpp\n"
+        f"    weights: {{source: {json.dumps(str(gguf))}, stage: node-local}}\n"
+        '    engine_args: ["--chat_format", "alpaca", "--n_ctx", "1024"]\n'
+        "    startup_timeout_s: 120\n"
+        "    resources: {cpus: 1, mem_gb: 1, time_limit_min: 30}\n"
+        '    slurm: {extra_directives: ["--nodelist=gpu1"]}\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def _run_job() -> tuple[dict[str, object], str]:
+    """Submit, wait for ready, read its phases (`mt status --phases --json`), cancel.
+    Returns its phases row and the `mt status --phases` text shown while it served."""
+    out = mt("submit", GEMMA, "--backend", "slurm", "--wait", "--json", "--timeout", "240")
+    submitted = json.loads(out.stdout)
+    key = str(submitted["key"])
+    try:
+        assert submitted["state"] == "ready", submitted
+        rows = json.loads(mt("status", "--phases", "--json").stdout)
+        text = mt("status", "--phases").stdout
+    finally:
+        mt("cancel", key, check=False)
+    [row] = [r for r in rows if r["key"] == key]
+    return row, text
+
+
+def test_a_second_job_on_the_node_copies_nothing(
+    cluster: SlurmCluster, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MT_MODELS", str(_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    monkeypatch.setenv("COLUMNS", "200")
+    node_local = tmp_path / "node-local"
+    home = Path(os.environ["MT_HOME"])
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (home / "site.yaml").write_text(
+        f"staging: {{dir: {json.dumps(str(node_local))}, max_bytes: 1000000000}}\n",
+        encoding="utf-8",
+    )
+    size = gemma_gguf.stat().st_size
+
+    first, first_text = _run_job()
+    second, second_text = _run_job()
+
+    one, two = first["phases"], second["phases"]
+    assert isinstance(one, dict) and isinstance(two, dict)
+    assert one["staging_bytes"] == size and two["staging_bytes"] == 0
+    assert one["staging_note"] is None and two["staging_note"] is None
+    staged = Path(str(one["staged_path"]))
+    assert two["staged_path"] == str(staged)
+    assert staged.is_relative_to(cache_root(str(node_local), {}))
+    assert staged.stat().st_size == size and staged.name == gemma_gguf.name
+    for phases in (one, two):
+        assert phases["engine_start_to_healthy_s"] is not None
+        assert phases["queued_s"] is not None
+    # The engines read the staged copy: each job's log names it in the engine's argv.
+    logs = sorted((home / "logs").glob("*.log"))
+    assert len(logs) == 2
+    for log in logs:
+        started = [line for line in log.read_text().splitlines() if "starting engine" in line]
+        assert started and str(staged) in started[0], started
+    said = [line for log in logs for line in log.read_text().splitlines() if "staging: " in line]
+    assert len([line for line in said if f"staging: copied {size} bytes" in line]) == 1
+    assert len([line for line in said if "staging: reusing" in line]) == 1
+    # The text view, while each job served (rich wraps cells to the terminal's width).
+    first_text, second_text = (" ".join(t.split()) for t in (first_text, second_text))
+    assert f"({size / 1e6:.1f} MB, " in first_text and " MB/s)" in first_text
+    assert "(reused, 0 B copied)" in second_text
+    print(
+        f"\nstaging numbers: {size} bytes; first job staging_s={one['staging_s']} "
+        f"({one['staging_mb_s']} MB/s), engine_start_to_healthy_s="
+        f"{one['engine_start_to_healthy_s']}, queued_s={one['queued_s']}; second job "
+        f"staging_s={two['staging_s']} ({two['staging_bytes']} bytes), "
+        f"engine_start_to_healthy_s={two['engine_start_to_healthy_s']}, "
+        f"queued_s={two['queued_s']}"
+    )
