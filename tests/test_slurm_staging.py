@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,18 +56,23 @@ def _run_job() -> tuple[dict[str, object], str]:
     return row, text
 
 
-def test_a_second_job_on_the_node_copies_nothing(
-    cluster: SlurmCluster, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MT_MODELS", str(_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
-    monkeypatch.setenv("COLUMNS", "200")
-    node_local = tmp_path / "node-local"
+def _site_yaml(node_local: Path) -> None:
     home = Path(os.environ["MT_HOME"])
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     (home / "site.yaml").write_text(
         f"staging: {{dir: {json.dumps(str(node_local))}, max_bytes: 1000000000}}\n",
         encoding="utf-8",
     )
+
+
+def test_a_second_job_on_the_node_copies_nothing(
+    cluster: SlurmCluster, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MT_MODELS", str(_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    monkeypatch.setenv("COLUMNS", "200")
+    node_local = tmp_path / "node-local"
+    _site_yaml(node_local)
+    home = Path(os.environ["MT_HOME"])
     size = gemma_gguf.stat().st_size
 
     first, first_text = _run_job()
@@ -103,3 +110,35 @@ def test_a_second_job_on_the_node_copies_nothing(
         f"engine_start_to_healthy_s={two['engine_start_to_healthy_s']}, "
         f"queued_s={two['queued_s']}"
     )
+
+
+def test_two_jobs_at_once_on_the_node_copy_once(
+    cluster: SlurmCluster, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MT_MODELS", str(_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    node_local = tmp_path / "node local; echo x"  # a hostile cache path: spaces, a semicolon
+    _site_yaml(node_local)
+    argv = [sys.executable, "-m", "hpc.cli", "submit", GEMMA, "--backend", "slurm"]
+    argv += ["--wait", "--json", "--timeout", "240"]
+    submits = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    keys = []
+    try:
+        for proc in submits:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+            submitted = json.loads(out)
+            keys.append(str(submitted["key"]))
+            assert submitted["state"] == "ready", submitted
+        rows = json.loads(mt("status", "--phases", "--json").stdout)
+    finally:
+        for key in keys:
+            mt("cancel", key, check=False)
+    phases = [r["phases"] for r in rows if r["key"] in keys]
+    size = gemma_gguf.stat().st_size
+    assert sorted(p["staging_bytes"] for p in phases) == [0, size]
+    assert len({p["staged_path"] for p in phases}) == 1
+    [entry] = (cache_root(str(node_local), {}) / "entries").iterdir()
+    assert Path(phases[0]["staged_path"]).parent == entry
