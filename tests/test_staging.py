@@ -249,6 +249,24 @@ def test_the_cache_is_private_and_another_users_folder_is_refused(tmp_path: Path
     with pytest.raises(StagingError) as caught:
         NodeCache(other).open()
     assert caught.value.hint is not None
+    # The job is not stopped by it: its engine reads the source, and the note says why.
+    staged, use = stage_weights(
+        str(source), dir_setting=str(tmp_path / "other"), max_bytes=None, environ={}, say=print
+    )
+    assert use is None and staged.path == source
+    assert staged.note is not None and "not a directory of this user" in staged.note
+    assert list(elsewhere.iterdir()) == []  # nothing written into the planted folder
+
+
+def test_a_cache_dir_that_cannot_be_made_serves_the_source(tmp_path: Path) -> None:
+    source = weights(tmp_path / "w.gguf", MB)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    staged, use = stage_weights(
+        str(source), dir_setting=str(blocker), max_bytes=None, environ={}, say=print
+    )
+    assert use is None and staged.path == source and staged.bytes_copied == 0
+    assert staged.note is not None and "cannot be used" in staged.note
 
 
 def test_weights_that_are_no_path_on_the_node_are_not_staged(tmp_path: Path) -> None:

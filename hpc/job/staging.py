@@ -24,13 +24,13 @@ kernel drops it when the process dies, so no stale mark can pin an entry.
 Eviction keeps the cache within ``staging.max_bytes`` and the disk's free space: least
 recently used entries go first (an entry's mtime is touched at every use), and only entries
 whose ``use`` lock can be taken exclusively (no running job uses them) are removed. Weights
-that cannot fit even so are served from their source, and the job says why.
+that cannot be staged (no room even so, a full or read-only disk, a cache folder that is not
+this user's) are served from their source, and the job says why: staging never stops a job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -181,7 +181,6 @@ class NodeCache:
         started = time.monotonic()
         self.open()
         key, size = fingerprint(source)
-        entry = self.entries / key
         lock = _try_lock(self.locks / f"{key}.lock", fcntl.LOCK_EX)
         if lock is None:
             say(f"staging: {source} is being staged by another job on this node; waiting")
@@ -190,29 +189,45 @@ class NodeCache:
             # Taken under the key's lock, which an evictor needs too: the entry cannot go
             # between the check below and this job's use of it.
             use = _lock(self.locks / f"{key}.use", fcntl.LOCK_SH)
-            self._clear_tmp(key)
-            staged_path = entry / source.name
-            if entry.is_dir():
-                os.utime(entry)  # most recently used
-                say(f"staging: reusing {staged_path} (0 bytes copied)")
-                return Staged(staged_path, 0, time.monotonic() - started, key), use
-            note = self._make_room(size, keep=key)
-            if note is None:
-                try:
-                    copied = self._copy(source, key, size, progress)
-                except OSError as exc:
-                    note = f"copying into {self.root} failed: {exc.strerror or exc}"
-                else:
-                    seconds = time.monotonic() - started
-                    mb_s = copied / 1e6 / seconds if seconds > 0 else 0.0
-                    say(
-                        f"staging: copied {copied} bytes to {staged_path} in {seconds:.2f}s "
-                        f"({mb_s:.0f} MB/s)"
-                    )
-                    return Staged(staged_path, copied, seconds, key), use
+            try:
+                staged, note = self._ensure(source, key, size, started, say, progress)
+            except BaseException:
+                use.close()
+                raise
+            if staged is not None:
+                return staged, use
             use.close()
         say(f"staging: serving the weights from {source}: {note}")
         return Staged(source, 0, time.monotonic() - started, None, note), None
+
+    def _ensure(
+        self,
+        source: Path,
+        key: str,
+        size: int,
+        started: float,
+        say: Callable[[str], None],
+        progress: Progress | None,
+    ) -> tuple[Staged | None, str | None]:
+        """The entry ``key`` found or copied (the caller holds its lock); or why not."""
+        self._clear_tmp(key)
+        entry = self.entries / key
+        staged_path = entry / source.name
+        if entry.is_dir():
+            os.utime(entry)  # most recently used
+            say(f"staging: reusing {staged_path} (0 bytes copied)")
+            return Staged(staged_path, 0, time.monotonic() - started, key), None
+        note = self._make_room(size, keep=key)
+        if note is not None:
+            return None, note
+        try:
+            copied = self._copy(source, key, size, progress)
+        except OSError as exc:
+            return None, f"copying into {self.root} failed: {exc.strerror or exc}"
+        seconds = time.monotonic() - started
+        mb_s = copied / 1e6 / seconds if seconds > 0 else 0.0
+        say(f"staging: copied {copied} bytes to {staged_path} in {seconds:.2f}s ({mb_s:.0f} MB/s)")
+        return Staged(staged_path, copied, seconds, key), None
 
     def _copy(self, source: Path, key: str, size: int, progress: Progress | None) -> int:
         """Copy ``source`` into ``tmp/``, then rename the whole into ``entries/<key>``."""
@@ -340,8 +355,11 @@ def stage_weights(
     try:
         return cache.stage(path, say=say, progress=progress)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-            raise
-        note = f"the cache in {cache.root} cannot be used: {exc.strerror}"
-        say(f"staging: serving the weights from {source}: {note}")
-        return Staged(path, 0, 0.0, None, note), None
+        # A node-local disk that is full, read-only or gone must not cost the job: the
+        # engine can still read the source.
+        note = f"the cache in {cache.root} cannot be used: {exc.strerror or exc}"
+    except StagingError as exc:
+        # Nor can another user who squats the cache's name stop this user's jobs.
+        note = f"{exc.message}; {exc.hint}"
+    say(f"staging: serving the weights from {source}: {note}")
+    return Staged(path, 0, 0.0, None, note), None
