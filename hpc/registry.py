@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from hpc.errors import RegistryError
 from hpc.permissions import check_open, enforce
+from hpc.phases import Phases
 from hpc.privatefile import TMP_SUFFIX, make_private_dir, write_private
 from hpc.recordlock import STALE_S as LOCK_STALE_S
 from hpc.recordlock import WAIT_S as LOCK_WAIT_S
@@ -46,47 +47,6 @@ def new_nonce() -> str:
 def new_api_key() -> str:
     """A per-job key the engine requires and only the gateway (and the job) knows."""
     return "mtj-" + secrets.token_urlsafe(32)
-
-
-class Phases(BaseModel):
-    """Where a job's start-up time went, as the job wrapper measured it on the node.
-
-    Each field is None until its phase is over (or if it did not apply): a job that does not
-    stage its weights has no staging fields.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    queued_s: float | None = Field(
-        default=None, ge=0, description="from the submission's record to the job's start"
-    )
-    staging_s: float | None = Field(
-        default=None, ge=0, description="copying (or finding) the weights in the node's cache"
-    )
-    staging_bytes: int | None = Field(default=None, ge=0, description="bytes copied (0: reused)")
-    staging_mb_s: float | None = Field(
-        default=None, ge=0, description="copy rate, MB (10^6 bytes) per second"
-    )
-    staged_path: str | None = Field(default=None, description="what the engine was given")
-    staging_note: str | None = Field(
-        default=None, description="why the weights were read from their source instead"
-    )
-    engine_start_to_healthy_s: float | None = Field(
-        default=None, ge=0, description="from the engine's start to its first good health probe"
-    )
-    first_token_s: float | None = Field(
-        default=None, ge=0, description="from ready to the first token served (if measured)"
-    )
-
-    def durations(self) -> dict[str, float]:
-        """The phases that have a duration, by name (for metrics and tables)."""
-        found = {
-            "queued": self.queued_s,
-            "staging": self.staging_s,
-            "engine_start_to_healthy": self.engine_start_to_healthy_s,
-            "first_token": self.first_token_s,
-        }
-        return {name: value for name, value in found.items() if value is not None}
 
 
 class Record(BaseModel):

@@ -50,11 +50,7 @@ class Weights(_Strict):
     )
     revision: str | None = None
     stage: Literal["none", "node-local"] | None = Field(
-        default=None,
-        description="node-local: the job copies the weights (a file or folder) once into a "
-        "cache on the node (site.yaml staging.dir), kept across jobs, and the engine reads "
-        "them from there; none: the engine reads weights.source; unset: site.yaml's "
-        "staging.stage",
+        default=None, description="node-local: copied once per node (docs/slurm.md); None: site's"
     )
 
 

@@ -18,7 +18,8 @@ from test_gateway_limits import bearer
 from test_gateway_proxy import CHAT, add_record, assert_openai_error, chat, gateway
 
 from gateway.keys import create_key
-from hpc.registry import Phases, Registry
+from hpc.phases import Phases
+from hpc.registry import Registry
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,7 +15,8 @@ import pytest
 from mtcli import mt
 from pydantic import SecretStr
 
-from hpc.registry import Phases, Record, Registry
+from hpc.phases import Phases
+from hpc.registry import Record, Registry
 
 pytestmark = pytest.mark.timeout(60)
 

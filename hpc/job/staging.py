@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import IO
 
 from hpc.errors import MTError
+from hpc.job.plan import JobPlan
+from hpc.phases import Phases
+from hpc.spec import ModelSpec
 
 CHUNK_BYTES = 8 * 1024 * 1024
 DIR_PREFIX = "mt-staging-"
@@ -363,3 +366,34 @@ def stage_weights(
         note = f"{exc.message}; {exc.hint}"
     say(f"staging: serving the weights from {source}: {note}")
     return Staged(path, 0, 0.0, None, note), None
+
+
+def stage_spec(
+    plan: JobPlan, phases: Phases | None, environ: Mapping[str, str], say: Callable[[str], None]
+) -> tuple[ModelSpec, Phases, IO[bytes] | None]:
+    """The plan's spec with its weights staged on this node if the plan asks (``weights.source``
+    the copy), ``phases`` with staging's fields, and the entry's ``use`` lock to hold while
+    the engine runs; the spec as it is if the weights were not staged (the note says why)."""
+    spec, phases = plan.spec, phases or Phases()
+    if plan.staging is None:
+        return spec, phases, None
+    staged, use = stage_weights(
+        spec.weights.source,
+        dir_setting=plan.staging.dir,
+        max_bytes=plan.staging.max_bytes,
+        environ=environ,
+        say=say,
+    )
+    mb_s = staged.mb_s
+    fields: dict[str, object] = {
+        "staging_s": round(staged.seconds, 3),
+        "staging_bytes": staged.bytes_copied,
+        "staging_mb_s": None if mb_s is None else round(mb_s, 1),
+        "staged_path": None if staged.note else str(staged.path),
+        "staging_note": staged.note,
+    }
+    phases = phases.model_copy(update=fields)
+    if staged.note is not None:
+        return spec, phases, None
+    weights = spec.weights.model_copy(update={"source": str(staged.path)})
+    return spec.model_copy(update={"weights": weights}), phases, use

@@ -38,15 +38,14 @@ from hpc.job.jobdir import JobDir
 from hpc.job.plan import JobPlan, read_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
 from hpc.job.record import JobRecord, RecordEnded
-from hpc.job.staging import stage_weights
+from hpc.job.staging import stage_spec
 from hpc.job.tlscert import make_cert
 from hpc.job.udshttp import probe
 from hpc.liveness import create_time
 from hpc.masking import Mask
 from hpc.permissions import InsecurePermissionsError
-from hpc.registry import Phases, Record, State, new_api_key
+from hpc.registry import Record, State, new_api_key
 from hpc.site import is_wildcard
-from hpc.spec import ModelSpec
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
@@ -85,14 +84,6 @@ class LogPump:
     def join(self, timeout_s: float = 2.0) -> list[str]:
         self._thread.join(timeout_s)
         return list(self.tail)
-
-
-def queued_s(pending_since: float | None, now: float) -> float | None:
-    """How long the job waited between submission and ``now`` (its start), if its
-    submission was recorded (a job submitted by hand with sbatch has no pending record)."""
-    if pending_since is None:
-        return None
-    return round(max(0.0, now - pending_since), 3)
 
 
 def start_engine(
@@ -191,6 +182,7 @@ class JobWrapper:
         self._say("starting engine: " + " ".join(launch.argv))
         if launch.network_note:
             self._say("engine network: " + launch.network_note)
+        self._engine_started = time.monotonic()
         return start_engine(launch, self.environ, self.out, self._engine_key)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
@@ -236,13 +228,12 @@ class JobWrapper:
         self._install_signals()
         # Leftovers of writers killed mid-write (tmp files, lock files): cheap, one listing.
         self.registry.clean_tmp()
-        pending_since = self._pending_since()
         record = self._claim_record()
         self._secret = record.api_key.get_secret_value()
-        phases = Phases(queued_s=queued_s(pending_since, time.time()))
-        spec = self.plan.spec
         try:
-            spec, phases = self._stage(spec, phases)
+            spec, phases, self._staging_use = stage_spec(  # weights to the node, if asked
+                self.plan, record.phases, self.environ, self._say
+            )
             self._dir = JobDir()
             launch = self.launcher(
                 spec,
@@ -258,7 +249,6 @@ class JobWrapper:
         # The port is the front's from here on: held before the engine starts, never free.
         record = self._set(record, "starting", port=front.port, phases=phases)
         try:
-            engine_started = time.monotonic()
             proc, pump = self._start(launch)
         except OSError as exc:
             reason = f"cannot start {launch.argv[0]}: {exc.strerror}"
@@ -285,9 +275,7 @@ class JobWrapper:
             self._set(record, "failed", reason=reason, log_tail=tail)
             self._say(f"failed: {reason}")
             return 1
-        phases = phases.model_copy(
-            update={"engine_start_to_healthy_s": round(time.monotonic() - engine_started, 3)}
-        )
+        loaded_s = round(time.monotonic() - self._engine_started, 3)
         base_url = f"https://{advertised_host(self.plan.engine_host)}:{front.port}/v1"
         record = self._set(
             record,
@@ -297,7 +285,7 @@ class JobWrapper:
             engine_pid=proc.pid,
             # What the gateway probes from now on (the engine is loaded by now).
             health_path=launch.probe_path or launch.health_path,
-            phases=phases,
+            phases=phases.model_copy(update={"engine_start_to_healthy_s": loaded_s}),
         )
         while self.stop_signal is None and proc.poll() is None:
             time.sleep(0.2)
@@ -312,41 +300,6 @@ class JobWrapper:
         self._set(record, "failed", reason=reason, log_tail=tail)
         self._say(f"failed: {reason}")
         return 1
-
-    def _pending_since(self) -> float | None:
-        """When the backend wrote this job's pending record (its submission), if it did."""
-        stored = self.registry.read(self.key)
-        if stored is None or stored.state != "pending":
-            return None
-        return stored.created_at
-
-    def _stage(self, spec: ModelSpec, phases: Phases) -> tuple[ModelSpec, Phases]:
-        """``spec`` with its weights staged on this node if the plan asks (hpc.job.staging),
-        and the phases with staging's numbers; ``spec`` as it is otherwise."""
-        staging = self.plan.staging
-        if staging is None:
-            return spec, phases
-        staged, self._staging_use = stage_weights(
-            spec.weights.source,
-            dir_setting=staging.dir,
-            max_bytes=staging.max_bytes,
-            environ=self.environ,
-            say=self._say,
-        )
-        mb_s = staged.mb_s
-        phases = phases.model_copy(
-            update={
-                "staging_s": round(staged.seconds, 3),
-                "staging_bytes": staged.bytes_copied,
-                "staging_mb_s": None if mb_s is None else round(mb_s, 1),
-                "staged_path": str(staged.path) if staged.note is None else None,
-                "staging_note": staged.note,
-            }
-        )
-        if staged.note is not None:
-            return spec, phases
-        weights = spec.weights.model_copy(update={"source": str(staged.path)})
-        return spec.model_copy(update={"weights": weights}), phases
 
     def _open_front(self, launch: EngineLaunch, home: JobDir) -> Front:
         """The job's TLS front on the node's port, started (see hpc.job.front)."""
