@@ -4,8 +4,9 @@ Real parts throughout: the session's Slurm cluster (tests/slurmcluster.py), the 
 GGUF served by llama-cpp-python's server behind the job's front, the real `mt` CLI. Two jobs
 in a row on the same node (``--nodelist=gpu1``): the first copies the GGUF into the node's
 cache, the second finds it there and copies 0 bytes; both engines read the staged copy;
-``mt status --phases`` shows the phases (text and JSON). The numbers are printed for
-docs/benchmarks.md ("Node-local staging").
+``mt status --phases`` shows the phases (text and JSON). Two jobs submitted at once copy
+once. A job Slurm keeps pending shows its time queued so far with squeue's reason. The
+numbers are printed for docs/benchmarks.md ("Node-local staging").
 """
 
 from __future__ import annotations
@@ -142,3 +143,25 @@ def test_two_jobs_at_once_on_the_node_copy_once(
     assert len({p["staged_path"] for p in phases}) == 1
     [entry] = (cache_root(str(node_local), {}) / "entries").iterdir()
     assert Path(phases[0]["staged_path"]).parent == entry
+
+
+def test_a_queued_job_shows_its_time_so_far_and_slurms_reason(
+    cluster: SlurmCluster, gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = _models_yaml(tmp_path / "models.yaml", gemma_gguf)
+    text = models.read_text(encoding="utf-8").replace(
+        '["--nodelist=gpu1"]', '["--nodelist=gpu1", "--begin=now+3600"]'
+    )
+    models.write_text(text, encoding="utf-8")
+    monkeypatch.setenv("MT_MODELS", str(models))
+    monkeypatch.setenv("COLUMNS", "200")
+    key = str(json.loads(mt("submit", GEMMA, "--backend", "slurm", "--json").stdout)["key"])
+    try:
+        rows = json.loads(mt("status", "--phases", "--json").stdout)
+        shown = " ".join(mt("status", "--phases").stdout.split())
+    finally:
+        mt("cancel", key, check=False)
+    [row] = [r for r in rows if r["key"] == key]
+    assert row["state"] == "pending" and row["pending_reason"] == "BeginTime"
+    assert row["queued_s"] is not None and row["phases"] is None
+    assert "so far (BeginTime)" in shown
