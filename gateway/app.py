@@ -27,7 +27,13 @@ from gateway.errors import error_middleware, openai_error
 from gateway.health import health_context
 from gateway.inflight import Inflight
 from gateway.logs import LOGGER_NAME, fields
-from gateway.metrics import CONTENT_TYPE, Metrics, render_connections, render_probes
+from gateway.metrics import (
+    CONTENT_TYPE,
+    Metrics,
+    render_connections,
+    render_phases,
+    render_probes,
+)
 from gateway.modellist import visible_models
 from gateway.ondemand.controller import OnDemandController
 from gateway.ondemand.wait import ON_DEMAND, on_demand_context
@@ -55,7 +61,9 @@ from gateway.state import (
     RequestInfo,
 )
 from hpc.backends import Backend
+from hpc.catalog import Catalog
 from hpc.openai import INVALID_REQUEST
+from hpc.registry import Record
 
 access_log = logging.getLogger(f"{LOGGER_NAME}.access")
 
@@ -201,6 +209,17 @@ async def retrieve_model(request: web.Request) -> web.Response:
     )
 
 
+def _serving_records(served: Catalog) -> list[Record]:
+    """The records of the jobs that serve a routable name (each once)."""
+    found = {
+        endpoint.record.key: endpoint.record
+        for endpoints in served.routable().values()
+        for endpoint in endpoints
+        if endpoint.record is not None
+    }
+    return list(found.values())
+
+
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format (behind the key like every path but /healthz)."""
     balancer = request.app[BALANCER]
@@ -208,6 +227,7 @@ async def metrics(request: web.Request) -> web.Response:
         request.app[METRICS].render(balancer.snapshot())
         + render_probes(balancer.probes())
         + render_connections(request.app[CONNECTIONS])
+        + render_phases(_serving_records(request.app[LIVE].snapshot.routes.catalog))
     )
     if (shared := request.app.get(SHARED_LIMITS)) is not None:
         text += shared.render()

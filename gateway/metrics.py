@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from gateway.connections import Connections
+from hpc.registry import Record
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -229,6 +230,35 @@ def render_probes(probes: Mapping[str, tuple[bool, tuple[int, int] | None]]) -> 
                 f'mt_gateway_replica_engine_requests{{replica="{_escape(source)}",kind="{kind}"}}'
                 f" {value}"
             )
+    return "\n".join(out) + "\n"
+
+
+def render_phases(records: Iterable[Record]) -> str:
+    """Each serving job's start-up phases (its record's, hpc.registry.Phases), as gauges.
+
+    One series per job and phase (label ``job``: the record key), so a dashboard can show
+    what a model's replicas spent queued, staging, loading; the series go when the job does.
+    """
+    out = [
+        "# HELP mt_job_startup_phase_seconds Start-up phases of each serving job, by model, "
+        "job and phase (queued, staging, engine_start_to_healthy, first_token).",
+        "# TYPE mt_job_startup_phase_seconds gauge",
+    ]
+    staged = []
+    for record in sorted(records, key=lambda r: r.key):
+        if record.phases is None:
+            continue
+        labels = f'model="{_escape(record.model)}",job="{_escape(record.key)}"'
+        for phase, seconds in record.phases.durations().items():
+            out.append(f'mt_job_startup_phase_seconds{{{labels},phase="{phase}"}} {seconds:g}')
+        if record.phases.staging_bytes is not None:
+            staged.append((labels, record.phases.staging_bytes))
+    out += [
+        "# HELP mt_job_staging_bytes Bytes each serving job copied into its node's weight "
+        "cache at start-up (0: the node had them already).",
+        "# TYPE mt_job_staging_bytes gauge",
+    ]
+    out += [f"mt_job_staging_bytes{{{labels}}} {copied}" for labels, copied in staged]
     return "\n".join(out) + "\n"
 
 

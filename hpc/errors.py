@@ -16,6 +16,7 @@
     │       └── SSHAuthError          no key was accepted: the user and host
     ├── EngineError               an engine cannot be started (not installed, bad args)
     │   └── PoolLoadError         a swap pool could not load a model: the reason, the log tail
+    ├── StagingError              (hpc.job.staging) the node-local weight cache is not this user's
     ├── ImageError                a recipe or image is unusable, or `apptainer build` failed
     ├── ExportError               (hpc.export) an export cannot be written (bad URL, no model)
     ├── PinMismatch               (hpc.tlspin) a job's port presented another TLS certificate

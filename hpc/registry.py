@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from hpc.errors import RegistryError
 from hpc.permissions import check_open, enforce
+from hpc.phases import Phases
 from hpc.privatefile import TMP_SUFFIX, make_private_dir, write_private
 from hpc.recordlock import STALE_S as LOCK_STALE_S
 from hpc.recordlock import WAIT_S as LOCK_WAIT_S
@@ -93,6 +94,9 @@ class Record(BaseModel):
     serves: tuple[str, ...] = Field(
         default=(),
         description="a swap pool's catalogue: the model names its endpoint answers for",
+    )
+    phases: Phases | None = Field(
+        default=None, description="start-up phases and their durations (the job wrapper's)"
     )
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)

@@ -48,6 +48,9 @@ class Weights(Strict):
         default=None, pattern=r"^[A-Za-z0-9_]+$", description="GGUF quant filter, e.g. Q4_K_M"
     )
     revision: str | None = None
+    stage: Literal["none", "node-local"] | None = Field(
+        default=None, description="node-local: copied once per node (docs/slurm.md); None: site's"
+    )
 
 
 class Resources(Strict):

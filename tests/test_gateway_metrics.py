@@ -18,6 +18,8 @@ from test_gateway_limits import bearer
 from test_gateway_proxy import CHAT, add_record, assert_openai_error, chat, gateway
 
 from gateway.keys import create_key
+from hpc.phases import Phases
+from hpc.registry import Registry
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -154,3 +156,28 @@ async def test_a_whole_stream_is_charged_its_real_usage_not_an_estimate(
     assert line["tokens_estimated"] is None
     assert (line["prompt_tokens"], line["completion_tokens"]) == (1, 4)
     assert not [k for k in metrics if k[0] == "mt_gateway_estimated_tokens_total"]
+
+
+async def test_each_serving_jobs_start_up_phases_are_gauges(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    async with FakeUpstream(Knobs()) as fake:
+        record = add_record(registry, "m", fake.base_url)
+        phases = Phases(
+            queued_s=4.5,
+            staging_s=0.8,
+            staging_bytes=253113024,
+            staging_mb_s=303.1,
+            engine_start_to_healthy_s=1.25,
+        )
+        Registry(registry).write(record.model_copy(update={"phases": phases}))
+        add_record(registry, "plain", fake.base_url)  # no phases recorded: no series
+        async with gateway(tmp_path) as url:
+            seen = await scrape(url)
+    labels = f'model="m",job="{record.key}"'
+    assert seen[("mt_job_startup_phase_seconds", labels + ',phase="queued"')] == 4.5
+    assert seen[("mt_job_startup_phase_seconds", labels + ',phase="staging"')] == 0.8
+    phase = ',phase="engine_start_to_healthy"'
+    assert seen[("mt_job_startup_phase_seconds", labels + phase)] == 1.25
+    assert seen[("mt_job_staging_bytes", labels)] == 253113024
+    assert ("mt_job_startup_phase_seconds", labels + ',phase="first_token"') not in seen
+    assert not any('model="plain"' in labels for name, labels in seen if name.startswith("mt_job"))

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from hpc.backends.slurm import SlurmBackend
 from hpc.job.plan import JobPlan, warning_drain_s
-from hpc.site import SlurmSite
+from hpc.site import Site, SiteConfig, SlurmSite
 from hpc.slurm.sbatch import render
 from hpc.spec import ModelSpec
 
@@ -178,3 +179,55 @@ def test_hostile_values_in_the_plan_stay_data(tmp_path: Path) -> None:
         output
         == f"#SBATCH --output='{tmp_path}/logs with '\"'\"'quotes'\"'\"' and spaces/%x-%j.log'"
     )
+
+
+def _staging_site(staging: dict[str, Any]) -> Site:
+    config = SiteConfig.model_validate(
+        {
+            "registry_dir": "/home/ada/.mt/registry",
+            "log_dir": "/home/ada/.mt/logs",
+            "slurm": {"account": "default-acct", "python": "/opt/mt/venv/bin/python"},
+            "staging": staging,
+        }
+    )
+    return Site(config, Path("/home/ada/.mt"))
+
+
+def test_golden_staged_plan_from_the_site_default() -> None:
+    """site.yaml's staging.stage reaches the job's plan (what the wrapper on the node reads)."""
+    site = _staging_site({"stage": "node-local", "dir": "/dev/shm", "max_bytes": 50_000_000_000})
+    spec = ModelSpec.model_validate(CASES["llamacpp_cpu"])
+    script = SlurmBackend(site).prepare(spec, nonce="0123abcd").script
+    path = GOLDEN / "llamacpp_staged.sbatch"
+    if UPDATE:
+        path.write_text(script, encoding="utf-8")
+    assert script == path.read_text(encoding="utf-8"), f"regenerate with MT_UPDATE_GOLDEN=1: {path}"
+    assert '"staging": {' in script and '"dir": "/dev/shm"' in script
+
+
+@pytest.mark.parametrize(
+    ("site_stage", "spec_stage", "staged"),
+    [
+        ("none", None, False),
+        ("node-local", None, True),
+        ("node-local", "none", False),
+        ("none", "node-local", True),
+    ],
+)
+def test_a_models_weights_stage_beats_the_sites(
+    site_stage: str, spec_stage: str | None, staged: bool
+) -> None:
+    site = _staging_site({"stage": site_stage})
+    weights = {**CASES["llamacpp_cpu"]["weights"], "stage": spec_stage}
+    spec = ModelSpec.model_validate({**CASES["llamacpp_cpu"], "weights": weights})
+    plan = SlurmBackend(site).prepare(spec, nonce="0123abcd").plan
+    assert isinstance(plan, JobPlan)
+    assert (plan.staging is not None) is staged
+    if staged:
+        assert plan.staging is not None and plan.staging.dir == "$TMPDIR"
+
+
+@pytest.mark.parametrize("bad", ["relative/dir", "$HOME", "/tmp/a\nb", ""])
+def test_a_staging_dir_that_is_no_absolute_path_is_refused(bad: str) -> None:
+    with pytest.raises(ValidationError):
+        SiteConfig.model_validate({"staging": {"dir": bad}})

@@ -54,6 +54,7 @@ class LocalBackend:
             engine_host=self.site.config.engine_host or "127.0.0.1",
             started_by=request.started_by,
             drain_s=spec.drain_s,
+            staging=self.site.config.staging.for_weights(spec.weights),
         )
         return self._launch(plan, "hpc.job.wrapper")
 

@@ -122,6 +122,7 @@ class SlurmBackend:
             engine_host=self._engine_host(),
             started_by=started_by,
             drain_s=spec.drain_s,
+            staging=self.site.config.staging.for_weights(spec.weights),
             warning_drain_s=warning_drain_s(spec.slurm.signal_grace_s),
         )
         script, job = render(

@@ -14,6 +14,7 @@ from hpc import jobs
 from hpc.backends import JobHandle, JobStatus
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
+from hpc.cli.phasesview import print_phases
 from hpc.cli.remote import run_there
 from hpc.errors import MTError
 from hpc.registry import Record, record_key
@@ -166,6 +167,14 @@ def status(
     show_all: Annotated[
         bool, typer.Option("--all", "-a", help="Include jobs that are gone.")
     ] = False,
+    phases: Annotated[
+        bool,
+        typer.Option(
+            "--phases",
+            help="Show where each job's start-up time went: queued (with the scheduler's "
+            "reason), staging (bytes, MB/s), engine start to healthy, first token.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs: model, backend, job, state, endpoint, age."""
@@ -174,6 +183,9 @@ def status(
     views = jobs.job_views(cli.site())
     if not show_all:
         views = [v for v in views if v.record.state != "gone"]
+    if phases:
+        print_phases(views, as_json=as_json)
+        return
     if as_json:
         print_json(
             [

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.privatefile import write_private
+from hpc.site import StagingSite
 from hpc.spec import DEFAULT_DRAIN_S, ModelSpec, PoolSpec
 
 DEFAULT_STOP_GRACE_S = 10.0
@@ -75,6 +76,11 @@ class JobPlan(_Ending):
         default=None,
         max_length=512,
         description="who submitted the job and why; the wrapper keeps it in the record",
+    )
+    staging: StagingSite | None = Field(
+        default=None,
+        description="copy the weights into the node-local cache first (hpc.job.staging); "
+        "None: the engine reads weights.source",
     )
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
 
 from hpc.liveness import boot_id, create_time, this_host
+from hpc.phases import Phases
 from hpc.registry import FINAL_STATES, Record, Registry, State, new_api_key, record_key
 
 
@@ -89,6 +91,13 @@ class JobRecord:
                     "tls_sha256": None,
                     "reason": None,
                     "log_tail": [],
+                    # From the submission's pending record to now: the time spent queued
+                    # (unknown for a job submitted by hand, which has no pending record).
+                    "phases": Phases(
+                        queued_s=round(max(0.0, time.time() - existing.created_at), 3)
+                        if existing is not None and existing.state == "pending"
+                        else None
+                    ),
                     # The wrapper may run before the backend's pending record exists (a fast
                     # Slurm start): the plan carries who started the job all the same.
                     "started_by": record.started_by or started_by,

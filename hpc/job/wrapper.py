@@ -38,6 +38,7 @@ from hpc.job.jobdir import JobDir
 from hpc.job.plan import JobPlan, read_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
 from hpc.job.record import JobRecord, RecordEnded
+from hpc.job.staging import stage_spec
 from hpc.job.tlscert import make_cert
 from hpc.job.udshttp import probe
 from hpc.liveness import create_time
@@ -142,6 +143,7 @@ class JobWrapper:
         self._dir: JobDir | None = None
         self._front: Front | None = None
         self._cert_sha256: str | None = None
+        self._staging_use: IO[bytes] | None = None  # held while the engine reads the entry
 
     # -- record keeping ---------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -180,6 +182,7 @@ class JobWrapper:
         self._say("starting engine: " + " ".join(launch.argv))
         if launch.network_note:
             self._say("engine network: " + launch.network_note)
+        self._engine_started = time.monotonic()
         return start_engine(launch, self.environ, self.out, self._engine_key)
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
@@ -227,8 +230,10 @@ class JobWrapper:
         self.registry.clean_tmp()
         record = self._claim_record()
         self._secret = record.api_key.get_secret_value()
-        spec = self.plan.spec
         try:
+            spec, phases, self._staging_use = stage_spec(  # weights to the node, if asked
+                self.plan, record.phases, self.environ, self._say
+            )
             self._dir = JobDir()
             launch = self.launcher(
                 spec,
@@ -242,7 +247,7 @@ class JobWrapper:
             return 1
         front = self._open_front(launch, self._dir)
         # The port is the front's from here on: held before the engine starts, never free.
-        record = self._set(record, "starting", port=front.port)
+        record = self._set(record, "starting", port=front.port, phases=phases)
         try:
             proc, pump = self._start(launch)
         except OSError as exc:
@@ -270,6 +275,7 @@ class JobWrapper:
             self._set(record, "failed", reason=reason, log_tail=tail)
             self._say(f"failed: {reason}")
             return 1
+        loaded_s = round(time.monotonic() - self._engine_started, 3)
         base_url = f"https://{advertised_host(self.plan.engine_host)}:{front.port}/v1"
         record = self._set(
             record,
@@ -279,6 +285,7 @@ class JobWrapper:
             engine_pid=proc.pid,
             # What the gateway probes from now on (the engine is loaded by now).
             health_path=launch.probe_path or launch.health_path,
+            phases=phases.model_copy(update={"engine_start_to_healthy_s": loaded_s}),
         )
         while self.stop_signal is None and proc.poll() is None:
             time.sleep(0.2)
@@ -319,6 +326,8 @@ class JobWrapper:
             self._front.stop()
         if self._dir is not None:
             self._dir.remove()
+        if self._staging_use is not None:
+            self._staging_use.close()  # the staged entry may be evicted from now on
 
     def _await_health(
         self, proc: subprocess.Popen[bytes], launch: EngineLaunch, timeout_s: float
