@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
+from hpc.hosts import is_wildcard
 from hpc.k8s.settings import KubernetesSite
 from hpc.ondemandstate import default_path as ondemand_state_path
 from hpc.ownerkey import owner_key_path
@@ -95,15 +96,6 @@ class SlurmSite(_Strict):
         description="environment of remote Slurm commands (e.g. SLURM_CONF, PATH), "
         "sent as an `env NAME=value` prefix",
     )
-
-
-# Addresses that bind every interface: no client can connect to them by that name.
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared, never bound
-
-
-def is_wildcard(host: str) -> bool:
-    """True for an address that binds every interface (``0.0.0.0``, ``::``, empty)."""
-    return host in WILDCARD_HOSTS
 
 
 class GatewaySite(_Strict):

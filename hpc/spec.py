@@ -294,6 +294,10 @@ class PoolSpec(_Strict):
         default=None, description="run every engine in this runtime (default: each model's own)"
     )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    kubernetes: KubernetesOptions = Field(
+        default_factory=KubernetesOptions,
+        description="the pool's Deployment (image: one with modeltainer and the engines)",
+    )
     drain_s: DrainSeconds = DEFAULT_DRAIN_S
     idle_unload_s: float | None = Field(
         default=None, gt=0, description="unload a model nobody asked for in this long"
