@@ -347,7 +347,7 @@ def test_a_pool_is_one_deployment_serving_its_catalogue(
     assert job_names(api, "secrets") == [f"{name}-key"]
     assert job_names(api, "configmaps") == [f"{name}-config"]
     assert job_names(api, "networkpolicies") == [name]
-    assert job_names(api, "servicemonitors") == []  # the pool serves no /metrics
+    assert job_names(api, "servicemonitors") == [name]  # the pool's own /metrics
     assert api.names("persistentvolumeclaims", NS) == ["mt-swap-weights"]
 
     dep = api.deployment(name, NS)
@@ -377,6 +377,7 @@ def test_a_pool_is_one_deployment_serving_its_catalogue(
     assert gone.state == "gone"
     for plural in ("deployments", "services", "secrets", "configmaps", "networkpolicies"):
         assert job_names(api, plural) == [], plural
+    assert job_names(api, "servicemonitors") == []
     assert api.names("persistentvolumeclaims", NS) == ["mt-swap-weights"]  # the weights stay
 
 
@@ -390,13 +391,14 @@ def test_a_pool_dry_run_shows_its_objects_and_creates_nothing(
     done = mt("--models", str(models), "submit", "swap", "--backend", "kubernetes", "--dry-run")
     docs = list(yaml.safe_load_all(done.stdout))
     kinds = [d["kind"] for d in docs]
-    assert kinds[:6] == [
+    assert kinds[:7] == [
         "Secret",
         "ConfigMap",
         "PersistentVolumeClaim",
         "Deployment",
         "Service",
         "NetworkPolicy",
+        "ServiceMonitor",
     ]
     assert docs[0]["stringData"] == {"api-key": "<per-job key, made at submit>"}
     assert "hpc.job.swappool" in docs[3]["spec"]["template"]["spec"]["containers"][0]["command"]

@@ -217,8 +217,12 @@ def test_only_the_gateway_and_prometheus_reach_the_pool() -> None:
     }
     rules = one(objects, "PrometheusRule", "mt-alerts")["spec"]["groups"][1]["rules"]
     assert any('deployment="mt-swap"' in r["expr"] for r in rules)  # no ready replica alert
-    # No ServiceMonitor: the pool serves no /metrics (a scrape would only fail).
-    assert not [o for o in objects if o["kind"] == "ServiceMonitor" and "swap" in json.dumps(o)]
+    # Prometheus scrapes the pool's own /metrics with the pool's key, as an engine's.
+    monitor = one(objects, "ServiceMonitor", "mt-swap")["spec"]
+    assert monitor["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "mt-swap"
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["authorization"]["credentials"] == {"name": "mt-swap-key", "key": "api-key"}
 
 
 def test_a_pool_without_an_image_is_refused_with_a_hint() -> None:
@@ -395,7 +399,16 @@ async def test_the_rendered_pool_pod_serves_plain_http_behind_its_key(pool_pod: 
                 assert (await resp.json())["model"] == model
         async with client.get(pool_pod + "/pool/status", headers=auth) as resp:
             status = await resp.json()
+        async with client.get(pool_pod + "/metrics") as resp:
+            assert resp.status == 401
+        async with client.get(pool_pod + "/metrics", headers=auth) as resp:  # the monitor's
+            assert resp.status == 200
+            metrics = await resp.text()
     assert [c["loads"] for c in status["catalogue"]] == [1, 1]
+    assert 'mt_pool_model_loads_total{model="gemma-a"} 1' in metrics
+    assert 'mt_pool_model_loaded{model="gemma-a"} 0' in metrics  # evicted by gemma-b
+    assert 'mt_pool_model_loaded{model="gemma-b"} 1' in metrics
+    assert "mt_pool_requests_in_flight 0" in metrics
 
 
 @pytest.mark.llamacpp

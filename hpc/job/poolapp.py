@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from hpc.errors import MTError
+from hpc.job import poolmetrics
 from hpc.job.slots import Slot, Slots
 from hpc.openai import (
     INVALID_REQUEST,
@@ -235,6 +236,12 @@ async def _models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the pool's own metrics (hpc.job.poolmetrics), for Prometheus."""
+    text = poolmetrics.render(request.app[SLOTS])
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
 async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -250,5 +257,6 @@ def create_app(slots: Slots, key: str, *, open_health: bool = False) -> web.Appl
         app.router.add_post(path, _proxy)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/pool/status", _status)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/health", _health)
     return app

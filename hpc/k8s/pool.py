@@ -9,11 +9,11 @@ them from the volume and run in the pod's image (``kubernetes.image``: modeltain
 engines' servers), never through Apptainer.
 
 What the pool serves, like the engines on Kubernetes: plain HTTP on the pod's port behind
-a NetworkPolicy that admits only the gateway (and Prometheus), every route but ``/health``
-behind the per-job key, which comes from the pool's Secret by ``secretKeyRef``. No registry
-record is written in the pod: the Deployment's status is the job's state
-(hpc.backends.kubernetes). The gateway's models.yaml routes every catalogue name to the
-pool's Service (hpc.k8s.gateway).
+a NetworkPolicy that admits only the gateway (and Prometheus, which scrapes the pool's
+``/metrics``), every route but ``/health`` behind the per-job key, which comes from the
+pool's Secret by ``secretKeyRef``. No registry record is written in the pod: the
+Deployment's status is the job's state (hpc.backends.kubernetes). The gateway's models.yaml
+routes every catalogue name to the pool's Service (hpc.k8s.gateway).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A model's group is its engine (hpc.k8s.manifests), the NetworkPolicy that lets only the
 gateway in, and the ServiceMonitor of its metrics; a swap pool's is its Deployment
-(hpc.k8s.pool) and the same NetworkPolicy. The gateway's group is the gateway
-(hpc.k8s.gateway) and its NetworkPolicy; the monitoring of the whole layout
-(hpc.k8s.monitoring) goes beside it. Both
-``mt render`` (hpc.k8s.kustomize) and ``mt submit`` (hpc.backends.kubernetes) build their
-objects here, so what is committed and what is applied are the same.
+(hpc.k8s.pool), the same NetworkPolicy and a ServiceMonitor of the pool's metrics. The
+gateway's group is the gateway (hpc.k8s.gateway) and its NetworkPolicy; the monitoring of
+the whole layout (hpc.k8s.monitoring) goes beside it. Both ``mt render``
+(hpc.k8s.kustomize) and ``mt submit`` (hpc.backends.kubernetes) build their objects here,
+so what is committed and what is applied are the same.
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ def pool_group(
     gateway_namespace: str,
     nonce: str | None = None,
 ) -> list[Manifest]:
-    """A swap pool's objects (hpc.k8s.pool) and the policy that admits only the gateway.
-
-    No ServiceMonitor: the pool serves no ``/metrics`` of its own (its Deployment's
-    readiness is watched by the alert rules, like an engine's)."""
+    """A swap pool's objects (hpc.k8s.pool), the policy that admits only the gateway, and
+    the monitor of the pool's own ``/metrics`` (hpc.job.poolmetrics), as for an engine."""
     objects = pool_objects(pool, catalogue, names, api_key=api_key, nonce=nonce, site=site)
     objects.append(
         engine_policy(pool, names, gateway_namespace=gateway_namespace, site=site, nonce=nonce)
     )
+    if site.monitoring.enabled:
+        objects.append(engine_monitor(pool, names, nonce))
     return objects
 
 
