@@ -126,9 +126,9 @@ class KubernetesOptions(_Strict):
         description="engine container image (default: the engine's official server image)",
     )
     fetch_image: str = Field(
-        default="docker.io/library/python:3.12-slim",
+        default="docker.io/library/python:3.12.8-slim-bookworm",
         pattern=r"^[^\s]+$",
-        description="init container that downloads the weights into the PVC",
+        description="init container that downloads the weights into the PVC (any Python 3)",
     )
     port: int = Field(default=8000, gt=0, lt=65536)
     storage_gb: int = Field(default=100, gt=0, description="size of the weights PVC")

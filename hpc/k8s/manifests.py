@@ -49,12 +49,9 @@ _LLAMACPP_IMAGES = {
 _COMMANDS = {"vllm": ["vllm", "serve"], "llamacpp": ["/app/llama-server"]}
 _KEY_ENV = {"vllm": "VLLM_API_KEY", "llamacpp": "LLAMA_API_KEY"}
 
-# The fetcher image holds Python but not huggingface_hub: install it into the /tmp emptyDir
-# (the root filesystem is read-only). Fixed text: the model's settings come by environment.
-FETCH_SHELL = (
-    "pip install --quiet --no-cache-dir --target /tmp/pylib 'huggingface_hub>=0.23' "
-    "&& PYTHONPATH=/tmp/pylib exec python /etc/modeltainer/fetch_weights.py"
-)
+# The init container's command: the fetcher needs a Python 3 and nothing else (it speaks the
+# Hub's HTTP API with the standard library), so nothing is installed when the pod starts.
+FETCH_COMMAND = ["python3", "/etc/modeltainer/fetch_weights.py"]
 PROBE_PERIOD_S = 10
 
 
@@ -313,7 +310,7 @@ def deployment(
     fetch: dict[str, Any] = {
         "name": "fetch-weights",
         "image": k8s.fetch_image,
-        "command": ["sh", "-c", FETCH_SHELL],
+        "command": list(FETCH_COMMAND),
         "envFrom": [{"configMapRef": {"name": names.configmap}}],
         "env": [*env, {"name": "HF_TOKEN", "valueFrom": hf_token_ref()}],
         "resources": {

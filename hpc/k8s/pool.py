@@ -26,7 +26,7 @@ from hpc.errors import MTError
 from hpc.job.plan import STOP_MARGIN_S, ClusterServe, PoolPlan
 from hpc.k8s.manifests import (
     ENGINE_CONTAINER,
-    FETCH_SHELL,
+    FETCH_COMMAND,
     INSTANCE_LABEL,
     KEY_ENTRY,
     MANAGED_BY,
@@ -135,7 +135,7 @@ def _fetch(spec: ModelSpec, index: int, env: list[Manifest]) -> Manifest:
     return {
         "name": f"fetch-{index}-{slug(spec.name, 50)}",
         "image": spec.kubernetes.fetch_image,
-        "command": ["sh", "-c", FETCH_SHELL],
+        "command": list(FETCH_COMMAND),
         "env": [
             *({"name": k, "value": v} for k, v in settings.items()),
             *env,
