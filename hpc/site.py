@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.configfile import load_model
+from hpc.hosts import is_wildcard
 from hpc.k8s.settings import KubernetesSite
 from hpc.ondemandstate import default_path as ondemand_state_path
 from hpc.ownerkey import owner_key_path
@@ -122,15 +123,6 @@ class StagingSite(_Strict):
         site's), else None."""
         wanted = weights.stage or self.stage
         return self if wanted == "node-local" else None
-
-
-# Addresses that bind every interface: no client can connect to them by that name.
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared, never bound
-
-
-def is_wildcard(host: str) -> bool:
-    """True for an address that binds every interface (``0.0.0.0``, ``::``, empty)."""
-    return host in WILDCARD_HOSTS
 
 
 class GatewaySite(_Strict):

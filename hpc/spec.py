@@ -128,9 +128,9 @@ class KubernetesOptions(Strict):
         description="engine container image (default: the engine's official server image)",
     )
     fetch_image: str = Field(
-        default="docker.io/library/python:3.12-slim",
+        default="docker.io/library/python:3.12.8-slim-bookworm",
         pattern=r"^[^\s]+$",
-        description="init container that downloads the weights into the PVC",
+        description="init container that downloads the weights into the PVC (any Python 3)",
     )
     port: int = Field(default=8000, gt=0, lt=65536)
     storage_gb: int = Field(default=100, gt=0, description="size of the weights PVC")
@@ -232,6 +232,10 @@ class PoolSpec(Strict):
         default=None, description="run every engine in this runtime (default: each model's own)"
     )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    kubernetes: KubernetesOptions = Field(
+        default_factory=KubernetesOptions,
+        description="the pool's Deployment (image: one with modeltainer and the engines)",
+    )
     drain_s: DrainSeconds = DEFAULT_DRAIN_S
     idle_unload_s: float | None = Field(
         default=None, gt=0, description="unload a model nobody asked for in this long"

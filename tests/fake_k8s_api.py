@@ -19,6 +19,7 @@ with :meth:`FakeKubeAPI.fail` (answered with Kubernetes' own ``Status`` objects)
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import secrets
 import threading
@@ -203,8 +204,8 @@ class FakeKubeAPI:
                 "creationTimestamp": _CREATED,
             }
             if kind == "Secret" and "stringData" in obj:  # the server keeps data, not stringData
-                obj.pop("stringData")
-                obj["data"] = {"api-key": "c3RvcmVk"}
+                plain = obj.pop("stringData")
+                obj["data"] = {k: base64.b64encode(v.encode()).decode() for k, v in plain.items()}
             self.objects[(gv, plural, ns, name)] = obj
             if plural == "deployments":
                 self._make_pod(obj, ns)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("kubernetes", reason="pip install -e '.[kubernetes]'")
 
 from fake_k8s_api import FakeKubeAPI
+from mtcli import mt
 
 from gateway.keys import create_key
 from hpc import jobs
@@ -20,7 +23,7 @@ from hpc.jobs import JobService
 from hpc.k8s.apierrors import KubernetesError
 from hpc.registry import Registry, record_key
 from hpc.site import Site, SiteConfig
-from hpc.spec import ModelSpec
+from hpc.spec import ModelsFile, ModelSpec
 
 NS = "llm"
 SPEC = ModelSpec.model_validate(
@@ -304,3 +307,99 @@ def test_no_kubeconfig_is_a_clear_error(
     with pytest.raises(KubernetesError) as info:
         JobService(site, KubernetesBackend(site)).submit(SPEC)
     assert "KUBECONFIG" in (info.value.hint or "")
+
+
+# --- swap pools ----------------------------------------------------------------------------
+
+POOL_MODELS = ModelsFile.model_validate(
+    {
+        "models": [
+            {"name": name, "engine": "llamacpp", "weights": {"source": "a/b", "quant": "Q4_K_M"}}
+            for name in ("pool-a", "pool-b")
+        ],
+        "pools": [
+            {
+                "name": "swap",
+                "models": ["pool-a", "pool-b"],
+                "resources": {"gpus": 1, "cpus": 4, "mem_gb": 16},
+                "kubernetes": {
+                    "namespace": NS,
+                    "role": "swap",
+                    "gpu_resource": "amd.com/gpu",
+                    "image": "registry.example.org/modeltainer-pool:0.1.0-rocm",
+                },
+            }
+        ],
+    }
+)
+
+
+def test_a_pool_is_one_deployment_serving_its_catalogue(
+    api: FakeKubeAPI, backend: JobService, site: Site
+) -> None:
+    pool = POOL_MODELS.pool("swap")
+    assert pool is not None
+    handle = backend.submit_pool(pool, POOL_MODELS.catalogue(pool))
+    name = handle.job_id
+    assert name == f"mt-swap-{handle.nonce}"
+    assert job_names(api, "deployments") == [name]
+    assert job_names(api, "services") == [name]
+    assert job_names(api, "secrets") == [f"{name}-key"]
+    assert job_names(api, "configmaps") == [f"{name}-config"]
+    assert job_names(api, "networkpolicies") == [name]
+    assert job_names(api, "servicemonitors") == [name]  # the pool's own /metrics
+    assert api.names("persistentvolumeclaims", NS) == ["mt-swap-weights"]
+
+    dep = api.deployment(name, NS)
+    assert dep is not None
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"][:3] == ["python", "-m", "hpc.job.swappool"]
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-0-pool-a", "fetch-1-pool-b"]
+    registry = Registry(site.registry_dir)
+    key = record_key("kubernetes", name)
+    record = registry.read(key)
+    assert record is not None
+    assert (record.engine, record.serves) == ("pool", ("pool-a", "pool-b"))
+    assert record.api_key.get_secret_value() not in json.dumps(dep)
+    (secret,) = [
+        obj for (_, p, _, n), obj in api.objects.items() if p == "secrets" and n == f"{name}-key"
+    ]
+    stored = base64.b64decode(secret["data"]["api-key"]).decode()  # as a real server stores it
+    assert stored == record.api_key.get_secret_value()
+
+    api.set_available(name, NS)
+    assert backend.status([handle])[name].state == "running"
+    ready = registry.read(key)
+    assert ready is not None
+    assert (ready.state, ready.base_url) == ("ready", f"http://{name}.{NS}.svc:8000/v1")
+
+    gone = jobs.cancel(site, name)
+    assert gone.state == "gone"
+    for plural in ("deployments", "services", "secrets", "configmaps", "networkpolicies"):
+        assert job_names(api, plural) == [], plural
+    assert job_names(api, "servicemonitors") == []
+    assert api.names("persistentvolumeclaims", NS) == ["mt-swap-weights"]  # the weights stay
+
+
+def test_a_pool_dry_run_shows_its_objects_and_creates_nothing(
+    api: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mt submit POOL --backend kubernetes --dry-run`, through the real CLI."""
+    models = tmp_path / "models.yaml"
+    models.write_text(json.dumps(POOL_MODELS.model_dump(mode="json", exclude_defaults=True)))
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
+    done = mt("--models", str(models), "submit", "swap", "--backend", "kubernetes", "--dry-run")
+    docs = list(yaml.safe_load_all(done.stdout))
+    kinds = [d["kind"] for d in docs]
+    assert kinds[:7] == [
+        "Secret",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    ]
+    assert docs[0]["stringData"] == {"api-key": "<per-job key, made at submit>"}
+    assert "hpc.job.swappool" in docs[3]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert api.requests == []

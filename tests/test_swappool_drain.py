@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestServer
 
 from hpc.job.engines import EngineLaunch
 from hpc.job.plan import PoolPlan
+from hpc.job.poolapp import create_app
 from hpc.job.slots import Slots
-from hpc.job.swappool import create_app
 from hpc.spec import ModelSpec, PoolSpec
 
 TOKENS = 40

@@ -240,10 +240,12 @@ def test_render_writes_the_dry_run_script(
     assert "#SBATCH" in rendered and "hpc.job.swappool" in rendered
     assert nonce.sub("NONCE", rendered) == nonce.sub("NONCE", dry)
 
+    # On Kubernetes the pool runs in one image with its engines: a pool must name it.
+    mt("keys", "create", "alice")  # the rendered gateway's client keys
     refused = mt("render", "gemma-pool", "--backend", "kubernetes", check=False)
     assert refused.returncode == 1
-    assert "kubernetes backend cannot run swap pools" in refused.stderr
-    assert "mt render gemma-pool --backend slurm" in refused.stderr
+    assert "gemma-pool: a swap pool's pod runs the pool process" in refused.stderr
+    assert "hint: set kubernetes.image of the pool" in refused.stderr
 
 
 def test_a_client_that_leaves_during_the_load_leaves_no_request_behind(pool: str) -> None:

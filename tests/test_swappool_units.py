@@ -13,14 +13,13 @@ from pydantic import SecretStr, ValidationError
 
 from gateway.routes import build_routes
 from hpc.configfile import load_models
-from hpc.errors import ConfigError, EngineError, MTError
+from hpc.errors import ConfigError, EngineError
 from hpc.job.plan import PoolPlan, warning_drain_s
 from hpc.job.slots import split_gpus
-from hpc.jobs import submit_pool
 from hpc.ondemandstate import STATE_FILE, JobEntry, ModelEntry, OnDemandState
 from hpc.poolstatus import on_demand_views, read_ondemand_state, status_url
 from hpc.registry import Record, State, new_nonce
-from hpc.site import Site, SiteConfig, SlurmSite
+from hpc.site import SlurmSite
 from hpc.slurm.sbatch import render
 from hpc.spec import ModelsFile, PoolSpec
 
@@ -145,16 +144,6 @@ def test_gpus_split_evenly_between_slots() -> None:
     assert split_gpus({}, 3) == [(), (), ()]  # a CPU pool
     with pytest.raises(EngineError, match="cannot be split evenly between 2 slots"):
         split_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 2)
-
-
-def test_kubernetes_cannot_run_a_pool_and_says_so(tmp_path: Path) -> None:
-    models = _load(tmp_path, MODELS)
-    pool = models.pool("small-models")
-    assert pool is not None
-    site = Site(SiteConfig(), tmp_path / "home")
-    with pytest.raises(MTError, match="cannot run swap pools") as caught:
-        submit_pool(site, models, pool, "kubernetes")
-    assert caught.value.hint is not None and "--backend slurm" in caught.value.hint
 
 
 def _record(model: str, state: State, serves: tuple[str, ...] = (), **extra: Any) -> Record:

@@ -1,7 +1,8 @@
 """The Kubernetes backend: a model spec becomes a Deployment and a Service (plus its Secret,
-ConfigMap, PVC, NetworkPolicy and ServiceMonitor), through the official ``kubernetes``
-client; the gateway in front of the namespace's engines (hpc.k8s.gateway) is created with
-the first job and kept.
+ConfigMap, PVC, NetworkPolicy and ServiceMonitor), and so does a swap pool (hpc.k8s.pool:
+one Deployment running the pool process with its catalogue), through the official
+``kubernetes`` client; the gateway in front of the namespace's engines (hpc.k8s.gateway) is
+created with the first job and kept.
 
 No job wrapper runs inside the pod (the engine is the container), so the transitions the
 wrapper writes under Slurm come from :meth:`KubernetesBackend.status` instead, as
@@ -38,7 +39,7 @@ from hpc.k8s.manifests import (
 )
 from hpc.k8s.monitoring import monitoring_objects
 from hpc.k8s.settings import KubernetesSite
-from hpc.k8s.stack import gateway_group, model_group
+from hpc.k8s.stack import gateway_group, model_group, pool_group
 from hpc.ownerkey import new_key
 from hpc.registry import new_nonce
 from hpc.site import Site
@@ -88,7 +89,7 @@ class KubernetesBackend:
     """Creates each model's objects with the official client; status lists them in bulk."""
 
     name = "kubernetes"
-    capabilities = Capabilities(scripts=True, pools=False)
+    capabilities = Capabilities(scripts=True, pools=True)
 
     def __init__(self, site: Site, *, kubeconfig: Path | None = None) -> None:
         self.site = site
@@ -130,7 +131,7 @@ class KubernetesBackend:
         self._api = client.ApiClient(cfg)
         return self._api
 
-    def _namespace(self, spec: ModelSpec) -> str:
+    def _namespace(self, spec: ModelSpec | PoolSpec) -> str:
         if spec.kubernetes.namespace:
             return spec.kubernetes.namespace
         self._client()
@@ -161,15 +162,33 @@ class KubernetesBackend:
         return self.site.config.kubernetes
 
     def _groups(
-        self, spec: ModelSpec, names: Names, nonce: str, *, api_key: str, client_keys: str | None
+        self,
+        spec: ModelSpec | PoolSpec,
+        names: Names,
+        nonce: str,
+        *,
+        api_key: str,
+        client_keys: str | None,
+        catalogue: tuple[ModelSpec, ...] = (),
     ) -> tuple[list[Manifest], list[Manifest]]:
-        """The model's objects, and the gateway's (with the monitoring) if the site applies
-        them on submit (``client_keys`` is None: it does not)."""
+        """The model's (or pool's) objects, and the gateway's (with the monitoring) if the
+        site applies them on submit (``client_keys`` is None: it does not)."""
         site = self._site()
         ns = names.namespace
-        model = model_group(
-            spec, names, api_key=api_key, site=site, gateway_namespace=ns, nonce=nonce
-        )
+        if isinstance(spec, PoolSpec):
+            model = pool_group(
+                spec,
+                catalogue,
+                names,
+                api_key=api_key,
+                site=site,
+                gateway_namespace=ns,
+                nonce=nonce,
+            )
+        else:
+            model = model_group(
+                spec, names, api_key=api_key, site=site, gateway_namespace=ns, nonce=nonce
+            )
         if client_keys is None:
             return model, []
         # Jobs come and go with nonces: the gateway lists none of them statically.
@@ -178,12 +197,20 @@ class KubernetesBackend:
 
     def render_script(self, spec: ModelSpec) -> str:
         """The objects ``submit`` would create, as one multi-document YAML (keys masked)."""
+        return self._render(spec)
+
+    def _render(self, spec: ModelSpec | PoolSpec, catalogue: tuple[ModelSpec, ...] = ()) -> str:
         namespace = spec.kubernetes.namespace or "default"
         nonce = new_nonce()
         names = names_for(spec, namespace=namespace, nonce=nonce)
         placeholder = "keys: []\n" if self._site().gateway.apply_on_submit else None
         model, gateway = self._groups(
-            spec, names, nonce, api_key="<per-job key, made at submit>", client_keys=placeholder
+            spec,
+            names,
+            nonce,
+            api_key="<per-job key, made at submit>",
+            client_keys=placeholder,
+            catalogue=catalogue,
         )
         for obj in gateway:
             if obj["kind"] == "Secret":  # the site's keys.yaml and a token, read at submit
@@ -193,14 +220,14 @@ class KubernetesBackend:
     # --- the Protocol --------------------------------------------------------------------
 
     def render_pool_script(self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...]) -> str:
-        """No swap pools here (``capabilities.pools`` is False): one engine per Deployment."""
-        raise KubernetesError("the kubernetes backend cannot run swap pools")
+        """The objects ``submit_pool`` would create (hpc.k8s.pool), keys masked."""
+        return self._render(pool, catalogue)
 
     def submit_pool(
         self, pool: PoolSpec, catalogue: tuple[ModelSpec, ...], request: JobRequest
     ) -> Submitted:
-        """No swap pools here (``capabilities.pools`` is False): one engine per Deployment."""
-        raise KubernetesError("the kubernetes backend cannot run swap pools")
+        """Create a swap pool's objects: one Deployment serving every model of ``catalogue``."""
+        return self._submit(pool, request, catalogue)
 
     # --- the Protocol --------------------------------------------------------------------
 
@@ -210,6 +237,14 @@ class KubernetesBackend:
         The gateway's objects (when the site applies them on submit) are created if absent
         and otherwise left as they are: one gateway serves every job of the namespace.
         """
+        return self._submit(spec, request)
+
+    def _submit(
+        self,
+        spec: ModelSpec | PoolSpec,
+        request: JobRequest,
+        catalogue: tuple[ModelSpec, ...] = (),
+    ) -> Submitted:
         client_keys = (
             read_client_keys(self.site.keys_file) if self._site().gateway.apply_on_submit else None
         )
@@ -217,7 +252,7 @@ class KubernetesBackend:
         names = names_for(spec, namespace=namespace, nonce=request.nonce)
         key = request.api_key.get_secret_value()
         model, gateway = self._groups(
-            spec, names, request.nonce, api_key=key, client_keys=client_keys
+            spec, names, request.nonce, api_key=key, client_keys=client_keys, catalogue=catalogue
         )
         created: list[Manifest] = []
         try:

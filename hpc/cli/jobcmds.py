@@ -16,7 +16,6 @@ from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
 from hpc.cli.phasesview import print_phases
 from hpc.cli.remote import run_there
-from hpc.errors import MTError
 from hpc.registry import Record, record_key
 from hpc.spec import ModelSpec, PoolSpec
 from hpc.toolcalls import missing_tool_flags
@@ -257,7 +256,10 @@ def render(
     ctx: typer.Context,
     models: Annotated[
         list[str],
-        typer.Argument(help="Model name(s), or one swap pool, from models.yaml (several: k8s)."),
+        typer.Argument(
+            help="Model name(s), or one swap pool, from models.yaml (kubernetes: several, "
+            "pools among them)."
+        ),
     ],
     output: Annotated[
         Path | None,
@@ -291,14 +293,14 @@ def render(
     """Write MODEL's (or a swap pool's) job script (slurm) or kustomize directory (kubernetes:
     the gateway in front, NetworkPolicies, monitoring, one directory per model)."""
     cli: CliContext = ctx.obj
+    if backend == "kubernetes":
+        _render_kubernetes(cli, models, output, gateway_replicas, keys)
+        return
     pool = cli.models().pool(models[0]) if cli.has_models() else None
     if pool is not None:
         _render_pool(cli, pool, models, output, backend)
         return
     specs = [cli.spec(name) for name in models]
-    if backend == "kubernetes":
-        _render_kubernetes(cli, specs, output, gateway_replicas, keys)
-        return
     if len(specs) != 1:
         raise typer.BadParameter("the slurm backend renders one model at a time")
     spec = specs[0]
@@ -312,7 +314,7 @@ def render(
 
 def _render_kubernetes(
     cli: CliContext,
-    specs: list[ModelSpec],
+    names: list[str],
     output: Path | None,
     gateway_replicas: int | None,
     keys: Path | None,
@@ -323,18 +325,22 @@ def _render_kubernetes(
     from hpc.registry import new_api_key
 
     site = cli.site()
+    pools = [(p, cli.models().catalogue(p)) for n in names if (p := _pool_named(cli, n))]
+    pool_names = {pool.name for pool, _ in pools}
+    specs = [cli.spec(name) for name in names if name not in pool_names]
     k8s = site.config.kubernetes
     if gateway_replicas is not None:
         gateway = k8s.gateway.model_copy(update={"replicas": gateway_replicas})
         k8s = k8s.model_copy(update={"gateway": gateway})
     files = layout_tree(
         specs,
-        api_keys={s.name: new_api_key() for s in specs},
+        api_keys={name: new_api_key() for name in names},
         client_keys=read_client_keys(keys or site.keys_file),
         metrics_token=new_key(),
         site=k8s,
+        pools=pools,
     )
-    directory = output or Path(f"{specs[0].name}-k8s" if len(specs) == 1 else "k8s")
+    directory = output or Path(f"{names[0]}-k8s" if len(names) == 1 else "k8s")
     write_tree(directory, files)
     stderr().print(
         f"wrote {len(files)} files to {directory}/; apply them with "
@@ -342,16 +348,14 @@ def _render_kubernetes(
     )
 
 
+def _pool_named(cli: CliContext, name: str) -> PoolSpec | None:
+    return cli.models().pool(name) if cli.has_models() else None
+
+
 def _render_pool(
     cli: CliContext, pool: PoolSpec, names: list[str], output: Path | None, backend: str
 ) -> None:
     """A swap pool's sbatch script: the one `mt submit POOL --dry-run` prints."""
-    if backend == "kubernetes":
-        raise MTError(
-            f"{pool.name} is a swap pool, and the kubernetes backend cannot run swap pools "
-            "(it starts one engine per Deployment)",
-            hint=f"mt render {pool.name} --backend slurm, or render its models one by one",
-        )
     if len(names) != 1:
         raise typer.BadParameter(f"a swap pool ({pool.name}) is rendered alone")
     script = jobs.render_pool_script(cli.site(), cli.models(), pool, backend)

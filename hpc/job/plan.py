@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpc.privatefile import write_private
 from hpc.site import StagingSite
@@ -84,6 +84,16 @@ class JobPlan(_Ending):
     )
 
 
+class ClusterServe(BaseModel):
+    """How a pool serves inside a Kubernetes pod: plain HTTP on the pod's port, the key from
+    its environment (a Secret), no registry record (the Deployment's status is the record)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(gt=0, lt=65536)
+    key_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$", description="holds the per-job key")
+
+
 class PoolPlan(_Ending):
     """Everything the swap pool (``python -m hpc.job.swappool``) needs: the pool and its catalogue.
 
@@ -96,8 +106,17 @@ class PoolPlan(_Ending):
     backend: str
     job_id: str | None = Field(default=None, description="None: read from the scheduler's env")
     nonce: str
-    registry_dir: Path
+    registry_dir: Path | None = Field(default=None, description="None only with ``cluster``")
     engine_host: str = "127.0.0.1"
+    cluster: ClusterServe | None = Field(
+        default=None, description="Kubernetes: serve in the pod (hpc.k8s.pool), no record"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_serve(self) -> PoolPlan:
+        if (self.registry_dir is None) == (self.cluster is None):
+            raise ValueError("a pool plan has either registry_dir (a job's front) or cluster")
+        return self
 
 
 def write_plan(plan: JobPlan | PoolPlan, path: Path) -> None:

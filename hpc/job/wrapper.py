@@ -31,6 +31,7 @@ from types import FrameType
 from typing import IO
 
 from hpc.errors import MTError, RegistryError
+from hpc.hosts import is_wildcard
 from hpc.job.drain import Drained, drain
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.front import Front, RoutePolicy, bind_node_port
@@ -45,7 +46,6 @@ from hpc.liveness import create_time
 from hpc.masking import Mask
 from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Record, State, new_api_key
-from hpc.site import is_wildcard
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40

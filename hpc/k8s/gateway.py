@@ -23,13 +23,14 @@ from hpc.k8s.manifests import (
     MANAGED_BY,
     Manifest,
     Names,
+    Served,
     base_url,
     container_security,
     http_probe,
     slug,
 )
 from hpc.k8s.settings import KubernetesSite
-from hpc.spec import ModelSpec
+from hpc.spec import PoolSpec
 
 GATEWAY_NAME = "mt-gateway"
 GATEWAY_SECRET = "mt-gateway-keys"  # noqa: S105 - a name
@@ -65,7 +66,7 @@ def _meta(name: str, namespace: str, annotations: dict[str, str] | None = None) 
     return meta
 
 
-def key_env(spec: ModelSpec) -> str:
+def key_env(spec: Served) -> str:
     """The gateway's environment variable holding ``spec``'s engine key."""
     return "MT_ENGINE_KEY_" + slug(spec.name).upper().replace("-", "_")
 
@@ -111,11 +112,13 @@ def secret(namespace: str, client_keys: str, metrics_token: str) -> Manifest:
     }
 
 
-def models_configmap(namespace: str, engines: Sequence[tuple[ModelSpec, Names]]) -> Manifest:
-    """models.yaml for the gateway: every engine's Service as a ``static:`` backend."""
+def models_configmap(namespace: str, engines: Sequence[tuple[Served, Names]]) -> Manifest:
+    """models.yaml for the gateway: every engine's Service as a ``static:`` backend; a swap
+    pool's Service under each name of its catalogue (the pool loads the model asked for)."""
     static = [
-        {"name": spec.name, "base_url": base_url(spec, names), "api_key_env": key_env(spec)}
+        {"name": name, "base_url": base_url(spec, names), "api_key_env": key_env(spec)}
         for spec, names in engines
+        for name in (spec.models if isinstance(spec, PoolSpec) else (spec.name,))
     ]
     text = "# rendered by `mt render --backend kubernetes`: the engines behind this gateway\n"
     text += yaml.safe_dump({"static": static}, sort_keys=False)
@@ -128,7 +131,7 @@ def models_configmap(namespace: str, engines: Sequence[tuple[ModelSpec, Names]])
 
 
 def deployment(
-    namespace: str, site: KubernetesSite, engines: Sequence[tuple[ModelSpec, Names]]
+    namespace: str, site: KubernetesSite, engines: Sequence[tuple[Served, Names]]
 ) -> Manifest:
     """N replicas that roll one at a time, spread over nodes, each a hardened ``mt gateway``."""
     gw = site.gateway
@@ -305,7 +308,7 @@ def ingress(namespace: str, site: KubernetesSite) -> Manifest:
 def gateway_objects(
     namespace: str,
     site: KubernetesSite,
-    engines: Sequence[tuple[ModelSpec, Names]],
+    engines: Sequence[tuple[Served, Names]],
     *,
     client_keys: str,
     metrics_token: str,

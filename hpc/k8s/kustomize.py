@@ -2,7 +2,8 @@
 
 Pure: every function returns ``{relative path: text}``; only :func:`write_tree` touches the
 filesystem. The result is what people commit and ``kubectl apply -k``: ``gateway/`` (the
-one way in), ``monitoring/`` (alerts and dashboard) and one directory per model. A
+one way in), ``monitoring/`` (alerts and dashboard) and one directory per model and per
+swap pool. A
 ``secret.yaml`` holds a key, so each such directory's ``.gitignore`` keeps it out of git.
 """
 
@@ -16,11 +17,11 @@ from typing import Any
 import yaml
 
 from hpc.errors import MTError
-from hpc.k8s.manifests import Manifest, names_for, slug
+from hpc.k8s.manifests import Manifest, Served, names_for, slug
 from hpc.k8s.monitoring import monitoring_objects
 from hpc.k8s.settings import KubernetesSite
-from hpc.k8s.stack import gateway_group, model_group
-from hpc.spec import ModelSpec
+from hpc.k8s.stack import gateway_group, model_group, pool_group
+from hpc.spec import ModelSpec, PoolSpec
 
 _FILE_NAMES = {
     "Secret": "secret.yaml",
@@ -74,7 +75,7 @@ def _directory(objects: Sequence[Manifest], *, secret_note: str) -> dict[str, st
     return files
 
 
-def layout_namespace(specs: Sequence[ModelSpec], namespace: str | None) -> str:
+def layout_namespace(specs: Sequence[Served], namespace: str | None) -> str:
     """The layout's one namespace: ``namespace``, else the models' own, else ``default``."""
     if namespace:
         return namespace
@@ -96,20 +97,24 @@ def layout_tree(
     metrics_token: str,
     site: KubernetesSite,
     namespace: str | None = None,
+    pools: Sequence[tuple[PoolSpec, Sequence[ModelSpec]]] = (),
 ) -> dict[str, str]:
-    """The gateway, the monitoring and one directory per model, under a top kustomization.
+    """The gateway, the monitoring and one directory per model and per swap pool (with its
+    catalogue), under a top kustomization.
 
-    ``client_keys`` is the gateway's keys.yaml (key hashes); ``metrics_token`` the key
-    Prometheus scrapes with (its hash is added to keys.yaml).
+    ``api_keys`` has a key per model and pool name; ``client_keys`` is the gateway's
+    keys.yaml (key hashes); ``metrics_token`` the key Prometheus scrapes with (its hash is
+    added to keys.yaml).
     """
-    dirs = [slug(spec.name) for spec in specs]
+    served: list[Served] = [*specs, *(pool for pool, _ in pools)]
+    dirs = [slug(spec.name) for spec in served]
     if len(set(dirs)) != len(dirs) or {"gateway", "monitoring"} & set(dirs):
         raise MTError(
-            "two models map to the same directory name (or to gateway/ or monitoring/)",
-            hint="give the models distinct names",
+            "two models or pools map to the same directory name (or to gateway/ or monitoring/)",
+            hint="give the models and pools distinct names",
         )
-    ns = layout_namespace(specs, namespace)
-    engines = [(spec, names_for(spec, namespace=ns)) for spec in specs]
+    ns = layout_namespace(served, namespace)
+    engines = [(spec, names_for(spec, namespace=ns)) for spec in served]
     groups: dict[str, tuple[list[Manifest], str]] = {
         "gateway": (
             gateway_group(ns, site, engines, client_keys=client_keys, metrics_token=metrics_token),
@@ -119,11 +124,17 @@ def layout_tree(
     monitoring = monitoring_objects(ns, site, engines)
     if monitoring:
         groups["monitoring"] = (monitoring, "")
+    catalogues = {pool.name: catalogue for pool, catalogue in pools}
     for directory, (spec, names) in zip(dirs, engines, strict=True):
-        objects = model_group(
-            spec, names, api_key=api_keys[spec.name], site=site, gateway_namespace=ns
-        )
-        groups[directory] = (objects, "the model's API key")
+        key = api_keys[spec.name]
+        if isinstance(spec, PoolSpec):
+            objects = pool_group(
+                spec, catalogues[spec.name], names, api_key=key, site=site, gateway_namespace=ns
+            )
+            groups[directory] = (objects, "the pool's API key")
+        else:
+            objects = model_group(spec, names, api_key=key, site=site, gateway_namespace=ns)
+            groups[directory] = (objects, "the model's API key")
     files: dict[str, str] = {}
     for directory, (objects, note) in groups.items():
         tree = _directory(objects, secret_note=note)

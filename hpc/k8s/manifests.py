@@ -19,9 +19,12 @@ from typing import Any
 
 from hpc.errors import MTError
 from hpc.k8s.settings import KubernetesSite
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 
 Manifest = dict[str, Any]
+# What gets a Deployment and a Service of its own: a model, or a swap pool (hpc.k8s.pool).
+Served = ModelSpec | PoolSpec
+POOL_COMPONENT = "swap-pool"
 
 MANAGED_BY = "modeltainer"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
@@ -46,13 +49,10 @@ _LLAMACPP_IMAGES = {
 _COMMANDS = {"vllm": ["vllm", "serve"], "llamacpp": ["/app/llama-server"]}
 _KEY_ENV = {"vllm": "VLLM_API_KEY", "llamacpp": "LLAMA_API_KEY"}
 
-# The fetcher image holds Python but not huggingface_hub: install it into the /tmp emptyDir
-# (the root filesystem is read-only). Fixed text: the model's settings come by environment.
-_FETCH_SHELL = (
-    "pip install --quiet --no-cache-dir --target /tmp/pylib 'huggingface_hub>=0.23' "
-    "&& PYTHONPATH=/tmp/pylib exec python /etc/modeltainer/fetch_weights.py"
-)
-_PROBE_PERIOD_S = 10
+# The init container's command: the fetcher needs a Python 3 and nothing else (it speaks the
+# Hub's HTTP API with the standard library), so nothing is installed when the pod starts.
+FETCH_COMMAND = ["python3", "/etc/modeltainer/fetch_weights.py"]
+PROBE_PERIOD_S = 10
 
 
 @dataclass(frozen=True)
@@ -85,23 +85,26 @@ def slug(name: str, max_len: int = 40) -> str:
     return out[:max_len].strip("-") or "model"
 
 
-def instance_name(spec: ModelSpec, nonce: str | None = None) -> str:
+def instance_name(spec: Served, nonce: str | None = None) -> str:
     """``mt-<model>`` for a committed layout, ``mt-<model>-<nonce>`` for a submitted job."""
     base = f"mt-{slug(spec.name)}"
     return f"{base}-{nonce}" if nonce else base
 
 
-def names_for(spec: ModelSpec, *, namespace: str, nonce: str | None = None) -> Names:
+def names_for(spec: Served, *, namespace: str, nonce: str | None = None) -> Names:
     """The names of ``spec``'s objects; the PVC is per model, so weights outlive a job."""
     pvc = spec.kubernetes.pvc or f"mt-{slug(spec.name)}-weights"
     return Names(instance_name(spec, nonce), namespace, pvc)
 
 
-def labels_for(spec: ModelSpec, names: Names, nonce: str | None) -> dict[str, str]:
+def labels_for(spec: Served, names: Names, nonce: str | None) -> dict[str, str]:
+    """The labels of every object of ``spec``'s instance (the component: its engine, or
+    ``swap-pool``)."""
+    component = spec.engine if isinstance(spec, ModelSpec) else POOL_COMPONENT
     labels = {
         "app.kubernetes.io/name": "model-server",
         INSTANCE_LABEL: names.instance,
-        "app.kubernetes.io/component": spec.engine,
+        "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": MANAGED_BY,
     }
     if nonce:
@@ -109,7 +112,7 @@ def labels_for(spec: ModelSpec, names: Names, nonce: str | None) -> dict[str, st
     return labels
 
 
-def meta_for(name: str, names: Names, labels: dict[str, str], spec: ModelSpec) -> dict[str, Any]:
+def meta_for(name: str, names: Names, labels: dict[str, str], spec: Served) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": names.namespace,
@@ -151,7 +154,7 @@ def engine_args(spec: ModelSpec) -> list[str]:
     return [*args, *spec.engine_args]
 
 
-def secret(spec: ModelSpec, names: Names, api_key: str, nonce: str | None = None) -> Manifest:
+def secret(spec: Served, names: Names, api_key: str, nonce: str | None = None) -> Manifest:
     """The per-job key; only the engine (by env) and the registry know it."""
     return {
         "apiVersion": "v1",
@@ -162,9 +165,14 @@ def secret(spec: ModelSpec, names: Names, api_key: str, nonce: str | None = None
     }
 
 
+def fetcher_text() -> str:
+    """hpc/k8s/fetch_weights.py, which the init containers run from a ConfigMap."""
+    return resources.files("hpc.k8s").joinpath("fetch_weights.py").read_text("utf-8")
+
+
 def configmap(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
     """Engine settings (read by the init container by env) and the fetcher script."""
-    fetcher = resources.files("hpc.k8s").joinpath("fetch_weights.py").read_text("utf-8")
+    fetcher = fetcher_text()
     data = {
         "MT_MODEL": spec.name,
         "MT_ENGINE": spec.engine,
@@ -182,7 +190,7 @@ def configmap(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manife
     }
 
 
-def pvc(spec: ModelSpec, names: Names) -> Manifest:
+def pvc(spec: Served, names: Names) -> Manifest:
     """The weights volume, per model (no nonce): a new job of the model reuses its files."""
     claim: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
@@ -200,7 +208,8 @@ def pvc(spec: ModelSpec, names: Names) -> Manifest:
     }
 
 
-def _affinity(spec: ModelSpec) -> dict[str, Any] | None:
+def affinity_for(spec: Served) -> dict[str, Any] | None:
+    """A required node affinity to ``role_label=role`` (None without a role)."""
     k8s = spec.kubernetes
     if not k8s.role:
         return None
@@ -212,7 +221,8 @@ def _affinity(spec: ModelSpec) -> dict[str, Any] | None:
     }
 
 
-def _resources(spec: ModelSpec) -> dict[str, Any]:
+def resources_for(spec: Served) -> dict[str, Any]:
+    """CPU and memory requests, the memory limit, and the GPUs as a limit."""
     res = spec.resources
     mem = f"{math.ceil(res.mem_gb * 1024)}Mi"
     limits: dict[str, Any] = {"memory": mem}
@@ -241,7 +251,7 @@ def http_probe(
     }
 
 
-def node_selector(spec: ModelSpec, site: KubernetesSite) -> dict[str, str]:
+def node_selector(spec: Served, site: KubernetesSite) -> dict[str, str]:
     """``kubernetes.node_selector`` plus the site's GPU-model label for ``gpu_type``."""
     selector = dict(spec.kubernetes.node_selector)
     gpu_type = spec.resources.gpu_type
@@ -271,7 +281,7 @@ def deployment(
     selector = {INSTANCE_LABEL: names.instance, "app.kubernetes.io/managed-by": MANAGED_BY}
     # Model load counts against the startup probe only; liveness starts after it passes, so
     # a slow load is never killed as a hang, and a hung engine is still restarted later.
-    startup_failures = max(1, math.ceil(spec.startup_timeout_s / _PROBE_PERIOD_S))
+    startup_failures = max(1, math.ceil(spec.startup_timeout_s / PROBE_PERIOD_S))
     key_ref = {"secretKeyRef": {"name": names.secret, "key": KEY_ENTRY}}
     mounts = [
         {"name": "weights", "mountPath": "/models", "subPath": slug(spec.name)},
@@ -290,9 +300,9 @@ def deployment(
         "args": engine_args(spec),
         "env": [*env, {"name": _KEY_ENV[spec.engine], "valueFrom": key_ref}],
         "ports": [{"name": "http", "containerPort": k8s.port, "protocol": "TCP"}],
-        "resources": _resources(spec),
-        "startupProbe": http_probe("/health", "http", _PROBE_PERIOD_S, startup_failures, 5),
-        "readinessProbe": http_probe("/health", "http", _PROBE_PERIOD_S, 3, 5),
+        "resources": resources_for(spec),
+        "startupProbe": http_probe("/health", "http", PROBE_PERIOD_S, startup_failures, 5),
+        "readinessProbe": http_probe("/health", "http", PROBE_PERIOD_S, 3, 5),
         "livenessProbe": http_probe("/health", "http", 20, 3, 10),
         "securityContext": container_security(),
         "volumeMounts": [*mounts, {"name": "shm", "mountPath": "/dev/shm"}],  # noqa: S108 - vLLM needs shm
@@ -300,9 +310,9 @@ def deployment(
     fetch: dict[str, Any] = {
         "name": "fetch-weights",
         "image": k8s.fetch_image,
-        "command": ["sh", "-c", _FETCH_SHELL],
+        "command": list(FETCH_COMMAND),
         "envFrom": [{"configMapRef": {"name": names.configmap}}],
-        "env": [*env, {"name": "HF_TOKEN", "valueFrom": _hf_token_ref()}],
+        "env": [*env, {"name": "HF_TOKEN", "valueFrom": hf_token_ref()}],
         "resources": {
             "requests": {"cpu": "500m", "memory": "1Gi"},
             "limits": {"memory": "2Gi"},
@@ -341,7 +351,7 @@ def deployment(
     }
     if selector_of_nodes:
         pod["nodeSelector"] = selector_of_nodes
-    affinity = _affinity(spec)
+    affinity = affinity_for(spec)
     if affinity:
         pod["affinity"] = affinity
     if spec.resources.gpus:
@@ -364,12 +374,13 @@ def deployment(
     }
 
 
-def _hf_token_ref() -> dict[str, Any]:
+def hf_token_ref() -> dict[str, Any]:
+    """The fetcher's HF_TOKEN, from the Secret ``hf-token`` if there is one."""
     # Optional: gated repos need a token; a Secret `hf-token` provides it if it exists.
     return {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}
 
 
-def service(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+def service(spec: Served, names: Names, nonce: str | None = None) -> Manifest:
     """A ClusterIP Service: ``<instance>.<namespace>.svc:<port>`` is the registry's endpoint."""
     port = spec.kubernetes.port
     return {
@@ -387,7 +398,7 @@ def service(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest
     }
 
 
-def base_url(spec: ModelSpec, names: Names) -> str:
+def base_url(spec: Served, names: Names) -> str:
     """The engine's OpenAI root through the Service, as the registry records it."""
     return f"http://{names.service_host}:{spec.kubernetes.port}/v1"
 

@@ -29,6 +29,7 @@ from hpc.k8s.manifests import (
     MANAGED_BY,
     Manifest,
     Names,
+    Served,
     labels_for,
     meta_for,
 )
@@ -65,7 +66,7 @@ def gateway_monitor(namespace: str) -> Manifest:
     }
 
 
-def engine_monitor(spec: ModelSpec, names: Names, nonce: str | None = None) -> Manifest:
+def engine_monitor(spec: Served, names: Names, nonce: str | None = None) -> Manifest:
     """Scrape one engine's own metrics (vLLM's ``vllm:*``, llama-server's ``llamacpp:*``)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
@@ -87,14 +88,16 @@ def _minutes(seconds: float) -> str:
     return f"{max(1, math.ceil(seconds / 60))}m"
 
 
-def _model_rules(spec: ModelSpec, names: Names) -> list[Manifest]:
+def _model_rules(spec: Served, names: Names) -> list[Manifest]:
+    # A pool listens before any model loads; its pod waits only for the weights' fetch.
+    startup_s = spec.startup_timeout_s if isinstance(spec, ModelSpec) else 0.0
     selector = f'namespace="{names.namespace}",deployment="{names.instance}"'
     return [
         {
             "alert": "MTModelNoReadyReplica",
             "expr": f"max(kube_deployment_status_replicas_available{{{selector}}}) < 1",
             # A model may load for its whole start-up budget before a replica is ready.
-            "for": _minutes(max(300.0, spec.startup_timeout_s)),
+            "for": _minutes(max(300.0, startup_s)),
             "labels": {"severity": "critical", "model": spec.name},
             "annotations": {
                 "summary": f"{spec.name}: no ready replica",
@@ -107,7 +110,7 @@ def _model_rules(spec: ModelSpec, names: Names) -> list[Manifest]:
 
 
 def rules(
-    namespace: str, site: KubernetesSite, engines: Sequence[tuple[ModelSpec, Names]]
+    namespace: str, site: KubernetesSite, engines: Sequence[tuple[Served, Names]]
 ) -> Manifest:
     """The alerts an operator needs, for the gateway and every engine of the layout."""
     mon = site.monitoring
@@ -202,7 +205,7 @@ def dashboard_configmap(namespace: str) -> Manifest:
 
 
 def monitoring_objects(
-    namespace: str, site: KubernetesSite, engines: Sequence[tuple[ModelSpec, Names]]
+    namespace: str, site: KubernetesSite, engines: Sequence[tuple[Served, Names]]
 ) -> list[Manifest]:
     """The gateway's ServiceMonitor, the alert rules and the dashboard ([] when disabled)."""
     if not site.monitoring.enabled:

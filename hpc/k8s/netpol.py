@@ -18,11 +18,11 @@ from hpc.k8s.manifests import (
     MANAGED_BY,
     Manifest,
     Names,
+    Served,
     labels_for,
     meta_for,
 )
 from hpc.k8s.settings import KubernetesSite
-from hpc.spec import ModelSpec
 
 NAMESPACE_LABEL = "kubernetes.io/metadata.name"
 # OpenShift puts its router's namespace in this policy group (the documented way to allow it).
@@ -45,7 +45,7 @@ def _prometheus(site: KubernetesSite) -> list[Manifest]:
 
 
 def engine_policy(
-    spec: ModelSpec,
+    spec: Served,
     names: Names,
     *,
     gateway_namespace: str,

@@ -1,11 +1,12 @@
 """Everything one deployment of models needs, grouped the way it is applied (pure).
 
 A model's group is its engine (hpc.k8s.manifests), the NetworkPolicy that lets only the
-gateway in, and the ServiceMonitor of its metrics. The gateway's group is the gateway
-(hpc.k8s.gateway) and its NetworkPolicy; the monitoring of the whole layout
-(hpc.k8s.monitoring) goes beside it. Both
-``mt render`` (hpc.k8s.kustomize) and ``mt submit`` (hpc.backends.kubernetes) build their
-objects here, so what is committed and what is applied are the same.
+gateway in, and the ServiceMonitor of its metrics; a swap pool's is its Deployment
+(hpc.k8s.pool), the same NetworkPolicy and a ServiceMonitor of the pool's metrics. The
+gateway's group is the gateway (hpc.k8s.gateway) and its NetworkPolicy; the monitoring of
+the whole layout (hpc.k8s.monitoring) goes beside it. Both ``mt render``
+(hpc.k8s.kustomize) and ``mt submit`` (hpc.backends.kubernetes) build their objects here,
+so what is committed and what is applied are the same.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hpc.k8s.gateway import gateway_objects
-from hpc.k8s.manifests import Manifest, Names, model_objects
+from hpc.k8s.manifests import Manifest, Names, Served, model_objects
 from hpc.k8s.monitoring import engine_monitor
 from hpc.k8s.netpol import engine_policy, gateway_policy
+from hpc.k8s.pool import pool_objects
 from hpc.k8s.settings import KubernetesSite
-from hpc.spec import ModelSpec
+from hpc.spec import ModelSpec, PoolSpec
 
 
 def model_group(
@@ -39,10 +41,31 @@ def model_group(
     return objects
 
 
+def pool_group(
+    pool: PoolSpec,
+    catalogue: Sequence[ModelSpec],
+    names: Names,
+    *,
+    api_key: str,
+    site: KubernetesSite,
+    gateway_namespace: str,
+    nonce: str | None = None,
+) -> list[Manifest]:
+    """A swap pool's objects (hpc.k8s.pool), the policy that admits only the gateway, and
+    the monitor of the pool's own ``/metrics`` (hpc.job.poolmetrics), as for an engine."""
+    objects = pool_objects(pool, catalogue, names, api_key=api_key, nonce=nonce, site=site)
+    objects.append(
+        engine_policy(pool, names, gateway_namespace=gateway_namespace, site=site, nonce=nonce)
+    )
+    if site.monitoring.enabled:
+        objects.append(engine_monitor(pool, names, nonce))
+    return objects
+
+
 def gateway_group(
     namespace: str,
     site: KubernetesSite,
-    engines: Sequence[tuple[ModelSpec, Names]],
+    engines: Sequence[tuple[Served, Names]],
     *,
     client_keys: str,
     metrics_token: str,
