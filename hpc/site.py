@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +15,8 @@ from hpc.k8s.settings import KubernetesSite
 from hpc.ondemandstate import default_path as ondemand_state_path
 from hpc.ownerkey import owner_key_path
 from hpc.permissions import records_in
-from hpc.spec import SlurmName, Weights
+from hpc.spec import SlurmName
+from hpc.stagingsite import StagingSite
 from hpc.transport import LocalTransport, Transport
 
 HOME_ENV = "MT_HOME"
@@ -96,33 +97,6 @@ class SlurmSite(_Strict):
         description="environment of remote Slurm commands (e.g. SLURM_CONF, PATH), "
         "sent as an `env NAME=value` prefix",
     )
-
-
-class StagingSite(_Strict):
-    """Node-local weight staging (hpc.job.staging): the site's default and where the cache is."""
-
-    stage: Literal["none", "node-local"] = Field(
-        default="none", description="the default of every model's weights.stage"
-    )
-    dir: str = Field(
-        default="$TMPDIR",
-        pattern=r"^(\$TMPDIR|/[^\x00-\x1f\x7f]*)$",
-        description="where on each node the cache lives (a per-user 0700 folder is made in "
-        "it): $TMPDIR (the job's, else the system's temporary directory), /dev/shm (memory), "
-        "or an absolute path on a node-local disk",
-    )
-    max_bytes: int | None = Field(
-        default=None,
-        gt=0,
-        description="the cache's size cap per user and node: least recently used entries "
-        "that no running job uses are removed to make room (default: no cap but free space)",
-    )
-
-    def for_weights(self, weights: Weights) -> StagingSite | None:
-        """These settings if ``weights`` are to be staged (their own ``stage``, else the
-        site's), else None."""
-        wanted = weights.stage or self.stage
-        return self if wanted == "node-local" else None
 
 
 class GatewaySite(_Strict):

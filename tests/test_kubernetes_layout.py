@@ -43,8 +43,8 @@ from gateway.metrics import Metrics, render_connections, render_probes
 from hpc.configfile import load_models
 from hpc.errors import MTError
 from hpc.k8s.kustomize import layout_tree, to_yaml, write_tree
-from hpc.k8s.manifests import names_for
 from hpc.k8s.monitoring import monitoring_objects
+from hpc.k8s.naming import names_for
 from hpc.k8s.settings import GatewayK8s, KubernetesSite
 from hpc.k8s.stack import gateway_group
 from hpc.site import SiteConfig

@@ -13,7 +13,8 @@ import yaml
 from hpc.configfile import load_models
 from hpc.errors import MTError
 from hpc.k8s.kustomize import layout_tree, to_yaml, write_tree
-from hpc.k8s.manifests import engine_image, model_objects, names_for
+from hpc.k8s.manifests import engine_image, model_objects
+from hpc.k8s.naming import names_for
 from hpc.k8s.settings import KubernetesSite
 from hpc.k8s.stack import model_group
 from hpc.spec import ModelSpec

@@ -12,24 +12,23 @@ wrapper writes under Slurm come from :meth:`KubernetesBackend.status` instead, a
 Since the Service's DNS name resolves only inside the cluster, a gateway that routes to it
 runs in the cluster (or on a machine that reaches cluster DNS).
 
-The client is imported and configured on first use: ``mt render`` and ``mt status`` of
-other backends work without it. API errors are translated in
-:func:`hpc.k8s.apierrors.api_error`, the one place that sees ``ApiException``.
+The API itself (the client configured on first use, create/delete/list, errors
+translated) is hpc.k8s.apiclient's ``KubeApi``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
-from hpc.k8s.apierrors import KubernetesError, api_error, unschedulable_hint
+from hpc.k8s.apiclient import KubeApi
+from hpc.k8s.apierrors import KubernetesError, unschedulable_hint
 from hpc.k8s.clientkeys import read_client_keys
 from hpc.k8s.kustomize import to_yaml
-from hpc.k8s.manifests import (
+from hpc.k8s.monitoring import monitoring_objects
+from hpc.k8s.naming import (
     ENGINE_CONTAINER,
     INSTANCE_LABEL,
     MANAGED_SELECTOR,
@@ -37,34 +36,12 @@ from hpc.k8s.manifests import (
     Names,
     names_for,
 )
-from hpc.k8s.monitoring import monitoring_objects
 from hpc.k8s.settings import KubernetesSite
 from hpc.k8s.stack import gateway_group, model_group, pool_group
 from hpc.ownerkey import new_key
 from hpc.registry import new_nonce
 from hpc.site import Site
 from hpc.spec import ModelSpec, PoolSpec
-
-_TIMEOUT_S = 30
-# Built-in kinds: (the client's API class, the noun of its namespaced methods).
-_TYPED = {
-    "Secret": ("CoreV1Api", "secret"),
-    "ConfigMap": ("CoreV1Api", "config_map"),
-    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim"),
-    "Service": ("CoreV1Api", "service"),
-    "Deployment": ("AppsV1Api", "deployment"),
-    "NetworkPolicy": ("NetworkingV1Api", "network_policy"),
-    "Ingress": ("NetworkingV1Api", "ingress"),
-    "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget"),
-}
-# Kinds a CRD adds: (group, version, plural).
-_CUSTOM = {
-    "Route": ("route.openshift.io", "v1", "routes"),
-    "ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors"),
-    "PrometheusRule": ("monitoring.coreos.com", "v1", "prometheusrules"),
-}
-_MONITORING = frozenset({"ServiceMonitor", "PrometheusRule"})
-_IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -94,67 +71,12 @@ class KubernetesBackend:
     def __init__(self, site: Site, *, kubeconfig: Path | None = None) -> None:
         self.site = site
         self.kubeconfig = kubeconfig
-        self._api: Any = None
-        self._default_ns: str | None = None
-
-    # --- the client ----------------------------------------------------------------------
-
-    def _client(self) -> Any:
-        """The configured ApiClient, made on first use from the kubeconfig or the pod."""
-        if self._api is not None:
-            return self._api
-        try:
-            from kubernetes import client, config
-        except ImportError as exc:
-            raise KubernetesError(
-                "the kubernetes backend needs the official kubernetes client",
-                hint="pip install 'modeltainer[kubernetes]'",
-            ) from exc
-        cfg = client.Configuration()
-        # KUBECONFIG is read here, not by the client at import, so a changed one counts.
-        paths = [Path(p) for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
-        path = self.kubeconfig or next((p for p in paths if p.is_file()), None)
-        path = path or Path.home() / ".kube" / "config"
-        try:
-            if path.is_file():
-                config.load_kube_config(config_file=str(path), client_configuration=cfg)  # type: ignore[no-untyped-call]
-                _, active = config.list_kube_config_contexts(config_file=str(path))  # type: ignore[no-untyped-call]
-                self._default_ns = (active.get("context") or {}).get("namespace") or "default"
-            else:
-                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-                self._default_ns = _IN_CLUSTER_NS.read_text(encoding="utf-8").strip()
-        except (config.ConfigException, OSError) as exc:
-            raise KubernetesError(
-                f"no usable Kubernetes configuration: {exc}",
-                hint="set KUBECONFIG (or ~/.kube/config) to your cluster's kubeconfig",
-            ) from exc
-        self._api = client.ApiClient(cfg)
-        return self._api
+        self._kube = KubeApi(kubeconfig)
 
     def _namespace(self, spec: ModelSpec | PoolSpec) -> str:
         if spec.kubernetes.namespace:
             return spec.kubernetes.namespace
-        self._client()
-        return self._default_ns or "default"
-
-    def _call(
-        self, action: str, namespace: str, fn: Callable[..., Any], *args: Any, **kw: Any
-    ) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            # Raw responses: nothing here needs the client's models, and their validation
-            # varies between client versions; a non-2xx answer still raises ApiException.
-            return fn(*args, _request_timeout=_TIMEOUT_S, _preload_content=False, **kw)
-        except (ApiException, HTTPError) as exc:
-            raise api_error(exc, action=action, namespace=namespace) from exc
-
-    def _apis(self) -> tuple[Any, Any, Any]:
-        from kubernetes import client
-
-        api = self._client()
-        return client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+        return self._kube.default_namespace()
 
     # --- manifests -----------------------------------------------------------------------
 
@@ -257,86 +179,24 @@ class KubernetesBackend:
         created: list[Manifest] = []
         try:
             for obj in model:
-                if self._create(obj, namespace):
+                if self._kube.create(obj, namespace):
                     created.append(obj)
             for obj in gateway:
-                if self._create(obj, namespace, shared=True):
+                if self._kube.create(obj, namespace, shared=True):
                     created.append(obj)
         except KubernetesError:
             for obj in reversed(created):
-                self._delete(obj["kind"], obj["metadata"]["name"], namespace, quiet=True)
+                self._kube.delete(obj["kind"], obj["metadata"]["name"], namespace, quiet=True)
             raise
         # Where it will listen (routable only once ready): the Service's DNS name and port.
         handle = JobHandle(self.name, names.instance, request.nonce, node=names.service_host)
         return Submitted(handle, node=names.service_host, port=spec.kubernetes.port)
 
-    def _create(self, obj: Manifest, namespace: str, *, shared: bool = False) -> bool:
-        """Create one object; False if it already exists and is kept: a PVC (weights are
-        kept) or a ``shared`` object (the gateway's, made by an earlier job)."""
-        kind = obj["kind"]
-        action = f"create {kind} {obj['metadata']['name']}"
-        try:
-            if kind in _CUSTOM:
-                group, version, plural = _CUSTOM[kind]
-                custom = self._apis()[2]
-                fn = custom.create_namespaced_custom_object
-                self._call(action, namespace, fn, group, version, namespace, plural, obj)
-            else:
-                self._call(action, namespace, self._typed(kind, "create"), namespace, obj)
-        except KubernetesError as exc:
-            if exc.status == 409 and (shared or kind == "PersistentVolumeClaim"):
-                return False
-            if exc.status == 404 and kind in _MONITORING:
-                raise KubernetesError(
-                    f"this cluster has no {kind} resource (the prometheus-operator's CRDs)",
-                    status=404,
-                    hint="install the prometheus-operator (OpenShift: user workload "
-                    "monitoring), or set kubernetes.monitoring.enabled: false in site.yaml",
-                ) from exc
-            raise
-        return True
-
-    def _typed(self, kind: str, verb: str) -> Callable[..., Any]:
-        """The typed client method for ``verb`` (create, delete) on a built-in ``kind``."""
-        from kubernetes import client
-
-        api = self._client()
-        owner, noun = _TYPED[kind]
-        return getattr(getattr(client, owner)(api), f"{verb}_namespaced_{noun}")  # type: ignore[no-any-return]
-
-    def _delete(self, kind: str, name: str, namespace: str, *, quiet: bool = False) -> None:
-        action = f"delete {kind} {name}"
-        try:
-            if kind in _CUSTOM:
-                group, version, plural = _CUSTOM[kind]
-                fn = self._apis()[2].delete_namespaced_custom_object
-                self._call(action, namespace, fn, group, version, namespace, plural, name)
-            else:
-                self._call(action, namespace, self._typed(kind, "delete"), name, namespace)
-        except KubernetesError as exc:
-            if exc.status == 404 or quiet:
-                return
-            raise
-
     def _ns_of(self, handle: JobHandle) -> str:
         # A job's node is its Service's DNS name, <service>.<namespace>.svc.
         if handle.node and handle.node.count(".") >= 2:
             return handle.node.split(".")[1]
-        self._client()
-        return self._default_ns or "default"
-
-    def _list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        core, apps, _ = self._apis()
-        fn = apps.list_namespaced_deployment if kind == "deployments" else core.list_namespaced_pod
-        resp = self._call(
-            f"list {kind}",
-            namespace,
-            fn,
-            namespace,
-            label_selector=selector,
-        )
-        items = json.loads(resp.data).get("items") or []
-        return [dict(item) for item in items]
+        return self._kube.default_namespace()
 
     def status(self, handles: Sequence[JobHandle]) -> dict[str, JobStatus]:
         """One list of deployments (and of pods, if any waits) per namespace.
@@ -350,7 +210,7 @@ class KubernetesBackend:
         out: dict[str, JobStatus] = {}
         for namespace, group in by_ns.items():
             try:
-                deployments = self._list("deployments", namespace, MANAGED_SELECTOR)
+                deployments = self._kube.list("deployments", namespace, MANAGED_SELECTOR)
             except KubernetesError as exc:
                 out |= {h.job_id: JobStatus("unknown", exc.message) for h in group}
                 continue
@@ -380,7 +240,7 @@ class KubernetesBackend:
                     continue
                 if pods is None:
                     try:
-                        pods = self._list("pods", namespace, MANAGED_SELECTOR)
+                        pods = self._kube.list("pods", namespace, MANAGED_SELECTOR)
                     except KubernetesError:
                         pods = []
                 out[handle.job_id] = self._pod_status(handle.job_id, pods)
@@ -420,19 +280,19 @@ class KubernetesBackend:
             ("Secret", names.secret),
             ("ConfigMap", names.configmap),
         ):
-            self._delete(kind, name, namespace)
+            self._kube.delete(kind, name, namespace)
 
     def logs(self, handle: JobHandle, *, follow: bool = False) -> Iterator[str]:
         """The engine container's log in the job's newest pod; with ``follow``, streamed."""
         namespace = self._ns_of(handle)
-        pods = self._list("pods", namespace, f"{INSTANCE_LABEL}={handle.job_id}")
+        pods = self._kube.list("pods", namespace, f"{INSTANCE_LABEL}={handle.job_id}")
         if not pods:
             raise KubernetesError(
                 f"no pod for {handle.job_id} yet", hint="a pending job has no log until it starts"
             )
         pod = pods[-1]["metadata"]["name"]
-        core, _, _ = self._apis()
-        resp = self._call(
+        core, _, _ = self._kube.apis()
+        resp = self._kube.call(
             f"read the log of pod {pod}",
             namespace,
             core.read_namespaced_pod_log,

@@ -15,6 +15,7 @@ from hpc.cli import (
     exportcmd,
     imagecmd,
     jobcmds,
+    keycmds,
     poolcmd,
     remote,
     servecmds,
@@ -106,7 +107,7 @@ app.command()(servecmds.gateway)
 app.command()(doctorcmd.doctor)
 app.command()(benchcmd.bench)
 app.command()(exportcmd.export)
-app.add_typer(servecmds.keys_app, name="keys")
+app.add_typer(keycmds.keys_app, name="keys")
 app.add_typer(tunnelcmd.app, name="tunnel")
 app.add_typer(imagecmd.image_app, name="image")
 app.add_typer(poolcmd.pool_app, name="pool")

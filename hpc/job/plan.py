@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpc.privatefile import write_private
-from hpc.site import StagingSite
 from hpc.spec import DEFAULT_DRAIN_S, ModelSpec, PoolSpec
+from hpc.stagingsite import StagingSite
 
 DEFAULT_STOP_GRACE_S = 10.0
 # Left between the end of the drain and the engine's stop: record writes, process-tree walks.

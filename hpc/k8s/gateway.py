@@ -18,17 +18,8 @@ from collections.abc import Sequence
 import yaml
 
 from hpc.errors import MTError
-from hpc.k8s.manifests import (
-    KEY_ENTRY,
-    MANAGED_BY,
-    Manifest,
-    Names,
-    Served,
-    base_url,
-    container_security,
-    http_probe,
-    slug,
-)
+from hpc.k8s.manifests import base_url, container_security, http_probe
+from hpc.k8s.naming import KEY_ENTRY, MANAGED_BY, Manifest, Names, Served, slug
 from hpc.k8s.settings import KubernetesSite
 from hpc.spec import PoolSpec
 

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from hpc.errors import MTError
-from hpc.k8s.manifests import Manifest, Served, names_for, slug
 from hpc.k8s.monitoring import monitoring_objects
+from hpc.k8s.naming import Manifest, Served, names_for, slug
 from hpc.k8s.settings import KubernetesSite
 from hpc.k8s.stack import gateway_group, model_group, pool_group
 from hpc.spec import ModelSpec, PoolSpec

@@ -23,7 +23,7 @@ from hpc.k8s.gateway import (
     GATEWAY_SELECTOR,
     METRICS_TOKEN_ENTRY,
 )
-from hpc.k8s.manifests import (
+from hpc.k8s.naming import (
     INSTANCE_LABEL,
     KEY_ENTRY,
     MANAGED_BY,

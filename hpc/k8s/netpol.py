@@ -13,15 +13,7 @@ sets on every namespace.
 from __future__ import annotations
 
 from hpc.k8s.gateway import GATEWAY_LABELS, GATEWAY_NAME, GATEWAY_SELECTOR
-from hpc.k8s.manifests import (
-    INSTANCE_LABEL,
-    MANAGED_BY,
-    Manifest,
-    Names,
-    Served,
-    labels_for,
-    meta_for,
-)
+from hpc.k8s.naming import INSTANCE_LABEL, MANAGED_BY, Manifest, Names, Served, labels_for, meta_for
 from hpc.k8s.settings import KubernetesSite
 
 NAMESPACE_LABEL = "kubernetes.io/metadata.name"

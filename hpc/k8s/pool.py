@@ -25,26 +25,28 @@ from typing import Any
 from hpc.errors import MTError
 from hpc.job.plan import STOP_MARGIN_S, ClusterServe, PoolPlan
 from hpc.k8s.manifests import (
-    ENGINE_CONTAINER,
     FETCH_COMMAND,
-    INSTANCE_LABEL,
-    KEY_ENTRY,
-    MANAGED_BY,
     PROBE_PERIOD_S,
-    Manifest,
-    Names,
     affinity_for,
     container_security,
     fetcher_text,
     hf_token_ref,
     http_probe,
-    labels_for,
-    meta_for,
     node_selector,
     pvc,
     resources_for,
     secret,
     service,
+)
+from hpc.k8s.naming import (
+    ENGINE_CONTAINER,
+    INSTANCE_LABEL,
+    KEY_ENTRY,
+    MANAGED_BY,
+    Manifest,
+    Names,
+    labels_for,
+    meta_for,
     slug,
 )
 from hpc.k8s.settings import KubernetesSite

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hpc.k8s.gateway import gateway_objects
-from hpc.k8s.manifests import Manifest, Names, Served, model_objects
+from hpc.k8s.manifests import model_objects
 from hpc.k8s.monitoring import engine_monitor
+from hpc.k8s.naming import Manifest, Names, Served
 from hpc.k8s.netpol import engine_policy, gateway_policy
 from hpc.k8s.pool import pool_objects
 from hpc.k8s.settings import KubernetesSite
