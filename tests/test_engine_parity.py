@@ -7,8 +7,11 @@ through the job wrapper and its front, reached through `mt gateway`:
   it where the engine sends none: llama-cpp-python), and a non-streamed answer has usage;
 - an error the engine reports (a prompt longer than the context) reaches the client as the
   engine's 400 with an OpenAI error body, not a 502 and not a hang;
-- a client that goes away mid-stream stops the engine's generation: the engine's own log
-  says so (vLLM "aborted", llama-server "cancel task", llama-cpp-python "Disconnected").
+- a client that goes away mid-stream stops the engine's generation: llama-server's log says
+  "cancel task", llama-cpp-python's "Disconnected from client"; vLLM logs nothing (its
+  request log is off by default) and counts no abort, so its own ``/metrics`` shows it:
+  ``vllm:num_requests_running`` back to 0 with far fewer tokens generated than the answer
+  asked for (run to its end, it would have generated all of them first).
 
 Embeddings are not checked: Gemma 3 270M is a generation model (no engine serves embeddings
 from it without a pooling mode that changes what the server is).
@@ -26,23 +29,21 @@ from typing import Any
 
 import aiohttp
 import pytest
+from jobclient import job_get
 from mtcli import mt, owner_headers, owner_key, ready_job, running_gateway
 from poolhelpers import wait_for
 from test_llama_server import llama_server_first  # noqa: F401 - the fixture
 from test_vllm import gemma_hf, vllm_spec  # noqa: F401 - the fixture
 
-from hpc.registry import Registry
+from hpc.registry import Record, Registry
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(420)]
 
 MODEL = "parity"
 ENGINES = ["vllm", "llama-server", "llama-cpp-python"]
-# What each engine writes into its log when a client goes away mid-stream.
-ABORT_LINE = {
-    "vllm": "aborted",
-    "llama-server": "cancel task",
-    "llama-cpp-python": "Disconnected from client",
-}
+# What llama.cpp's servers write into their log when a client goes away mid-stream.
+ABORT_LINE = {"llama-server": "cancel task", "llama-cpp-python": "Disconnected from client"}
+LONG_ANSWER = 1500  # tokens the walked-away request asks for
 # Gemma's <eos> and <end_of_turn>: never chosen, so a long generation runs until cut.
 NO_EOS = {"1": -100, "106": -100}
 
@@ -100,7 +101,7 @@ async def _walk_away(url: str) -> int:
     body = {
         "model": MODEL,
         "prompt": "Once upon a time",
-        "max_tokens": 1500,
+        "max_tokens": LONG_ANSWER,
         "temperature": 0,
         "logit_bias": NO_EOS,
         "stream": True,
@@ -117,6 +118,17 @@ async def _walk_away(url: str) -> int:
                 break
         resp.close()  # the client goes away, mid-answer
     return seen
+
+
+def _vllm_sample(record: Record, name: str) -> float:
+    """The sum of one series in vLLM's ``/metrics`` (asked through the job's front)."""
+    status, body = job_get(record, "/metrics", record.api_key.get_secret_value())
+    assert status == 200, body
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def test_every_engine_keeps_the_gateways_contract(served: tuple[str, str]) -> None:
@@ -155,12 +167,23 @@ def test_every_engine_keeps_the_gateways_contract(served: tuple[str, str]) -> No
             client.completions.create(model=MODEL, prompt="colour " * 3000, max_tokens=8)
         assert refused.value.status_code == 400
 
-        # A client that walks away stops the engine's generation (its log says so).
+        # A client that walks away stops the engine's generation.
+        vllm = engine == "vllm"
+        generated = _vllm_sample(record, "vllm:generation_tokens_total") if vllm else 0.0
         assert asyncio.run(_walk_away(url)) == 3
-        marker = ABORT_LINE[engine]
-        wait_for(
-            f"{engine} to log {marker!r}",
-            lambda: marker in log.read_text(encoding="utf-8", errors="replace"),
-            timeout_s=120,
-        )
+        if vllm:
+            wait_for(
+                "vLLM to stop the request",
+                lambda: _vllm_sample(record, "vllm:num_requests_running") == 0,
+                timeout_s=120,
+            )
+            more = _vllm_sample(record, "vllm:generation_tokens_total") - generated
+            assert 0 < more < LONG_ANSWER, more
+        else:
+            marker = ABORT_LINE[engine]
+            wait_for(
+                f"{engine} to log {marker!r}",
+                lambda: marker in log.read_text(encoding="utf-8", errors="replace"),
+                timeout_s=120,
+            )
     assert mt("status", "--json").returncode == 0
