@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakeengineproc import fake_engine_process
 from otheruser import OtherUser, other_user_or_reason
 from realparts import missing_part
 from redisserver import RedisServer, unavailable
@@ -56,19 +55,8 @@ def other_user() -> OtherUser:
 @pytest.fixture
 def engine_url() -> Iterator[str]:
     """The fake engine (bench.fakeengine) as its own process on 127.0.0.1: 8 tokens at 500/s."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fakeengine", "--tokens", "8", "--tokens-per-s", "500"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield line.split("listening on", 1)[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with fake_engine_process("--tokens", "8", "--tokens-per-s", "500") as url:
+        yield url
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from fakeengineproc import fake_engine_process
 from redisserver import RedisServer
 from test_gateway_reload import eventually
 
@@ -358,19 +359,8 @@ async def test_two_gateways_admit_exactly_the_keys_requests_per_minute(
 @pytest.fixture
 def slow_engine_url() -> Iterator[str]:
     """The fake engine answering after 60 s: requests stay in flight until cancelled."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fakeengine", "--tokens", "2", "--ttft-ms", "60000"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield line.split("listening on", 1)[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with fake_engine_process("--tokens", "2", "--ttft-ms", "60000") as url:
+        yield url
 
 
 async def test_two_gateways_share_the_in_flight_cap(

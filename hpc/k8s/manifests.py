@@ -200,6 +200,21 @@ def node_selector(spec: Served, site: KubernetesSite) -> dict[str, str]:
     return dict(sorted(selector.items()))
 
 
+def place(pod: dict[str, Any], spec: Served, nodes: dict[str, str]) -> None:
+    """Put ``pod`` where ``spec`` asks: on ``nodes`` (:func:`node_selector`), with its
+    affinity, and, with GPUs, tolerating the GPU nodes' taint."""
+    if nodes:
+        pod["nodeSelector"] = nodes
+    affinity = affinity_for(spec)
+    if affinity:
+        pod["affinity"] = affinity
+    if spec.resources.gpus:
+        # GPU nodes are usually tainted with their resource name; only GPU pods tolerate it.
+        pod["tolerations"] = [
+            {"key": spec.kubernetes.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+
+
 def deployment(
     spec: ModelSpec,
     names: Names,
@@ -281,16 +296,7 @@ def deployment(
             },
         ],
     }
-    if selector_of_nodes:
-        pod["nodeSelector"] = selector_of_nodes
-    affinity = affinity_for(spec)
-    if affinity:
-        pod["affinity"] = affinity
-    if spec.resources.gpus:
-        # GPU nodes are usually tainted with their resource name; only GPU pods tolerate it.
-        pod["tolerations"] = [
-            {"key": k8s.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}
-        ]
+    place(pod, spec, selector_of_nodes)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

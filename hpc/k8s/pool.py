@@ -27,12 +27,12 @@ from hpc.job.plan import STOP_MARGIN_S, ClusterServe, PoolPlan
 from hpc.k8s.manifests import (
     FETCH_COMMAND,
     PROBE_PERIOD_S,
-    affinity_for,
     container_security,
     fetcher_text,
     hf_token_ref,
     http_probe,
     node_selector,
+    place,
     pvc,
     resources_for,
     secret,
@@ -227,16 +227,7 @@ def deployment(
             {"name": "config", "configMap": {"name": names.configmap}},
         ],
     }
-    nodes = node_selector(pool, site)
-    if nodes:
-        pod["nodeSelector"] = nodes
-    affinity = affinity_for(pool)
-    if affinity:
-        pod["affinity"] = affinity
-    if pool.resources.gpus:
-        pod["tolerations"] = [
-            {"key": k8s.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}
-        ]
+    place(pod, pool, node_selector(pool, site))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
