@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_s=args.tokens_per_s,
         tokens=args.tokens,
         use_max_tokens=True,
+        # From the environment, never argv: the key a real engine would require.
+        require_key=os.environ.get("MT_FAKE_ENGINE_KEY") or None,
     )
     try:
         asyncio.run(_serve(knobs, args.model, args.port, args.uds))

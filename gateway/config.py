@@ -38,6 +38,12 @@ class GatewayConfig(BaseModel):
         description="the owner's key (hpc.ownerkey), accepted as the client 'owner' beside "
         "keys.yaml's; `mt gateway` always sets it, in-process apps may leave it None",
     )
+    discover: str | None = Field(
+        default=None,
+        pattern=r"^kubernetes(:[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$",
+        description="also route the engines the Kubernetes API lists: kubernetes (the "
+        "kubeconfig's or the pod's namespace) or kubernetes:NAMESPACE",
+    )
     max_body_mb: float = Field(
         default=4,
         gt=0,

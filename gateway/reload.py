@@ -25,13 +25,14 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.config import GatewayConfig
+from gateway.k8sdiscovery import KubeDiscovery, parse_discover
 from gateway.keys import KeyStore, load_key_store
 from gateway.logs import LOGGER_NAME, fields
 from gateway.routes import RouteTable, build_routes
 from hpc.configfile import load_models
 from hpc.errors import ConfigError, MTError, RegistryError
 from hpc.permissions import InsecurePermissionsError
-from hpc.registry import Registry
+from hpc.registry import Record, Registry
 from hpc.spec import ModelsFile
 
 log = logging.getLogger(f"{LOGGER_NAME}.reload")
@@ -87,6 +88,13 @@ class Reloader:
     _errors: dict[str, str] = field(default_factory=dict, init=False)
     _warned: set[str] = field(default_factory=set, init=False)
     _last_full: float = field(default_factory=time.monotonic, init=False)
+    _discovery: KubeDiscovery | None = field(default=None, init=False)
+    _discovered: list[Record] = field(default_factory=list, init=False)
+    _discovery_error: str | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.config.discover is not None:
+            self._discovery = KubeDiscovery(parse_discover(self.config.discover))
 
     def load_initial(self) -> Snapshot:
         """The first snapshot; a bad models.yaml or keys.yaml raises ConfigError, an
@@ -96,6 +104,7 @@ class Reloader:
         if self.config.models_file is not None:
             self._models = load_models(self.config.models_file)
         self._keys = load_key_store(self.config.keys_file, self.config.owner_key_file)
+        self._discover()
         self._routes = self._build_routes()
         self._remember(sigs, now_ns)
         return Snapshot(routes=self._routes, keys=self._keys, models=self._models)
@@ -111,7 +120,7 @@ class Reloader:
         sigs = self._stat_all()
         full = monotonic - self._last_full >= FULL_RELOAD_EVERY_S
         changed = {name for name, sig in sigs.items() if full or self._stale(name, sig)}
-        if not changed:
+        if not changed and self._discovery is None:
             return None
         if "models" in changed and self.config.models_file is not None:
             try:
@@ -125,7 +134,9 @@ class Reloader:
                 self._accepted("keys")
             except MTError as exc:  # ConfigError included
                 self._rejected("keys", exc)
-        if self._routes is None or changed & {"registry", "models"}:
+        if self._discover():
+            changed.add("discovered")
+        if self._routes is None or changed & {"registry", "models", "discovered"}:
             try:
                 self._routes = self._build_routes()
             except (RegistryError, InsecurePermissionsError) as exc:
@@ -160,13 +171,37 @@ class Reloader:
         self._racy_sources = {name for name, sig in sigs.items() if _racy(sig, now_ns)}
 
     def _build_routes(self) -> RouteTable:
-        records = Registry(self.config.registry_dir).records()
+        records = [*Registry(self.config.registry_dir).records(), *self._discovered]
         routes = build_routes(records, self._models, self.env)
         for warning in routes.warnings:
             if warning not in self._warned:
                 self._warned.add(warning)
                 log.warning(warning)
         return routes
+
+    def _discover(self) -> bool:
+        return self._discovery is not None and self._discover_with(self._discovery)
+
+    def _discover_with(self, discovery: KubeDiscovery) -> bool:
+        """Ask the Kubernetes API for its engines; True if they changed. A failed call
+        keeps the last good list (one warning per new error, one info when it recovers)."""
+        try:
+            found = discovery.records()
+        except MTError as exc:
+            if self._discovery_error != exc.message:
+                self._discovery_error = exc.message
+                log.warning(
+                    "kubernetes discovery failed; keeping the last routes",
+                    extra=fields(error=exc.message, hint=exc.hint or ""),
+                )
+            return False
+        if self._discovery_error is not None:
+            self._discovery_error = None
+            log.info("kubernetes discovery recovered")
+        before = [(r.key, r.base_url, r.api_key) for r in self._discovered]
+        after = [(r.key, r.base_url, r.api_key) for r in found]
+        self._discovered = found
+        return before != after
 
     def _accepted(self, source: str) -> None:
         if self._errors.pop(source, None) is not None:

@@ -8,7 +8,9 @@ serialisation and error handling run. It covers what the Kubernetes backend uses
 * ``POST``/``GET``/``DELETE`` and label-selected ``LIST`` of ``apps/v1`` deployments,
   ``v1`` secrets, configmaps, services, persistentvolumeclaims and pods, and OpenShift's
   ``route.openshift.io/v1`` routes;
-* ``GET /api/v1/namespaces/{ns}/pods/{pod}/log`` (``follow`` returns what there is).
+* ``GET /api/v1/namespaces/{ns}/pods/{pod}/log`` (``follow`` returns what there is);
+* ``discovery.k8s.io/v1`` EndpointSlices, set by the test (:meth:`FakeKubeAPI.set_endpoints`)
+  as the endpoints controller would.
 
 Objects live in memory per instance. Creating a Deployment also makes its one pod
 (``Pending``); the test moves it on with :meth:`FakeKubeAPI.set_available`,
@@ -134,6 +136,34 @@ class FakeKubeAPI:
                         }
                     ],
                 }
+
+    def set_endpoints(
+        self, service: str, namespace: str, endpoints: list[tuple[str, int, bool]]
+    ) -> None:
+        """The EndpointSlice of ``service`` (what the endpoints controller keeps): each
+        (address, port, ready) one endpoint; replaces the last one set."""
+        name = f"{service}-slice"
+        body = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"kubernetes.io/service-name": service},
+                "creationTimestamp": _CREATED,
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": [address], "conditions": {"ready": ready}}
+                for address, _, ready in endpoints
+            ],
+            "ports": [
+                {"name": "http", "port": port, "protocol": "TCP"}
+                for port in {p for _, p, _ in endpoints}
+            ][:1],
+        }
+        with self._lock:
+            self.objects[("discovery.k8s.io/v1", "endpointslices", namespace, name)] = body
 
     def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
         """A kubeconfig that points the client at this server with the bearer token."""

@@ -76,17 +76,21 @@ def ready_job(model: str, *args: str) -> Iterator[dict[str, object]]:
 
 
 @contextmanager
-def running_gateway(*args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
+def running_gateway(
+    *args: str, prefix: Sequence[str] = (), stderr_path: Path | None = None
+) -> Iterator[str]:
     """`mt gateway --port 0` in the background; yields its URL; stops it (whole group).
 
     It requires a key: :func:`owner_key` (created in the test's MT_HOME as it starts).
 
     ``prefix`` must exec the gateway (as ``ip netns exec`` does): the group is its own.
+    ``stderr_path`` keeps its log in a file (the test reads it while it runs).
     """
+    err = stderr_path.open("w", encoding="utf-8") if stderr_path is not None else None
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "hpc.cli", "gateway", "--port", "0", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=err if err is not None else subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
@@ -98,6 +102,8 @@ def running_gateway(*args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
+        if err is not None:
+            err.close()
 
 
 def engine_processes(engine_pid: int | None) -> list[psutil.Process]:

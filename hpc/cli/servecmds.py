@@ -219,6 +219,9 @@ def gateway(
     redis_prefix: Annotated[
         str, _gateway_option("redis_prefix", "--redis-prefix")
     ] = _gateway_default("redis_prefix"),
+    discover: Annotated[str | None, _gateway_option("discover", "--discover")] = _gateway_default(
+        "discover"
+    ),
 ) -> None:
     """Run the OpenAI-compatible gateway in the foreground; it requires a key (yours:
     `mt keys owner`)."""
@@ -271,6 +274,7 @@ def gateway(
         max_connections_per_client=max_connections_per_client,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
+        discover=discover,
     )
     # The site's check covered MT_HOME, the registry and the default files; these are the
     # gateway's own (a --keys elsewhere).
