@@ -62,6 +62,10 @@ GATEWAY = {
     "ingresses": ["mt-gateway"],
     "servicemonitors": ["mt-gateway"],
     "prometheusrules": ["mt-alerts"],
+    # It finds the jobs from the API (gateway.k8sdiscovery), as its own account.
+    "serviceaccounts": ["mt-gateway"],
+    "roles": ["mt-gateway"],
+    "rolebindings": ["mt-gateway"],
 }
 
 

@@ -94,9 +94,13 @@ def test_dry_run_prints_the_objects_without_a_key() -> None:
         "Service",
         "NetworkPolicy",
         "ServiceMonitor",
-        # The gateway, which submit creates when the namespace has none yet.
+        # The gateway, which submit creates when the namespace has none yet; it finds the
+        # jobs from the API as its own account (gateway.k8sdiscovery).
         "Secret",
         "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
         "Deployment",
         "Service",
         "PodDisruptionBudget",

@@ -119,6 +119,43 @@ def test_openshift_gateway_golden_and_schema() -> None:
     check_golden(GOLDEN / "gateway_openshift.yaml", "---\n".join(to_yaml(o) for o in objects))
 
 
+def test_discovering_gateway_rbac_golden_and_schema() -> None:
+    """The gateway `mt submit` applies: no static engine, `--discover`, its own account with
+    read-only access to its namespace, and the only pod with a mounted token."""
+    objects = gateway_group(
+        "llm", SITE, [], client_keys=CLIENT_KEYS, metrics_token=METRICS_TOKEN, discover=True
+    )
+    for obj in objects:
+        validate(obj)
+    by_kind = {o["kind"]: o for o in objects}
+    assert list(by_kind) == [
+        "Secret",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "Ingress",
+        "NetworkPolicy",
+    ]
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "mt-gateway"
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["containers"][0]["command"][-2:] == ["--discover", "kubernetes:llm"]
+    for rule in by_kind["Role"]["rules"]:
+        assert rule["verbs"] == ["get", "list", "watch"]
+    rbac = [by_kind[k] for k in ("ServiceAccount", "Role", "RoleBinding", "Deployment")]
+    check_golden(GOLDEN / "gateway_discovery.yaml", "---\n".join(to_yaml(o) for o in rbac))
+    # Without discovery: no account, no token (the engines' pods never have one either).
+    plain = gateway_group("llm", SITE, [], client_keys=CLIENT_KEYS, metrics_token=METRICS_TOKEN)
+    assert not {"ServiceAccount", "Role", "RoleBinding"} & {o["kind"] for o in plain}
+    plain_pod = next(o for o in plain if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert plain_pod["automountServiceAccountToken"] is False
+    assert "--discover" not in plain_pod["containers"][0]["command"]
+
+
 def test_kubectl_kustomize_builds_the_tree_and_the_schemas_accept_it(tmp_path: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:

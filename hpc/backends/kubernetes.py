@@ -113,8 +113,11 @@ class KubernetesBackend:
             )
         if client_keys is None:
             return model, []
-        # Jobs come and go with nonces: the gateway lists none of them statically.
-        gateway = gateway_group(ns, site, [], client_keys=client_keys, metrics_token=new_key())
+        # Jobs come and go with nonces: the gateway lists none of them statically, it finds
+        # them from the API (gateway.k8sdiscovery).
+        gateway = gateway_group(
+            ns, site, [], client_keys=client_keys, metrics_token=new_key(), discover=True
+        )
         return model, gateway + monitoring_objects(ns, site, [])
 
     def render_script(self, spec: ModelSpec) -> str:

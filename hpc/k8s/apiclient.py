@@ -28,6 +28,9 @@ _TYPED = {
     "NetworkPolicy": ("NetworkingV1Api", "network_policy"),
     "Ingress": ("NetworkingV1Api", "ingress"),
     "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget"),
+    "ServiceAccount": ("CoreV1Api", "service_account"),
+    "Role": ("RbacAuthorizationV1Api", "role"),
+    "RoleBinding": ("RbacAuthorizationV1Api", "role_binding"),
 }
 # Kinds a CRD adds: (group, version, plural).
 _CUSTOM = {

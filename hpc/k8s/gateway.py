@@ -8,6 +8,12 @@ streamed generation. Its models.yaml (a ConfigMap) lists each engine's Service a
 Its client keys come from a Secret: an init container copies ``keys.yaml`` into the pod's
 private home with mode 0600, since ``mt gateway`` refuses a keys file another user owns or
 can read (a Secret volume's files belong to root).
+
+With discovery on (always for the gateway ``mt submit`` applies, whose jobs come later;
+``kubernetes.gateway.discover`` for a rendered layout) it also runs ``--discover
+kubernetes:<namespace>`` (gateway.k8sdiscovery) as its own ServiceAccount, bound by a Role
+to get/list/watch Services, EndpointSlices and Secrets of its namespace only; only then is
+the account's token mounted.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ GATEWAY_LABELS = {
     "app.kubernetes.io/instance": GATEWAY_NAME,
     "app.kubernetes.io/component": "gateway",
 }
+_READ = ["get", "list", "watch"]
 _HOME = "/var/lib/mt"
 _MT_HOME = f"{_HOME}/home"  # made 0700 by the init container; mt refuses a wider one
 _SECRET_DIR = "/etc/mt/secret"  # noqa: S105 - a path
@@ -121,8 +128,47 @@ def models_configmap(namespace: str, engines: Sequence[tuple[Served, Names]]) ->
     }
 
 
+def service_account(namespace: str) -> Manifest:
+    """The gateway's own identity, for discovery: nothing else runs as it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(GATEWAY_NAME, namespace),
+        "automountServiceAccountToken": False,  # the gateway's pod asks for it, no other
+    }
+
+
+def role(namespace: str) -> Manifest:
+    """Read-only, this namespace only: the engines' Services, their EndpointSlices and the
+    Secrets with their keys."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(GATEWAY_NAME, namespace),
+        "rules": [
+            {"apiGroups": [""], "resources": ["services", "secrets"], "verbs": _READ},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": _READ},
+        ],
+    }
+
+
+def role_binding(namespace: str) -> Manifest:
+    """The Role, granted to the gateway's ServiceAccount."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(GATEWAY_NAME, namespace),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": GATEWAY_NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": GATEWAY_NAME, "namespace": namespace}],
+    }
+
+
 def deployment(
-    namespace: str, site: KubernetesSite, engines: Sequence[tuple[Served, Names]]
+    namespace: str,
+    site: KubernetesSite,
+    engines: Sequence[tuple[Served, Names]],
+    *,
+    discover: bool = False,
 ) -> Manifest:
     """N replicas that roll one at a time, spread over nodes, each a hardened ``mt gateway``."""
     gw = site.gateway
@@ -138,6 +184,8 @@ def deployment(
     ]
     command = ["mt", "--models", f"{_MODELS_DIR}/models.yaml", "gateway"]
     command += ["--host", "0.0.0.0", "--port", port, "--keys", f"{_MT_HOME}/{KEYS_ENTRY}"]  # noqa: S104 - the pod's address; keys and NetworkPolicies guard it
+    if discover:
+        command += ["--discover", f"kubernetes:{namespace}"]
     container: Manifest = {
         "name": "gateway",
         "image": gw.image,
@@ -190,8 +238,13 @@ def deployment(
         "defaultMode": 0o440,  # the pod's group (fsGroup) reads it; copied 0600 at start
         "items": [{"key": KEYS_ENTRY, "path": KEYS_ENTRY}],
     }
+    account: Manifest = (
+        {"serviceAccountName": GATEWAY_NAME, "automountServiceAccountToken": True}
+        if discover
+        else {"automountServiceAccountToken": False}
+    )
     pod: Manifest = {
-        "automountServiceAccountToken": False,
+        **account,
         "terminationGracePeriodSeconds": 60,  # streams in flight finish (mt gateway drains)
         "securityContext": pod_security,
         "affinity": anti_affinity,
@@ -303,8 +356,11 @@ def gateway_objects(
     *,
     client_keys: str,
     metrics_token: str,
+    discover: bool = False,
 ) -> list[Manifest]:
-    """The gateway's objects, dependencies first; engines must share its namespace."""
+    """The gateway's objects, dependencies first; engines must share its namespace.
+
+    ``discover``: it also finds engines from the API (its ServiceAccount, Role, binding)."""
     for spec, names in engines:
         if names.namespace != namespace:
             raise MTError(
@@ -313,10 +369,12 @@ def gateway_objects(
                 "same namespace can do",
                 hint="give every model of the layout the same kubernetes.namespace",
             )
+    rbac = [service_account(namespace), role(namespace), role_binding(namespace)]
     objects = [
         secret(namespace, client_keys, metrics_token),
         models_configmap(namespace, engines),
-        deployment(namespace, site, engines),
+        *(rbac if discover else []),
+        deployment(namespace, site, engines, discover=discover),
         service(namespace, site),
         disruption_budget(namespace),
     ]

@@ -35,6 +35,9 @@ _FILE_NAMES = {
     "NetworkPolicy": "networkpolicy.yaml",
     "ServiceMonitor": "servicemonitor.yaml",
     "PrometheusRule": "prometheusrule.yaml",
+    "ServiceAccount": "serviceaccount.yaml",
+    "Role": "role.yaml",
+    "RoleBinding": "rolebinding.yaml",
 }
 
 
@@ -117,7 +120,14 @@ def layout_tree(
     engines = [(spec, names_for(spec, namespace=ns)) for spec in served]
     groups: dict[str, tuple[list[Manifest], str]] = {
         "gateway": (
-            gateway_group(ns, site, engines, client_keys=client_keys, metrics_token=metrics_token),
+            gateway_group(
+                ns,
+                site,
+                engines,
+                client_keys=client_keys,
+                metrics_token=metrics_token,
+                discover=site.gateway.discover,
+            ),
             "the gateway's metrics token and client key hashes",
         )
     }

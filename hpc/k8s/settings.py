@@ -60,6 +60,12 @@ class GatewayK8s(_Strict):
         default=True,
         description="`mt submit --backend kubernetes` creates the gateway's objects when absent",
     )
+    discover: bool = Field(
+        default=False,
+        description="`mt render`: the gateway also finds engines from the Kubernetes API "
+        "(jobs submitted later; a ServiceAccount and a read-only Role are rendered); the "
+        "gateway `mt submit` applies always does",
+    )
 
 
 class MonitoringK8s(_Strict):

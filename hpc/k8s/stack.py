@@ -70,11 +70,17 @@ def gateway_group(
     *,
     client_keys: str,
     metrics_token: str,
+    discover: bool = False,
 ) -> list[Manifest]:
     """The gateway's objects and its NetworkPolicy (the monitoring is apart:
-    hpc.k8s.monitoring.monitoring_objects)."""
+    hpc.k8s.monitoring.monitoring_objects); ``discover``: it finds engines from the API."""
     objects = gateway_objects(
-        namespace, site, engines, client_keys=client_keys, metrics_token=metrics_token
+        namespace,
+        site,
+        engines,
+        client_keys=client_keys,
+        metrics_token=metrics_token,
+        discover=discover,
     )
     objects.append(gateway_policy(namespace, site))
     return objects
