@@ -1,4 +1,5 @@
-"""Hot reload: watch the registry, ``models.yaml``, ``keys.yaml`` and the owner key by ``stat()``.
+"""Hot reload: watch the registry, ``models.yaml``, ``keys.yaml`` and the owner key by ``stat()``
+(and, with ``--discover kubernetes``, the engines the Kubernetes API lists: gateway.k8sdiscovery).
 
 Requests never touch the filesystem: they read the ``Snapshot`` in ``Live``, which the
 reload task replaces whole. Every ``reload_interval_s`` the task stats the sources (in
