@@ -288,7 +288,8 @@ def test_sbatch_that_lost_the_controller_before_queueing_submitted_nothing(
     assert "Socket timed out on send/recv operation" in message
     assert "within 3s: nothing was submitted" in message and caught.value.hint
     assert transport.sbatch_calls == 1
-    assert {str(j["job_id"]) for j in cluster.jobs()} == before
+    # No new job (an earlier test's job may end and leave the list meanwhile: a subset).
+    assert {str(j["job_id"]) for j in cluster.jobs()} <= before
     assert registry().records() == []  # a failed submit leaves no record behind
 
 
