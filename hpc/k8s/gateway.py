@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import yaml
 
 from hpc.errors import MTError
-from hpc.k8s.manifests import base_url, container_security, http_probe
+from hpc.k8s.manifests import base_url, container_security, http_probe, pod_security
 from hpc.k8s.naming import KEY_ENTRY, MANAGED_BY, Manifest, Names, Served, slug
 from hpc.k8s.settings import KubernetesSite
 from hpc.spec import PoolSpec
@@ -216,9 +216,6 @@ def deployment(
             {"name": "keys", "mountPath": _SECRET_DIR, "readOnly": True},
         ],
     }
-    pod_security: Manifest = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-    if gw.run_as_user is not None:
-        pod_security |= {"runAsUser": gw.run_as_user, "fsGroup": gw.run_as_user}
     anti_affinity = {
         "podAntiAffinity": {
             # Preferred, not required: three replicas on two nodes still all run.
@@ -246,7 +243,7 @@ def deployment(
     pod: Manifest = {
         **account,
         "terminationGracePeriodSeconds": 60,  # streams in flight finish (mt gateway drains)
-        "securityContext": pod_security,
+        "securityContext": pod_security(gw.run_as_user),
         "affinity": anti_affinity,
         "initContainers": [copy_keys],
         "containers": [container],

@@ -172,6 +172,15 @@ def container_security() -> dict[str, Any]:
     }
 
 
+def pod_security(run_as_user: int | None) -> dict[str, Any]:
+    """Every mt pod's security context: non-root, the runtime's seccomp profile, and the
+    site's uid (also owning the volumes) when it names one."""
+    security: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if run_as_user is not None:
+        security |= {"runAsUser": run_as_user, "fsGroup": run_as_user}
+    return security
+
+
 def http_probe(
     path: str, port: str, period_s: int, failures: int, timeout_s: int
 ) -> dict[str, Any]:
@@ -270,16 +279,10 @@ def deployment(
             {"name": "fetcher", "mountPath": "/etc/modeltainer", "readOnly": True},
         ],
     }
-    pod_security: dict[str, Any] = {
-        "runAsNonRoot": True,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    if k8s.run_as_user is not None:
-        pod_security |= {"runAsUser": k8s.run_as_user, "fsGroup": k8s.run_as_user}
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 90,  # in-flight requests finish; vLLM frees GPUs
-        "securityContext": pod_security,
+        "securityContext": pod_security(k8s.run_as_user),
         "initContainers": [fetch],
         "containers": [engine],
         "volumes": [

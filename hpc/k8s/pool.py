@@ -33,6 +33,7 @@ from hpc.k8s.manifests import (
     http_probe,
     node_selector,
     place,
+    pod_security,
     pvc,
     resources_for,
     secret,
@@ -207,16 +208,10 @@ def deployment(
             {"name": "shm", "mountPath": "/dev/shm"},  # noqa: S108 - vLLM needs shm
         ],
     }
-    pod_security: dict[str, Any] = {
-        "runAsNonRoot": True,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    if k8s.run_as_user is not None:
-        pod_security |= {"runAsUser": k8s.run_as_user, "fsGroup": k8s.run_as_user}
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": termination_grace_s(plan),
-        "securityContext": pod_security,
+        "securityContext": pod_security(k8s.run_as_user),
         "initContainers": [_fetch(spec, i, env) for i, spec in enumerate(catalogue)],
         "containers": [container],
         "volumes": [

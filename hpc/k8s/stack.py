@@ -34,12 +34,20 @@ def model_group(
 ) -> list[Manifest]:
     """One model's objects: its engine, the policy that admits only the gateway, its monitor."""
     objects = model_objects(spec, names, api_key=api_key, nonce=nonce, site=site)
-    objects.append(
-        engine_policy(spec, names, gateway_namespace=gateway_namespace, site=site, nonce=nonce)
-    )
+    return objects + _guards(spec, names, site, gateway_namespace, nonce)
+
+
+def _guards(
+    served: Served, names: Names, site: KubernetesSite, gateway_namespace: str, nonce: str | None
+) -> list[Manifest]:
+    """What every engine or pool gets beside its own objects: the policy that admits only the
+    gateway (and Prometheus), and, with monitoring, its ServiceMonitor."""
+    guards = [
+        engine_policy(served, names, gateway_namespace=gateway_namespace, site=site, nonce=nonce)
+    ]
     if site.monitoring.enabled:
-        objects.append(engine_monitor(spec, names, nonce))
-    return objects
+        guards.append(engine_monitor(served, names, nonce))
+    return guards
 
 
 def pool_group(
@@ -55,12 +63,7 @@ def pool_group(
     """A swap pool's objects (hpc.k8s.pool), the policy that admits only the gateway, and
     the monitor of the pool's own ``/metrics`` (hpc.job.poolmetrics), as for an engine."""
     objects = pool_objects(pool, catalogue, names, api_key=api_key, nonce=nonce, site=site)
-    objects.append(
-        engine_policy(pool, names, gateway_namespace=gateway_namespace, site=site, nonce=nonce)
-    )
-    if site.monitoring.enabled:
-        objects.append(engine_monitor(pool, names, nonce))
-    return objects
+    return objects + _guards(pool, names, site, gateway_namespace, nonce)
 
 
 def gateway_group(
