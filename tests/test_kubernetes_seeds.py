@@ -11,6 +11,7 @@ render`` writes the same tree, and what the docs' component table says of the se
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -308,3 +309,42 @@ def test_seed_003_llamastack_reaches_the_models_through_the_gateway() -> None:
     assert set(of_kind(objects, "ServiceMonitor")) == {GATEWAY, *engines(objects)}
     for deployment in of_kind(objects, "Deployment").values():
         assert "runAsUser" not in pod_of(deployment)["securityContext"]
+
+
+# --- the docs say what the tests check -------------------------------------------------------
+
+
+def _seeds_section() -> str:
+    text = (EXAMPLES.parent / "kubernetes.md").read_text(encoding="utf-8")
+    start = text.index("## The seed layouts")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_docs_render_each_seed_as_tested() -> None:
+    """Each seed's `mt render` line in docs/kubernetes.md names its files and the models
+    these tests render."""
+    section = _seeds_section()
+    for name, models in SEEDS.items():
+        command = (
+            f"mt --models docs/examples/{name}/models.yaml --site docs/examples/{name}/site.yaml"
+            f" render --backend kubernetes -o k8s {' '.join(models)}"
+        )
+        assert command in " ".join(section.replace("\\\n", " ").split()), name
+
+
+def test_the_component_tables_name_modules_and_tests_that_exist() -> None:
+    section = _seeds_section()
+    assert section.count("| component | rendered by | checked by |") == 4  # one per seed
+    tests = Path(__file__).resolve().parent
+    defined = {
+        name
+        for path in tests.glob("test_*.py")
+        for name in re.findall(r"^(?:async )?def (test_\w+)", path.read_text("utf-8"), re.M)
+    }
+    named = set(re.findall(r"`(test_\w+)`", section))
+    assert len(named) > 20
+    assert named <= defined, sorted(named - defined)
+    repo = tests.parent
+    for module in set(re.findall(r"`([a-z_/]+\.py)`", section)):
+        candidates = [repo / module, repo / "hpc" / "k8s" / module, tests / module]
+        assert any(c.is_file() for c in candidates), module
