@@ -244,6 +244,8 @@ def test_seed_001_the_inference_layer() -> None:
     assert GATEWAY in of_kind(objects, "ServiceAccount") and GATEWAY in of_kind(objects, "Role")
     for name, deployment in of_kind(objects, "Deployment").items():
         assert pod_of(deployment)["automountServiceAccountToken"] is (name == GATEWAY)
+    command = pod_of(gateway)["containers"][0]["command"]
+    assert command[-4:] == ["--discover", "kubernetes:llm", "--discover-interval", "30"]
     # The Ingress keeps long streams open and unbuffered.
     (ingress,) = of_kind(objects, "Ingress").values()
     notes = ingress["metadata"]["annotations"]
