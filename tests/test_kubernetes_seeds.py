@@ -2,8 +2,9 @@
 
 Seed 000: one llama.cpp model on OpenShift behind the gateway's Route; seed 001: the
 inference layer (gateway replicas, three engines, NetworkPolicies, monitoring, discovery);
-seed 003: the models LlamaStack on OpenShift AI reaches through the gateway. (Seed 002, the
-three-node layout with a swap pool, is tests/test_kubernetes_pool.py's.) For each: the golden
+seed 002: three GPU nodes, two pinned models and a swap pool (the pool's own checks, its pod
+run with a real llama-server, are tests/test_kubernetes_pool.py's); seed 003: the models
+LlamaStack on OpenShift AI reaches through the gateway. For each: the golden
 tree under tests/golden/k8s/seed-00N (all but the secrets), every object against its schema
 (Kubernetes' own, or the CRD's: tests/schemas/), ``kubectl kustomize`` builds it, ``mt
 render`` writes the same tree, and what the docs' component table says of the seed holds.
@@ -35,7 +36,7 @@ from hpc.configfile import load_models
 from hpc.k8s.kustomize import layout_tree, write_tree
 from hpc.k8s.naming import slug
 from hpc.site import SiteConfig
-from hpc.spec import ModelsFile, ModelSpec
+from hpc.spec import ModelsFile, ModelSpec, PoolSpec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,6 +45,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 SEEDS: dict[str, tuple[str, ...]] = {
     "seed-000": ("qwen3-8b",),
     "seed-001": ("llama-3.1-8b", "qwen2.5-coder-32b", "embed"),
+    "seed-002": ("qwen3-coder-30b", "gpt-oss-20b", "swap"),  # swap: the pool
     "seed-003": ("granite-3.3-8b", "llama-3.1-8b"),
 }
 GATEWAY = "mt-gateway"
@@ -57,10 +59,18 @@ def seed(name: str) -> tuple[ModelsFile, SiteConfig]:
 
 
 def specs_of(name: str) -> list[ModelSpec]:
+    """The models a seed renders (its pools apart: :func:`pools_of`)."""
     models, _ = seed(name)
-    found = [models.get(model) for model in SEEDS[name]]
+    found = [models.get(model) for model in SEEDS[name] if models.pool(model) is None]
     assert None not in found, f"{name}: a name the docs render is not in its models.yaml"
     return [spec for spec in found if spec is not None]
+
+
+def pools_of(name: str) -> list[tuple[PoolSpec, list[ModelSpec]]]:
+    """The swap pools a seed renders, each with its catalogue."""
+    models, _ = seed(name)
+    pools = [models.pool(model) for model in SEEDS[name]]
+    return [(pool, list(models.catalogue(pool))) for pool in pools if pool is not None]
 
 
 def seed_tree(name: str) -> dict[str, str]:
@@ -72,6 +82,7 @@ def seed_tree(name: str) -> dict[str, str]:
         client_keys=CLIENT_KEYS,
         metrics_token=METRICS_TOKEN,
         site=site.kubernetes,
+        pools=pools_of(name),
     )
 
 
@@ -199,19 +210,26 @@ def test_each_engine_has_its_volume_download_and_probes(name: str) -> None:
     startup/readiness/liveness probes on /health, the startup budget its load time."""
     objects = parsed(seed_tree(name))
     claims = of_kind(objects, "PersistentVolumeClaim")
-    for spec in specs_of(name):
-        deployment = engines(objects)[f"mt-{slug(spec.name)}"]
-        pod = pod_of(deployment)
+    # A model's pod fetches its weights; a pool's fetches each catalogue model's, and its
+    # startup budget is the slowest one's.
+    served: list[tuple[str, list[ModelSpec]]] = [(s.name, [s]) for s in specs_of(name)]
+    served += [(pool.name, catalogue) for pool, catalogue in pools_of(name)]
+    assert sorted(f"mt-{slug(n)}" for n, _ in served) == sorted(engines(objects))
+    for served_name, fetched in served:
+        pod = pod_of(engines(objects)[f"mt-{slug(served_name)}"])
         (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert volume["persistentVolumeClaim"]["claimName"] in claims
-        (fetch,) = pod["initContainers"]
-        assert fetch["name"] == "fetch-weights"
-        assert "pip" not in " ".join(fetch["command"])
+        fetches = pod["initContainers"]
+        assert len(fetches) == len(fetched)
+        for fetch in fetches:
+            assert fetch["name"].startswith("fetch-")
+            assert fetch["command"] == ["python3", "/etc/modeltainer/fetch_weights.py"]
         (engine,) = pod["containers"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert engine[probe]["httpGet"]["path"] == "/health"
         startup = engine["startupProbe"]
-        assert startup["failureThreshold"] * startup["periodSeconds"] >= spec.startup_timeout_s
+        slowest_s = max(spec.startup_timeout_s for spec in fetched)
+        assert startup["failureThreshold"] * startup["periodSeconds"] >= slowest_s
         assert pod["terminationGracePeriodSeconds"] >= 60
 
 
