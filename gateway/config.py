@@ -44,6 +44,13 @@ class GatewayConfig(BaseModel):
         description="also route the engines the Kubernetes API lists: kubernetes (the "
         "kubeconfig's or the pod's namespace) or kubernetes:NAMESPACE",
     )
+    discover_interval_s: float = Field(
+        default=10,
+        gt=0,
+        description="with --discover, how often the Kubernetes API is asked for engines (a "
+        "list of Services, then EndpointSlices and a Secret per Service: keep it well above "
+        "reload_interval_s on a big cluster)",
+    )
     max_body_mb: float = Field(
         default=4,
         gt=0,

@@ -3,11 +3,15 @@
 The namespace's mt-managed Services (``app.kubernetes.io/managed-by=modeltainer``) name
 their model in the ``modeltainer.io/model`` annotation; each ready endpoint of their
 EndpointSlices (``kubernetes.io/service-name``) becomes one ``ready`` record, with the key
-from the instance's Secret ``<instance>-key`` (entry ``api-key``). The records are merged
+from the instance's Secret ``<instance>-key`` (entry ``api-key``). A swap pool's Service
+also lists its catalogue (``modeltainer.io/serves``, hpc.k8s.pool): its records serve every
+name of it, as a submitted pool's registry record does. The records are merged
 into the route table with the registry's (:func:`gateway.routes.build_routes`), so a job
 submitted after the gateway started is routed at the next reload, and a cancelled one
 (its Service deleted) disappears. A failed API call raises ``KubernetesError``: the
-reloader keeps the last good records and logs a warning.
+reloader keeps the last good records and logs a warning. The reloader asks the API every
+``discover_interval_s`` (gateway.config), not at every reload: a list of Services, then one
+of EndpointSlices and one Secret read per Service, is work for a big cluster's API server.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from typing import Any
 
 from hpc.errors import MTError
 from hpc.k8s.apiclient import KubeApi
-from hpc.k8s.naming import INSTANCE_LABEL, KEY_ENTRY, MANAGED_SELECTOR, MODEL_ANNOTATION
+from hpc.k8s.naming import (
+    INSTANCE_LABEL,
+    KEY_ENTRY,
+    MANAGED_SELECTOR,
+    MODEL_ANNOTATION,
+    POOL_COMPONENT,
+    SERVES_ANNOTATION,
+)
 from hpc.registry import Record
 
 BACKEND = "k8s"
@@ -71,6 +82,9 @@ class KubeDiscovery:
             if key is None:
                 continue
             component = (meta.get("labels") or {}).get("app.kubernetes.io/component", "")
+            serves = _serves(meta.get("annotations") or {})
+            # A pool's records are named as the registry names a submitted pool's (hpc.jobs).
+            engine = "pool" if component == POOL_COMPONENT else component or "unknown"
             for i, (address, port) in enumerate(addresses):
                 records.append(
                     Record(
@@ -78,12 +92,13 @@ class KubeDiscovery:
                         job_id=f"{namespace}.{instance}.{i}",
                         nonce=instance,
                         model=model,
-                        engine=component or "unknown",
+                        engine=engine,
                         state="ready",
                         node=address,
                         port=port,
                         base_url=f"http://{_host(address)}:{port}/v1",
                         api_key=key,
+                        serves=serves,
                         created_at=0,
                     )
                 )
@@ -131,6 +146,21 @@ class KubeDiscovery:
     ) -> list[dict[str, Any]]:
         resp = self.api.call(action, namespace, fn, *args, **kw)
         return [dict(item) for item in json.loads(resp.data).get("items") or []]
+
+
+def _serves(annotations: dict[str, str]) -> tuple[str, ...]:
+    """A pool's catalogue from its Service's annotation; () for an engine (or a bad value,
+    which leaves the pool routed under its own name only)."""
+    raw = annotations.get(SERVES_ANNOTATION)
+    if not raw:
+        return ()
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return ()
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        return ()
+    return tuple(names)
 
 
 def _host(address: str) -> str:

@@ -1,5 +1,6 @@
 """Hot reload: watch the registry, ``models.yaml``, ``keys.yaml`` and the owner key by ``stat()``
-(and, with ``--discover kubernetes``, the engines the Kubernetes API lists: gateway.k8sdiscovery).
+(and, with ``--discover kubernetes``, the engines the Kubernetes API lists: gateway.k8sdiscovery,
+asked every ``discover_interval_s``, not at every reload).
 
 Requests never touch the filesystem: they read the ``Snapshot`` in ``Live``, which the
 reload task replaces whole. Every ``reload_interval_s`` the task stats the sources (in
@@ -92,20 +93,22 @@ class Reloader:
     _discovery: KubeDiscovery | None = field(default=None, init=False)
     _discovered: list[Record] = field(default_factory=list, init=False)
     _discovery_error: str | None = field(default=None, init=False)
+    _discovered_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.config.discover is not None:
             self._discovery = KubeDiscovery(parse_discover(self.config.discover))
 
-    def load_initial(self) -> Snapshot:
+    def load_initial(self, now: float | None = None) -> Snapshot:
         """The first snapshot; a bad models.yaml or keys.yaml raises ConfigError, an
-        unusable owner key MTError."""
+        unusable owner key MTError. ``now``: a ``time.monotonic()`` reading, as for poll."""
         now_ns = time.time_ns()
+        monotonic = time.monotonic() if now is None else now
         sigs = self._stat_all()
         if self.config.models_file is not None:
             self._models = load_models(self.config.models_file)
         self._keys = load_key_store(self.config.keys_file, self.config.owner_key_file)
-        self._discover()
+        self._discover(monotonic)
         self._routes = self._build_routes()
         self._remember(sigs, now_ns)
         return Snapshot(routes=self._routes, keys=self._keys, models=self._models)
@@ -121,7 +124,8 @@ class Reloader:
         sigs = self._stat_all()
         full = monotonic - self._last_full >= FULL_RELOAD_EVERY_S
         changed = {name for name, sig in sigs.items() if full or self._stale(name, sig)}
-        if not changed and self._discovery is None:
+        discover = self._discovery_due(monotonic)
+        if not changed and not discover:
             return None
         if "models" in changed and self.config.models_file is not None:
             try:
@@ -135,7 +139,7 @@ class Reloader:
                 self._accepted("keys")
             except MTError as exc:  # ConfigError included
                 self._rejected("keys", exc)
-        if self._discover():
+        if discover and self._discover(monotonic):
             changed.add("discovered")
         if self._routes is None or changed & {"registry", "models", "discovered"}:
             try:
@@ -180,8 +184,19 @@ class Reloader:
                 log.warning(warning)
         return routes
 
-    def _discover(self) -> bool:
-        return self._discovery is not None and self._discover_with(self._discovery)
+    def _discovery_due(self, now: float) -> bool:
+        """True when the API is to be asked again (every ``discover_interval_s``; a failed
+        call waits as long: an API server in trouble gets no more calls than a healthy one)."""
+        if self._discovery is None:
+            return False
+        last = self._discovered_at
+        return last is None or now - last >= self.config.discover_interval_s
+
+    def _discover(self, now: float) -> bool:
+        if self._discovery is None:
+            return False
+        self._discovered_at = now
+        return self._discover_with(self._discovery)
 
     def _discover_with(self, discovery: KubeDiscovery) -> bool:
         """Ask the Kubernetes API for its engines; True if they changed. A failed call

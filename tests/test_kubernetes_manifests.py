@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -79,16 +80,34 @@ def check_golden(path: Path, text: str) -> None:
     assert text == path.read_text(encoding="utf-8"), f"regenerate with MT_UPDATE_GOLDEN=1: {path}"
 
 
-# CRDs' kinds: kubernetes-validate ships Kubernetes' own schemas only; their golden files,
-# kubectl kustomize and tests/test_kubernetes_layout.py's structural checks cover them.
+# CRDs' kinds (the prometheus-operator's, OpenShift's Route) are not in kubernetes-validate:
+# their own schemas, made from the CRDs and shipped with their sources in tests/schemas/.
+SCHEMAS = Path(__file__).parent / "schemas"
 CRD_GROUPS = ("route.openshift.io/", "monitoring.coreos.com/")
 
 
+@functools.cache
+def crd_validator(api_version: str, kind: str) -> Any:
+    """The strict JSON-schema validator of one CRD kind (tests/schemas/README.md)."""
+    jsonschema = pytest.importorskip("jsonschema", reason="pip install -e '.[dev]'")
+    group, _, version = api_version.partition("/")
+    path = SCHEMAS / group / f"{kind.lower()}_{version}.json"
+    # A CRD kind without a shipped schema fails: nothing rendered goes unchecked.
+    assert path.is_file(), f"no schema for {api_version} {kind}: add it (tests/schemas/README.md)"
+    schema = json.loads(path.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
 def validate(obj: dict[str, Any]) -> None:
-    """Against Kubernetes' JSON schemas (strict: unknown fields fail), shipped in the package."""
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
+    """Against Kubernetes' JSON schemas (strict: unknown fields fail), shipped in the package,
+    or a CRD's own (tests/schemas/)."""
     if obj["apiVersion"].startswith(CRD_GROUPS):
+        errors = sorted(
+            crd_validator(obj["apiVersion"], obj["kind"]).iter_errors(obj), key=lambda e: e.path
+        )
+        assert not errors, "; ".join(f"{list(e.path)}: {e.message}" for e in errors)
         return
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
     kv.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -246,3 +265,39 @@ def test_the_llamacpp_image_follows_the_accelerator(
         {**CASES["llamacpp_cpu"], "resources": resources, "kubernetes": kubernetes}
     )
     assert engine_image(spec) == image
+
+
+def _golden_docs(name: str) -> dict[str, dict[str, Any]]:
+    docs = yaml.safe_load_all((GOLDEN / name).read_text(encoding="utf-8"))
+    return {doc["kind"]: doc for doc in docs}
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "bad"),
+    [
+        # A typo in a field name (strict: unknown fields fail, as for built-in kinds).
+        ("ServiceMonitor", ("spec", "endpoints", 0), {"bearerTokenSecrett": {}}),
+        ("ServiceMonitor", ("spec", "endpoints", 0), {"scheme": "gopher"}),
+        ("PrometheusRule", ("spec", "groups", 0, "rules", 0), {"for": "ten minutes"}),
+        ("Route", ("spec", "tls"), {"termination": "tunnel"}),
+        ("Route", ("spec",), {"hosts": ["llm.example.org"]}),
+    ],
+)
+def test_the_crd_schemas_reject_what_their_api_server_would(
+    kind: str, path: tuple[Any, ...], bad: dict[str, Any]
+) -> None:
+    """The shipped CRD schemas (tests/schemas/) check the kinds kubernetes-validate does not."""
+    obj = _golden_docs("gateway_openshift.yaml")[kind]
+    validate(obj)  # as rendered: accepted
+    node: Any = obj
+    for step in path:
+        node = node[step]
+    node.update(bad)
+    with pytest.raises(AssertionError):
+        validate(obj)
+
+
+def test_a_crd_kind_without_a_shipped_schema_fails() -> None:
+    monitor = _golden_docs("gateway_openshift.yaml")["ServiceMonitor"]
+    with pytest.raises(AssertionError, match=r"no schema for monitoring\.coreos\.com/v1 Probe"):
+        validate({**monitor, "kind": "Probe"})

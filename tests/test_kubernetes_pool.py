@@ -1,5 +1,6 @@
 """Swap pools on Kubernetes: seed 002's layout (two pinned models and a pool) from one
-models.yaml, its golden tree, ``kubectl kustomize`` and Kubernetes' schemas; the pool's
+models.yaml (its golden tree, schemas, ``kubectl kustomize`` and ``mt render``:
+tests/test_kubernetes_seeds.py, with the other seeds'); the pool's
 Deployment through the fake API server (submit, ready, cancel; ``--dry-run``); and the
 rendered pool pod and gateway pod run here with a real llama-server, so what the manifests
 say (plan, key, port, probes' path) is what the pool process does.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,23 +21,20 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from mtcli import mt
 from realparts import missing_part
 from test_gateway_proxy import CHAT, chat
 from test_kubernetes_layout import _mapped, _pod_gateway, _resolve_env
 from test_kubernetes_manifests import (
     CLIENT_KEYS,
-    GOLDEN,
     KEY,
     METRICS_TOKEN,
-    check_golden,
-    validate,
 )
+from test_kubernetes_seeds import seed_tree as seeds_tree
 
 from hpc.configfile import load_models
 from hpc.errors import MTError
 from hpc.job.plan import PoolPlan
-from hpc.k8s.kustomize import layout_tree, write_tree
+from hpc.k8s.kustomize import layout_tree
 from hpc.k8s.pool import KEY_ENV, MIN_GRACE_S
 from hpc.site import SiteConfig
 from hpc.spec import ModelsFile, PoolSpec
@@ -59,19 +56,9 @@ def seed() -> tuple[ModelsFile, SiteConfig]:
 
 
 def seed_tree() -> dict[str, str]:
-    """The tree `mt render --backend kubernetes qwen3-coder-30b gpt-oss-20b swap` writes."""
-    models, site = seed()
-    pool = models.pool(POOL)
-    assert pool is not None
-    specs = [models.get(name) for name in PINNED]
-    return layout_tree(
-        [s for s in specs if s is not None],
-        api_keys=dict.fromkeys((*PINNED, POOL), KEY),
-        client_keys=CLIENT_KEYS,
-        metrics_token=METRICS_TOKEN,
-        site=site.kubernetes,
-        pools=[(pool, models.catalogue(pool))],
-    )
+    """The tree `mt render --backend kubernetes qwen3-coder-30b gpt-oss-20b swap` writes
+    (its golden tree, schemas, kubectl kustomize and mt render: tests/test_kubernetes_seeds.py)."""
+    return seeds_tree("seed-002")
 
 
 def parsed(files: dict[str, str]) -> list[dict[str, Any]]:
@@ -83,49 +70,6 @@ def parsed(files: dict[str, str]) -> list[dict[str, Any]]:
 def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     return found
-
-
-def test_seed_002_golden_tree_and_schemas(tmp_path: Path) -> None:
-    """Two pinned models and the pool, one directory each, beside the gateway and monitoring."""
-    files = seed_tree()
-    assert {rel.split("/")[0] for rel in files if "/" in rel} == {
-        "gateway",
-        "monitoring",
-        *PINNED,
-        POOL,
-    }
-    for obj in parsed(files):
-        validate(obj)
-    golden = GOLDEN / "seed-002"
-    for rel, text in files.items():
-        if not rel.endswith("secret.yaml"):  # gitignored by the tree itself
-            check_golden(golden / rel, text)
-    on_disk = sorted(str(p.relative_to(golden)) for p in golden.rglob("*") if p.is_file())
-    assert on_disk == sorted(rel for rel in files if not rel.endswith("secret.yaml"))
-    write_tree(tmp_path, files)
-    assert (tmp_path / POOL / "secret.yaml").stat().st_mode & 0o077 == 0  # the pool's key
-
-
-def test_kubectl_kustomize_builds_seed_002(tmp_path: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        missing_part("kubectl", "kubectl is not on PATH")
-        raise AssertionError("unreachable")
-    files = seed_tree()
-    write_tree(tmp_path / "k8s", files)
-    built = subprocess.run(
-        [kubectl, "kustomize", str(tmp_path / "k8s")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
-    for doc in docs:
-        validate(doc)
-    expected = sorted((o["kind"], o["metadata"]["name"]) for o in parsed(files))
-    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == expected
-    assert ("Deployment", "mt-swap") in expected
 
 
 def test_each_deployment_is_pinned_to_its_role_with_one_amd_gpu() -> None:
@@ -242,32 +186,6 @@ def test_a_pool_without_an_image_is_refused_with_a_hint() -> None:
             pools=[(bare, models.catalogue(pool))],
         )
     assert caught.value.hint is not None and "kubernetes.image" in caught.value.hint
-
-
-def test_mt_render_writes_seed_002(tmp_path: Path) -> None:
-    """The command docs/kubernetes.md shows, through the real CLI."""
-    out = tmp_path / "k8s"
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(CLIENT_KEYS, encoding="utf-8")
-    keys.chmod(0o600)
-    done = mt(
-        "--models",
-        str(SEED / "models.yaml"),
-        "--site",
-        str(SEED / "site.yaml"),
-        "render",
-        "--backend",
-        "kubernetes",
-        "--keys",
-        str(keys),
-        "-o",
-        str(out),
-        *PINNED,
-        POOL,
-    )
-    assert "kubectl apply -k" in done.stderr
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == sorted(seed_tree())
 
 
 # --- the rendered pods, run here -----------------------------------------------------------

@@ -222,6 +222,9 @@ def gateway(
     discover: Annotated[str | None, _gateway_option("discover", "--discover")] = _gateway_default(
         "discover"
     ),
+    discover_interval: Annotated[
+        float, _gateway_option("discover_interval_s", "--discover-interval")
+    ] = _gateway_default("discover_interval_s"),
 ) -> None:
     """Run the OpenAI-compatible gateway in the foreground; it requires a key (yours:
     `mt keys owner`)."""
@@ -275,6 +278,7 @@ def gateway(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         discover=discover,
+        discover_interval_s=discover_interval,
     )
     # The site's check covered MT_HOME, the registry and the default files; these are the
     # gateway's own (a --keys elsewhere).

@@ -186,6 +186,8 @@ def deployment(
     command += ["--host", "0.0.0.0", "--port", port, "--keys", f"{_MT_HOME}/{KEYS_ENTRY}"]  # noqa: S104 - the pod's address; keys and NetworkPolicies guard it
     if discover:
         command += ["--discover", f"kubernetes:{namespace}"]
+        if gw.discover_interval_s is not None:
+            command += ["--discover-interval", f"{gw.discover_interval_s:g}"]
     container: Manifest = {
         "name": "gateway",
         "image": gw.image,

@@ -22,6 +22,9 @@ MANAGED_BY = "modeltainer"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 MODEL_ANNOTATION = "modeltainer.io/model"
+# On a swap pool's Service: its catalogue, a JSON list of names (gateway.k8sdiscovery routes
+# each to the pool).
+SERVES_ANNOTATION = "modeltainer.io/serves"
 NONCE_LABEL = "modeltainer.io/nonce"
 KEY_ENTRY = "api-key"
 ENGINE_CONTAINER = "engine"

@@ -13,11 +13,13 @@ a NetworkPolicy that admits only the gateway (and Prometheus, which scrapes the 
 ``/metrics``), every route but ``/health`` behind the per-job key, which comes from the
 pool's Secret by ``secretKeyRef``. No registry record is written in the pod: the
 Deployment's status is the job's state (hpc.backends.kubernetes). The gateway's models.yaml
-routes every catalogue name to the pool's Service (hpc.k8s.gateway).
+routes every catalogue name to the pool's Service (hpc.k8s.gateway); a gateway that finds
+engines from the API reads the catalogue from the Service's ``modeltainer.io/serves``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +46,7 @@ from hpc.k8s.naming import (
     INSTANCE_LABEL,
     KEY_ENTRY,
     MANAGED_BY,
+    SERVES_ANNOTATION,
     Manifest,
     Names,
     labels_for,
@@ -238,6 +241,15 @@ def deployment(
     }
 
 
+def pool_service(pool: PoolSpec, names: Names, nonce: str | None) -> Manifest:
+    """The pool's Service, annotated with its catalogue: a gateway that finds engines from the
+    API (gateway.k8sdiscovery) routes each of those names to the pool, as the registry's
+    record's ``serves`` does."""
+    svc = service(pool, names, nonce)
+    svc["metadata"]["annotations"][SERVES_ANNOTATION] = json.dumps(list(pool.models))
+    return svc
+
+
 def pool_objects(
     pool: PoolSpec,
     catalogue: Sequence[ModelSpec],
@@ -268,6 +280,6 @@ def pool_objects(
         objects.append(pvc(pool, names))
     objects += [
         deployment(pool, catalogue, names, plan, nonce, site or KubernetesSite()),
-        service(pool, names, nonce),
+        pool_service(pool, names, nonce),
     ]
     return objects

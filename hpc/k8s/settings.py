@@ -66,6 +66,12 @@ class GatewayK8s(_Strict):
         "(jobs submitted later; a ServiceAccount and a read-only Role are rendered); the "
         "gateway `mt submit` applies always does",
     )
+    discover_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="with discovery, how often the gateway asks the API (`mt gateway "
+        "--discover-interval`; default: the gateway's own, 10 s); raise it on a big cluster",
+    )
 
 
 class MonitoringK8s(_Strict):
