@@ -16,7 +16,14 @@ import pytest
 from fake_upstream import FakeUpstream, Knobs
 from realengine import RealEngine
 from test_gateway_limits import bearer
-from test_gateway_proxy import CHAT, add_record, assert_openai_error, chat, gateway
+from test_gateway_proxy import (
+    CHAT,
+    add_record,
+    assert_openai_error,
+    chat,
+    closed_port_url,
+    gateway,
+)
 
 from gateway.keys import create_key
 from hpc.phases import Phases
@@ -166,20 +173,20 @@ async def test_a_whole_stream_is_charged_its_real_usage_not_an_estimate(
 
 
 async def test_each_serving_jobs_start_up_phases_are_gauges(tmp_path: Path) -> None:
+    # No request is sent: the gauges come from the records, so no engine is needed.
     registry = tmp_path / "registry"
-    async with FakeUpstream(Knobs()) as fake:
-        record = add_record(registry, "m", fake.base_url)
-        phases = Phases(
-            queued_s=4.5,
-            staging_s=0.8,
-            staging_bytes=253113024,
-            staging_mb_s=303.1,
-            engine_start_to_healthy_s=1.25,
-        )
-        Registry(registry).write(record.model_copy(update={"phases": phases}))
-        add_record(registry, "plain", fake.base_url)  # no phases recorded: no series
-        async with gateway(tmp_path) as url:
-            seen = await scrape(url)
+    record = add_record(registry, "m", closed_port_url())
+    phases = Phases(
+        queued_s=4.5,
+        staging_s=0.8,
+        staging_bytes=253113024,
+        staging_mb_s=303.1,
+        engine_start_to_healthy_s=1.25,
+    )
+    Registry(registry).write(record.model_copy(update={"phases": phases}))
+    add_record(registry, "plain", closed_port_url())  # no phases recorded: no series
+    async with gateway(tmp_path) as url:
+        seen = await scrape(url)
     labels = f'model="m",job="{record.key}"'
     assert seen[("mt_job_startup_phase_seconds", labels + ',phase="queued"')] == 4.5
     assert seen[("mt_job_startup_phase_seconds", labels + ',phase="staging"')] == 0.8
