@@ -10,22 +10,32 @@ cancelled at the end of the session (`mt cancel`, which stops the wrapper's whol
 
 A test puts it behind its own gateway with ``real_engine.record_in(registry_dir, model)``:
 a registry record with the job's front, key and certificate pin under the test's model name
-(llama-server serves whatever model name a request carries). The packaged Gemma is a base
-model: test shapes and token counts, never the words, and bound every ``max_tokens``.
+(llama-server serves whatever model name a request carries).
+
+``bare_engine`` is the same llama-server run bare on a loopback port (plain HTTP, its key
+from a 0600 file, ``--api-key-file``), as an engine ModelTainer did not start: for what
+takes a plain URL (a ``static:`` backend, `mt export --direct`, `mt bench URL`). It too is
+one for the session, started on first use and stopped by pid at the end.
+
+The packaged Gemma is a base model: test shapes and token counts, never the words, and bound
+every ``max_tokens``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import secrets
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 from realparts import missing_part
 
 from hpc.registry import Record, Registry, new_nonce
@@ -45,23 +55,31 @@ class RealEngine:
     """The session's llama-server job, as its wrapper recorded it."""
 
     job: str  # the job's key for `mt` (`mt cancel JOB`)
-    base_url: str  # the job's TLS front, ``https://127.0.0.1:PORT/v1``
-    key: str  # the job's own key (the front requires it)
-    tls_sha256: str  # the front's certificate pin
+    record: Record  # its registry record, as the job wrapper wrote it
+
+    @property
+    def base_url(self) -> str:
+        """The job's TLS front, ``https://127.0.0.1:PORT/v1``."""
+        assert self.record.base_url is not None
+        return self.record.base_url
+
+    @property
+    def key(self) -> str:
+        """The job's own key (the front requires it)."""
+        return self.record.api_key.get_secret_value()
+
+    @property
+    def tls_sha256(self) -> str:
+        """The front's certificate pin."""
+        assert self.record.tls_sha256 is not None
+        return self.record.tls_sha256
 
     def record_in(self, registry_dir: Path, model: str = "m") -> Record:
-        """A ready record of this engine under ``model`` in ``registry_dir`` (a test's
-        gateway registry), written the way a job wrapper writes one."""
-        record = Record(
-            backend="local",
-            job_id=new_nonce(),
-            nonce=new_nonce(),
-            model=model,
-            engine="llamacpp",
-            state="ready",
-            base_url=self.base_url,
-            api_key=SecretStr(self.key),
-            tls_sha256=self.tls_sha256,
+        """The job's record under ``model`` (and a job id of its own) in ``registry_dir``, a
+        test's gateway registry: front, key, pin, engine and health paths as the wrapper
+        wrote them."""
+        record = self.record.model_copy(
+            update={"job_id": new_nonce(), "nonce": new_nonce(), "model": model}
         )
         Registry(registry_dir).write(record)
         return record
@@ -131,11 +149,66 @@ def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEngine
         record = Registry(root / "mt-home" / "registry").read(job)
         assert record is not None and record.state == "ready", record
         assert record.base_url is not None and record.tls_sha256 is not None, record
-        yield RealEngine(
-            job=job,
-            base_url=record.base_url,
-            key=record.api_key.get_secret_value(),
-            tls_sha256=record.tls_sha256,
-        )
+        yield RealEngine(job=job, record=record)
     finally:
         _mt(env, "cancel", job)
+
+
+@dataclass(frozen=True)
+class BareEngine:
+    """The session's bare llama-server: a plain-HTTP OpenAI root and the key it requires."""
+
+    base_url: str  # http://127.0.0.1:PORT/v1
+    key: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _healthy(port: int) -> bool:
+    """llama-server's /health (no key needed) answers 200 once the model is loaded."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def bare_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareEngine]:
+    """The session's one bare llama-server on a loopback port (started on first use)."""
+    binary = llama_server()
+    gguf = gemma_gguf_path()
+    root = tmp_path_factory.mktemp("bare-engine")
+    root.chmod(0o700)
+    key = "mt-bare-" + secrets.token_urlsafe(24)
+    key_file = root / "key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n", encoding="utf-8")
+    port = _free_port()
+    argv = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--alias", MODEL, "--api-key-file", str(key_file), *ENGINE_ARGS]
+    log = root / "llama-server.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(port):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        yield BareEngine(f"http://127.0.0.1:{port}/v1", key)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
