@@ -2,6 +2,9 @@
 
 Upstreams are ``FakeUpstream``s (the wire format of vLLM / llama.cpp) listed as static
 backends or as registry records; the gateway runs through ``server.start``.
+
+The openai client's fallback answer comes from the session's bare llama-server as a static
+backend (tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
 """
 
 from __future__ import annotations

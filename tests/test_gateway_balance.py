@@ -1,4 +1,8 @@
-"""Usage chunks, /metrics, disconnect cancellation in every phase, and replica balancing."""
+"""Usage chunks, /metrics, disconnect cancellation in every phase, and replica balancing.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
+"""
 
 from __future__ import annotations
 

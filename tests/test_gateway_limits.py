@@ -2,6 +2,9 @@
 
 Buckets are tested with an injected clock, never wall time; the gateway runs on real ports
 against ``FakeUpstream``.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 The gateway runs through ``server.start`` on a real port in front of a ``FakeUpstream``
 (the wire format of vLLM / llama.cpp); ``/metrics`` is scraped after real requests.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
 """
 
 from __future__ import annotations

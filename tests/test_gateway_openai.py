@@ -1,5 +1,9 @@
 """The official ``openai`` client against the gateway: chat (streaming and not), embeddings,
-errors it raises, and its retries on 429/503 honouring the ``Retry-After`` it is sent."""
+errors it raises, and its retries on 429/503 honouring the ``Retry-After`` it is sent.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Upstreams are ``FakeUpstream``s (the OpenAI wire format of vLLM / llama.cpp); registry
 records are written with the real ``Registry``; the gateway runs through ``server.start``.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
 """
 
 from __future__ import annotations

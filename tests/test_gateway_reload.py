@@ -1,4 +1,8 @@
-"""Hot reload of the registry, models.yaml and keys.yaml; the last good config stays."""
+"""Hot reload of the registry, models.yaml and keys.yaml; the last good config stays.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
+"""
 
 from __future__ import annotations
 

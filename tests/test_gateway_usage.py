@@ -3,6 +3,9 @@
 llama-cpp-python's server sends no usage event even with ``stream_options.include_usage``;
 the ``FakeUpstream`` with ``no_usage`` speaks that wire format (and vLLM's with it off), so
 the counts are exact here; tests/test_gateway_usage_llamacpp.py runs the real server.
+
+An engine that sends its own usage is the session's real llama-server job
+(tests/realengine.py).
 """
 
 from __future__ import annotations
