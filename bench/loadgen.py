@@ -140,24 +140,33 @@ async def one_request(
         sent_s=time.perf_counter() - start,
     )
     url = target.base_url.rstrip("/") + "/chat/completions"
-    try:
-        async with session.post(
-            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
-        ) as response:
-            record.status = response.status
-            if response.status != 200:
-                text = (await response.text(errors="replace"))[:_ERROR_TEXT_CHARS]
-                record.error = f"HTTP {response.status}: {text}"
-            elif workload.stream:
-                await _read_stream(response, record, start)
-            else:
-                answer = await response.json(content_type=None)
-                record.first_token_s = time.perf_counter() - start
-                if isinstance(answer, dict):
-                    _take_usage(record, answer)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        # ValueError: a body that is not JSON. All of these are the engine's failures.
-        record.error = f"{type(exc).__name__}: {exc}"[:_ERROR_TEXT_CHARS]
+    for attempt in (1, 2):
+        try:
+            async with session.post(
+                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                record.status = response.status
+                if response.status != 200:
+                    text = (await response.text(errors="replace"))[:_ERROR_TEXT_CHARS]
+                    record.error = f"HTTP {response.status}: {text}"
+                elif workload.stream:
+                    await _read_stream(response, record, start)
+                else:
+                    answer = await response.json(content_type=None)
+                    record.first_token_s = time.perf_counter() - start
+                    if isinstance(answer, dict):
+                        _take_usage(record, answer)
+        except aiohttp.ClientOSError as exc:
+            # A pooled connection the engine had closed while idle (llama-server's
+            # keep-alive ends after a few seconds): the request never reached it, so it is
+            # sent once more, as HTTP clients do; a second failure is the engine's.
+            if attempt == 1 and record.status is None:
+                continue
+            record.error = f"{type(exc).__name__}: {exc}"[:_ERROR_TEXT_CHARS]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            # ValueError: a body that is not JSON. All of these are the engine's failures.
+            record.error = f"{type(exc).__name__}: {exc}"[:_ERROR_TEXT_CHARS]
+        break
     record.end_s = time.perf_counter() - start
     return record
 

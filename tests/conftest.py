@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fakeengineproc import fake_engine_process
 from otheruser import OtherUser, other_user_or_reason
+from realengine import bare_engine, real_engine  # noqa: F401 - the session's real llama-servers
 from realparts import missing_part
 from redisserver import RedisServer, unavailable
 from slurm_fixtures import cluster, slurm_cluster  # noqa: F401 - the private Slurm cluster

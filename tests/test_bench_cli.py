@@ -1,4 +1,5 @@
-"""`mt bench` end to end: the CLI against a fake engine process, the overhead run, Gemma."""
+"""`mt bench` end to end: the CLI against a URL (the session's bare llama-server,
+tests/realengine.py), the overhead run, Gemma through the gateway."""
 
 from __future__ import annotations
 
@@ -10,21 +11,28 @@ from pathlib import Path
 
 import pytest
 from mtcli import GEMMA, gemma_models_yaml, mt, owner_headers
+from realengine import BareEngine
 
 from bench.overhead import OverheadConfig, markdown, run_overhead
 
 
-@pytest.mark.timeout(120)
-def test_mt_bench_against_a_url_writes_csv_json_and_plots(engine_url: str, tmp_path: Path) -> None:
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+def test_mt_bench_against_a_url_writes_csv_json_and_plots(
+    bare_engine: BareEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
+    monkeypatch.setenv("ENGINE_KEY", bare_engine.key)
     done = mt(
-        "bench", engine_url, "--concurrency", "1,2", "--requests", "4", "--max-tokens", "8",
-        "--prompt-tokens", "12", "--seed", "5", "--plot", "--out", str(out),
+        "bench", bare_engine.base_url, "--api-key-env", "ENGINE_KEY", "--concurrency", "1,2",
+        "--requests", "4", "--max-tokens", "8", "--prompt-tokens", "12", "--seed", "5", "--plot",
+        "--out", str(out),
     )  # fmt: skip
-    assert "fake-model" in done.stdout  # the table; the model came from /v1/models
+    assert "E2E" in done.stdout  # the table
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["concurrency"] for r in rows] == ["1", "2"]
+    assert {r["model"] for r in rows} == {GEMMA}  # the model came from /v1/models
+    assert [(r["concurrency"], r["errors"]) for r in rows] == [("1", "0"), ("2", "0")]
     assert all(float(r["output_tokens_per_s"]) > 0 for r in rows)
     assert all(float(r["ttft_ms_p50"]) < float(r["e2e_ms_p50"]) for r in rows)
     document = json.loads((out / "results.json").read_text())

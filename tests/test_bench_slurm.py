@@ -1,6 +1,7 @@
 """`mt bench --backend slurm` on the real private cluster: the sweep runs in a Slurm job.
 
-The cluster's nodes are this machine, so the job reaches the fake engine on 127.0.0.1.
+The cluster's nodes are this machine, so the job reaches the session's bare llama-server
+(tests/realengine.py) on 127.0.0.1.
 The cluster has no accounting (sacct fails): the result arrives without it.
 """
 
@@ -11,23 +12,30 @@ import json
 from pathlib import Path
 
 import pytest
-from mtcli import mt
+from mtcli import GEMMA, mt
+from realengine import BareEngine
 from slurmcluster import SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slurm, pytest.mark.llamacpp, pytest.mark.timeout(300)]
 
 
 def test_the_sweep_runs_in_a_job_and_is_written_here(
-    cluster: SlurmCluster, engine_url: str, tmp_path: Path
+    cluster: SlurmCluster,
+    bare_engine: BareEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "out"
+    monkeypatch.setenv("ENGINE_KEY", bare_engine.key)
     done = mt(
-        "bench", engine_url, "--backend", "slurm", "--concurrency", "1,2", "--requests", "4",
-        "--max-tokens", "8", "--prompt-tokens", "12", "--job-wait-s", "120", "--out", str(out),
+        "bench", bare_engine.base_url, "--api-key-env", "ENGINE_KEY", "--backend", "slurm",
+        "--concurrency", "1,2", "--requests", "4", "--max-tokens", "8", "--prompt-tokens", "12",
+        "--job-wait-s", "120", "--out", str(out),
     )  # fmt: skip
-    assert "fake-model" in done.stdout  # the table, printed here
+    assert "E2E" in done.stdout  # the table, printed here
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
+    assert {r["model"] for r in rows} == {GEMMA}  # the model came from /v1/models
     assert [(r["concurrency"], r["requests"], r["errors"]) for r in rows] == [
         ("1", "4", "0"), ("2", "4", "0"),
     ]  # fmt: skip
@@ -41,11 +49,16 @@ def test_the_sweep_runs_in_a_job_and_is_written_here(
 
 
 def test_a_refused_job_is_an_error_with_slurms_reason(
-    cluster: SlurmCluster, engine_url: str, tmp_path: Path
+    cluster: SlurmCluster,
+    bare_engine: BareEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("ENGINE_KEY", bare_engine.key)
     done = mt(
-        "bench", engine_url, "--backend", "slurm", "--partition", "nosuchpartition",
-        "--requests", "1", "--concurrency", "1", "--out", str(tmp_path / "out"), check=False,
+        "bench", bare_engine.base_url, "--api-key-env", "ENGINE_KEY", "--backend", "slurm",
+        "--partition", "nosuchpartition", "--requests", "1", "--concurrency", "1",
+        "--out", str(tmp_path / "out"), check=False,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "sbatch refused the bench job" in done.stderr

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from mtcli import mt, running_gateway
 from pydantic import SecretStr
+from realengine import BareEngine
 from realparts import missing_part
 
 from hpc.catalog import Endpoint, ServedModel, served_models
@@ -236,9 +237,9 @@ def _models_yaml(tmp_path: Path, engine_url: str) -> Path:
     path = tmp_path / "models.yaml"
     path.write_text(
         "static:\n"
-        "  - name: fake-chat\n"
+        "  - name: chat\n"
         f"    base_url: {json.dumps(engine_url)}\n"
-        "    api_key_env: FAKE_ENGINE_KEY\n",
+        "    api_key_env: ENGINE_KEY\n",
         encoding="utf-8",
     )
     return path
@@ -329,23 +330,6 @@ def _background(argv: list[str], env: dict[str, str], log: Path) -> Iterator[sub
 
 
 @contextmanager
-def fake_engine(tmp_path: Path, key: str) -> Iterator[str]:
-    """bench.fakeengine (the OpenAI wire format of llama.cpp/vLLM) requiring ``key``."""
-    code = (
-        "import asyncio, os\n"
-        "from bench.fakeengine import Knobs, _serve\n"
-        "knobs = Knobs(tokens=5, require_key=os.environ['FAKE_ENGINE_KEY'], use_max_tokens=True)\n"
-        "asyncio.run(_serve(knobs, 'fake-chat', 0))\n"
-    )
-    env = {**os.environ, "FAKE_ENGINE_KEY": key}
-    with _background([sys.executable, "-c", code], env, tmp_path / "engine.log") as proc:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, (tmp_path / "engine.log").read_text()
-        yield line.split("listening on", 1)[1].strip()
-
-
-@contextmanager
 def litellm_proxy(config: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     """`litellm --config FILE` on a free loopback port; yields its OpenAI root once it is up."""
     port = _free_port()
@@ -370,42 +354,49 @@ def litellm_proxy(config: Path, env: dict[str, str], log: Path) -> Iterator[str]
         yield f"http://127.0.0.1:{port}/v1"
 
 
-def _ask(base_url: str, key: str) -> str:
+def _ask(base_url: str, key: str) -> int:
+    """One chat completion through ``base_url``: the completion tokens it reports (the
+    engine is a base model: its words say nothing)."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
     answer = client.chat.completions.create(
-        model="fake-chat",
+        model="chat",
         messages=[{"role": "user", "content": "Say hello."}],
         max_tokens=5,
     )
-    return answer.choices[0].message.content or ""
+    assert answer.usage is not None
+    return answer.usage.completion_tokens
 
 
 @pytest.mark.litellm
+@pytest.mark.llamacpp
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("direct", [False, True], ids=["via-gateway", "direct"])
-def test_litellm_round_trip(direct: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_litellm_round_trip(
+    direct: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """LiteLLM's real proxy, started with the exported config, answers a chat completion:
     through `mt gateway` (which adds the engine's key) or, with --direct, straight to it."""
     litellm_command()  # skips (or fails under MT_TEST_REQUIRE) before anything starts
-    engine_key = "engine-key-for-this-test"
+    bare_engine: BareEngine = request.getfixturevalue("bare_engine")
+    engine_key = bare_engine.key
     master_key = "sk-litellm-master-for-this-test"
-    with fake_engine(tmp_path, engine_key) as engine_url:
-        monkeypatch.setenv("MT_MODELS", str(_models_yaml(tmp_path, engine_url)))
-        monkeypatch.setenv("FAKE_ENGINE_KEY", engine_key)  # the gateway's static backend key
-        keys = tmp_path / "keys.yaml"
-        client_key = mt("keys", "create", "litellm", "--keys", str(keys)).stdout.strip()
-        with running_gateway("--keys", str(keys)) as gateway_url:
-            config = tmp_path / "litellm.yaml"
-            args = ["export", "litellm", "--gateway-url", gateway_url, "-o", str(config)]
-            mt(*args, *(["--direct"] if direct else []))
-            text = config.read_text(encoding="utf-8")
-            assert engine_key not in text and client_key not in text
-            # The keys reach LiteLLM only through the environment the config names.
-            env = {k: v for k, v in os.environ.items() if k != "FAKE_ENGINE_KEY"}
-            env |= {"LITELLM_MASTER_KEY": master_key}
-            env |= {"FAKE_ENGINE_KEY": engine_key} if direct else {"MT_API_KEY": client_key}
-            with litellm_proxy(config, env, tmp_path / "litellm.log") as proxy_url:
-                content = _ask(proxy_url, master_key)
-    assert content.strip(), "LiteLLM answered with no content"
+    # The session's bare llama-server stands where a static backend's engine runs.
+    monkeypatch.setenv("MT_MODELS", str(_models_yaml(tmp_path, bare_engine.base_url)))
+    monkeypatch.setenv("ENGINE_KEY", engine_key)  # the gateway's static backend key
+    keys = tmp_path / "keys.yaml"
+    client_key = mt("keys", "create", "litellm", "--keys", str(keys)).stdout.strip()
+    with running_gateway("--keys", str(keys)) as gateway_url:
+        config = tmp_path / "litellm.yaml"
+        args = ["export", "litellm", "--gateway-url", gateway_url, "-o", str(config)]
+        mt(*args, *(["--direct"] if direct else []))
+        text = config.read_text(encoding="utf-8")
+        assert engine_key not in text and client_key not in text
+        # The keys reach LiteLLM only through the environment the config names.
+        env = {k: v for k, v in os.environ.items() if k != "ENGINE_KEY"}
+        env |= {"LITELLM_MASTER_KEY": master_key}
+        env |= {"ENGINE_KEY": engine_key} if direct else {"MT_API_KEY": client_key}
+        with litellm_proxy(config, env, tmp_path / "litellm.log") as proxy_url:
+            completion_tokens = _ask(proxy_url, master_key)
+    assert completion_tokens > 0, "LiteLLM answered with no tokens"

@@ -1,4 +1,8 @@
-"""Usage chunks, /metrics, disconnect cancellation in every phase, and replica balancing."""
+"""Usage chunks, /metrics, disconnect cancellation in every phase, and replica balancing.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fake_upstream import FakeUpstream, Knobs
+from realengine import RealEngine
 from test_gateway_proxy import CHAT, add_record, chat, gateway
 
 from gateway.balancer import FAILURES_TO_SKIP, Balancer
@@ -48,17 +53,20 @@ async def test_usage_is_forced_upstream_and_stripped_unless_asked(
     assert 'mt_gateway_tokens_total{model="m",kind="prompt"} 1' in metrics
 
 
-async def test_metrics_count_requests_by_model_and_status(tmp_path: Path) -> None:
-    async with FakeUpstream() as fake:
-        add_record(tmp_path / "registry", "m", fake.base_url)
-        async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
-            for model in ("m", "m", "nope", "nope2"):
-                async with client.post(url + CHAT, json=chat(model)) as resp:
-                    await resp.read()
-            async with client.get(url + "/metrics") as resp:
-                assert resp.status == 200
-                assert resp.headers["Content-Type"].startswith("text/plain")
-                text = await resp.text()
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+async def test_metrics_count_requests_by_model_and_status(
+    tmp_path: Path, real_engine: RealEngine
+) -> None:
+    real_engine.record_in(tmp_path / "registry", "m")
+    async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
+        for model in ("m", "m", "nope", "nope2"):
+            async with client.post(url + CHAT, json={**chat(model), "max_tokens": 2}) as resp:
+                await resp.read()
+        async with client.get(url + "/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = await resp.text()
     assert 'mt_gateway_requests_total{model="m",status="200"} 2' in text
     # Unknown names share one label: clients cannot grow the series.
     assert 'mt_gateway_requests_total{model="-",status="404"} 2' in text

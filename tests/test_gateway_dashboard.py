@@ -3,7 +3,8 @@
 A dashboard that names a metric the gateway does not export shows "No data" forever and
 nobody notices; so every metric name in its expressions must appear as a sample in a real
 ``/metrics`` scrape of a gateway that has served requests (streaming and not, one through a
-failed replica) to a probed replica that reports its engine load.
+failed replica) to a probed replica that reports its engine load: the session's real
+llama-server job (tests/realengine.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fake_upstream import FakeUpstream
-from test_gateway_health import add_job, engine_requests, scrape, wait_for_metrics
+from realengine import RealEngine
+from test_gateway_health import engine_requests, scrape, wait_for_metrics
 from test_gateway_proxy import CHAT, add_record, chat, closed_port_url, gateway
 
 pytestmark = pytest.mark.timeout(30)
@@ -61,23 +62,28 @@ def test_the_dashboard_is_importable() -> None:
         assert shown == [f"histogram_quantile({q}" for q in ("0.5", "0.95", "0.99")], name
 
 
-async def test_every_metric_in_the_dashboard_is_in_a_real_scrape(tmp_path: Path) -> None:
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+async def test_every_metric_in_the_dashboard_is_in_a_real_scrape(
+    tmp_path: Path, real_engine: RealEngine
+) -> None:
     used = {name for expr in expressions() for name in _METRIC.findall(expr)}
-    async with FakeUpstream(model="m") as fake:
-        key = add_job(tmp_path / "registry", fake)
-        # A replica nothing listens on: its connection failures are counted.
-        add_record(tmp_path / "registry", "m", closed_port_url())
-        async with (
-            gateway(tmp_path, health_interval_s=600) as url,
-            aiohttp.ClientSession() as client,
-        ):
-            await wait_for_metrics(client, url, lambda m: engine_requests(key, "waiting") in m)
-            for stream in (False, True, False, True):
-                async with client.post(url + CHAT, json=chat("m", stream=stream)) as resp:
-                    assert resp.status == 200
-                    await resp.read()
-            async with client.get(url + "/metrics") as resp:
-                exported = {sample.split("{")[0] for sample in scrape(await resp.text())}
+    # The real llama-server job (with --metrics: llamacpp:requests_* give its load).
+    key = real_engine.record_in(tmp_path / "registry", "m").key
+    # A replica nothing listens on: its connection failures are counted.
+    add_record(tmp_path / "registry", "m", closed_port_url())
+    async with (
+        gateway(tmp_path, health_interval_s=600) as url,
+        aiohttp.ClientSession() as client,
+    ):
+        await wait_for_metrics(client, url, lambda m: engine_requests(key, "waiting") in m)
+        for stream in (False, True, False, True):
+            ask = {**chat("m", stream=stream), "max_tokens": 2}
+            async with client.post(url + CHAT, json=ask) as resp:
+                assert resp.status == 200
+                await resp.read()
+        async with client.get(url + "/metrics") as resp:
+            exported = {sample.split("{")[0] for sample in scrape(await resp.text())}
     assert used <= exported, sorted(used - exported)
     assert used >= {
         "mt_gateway_requests_total",

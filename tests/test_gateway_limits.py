@@ -2,6 +2,9 @@
 
 Buckets are tested with an injected clock, never wall time; the gateway runs on real ports
 against ``FakeUpstream``.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 from fake_upstream import FakeUpstream, Knobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from realengine import RealEngine
 from test_gateway_proxy import CHAT, add_record, assert_openai_error, chat, gateway
 from test_gateway_reload import eventually
 
@@ -137,21 +141,24 @@ def test_keys_cli_list_and_revoke(tmp_path: Path) -> None:
     assert missing.exit_code == 1
 
 
-async def test_a_model_outside_the_allow_list_is_403(tmp_path: Path) -> None:
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+async def test_a_model_outside_the_allow_list_is_403(
+    tmp_path: Path, real_engine: RealEngine
+) -> None:
     keys = tmp_path / "keys.yaml"
     key = create_key(keys, "alice", models=("gemma-*",))
-    async with FakeUpstream() as fake:
-        add_record(tmp_path / "registry", "gemma-3", fake.base_url)
-        add_record(tmp_path / "registry", "llama", fake.base_url)
-        async with gateway(tmp_path, keys_file=keys) as url, aiohttp.ClientSession() as client:
-            async with client.post(url + CHAT, json=chat("llama"), headers=bearer(key)) as resp:
-                assert resp.status == 403
-                body = await resp.json()
-            async with client.post(url + CHAT, json=chat("gemma-3"), headers=bearer(key)) as resp:
-                assert resp.status == 200
+    real_engine.record_in(tmp_path / "registry", "gemma-3")
+    real_engine.record_in(tmp_path / "registry", "llama")
+    async with gateway(tmp_path, keys_file=keys) as url, aiohttp.ClientSession() as client:
+        async with client.post(url + CHAT, json=chat("llama"), headers=bearer(key)) as resp:
+            assert resp.status == 403
+            body = await resp.json()
+        ask = {**chat("gemma-3"), "max_tokens": 2}
+        async with client.post(url + CHAT, json=ask, headers=bearer(key)) as resp:
+            assert resp.status == 200
     assert_openai_error(body, "model_not_allowed")
     assert body["error"]["param"] == "model"
-    assert fake.seen.requests == 1
 
 
 async def test_an_expired_key_is_401(tmp_path: Path) -> None:

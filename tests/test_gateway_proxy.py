@@ -2,6 +2,9 @@
 
 Upstreams are ``FakeUpstream``s (the OpenAI wire format of vLLM / llama.cpp); registry
 records are written with the real ``Registry``; the gateway runs through ``server.start``.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 from aiohttp import web
 from fake_upstream import FakeUpstream, Knobs
 from pydantic import SecretStr
+from realengine import RealEngine
 
 from gateway.config import GatewayConfig
 from gateway.keys import create_key
@@ -102,27 +106,29 @@ async def test_chat_completion_is_forwarded_with_the_original_body(tmp_path: Pat
     assert fake.seen.bodies == [raw]  # byte for byte, not re-serialized
 
 
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("path", "payload", "field"),
     [
-        ("/v1/completions", {"model": "m", "prompt": "hi"}, "text"),
+        ("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4}, "text"),
         ("/v1/embeddings", {"model": "m", "input": "hi"}, "embedding"),
     ],
 )
 async def test_completions_and_embeddings_are_forwarded(
-    tmp_path: Path, path: str, payload: dict[str, Any], field: str
+    tmp_path: Path, path: str, payload: dict[str, Any], field: str, real_engine: RealEngine
 ) -> None:
-    async with FakeUpstream() as fake:
-        add_record(tmp_path / "registry", "m", fake.base_url)
-        async with (
-            gateway(tmp_path) as url,
-            aiohttp.ClientSession() as client,
-            client.post(url + path, json=payload) as resp,
-        ):
-            assert resp.status == 200
-            body = await resp.json()
+    real_engine.record_in(tmp_path / "registry", "m")
+    async with (
+        gateway(tmp_path) as url,
+        aiohttp.ClientSession() as client,
+        client.post(url + path, json=payload) as resp,
+    ):
+        assert resp.status == 200
+        body = await resp.json()
+    assert len(body["data" if field == "embedding" else "choices"]) == 1
     assert field in json.dumps(body)
-    assert fake.seen.requests == 1
+    assert body["usage"]["prompt_tokens"] > 0  # the engine's own count
 
 
 async def test_unknown_model_is_404_model_not_found(tmp_path: Path) -> None:
@@ -519,34 +525,34 @@ async def test_models_and_healthz_list_ready_records_and_static_backends(tmp_pat
     assert health == {"status": "ok", "models": 2, "replicas": replicas}
 
 
-async def test_the_openai_client_works_through_the_gateway(tmp_path: Path) -> None:
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+async def test_the_openai_client_works_through_the_gateway(
+    tmp_path: Path, real_engine: RealEngine
+) -> None:
     openai = pytest.importorskip("openai")
     keys = tmp_path / "keys.yaml"
     client_key = create_key(keys, "alice")
-    async with FakeUpstream(Knobs(require_key=JOB_KEY)) as fake:
-        add_record(tmp_path / "registry", "m", fake.base_url)
-        async with gateway(tmp_path, keys_file=keys) as url:
-            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=client_key, max_retries=0)
-            try:
-                listed = await client.models.list()
-                assert [m.id for m in listed.data] == ["m"]
-                reply = await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}]
-                )
-                assert reply.choices[0].message.content == "tok0 tok1 tok2 "
-                parts = []
-                stream = await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], stream=True
-                )
-                async for chunk in stream:
-                    parts.append(chunk.choices[0].delta.content or "")
-                assert "".join(parts) == "tok0 tok1 tok2 "
-                with pytest.raises(openai.NotFoundError):
-                    await client.chat.completions.create(
-                        model="nope", messages=[{"role": "user", "content": "hi"}]
-                    )
-            finally:
-                await client.close()
+    hi = [{"role": "user", "content": "hi"}]
+    real_engine.record_in(tmp_path / "registry", "m")
+    async with gateway(tmp_path, keys_file=keys) as url:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=client_key, max_retries=0)
+        try:
+            listed = await client.models.list()
+            assert [m.id for m in listed.data] == ["m"]
+            reply = await client.chat.completions.create(model="m", messages=hi, max_tokens=4)
+            assert reply.usage is not None
+            assert 0 < reply.usage.completion_tokens <= 4
+            stream = await client.chat.completions.create(
+                model="m", messages=hi, max_tokens=4, stream=True
+            )
+            reasons = [c.choices[0].finish_reason async for c in stream if c.choices]
+            assert len(reasons) > 1  # streamed, not one block
+            assert reasons[-1] in ("length", "stop")
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="nope", messages=hi, max_tokens=4)
+        finally:
+            await client.close()
 
 
 async def test_a_dropped_connection_is_retried_once_on_the_same_replica(tmp_path: Path) -> None:

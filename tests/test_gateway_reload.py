@@ -1,4 +1,8 @@
-"""Hot reload of the registry, models.yaml and keys.yaml; the last good config stays."""
+"""Hot reload of the registry, models.yaml and keys.yaml; the last good config stays.
+
+The happy paths a real engine can serve run against the session's real llama-server job
+(tests/realengine.py); docs/testing.md lists which tests keep the fake, and why.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import aiohttp
 import pytest
 from fake_upstream import FakeUpstream
 from pydantic import SecretStr
+from realengine import RealEngine
 
 from gateway.config import GatewayConfig
 from gateway.keys import create_key
@@ -66,41 +71,51 @@ def static_yaml(*backends: tuple[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def test_a_record_turning_ready_becomes_routable(tmp_path: Path) -> None:
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+async def test_a_record_turning_ready_becomes_routable(
+    tmp_path: Path, real_engine: RealEngine
+) -> None:
     registry = Registry(tmp_path / "registry")
-    async with FakeUpstream() as fake:
-        record = Record(
-            backend="local",
-            job_id="job1",
-            nonce=new_nonce(),
-            model="m",
-            engine="llamacpp",
-            state="starting",
-            api_key=SecretStr("mtj-k"),
+    record = Record(
+        backend="local",
+        job_id="job1",
+        nonce=new_nonce(),
+        model="m",
+        engine="llamacpp",
+        state="starting",
+        api_key=SecretStr(real_engine.key),
+    )
+    registry.write(record)
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
+        assert await model_ids(client, url) == []
+        async with client.post(url + CHAT, json=ask) as resp:
+            assert resp.status == 503
+
+        registry.update(
+            record.key,
+            state="ready",
+            base_url=real_engine.base_url,
+            tls_sha256=real_engine.tls_sha256,
         )
-        registry.write(record)
-        async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
-            assert await model_ids(client, url) == []
-            async with client.post(url + CHAT, json={"model": "m"}) as resp:
-                assert resp.status == 503
 
-            registry.update(record.key, state="ready", base_url=fake.base_url)
+        async def listed() -> bool:
+            return await model_ids(client, url) == ["m"]
 
-            async def listed() -> bool:
-                return await model_ids(client, url) == ["m"]
+        await eventually(listed)
+        async with client.post(url + CHAT, json=ask) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["usage"]["completion_tokens"] > 0
 
-            await eventually(listed)
-            async with client.post(url + CHAT, json={"model": "m"}) as resp:
-                assert resp.status == 200
+        registry.update(record.key, state="gone")
 
-            registry.update(record.key, state="gone")
+        async def unlisted() -> bool:
+            return await model_ids(client, url) == []
 
-            async def unlisted() -> bool:
-                return await model_ids(client, url) == []
-
-            await eventually(unlisted)
-            async with client.post(url + CHAT, json={"model": "m"}) as resp:
-                assert resp.status == 404
+        await eventually(unlisted)
+        async with client.post(url + CHAT, json=ask) as resp:
+            assert resp.status == 404
 
 
 async def test_a_bad_models_edit_keeps_the_last_good_config_until_fixed(

@@ -3,6 +3,9 @@
 llama-cpp-python's server sends no usage event even with ``stream_options.include_usage``;
 the ``FakeUpstream`` with ``no_usage`` speaks that wire format (and vLLM's with it off), so
 the counts are exact here; tests/test_gateway_usage_llamacpp.py runs the real server.
+
+An engine that sends its own usage is the session's real llama-server job
+(tests/realengine.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fake_upstream import FakeUpstream, Knobs
+from realengine import RealEngine
 from test_gateway_limits import bearer
 from test_gateway_metrics import scrape
 from test_gateway_proxy import CHAT, add_record, assert_openai_error, gateway
@@ -102,20 +106,25 @@ async def test_usage_before_done_and_nothing_added_for_a_client_that_did_not_ask
     assert unasked[-1] == off[-1] == b"data: [DONE]"
 
 
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
 async def test_an_engine_that_sends_usage_keeps_its_own_exact_counts(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, real_engine: RealEngine
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway")
-    async with FakeUpstream(Knobs(tokens=4)) as fake:
-        add_record(tmp_path / "registry", "m", fake.base_url)
-        async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
-            bodies = []
-            for _ in range(2):  # the second time the replica is known to send usage
-                async with client.post(url + CHAT, json=streamed(True)) as resp:
-                    bodies.append(events(await resp.read()))
+    real_engine.record_in(tmp_path / "registry", "m")
+    async with gateway(tmp_path) as url, aiohttp.ClientSession() as client:
+        bodies = []
+        for _ in range(2):  # the second time the replica is known to send usage
+            async with client.post(url + CHAT, json=streamed(True, max_tokens=4)) as resp:
+                assert resp.status == 200
+                bodies.append(events(await resp.read()))
     for body in bodies:
-        usages = [json.loads(e[6:])["usage"] for e in body if b'"usage"' in e]
-        assert usages == [{"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}]
+        (usage,) = [json.loads(e[6:])["usage"] for e in body if b'"usage"' in e]
+        # llama-server's own usage object, passed on: a field the gateway never makes up
+        assert "prompt_tokens_details" in usage
+        assert 0 < usage["completion_tokens"] <= 4
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert body[-1] == b"data: [DONE]"
     assert [line["tokens_estimated"] for line in access_lines(caplog)] == [None, None]
 

@@ -3,6 +3,11 @@
 Each test starts ``python tests/fake_engine.py wrap``, which runs ``hpc.job.wrapper.JobWrapper``
 with the fake engine as its engine, and watches the registry record and the job log the
 way the gateway and ``mt logs`` would. Every process a test starts is stopped by pid.
+
+The fake engine stays where a test needs an engine to misbehave (never healthy, exit early,
+leave a grandchild, print its key, outlive a full disk). The happy paths (a job submitted by
+hand, ``started_by`` kept) run the real wrapper (``python -m hpc.job.wrapper``) around the
+real llama-server with the Gemma GGUF (tests/realengine.py): start_job's mode ``real``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import psutil
 import pytest
 import tmpfs
 from jobclient import job_get
+from realengine import gemma_gguf_path, llama_server
 
 from hpc.job.plan import JobPlan, write_plan
 from hpc.liveness import alive, boot_id, this_host
@@ -108,8 +114,10 @@ def _get(record: Record, path: str, key: str | None) -> int:
 
 
 @pytest.fixture
-def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
-    """Start wrappers around the fake engine; stop every one (and what it started) by pid."""
+def start_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Job]]:
+    """Start wrappers around the fake engine, or (mode ``real``) the real wrapper around the
+    real llama-server with the Gemma GGUF (tests/realengine.py); stop every one (and what it
+    started) by pid."""
     jobs: list[Job] = []
     registry = Registry(tmp_path / "registry")
 
@@ -126,6 +134,18 @@ def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
             weights=Weights(source="org/fake-model"),
             startup_timeout_s=startup_timeout_s,
         )
+        argv = [sys.executable, "-u", str(FAKE_ENGINE), "wrap", "--plan"]
+        if mode == "real":
+            binary = llama_server()
+            monkeypatch.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
+            spec = ModelSpec(
+                name="fake-model",
+                engine="llamacpp",
+                weights=Weights(source=str(gemma_gguf_path())),
+                engine_args=("--ctx-size", "2048"),
+                startup_timeout_s=120,
+            )
+            argv = [sys.executable, "-u", "-m", "hpc.job.wrapper", "--plan"]
         plan = JobPlan(
             spec=spec,
             backend="local",
@@ -139,9 +159,8 @@ def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
         write_plan(plan, plan_path)
         log = tmp_path / f"job-{job_id}.log"
         with log.open("wb") as out:
-            argv = [sys.executable, "-u", str(FAKE_ENGINE), "wrap", "--plan", str(plan_path)]
             proc = subprocess.Popen(
-                [*argv, "--mode", mode],
+                [*argv, str(plan_path), *(["--mode", mode] if mode != "real" else [])],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -253,12 +272,14 @@ def test_the_key_is_masked_in_the_log_and_never_in_argv(
     assert key not in out
 
 
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
 def test_a_job_submitted_by_hand_creates_its_own_record_with_a_fresh_key(
     start_job: Callable[..., Job], tmp_path: Path
 ) -> None:
     registry = Registry(tmp_path / "registry")
     assert registry.records() == []
-    job = start_job("healthy", job_id="hand-1")
+    job = start_job("real", job_id="hand-1")
     record = job.wait_state("ready")
     assert record.job_id == "hand-1"
     assert record.nonce == "n0nce"
@@ -275,13 +296,15 @@ def test_a_job_submitted_by_hand_creates_its_own_record_with_a_fresh_key(
     assert job.wait_state("gone").api_key.get_secret_value() == key
 
 
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
 def test_started_by_from_the_plan_is_in_every_record_the_wrapper_writes(
     start_job: Callable[..., Job],
 ) -> None:
     """A job that starts before its backend wrote the pending record (a fast Slurm start)
     still says who started it: the plan carries it, and the wrapper's writes keep it."""
     mark = "gateway on demand: request r1 for fake-model (key -)"
-    job = start_job("grandchild", started_by=mark)
+    job = start_job("real", started_by=mark)
     assert job.wait_state("starting", "ready").started_by == mark
     assert job.wait_state("ready").started_by == mark
     job.proc.send_signal(signal.SIGTERM)
