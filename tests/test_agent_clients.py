@@ -109,6 +109,34 @@ def _client(path: str, variable: str) -> Path:
     return binary
 
 
+# The clients' fixtures have the module's scope and come before ``served`` in each test's
+# arguments: a missing client skips (or fails) its test before the engine starts for it.
+@pytest.fixture(scope="module")
+def codex() -> Path:
+    """Codex CLI's command (MT_CODEX)."""
+    return _client(CODEX, "MT_CODEX")
+
+
+@pytest.fixture(scope="module")
+def claude() -> Path:
+    """Claude Code's command (MT_CLAUDE)."""
+    return _client(CLAUDE, "MT_CLAUDE")
+
+
+@pytest.fixture(scope="module")
+def llama_stack() -> Path:
+    """LlamaStack's ``llama`` command (MT_LLAMA_STACK), in its Python 3.12 venv."""
+    llama = Path(LLAMA_STACK) if LLAMA_STACK else None
+    if llama is None or not os.access(llama, os.X_OK):
+        missing_part(
+            "llamastack",
+            f"MT_LLAMA_STACK={LLAMA_STACK!r}: LlamaStack needs Python 3.12 (make clients "
+            "installs it where python3.12 is on PATH or under ~/.pyenv)",
+        )
+        raise AssertionError("unreachable")
+    return llama
+
+
 def _scratch_env(home: Path, **extra: str) -> dict[str, str]:
     """A clean environment: a scratch HOME, the system PATH, and ``extra``; nothing else of
     the test's (no key of ours leaks in by accident, no proxy, no user config)."""
@@ -161,8 +189,9 @@ def codex_config(base_url: str, model: str, key_env: str) -> str:
     )
 
 
-def test_codex_exec_speaks_responses_through_the_gateway(served: Served, tmp_path: Path) -> None:
-    codex = _client(CODEX, "MT_CODEX")
+def test_codex_exec_speaks_responses_through_the_gateway(
+    codex: Path, served: Served, tmp_path: Path
+) -> None:
     codex_home = tmp_path / "codex-home"
     codex_home.mkdir()
     (codex_home / "config.toml").write_text(
@@ -183,9 +212,8 @@ def test_codex_exec_speaks_responses_through_the_gateway(served: Served, tmp_pat
 
 @pytest.mark.parametrize("key_variable", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
 def test_claude_code_print_mode_speaks_messages_through_the_gateway(
-    served: Served, tmp_path: Path, key_variable: str
+    claude: Path, served: Served, tmp_path: Path, key_variable: str
 ) -> None:
-    claude = _client(CLAUDE, "MT_CLAUDE")
     env = _scratch_env(
         tmp_path / "home",
         ANTHROPIC_BASE_URL=served.url,
@@ -229,16 +257,8 @@ def _listed(url: str) -> list[str]:
 
 
 def test_llamastack_runs_the_exported_config_and_chats_through_the_gateway(
-    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    llama_stack: Path, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    llama = Path(LLAMA_STACK) if LLAMA_STACK else None
-    if llama is None or not os.access(llama, os.X_OK):
-        missing_part(
-            "llamastack",
-            f"MT_LLAMA_STACK={LLAMA_STACK!r}: LlamaStack needs Python 3.12 (make clients "
-            "installs it where python3.12 is on PATH or under ~/.pyenv)",
-        )
-        raise AssertionError("unreachable")
     monkeypatch.setenv("MT_HOME", str(served.home))
     monkeypatch.setenv("MT_MODELS", str(served.models))
     config = tmp_path / "run.yaml"
@@ -249,7 +269,7 @@ def test_llamastack_runs_the_exported_config_and_chats_through_the_gateway(
     )
     log = (tmp_path / "llama-stack.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(
-        [str(llama), "stack", "run", str(config), "--port", str(port)],
+        [str(llama_stack), "stack", "run", str(config), "--port", str(port)],
         env=env,
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
