@@ -40,7 +40,22 @@ LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 LLAMA_SERVER_CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF
 
-.PHONY: help demo test lint fmt clean deps bench soak vllm
+# The agent and framework clients (tests/test_agent_clients.py), each in its own cache, never
+# in .venv: Codex CLI and Claude Code from npm (both ship a native binary) in one prefix named
+# after their versions, and LlamaStack in a venv of its own on Python 3.12 (it needs >= 3.12;
+# hpc/dev/python312.py finds one on PATH or under pyenv; without one its test skips). The tests
+# find them through MT_CODEX, MT_CLAUDE and MT_LLAMA_STACK.
+CODEX_VERSION := 0.171.0
+CLAUDE_CODE_VERSION := 2.1.332
+NPM_CLIENTS := $(HOME)/.cache/modeltainer/npm-clients-codex-$(CODEX_VERSION)-claude-code-$(CLAUDE_CODE_VERSION)
+LLAMA_STACK_VERSION := 0.7.3
+LLAMA_STACK_VENV := $(HOME)/.cache/modeltainer/llama-stack-$(LLAMA_STACK_VERSION)
+PYTHON312 := $(shell $(PYTHON) -m hpc.dev.python312 2>/dev/null)
+CLIENTS_ENV := MT_CODEX=$(NPM_CLIENTS)/node_modules/.bin/codex \
+	MT_CLAUDE=$(NPM_CLIENTS)/node_modules/.bin/claude \
+	MT_LLAMA_STACK=$(if $(PYTHON312),$(LLAMA_STACK_VENV)/bin/llama)
+
+.PHONY: help demo test lint fmt clean deps bench soak vllm clients
 
 help:
 	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
@@ -113,6 +128,24 @@ $(LITELLM_VENV)/.stamp:
 	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
 	touch $@
 
+$(NPM_CLIENTS)/.stamp:
+	@echo "==> Codex CLI $(CODEX_VERSION) and Claude Code $(CLAUDE_CODE_VERSION) from npm into $(NPM_CLIENTS) (once, ~20 s)"
+	rm -rf $(NPM_CLIENTS).tmp && mkdir -p $(NPM_CLIENTS).tmp
+	npm install --prefix $(NPM_CLIENTS).tmp --no-audit --no-fund --no-update-notifier \
+		'@openai/codex@$(CODEX_VERSION)' '@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)'
+	rm -rf $(NPM_CLIENTS) && mv $(NPM_CLIENTS).tmp $(NPM_CLIENTS)
+	touch $@
+
+# mcp<2: LlamaStack 0.7 pulls mcp 2.x, which fails to import.
+$(LLAMA_STACK_VENV)/.stamp:
+	@echo "==> LlamaStack $(LLAMA_STACK_VERSION) into its own venv $(LLAMA_STACK_VENV) on $(PYTHON312) (once, ~2 min)"
+	$(PYTHON312) -m venv $(LLAMA_STACK_VENV)
+	$(LLAMA_STACK_VENV)/bin/pip install --quiet 'llama-stack==$(LLAMA_STACK_VERSION)' 'mcp<2'
+	touch $@
+
+clients: $(NPM_CLIENTS)/.stamp $(if $(PYTHON312),$(LLAMA_STACK_VENV)/.stamp)
+	@$(if $(PYTHON312),true,echo "==> no Python 3.12 (PATH or ~/.pyenv): LlamaStack is not installed and its test skips")
+
 # LiteLLM's proxy is the peer of the overhead table, never a dependency of ModelTainer: it
 # runs from its own venv (the one `make test` uses), found through MT_LITELLM.
 bench: $(VENV)/.dev-stamp $(LITELLM_VENV)/.stamp
@@ -124,8 +157,8 @@ lint: $(VENV)/.dev-stamp
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER) vllm
-	MT_LITELLM=$(LITELLM_VENV)/bin/litellm MT_LLAMA_SERVER=$(LLAMA_SERVER) \
+test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER) vllm clients
+	MT_LITELLM=$(LITELLM_VENV)/bin/litellm MT_LLAMA_SERVER=$(LLAMA_SERVER) $(CLIENTS_ENV) \
 	MT_VLLM_BIN=$(VLLM_VENV)/bin MT_GEMMA_HF=$(GEMMA_HF) $(BIN)/pytest -q -ra
 
 fmt: $(VENV)/.dev-stamp

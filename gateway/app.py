@@ -92,6 +92,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         return response
     finally:
+        if status == _CLIENT_CLOSED and info.delivered:
+            status = 200  # the client had its whole answer, then closed (Codex does)
         metrics.in_flight -= 1
         duration_s = time.monotonic() - info.started
         metrics.finished(info.model if info.routed and info.model else "-", status, duration_s)

@@ -39,6 +39,7 @@ class RequestInfo:
     completion_tokens: int | None = None
     tokens_estimated: bool = False  # charged by estimate: the engine sent no usage
     output_limit: str | None = None  # the model's max_tokens default or cap, if applied
+    delivered: bool = False  # a stream's last event reached the client before it closed
 
 
 CONFIG = web.AppKey("config", GatewayConfig)

@@ -187,12 +187,16 @@ def openwebui_compose(
 def llamastack_run(
     models: Sequence[ServedModel], gateway_url: str, key_env: str = DEFAULT_KEY_ENV
 ) -> dict[str, Any]:
-    """A LlamaStack ``run.yaml`` fragment: the gateway as a ``remote::openai`` inference
-    provider (LlamaStack's generic OpenAI-compatible one, with ``base_url``) and each model
-    registered under it."""
+    """A whole LlamaStack (0.7) run config that `llama stack run FILE` starts: the gateway as
+    a ``remote::openai`` inference provider (LlamaStack's generic OpenAI-compatible one, with
+    ``base_url``), each model registered under it, and SQLite stores under
+    ``${env.SQLITE_STORE_DIR}`` (default ``~/.llama/distributions/modeltainer``); it listens
+    on 127.0.0.1:8321 (``--port`` changes the port)."""
     names = _names(models)
+    store_dir = "${env.SQLITE_STORE_DIR:=~/.llama/distributions/" + PROVIDER + "}"
     return {
         "version": 2,
+        "distro_name": PROVIDER,
         "apis": ["inference"],
         "providers": {
             "inference": [
@@ -206,6 +210,18 @@ def llamastack_run(
                 }
             ]
         },
+        "storage": {
+            "backends": {
+                "kv_default": {"type": "kv_sqlite", "db_path": store_dir + "/kvstore.db"},
+                "sql_default": {"type": "sql_sqlite", "db_path": store_dir + "/sql_store.db"},
+            },
+            "stores": {
+                "metadata": {"namespace": "registry", "backend": "kv_default"},
+                "inference": {"table_name": "inference_store", "backend": "sql_default"},
+                "conversations": {"table_name": "openai_conversations", "backend": "sql_default"},
+                "prompts": {"namespace": "prompts", "backend": "kv_default"},
+            },
+        },
         "registered_resources": {
             "models": [
                 {
@@ -218,6 +234,8 @@ def llamastack_run(
                 for name in names
             ]
         },
+        # Loopback: the stack has no auth of its own here, and it answers with the key.
+        "server": {"host": "127.0.0.1", "port": 8321},
     }
 
 
@@ -261,7 +279,8 @@ _HEADERS: dict[Tool, str] = {
     "(set {key} and LITELLM_MASTER_KEY)",
     "librechat": "librechat.yaml custom endpoint (put {key}=... in LibreChat's .env)",
     "openwebui": "docker-compose override for Open WebUI (export {key}=... before compose up)",
-    "llamastack": "LlamaStack run.yaml fragment (set {key} in the stack's environment)",
+    "llamastack": "LlamaStack run config: {key}=... llama stack run FILE "
+    "(SQLITE_STORE_DIR: where its stores go)",
     "olsconfig": "OpenShift Lightspeed OLSConfig; first: oc create secret generic {secret} "
     "-n openshift-lightspeed --from-literal=apitoken=...",
 }

@@ -19,8 +19,16 @@ from dataclasses import dataclass
 
 API_PREFIX = "/v1"
 # The POST routes the swap pool forwards to an engine, body untouched (the gateway routes
-# these and more: gateway.proxy.apis).
-PROXIED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# these and more: gateway.proxy.apis), the agents' APIs among them (vLLM and llama-server
+# serve the Responses and the Messages API themselves).
+PROXIED_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+)
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"

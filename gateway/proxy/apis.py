@@ -42,6 +42,9 @@ class Api:
     sticky: bool = False  # previous_response_id pins the replica (gateway.responses)
     keep_query: bool = False
     headers: tuple[str, ...] = ()  # the client's headers passed on, by lower-case name
+    # Events after which a client may close at once, its answer whole (Codex does, on the
+    # Responses API's last event, before the engine's body has ended): see ``delivered``.
+    last_events: tuple[bytes, ...] = ()
 
     # Worked out once, when the table is made: the hot path reads them as attributes.
     anthropic: bool = field(init=False)  # errors in Anthropic's shape
@@ -63,6 +66,10 @@ class Api:
         if self.stream_end == b"[DONE]":
             return ends_done(tail)
         return self.stream_end in tail
+
+    def delivered(self, chunk: bytes) -> bool:
+        """True if ``chunk`` (whole events, as relayed) holds this API's last event."""
+        return any(event in chunk for event in self.last_events)
 
     def end_event(self, body: bytes) -> bytes:
         """The in-band event that ends a stream already open with the error ``body`` (an
@@ -95,8 +102,15 @@ _OPENAI = (
     Api("/v1/embeddings"),
 )
 _ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+# The Responses API's terminal events, by their SSE ``event:`` line (vLLM and llama-server
+# send one before each ``data:``).
+_RESPONSE_ENDS = (
+    b"event: response.completed",
+    b"event: response.incomplete",
+    b"event: response.failed",
+)
 _AGENTS = (
-    Api("/v1/responses", stream_end=None, sticky=True, keep_query=True),
+    Api("/v1/responses", stream_end=None, sticky=True, keep_query=True, last_events=_RESPONSE_ENDS),
     Api("/v1/messages", stream_end=_MESSAGE_STOP, keep_query=True, headers=_ANTHROPIC_HEADERS),
     Api("/v1/messages/count_tokens", keep_query=True, headers=_ANTHROPIC_HEADERS),
 )

@@ -86,6 +86,7 @@ class Splice:
         "carry",
         "client_gone",
         "counted",
+        "delivered",
         "ended",
         "failure",
         "finished",
@@ -130,6 +131,7 @@ class Splice:
         self.finished = False
         self.paused = False
         self.client_gone = False
+        self.delivered = False  # the API's last event has gone to the client
 
     def feed(self, data: bytes) -> None:
         """One piece of the body: hold back an incomplete event, look for the engine's
@@ -208,6 +210,8 @@ class Splice:
             client.write(chunk)
         self._exchange.events_relayed += chunk.count(b"\n\n")
         self.tail = (self.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
+        if not self.delivered and self._exchange.api.last_events:
+            self.delivered = self._exchange.api.delivered(chunk)
         if client.get_write_buffer_size() > self._high_water and not self.paused:
             # The client reads slower than the engine writes: stop reading the upstream
             # until the handler has drained the client (the idle clock stops too).
@@ -274,6 +278,12 @@ async def relay_stream(
     splice = Splice(transport, framed, conn, watch, gaps, upstream, strip_usage, exchange, count)
     try:
         return await _relay(out, transport, conn, splice, first, upstream, info, exchange, config)
+    except asyncio.CancelledError:
+        if splice.delivered:
+            # The client closed after the last event reached it: its answer is whole.
+            info.delivered = True
+            info.outcome = "client_closed_after_end"
+        raise
     finally:
         if exchange.completion_tokens is not None and not exchange.usage_estimated:
             senders.note(upstream.source)

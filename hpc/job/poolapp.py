@@ -197,7 +197,9 @@ async def _relay(
     model, cold = slot.model, out is not None
     headers = {"Authorization": f"Bearer {slot.key}", "Content-Type": "application/json"}
     try:
-        async with slot.client().post(slot.url(request.path), data=body, headers=headers) as up:
+        # The query goes on too: the Anthropic SDK's ``?beta=true`` on /v1/messages.
+        url = slot.url(request.path_qs)
+        async with slot.client().post(url, data=body, headers=headers) as up:
             if out is not None and up.status != 200:
                 answer = await up.read()
                 message = f"{model}'s engine answered {up.status}: {answer[:500]!r}"
