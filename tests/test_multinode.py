@@ -174,3 +174,26 @@ def test_submit_refuses_a_multinode_llamacpp_with_the_reason(tmp_path: Path) -> 
     assert done.returncode == 1 and done.stdout == ""
     assert "error: wide: resources.nodes=2: llama.cpp serves from one node" in done.stderr
     assert "hint: set resources.nodes: 1" in done.stderr
+
+
+def test_the_local_backend_refuses_several_nodes(tmp_path: Path) -> None:
+    models = _models(tmp_path)
+    done = mt("--models", str(models), "submit", "wide", "--backend", "local", check=False)
+    assert done.returncode == 1
+    assert "error: wide: resources.nodes=2: the local backend runs a model on this one machine" in (
+        done.stderr
+    )
+    assert "hint: submit it with --backend slurm" in done.stderr
+
+
+def test_ray_is_never_started_outside_a_slurm_allocation(tmp_path: Path) -> None:
+    """srun outside an allocation would ask Slurm for a new one: the wrapper refuses first."""
+    from hpc.job.raycluster import RayCluster
+
+    layout = RayLayout.of(spec())
+    assert layout is not None
+    said: list[str] = []
+    cluster = RayCluster(layout, {"PATH": str(tmp_path)}, said.append, address="127.0.0.1")
+    outcome, why = cluster.join(deadline=0.0, stopped=lambda: False)
+    assert outcome == "exited" and "inside a Slurm allocation" in why
+    assert said == []  # nothing was started

@@ -142,6 +142,9 @@ class RayCluster:
         """Start Ray on every node and wait until all joined: the outcome, and what to log
         (for any outcome but 'joined', the reason the record keeps)."""
         nodes = self.layout.nodes
+        if not self._environ.get("SLURM_JOB_ID"):
+            # srun outside an allocation would ask Slurm for a new one: never that.
+            return "exited", "a multi-node job runs inside a Slurm allocation (no SLURM_JOB_ID)"
         try:
             self.start()
         except OSError as exc:
