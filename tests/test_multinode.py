@@ -197,3 +197,24 @@ def test_ray_is_never_started_outside_a_slurm_allocation(tmp_path: Path) -> None
     outcome, why = cluster.join(deadline=0.0, stopped=lambda: False)
     assert outcome == "exited" and "inside a Slurm allocation" in why
     assert said == []  # nothing was started
+
+
+def test_a_swap_pool_over_several_nodes_is_refused(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    pool = {"name": "wide-pool", "models": ["wide"], "resources": {"gpus": 4, "nodes": 2}}
+    models.write_text(f"models:\n  - {json.dumps(WIDE)}\npools:\n  - {json.dumps(pool)}\n")
+    done = mt(
+        "--models",
+        str(models),
+        "submit",
+        "wide-pool",
+        "--backend",
+        "slurm",
+        "--dry-run",
+        check=False,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert "error: wide-pool: resources.nodes=2: a swap pool loads its models on one node" in (
+        done.stderr
+    )
+    assert "hint: set the pool's resources.nodes: 1" in done.stderr

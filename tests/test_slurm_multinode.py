@@ -95,10 +95,21 @@ def test_two_node_job_runs_a_part_on_each_node_and_cancel_leaves_nothing(
     cluster: SlurmCluster, stand_ins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MT_MODELS", str(models_yaml(tmp_path / "models.yaml")))
+    # The worker joins 2 s late (in its step only), so the wrapper must wait for it.
+    ray_shim = stand_ins.parent / "bin" / "ray"
+    ray_shim.write_text(
+        '#!/bin/sh\n[ -n "${SLURM_STEP_ID:-}" ] && sleep 2\n'
+        f'exec {sys.executable} {TESTS / "fakeray.py"} ray "$@"\n'
+    )
     out = mt("submit", MODEL, "--backend", "slurm", "--wait", "--json", "--timeout", "120")
     record = json.loads(out.stdout)
     assert record["state"] == "ready", record
     job_id = record["job_id"]
+    log = mt("logs", record["key"]).stdout
+    joined = [line for line in log.splitlines() if "nodes joined" in line]
+    assert "ray: 1 of 2 nodes joined" in joined[0], log
+    assert "ray: 2 of 2 nodes joined" in joined[1], log
+    assert log.index("2 of 2 nodes joined") < log.index("starting engine: vllm serve"), log
 
     seen = entries(stand_ins)
     head = [e for e in seen if e["role"] == "head"]

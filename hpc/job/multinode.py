@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpc.errors import EngineError
-from hpc.spec import ModelSpec, Runtime
+from hpc.spec import ModelSpec, PoolSpec, Runtime
 
 # Flags ModelTainer sets from resources for a multi-node vLLM: the spec must not set them too.
 _LAYOUT_FLAGS = (
@@ -80,6 +80,17 @@ def check_nodes(spec: ModelSpec) -> None:
         raise EngineError(
             f"{where}: engine_network: isolated, but Ray joins the nodes over the job's network",
             hint="set engine_network: auto (or shared) for a multi-node model",
+        )
+
+
+def check_pool_nodes(pool: PoolSpec) -> None:
+    """Refuse a swap pool over several nodes: its engines load on the pool's one node."""
+    if pool.resources.nodes > 1:
+        raise EngineError(
+            f"{pool.name}: resources.nodes={pool.resources.nodes}: a swap pool loads its "
+            "models on one node; the other nodes would idle for the whole allocation",
+            hint="set the pool's resources.nodes: 1 (a multi-node model is a model entry "
+            "of its own, engine: vllm)",
         )
 
 
