@@ -369,3 +369,30 @@ def test_sbatch_refusing_signal_fails_the_check(tmp_path: Path) -> None:
     assert signal_check.ok is False
     assert "Invalid --signal specification" in signal_check.detail
     assert signal_check.hint is not None and "time limit" in signal_check.hint
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_squeue_check_with_the_controller_down_fails_on_22_05(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Slurm 22.05's ``squeue --json`` exits 0 when it cannot reach the controller (its
+    failure under "errors", no jobs): the check must say so, not "answers"."""
+    from hpc.doctor.checks import _squeue_check
+    from hpc.slurm.client import SlurmClient
+    from hpc.transport import LocalTransport
+
+    conf = tmp_path / "slurm.conf"
+    with socket.socket() as s:  # a loopback port nobody listens on: the controller is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lines = slurm_cluster.conf_path.read_text().splitlines()
+    conf.write_text(
+        "\n".join(f"SlurmctldPort={port}" if x.startswith("SlurmctldPort=") else x for x in lines)
+        + "\n"
+    )
+    env = {"PATH": os.environ["PATH"], "SLURM_CONF": str(conf)}
+    check = _squeue_check(SlurmClient(LocalTransport(env), timeout_s=120))
+    assert check.ok is False, check
+    assert check.detail.startswith("squeue failed: "), check
+    assert check.hint is not None and "scontrol ping" in check.hint

@@ -25,7 +25,13 @@ from hpc import __version__
 from hpc.errors import SlurmError
 from hpc.permissions import exposure, fixes
 from hpc.site import Site
-from hpc.slurm.client import PENDING_STATES, RUNNING_STATES, SlurmClient, hint_for
+from hpc.slurm.client import (
+    PENDING_STATES,
+    RUNNING_STATES,
+    SlurmClient,
+    hint_for,
+    parse_squeue_json,
+)
 from hpc.transport import CommandTimeout, LocalTransport
 
 APPTAINER_HINT = (
@@ -119,18 +125,18 @@ def _squeue_check(client: SlurmClient) -> Check:
         )
     try:
         data = _json_object(result.stdout)
+        # Slurm 22.05 exits 0 when the controller does not answer, its failure under
+        # "errors" and no jobs: read as the client reads it (hpc.slurm.client), not as "ok".
+        jobs = parse_squeue_json(result)
     except ValueError as exc:
         return Check("squeue --json", False, f"squeue printed no JSON object: {exc}")
+    except SlurmError as exc:
+        return Check("squeue --json", False, exc.message, hint=exc.hint)
     meta = data.get("meta", {})
     release = meta.get("Slurm", {}).get("release") if isinstance(meta, dict) else None
-    jobs = data.get("jobs", [])
-    # Slurm 22.05's squeue --json also lists jobs that ended (until MinJobAge): count the
-    # pending and running ones, the number a user compares with plain squeue.
-    count = sum(
-        1
-        for job in (jobs if isinstance(jobs, list) else [])
-        if isinstance(job, dict) and job.get("job_state") in PENDING_STATES | RUNNING_STATES
-    )
+    # 22.05's squeue --json also lists jobs that ended (until MinJobAge): count the pending
+    # and running ones, the number a user compares with plain squeue.
+    count = sum(1 for job in jobs.values() if job.state in PENDING_STATES | RUNNING_STATES)
     version = f"Slurm {release}, " if release else ""
     jobs_seen = f"{count} queued or running job{'' if count == 1 else 's'} visible"
     return Check("squeue --json", True, f"answers ({version}{jobs_seen})")
