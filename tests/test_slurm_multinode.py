@@ -140,6 +140,7 @@ def test_two_node_job_runs_a_part_on_each_node_and_cancel_leaves_nothing(
         assert proc.environ().get("RAY_AUTH_MODE") == "token"
         token = proc.environ()["RAY_AUTH_TOKEN"]
         assert len(token) >= 32 and token not in " ".join(proc.cmdline())
+        assert token not in log and token not in mt("status", "--json").stdout
     assert len(steps_of(cluster, job_id)) >= 1  # the workers' step is running
 
     cancelled = json.loads(mt("cancel", record["key"], "--json").stdout)
