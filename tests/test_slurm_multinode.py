@@ -9,6 +9,7 @@ The nodes gpu1 and gpu2 are two slurmd on this one host, so "which node" is Slur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -44,9 +45,9 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     repo = str(TESTS.parent)  # the job's Python imports hpc and bench from this checkout
     monkeypatch.setenv("PYTHONPATH", f"{repo}:{os.environ.get('PYTHONPATH', '')}".rstrip(":"))
     yield log
-    for proc in psutil.process_iter(["cmdline"]):
-        if str(TESTS / "fakeray.py") in " ".join(proc.info["cmdline"] or []):
-            proc.kill()  # only after a failure: the test asserts there are none
+    for pid in job_pids(log):  # only after a failure: the tests assert there are none
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
 
 
 def models_yaml(path: Path, **resources: Any) -> Path:
@@ -68,14 +69,29 @@ def entries(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def stand_in_pids() -> list[int]:
+def job_pids(log: Path) -> list[int]:
+    """Every live process of this test's jobs (the wrapper, srun, the stand-ins): by the log
+    in their environment (sbatch passed it on), so other tests' processes do not count."""
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(TESTS / "fakeray.py") in cmdline or (
-            "bench.fakeengine" in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE
-        ):
-            found.append(proc.pid)
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if proc.environ().get("FAKE_RAY_LOG") == str(log):
+                found.append(proc.pid)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def stand_in_pids(log: Path) -> list[int]:
+    """This test's Ray and vLLM stand-ins (and the fake engine the vLLM one becomes)."""
+    found = []
+    for pid in job_pids(log):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+            if "fakeray.py" in cmdline or "bench.fakeengine" in cmdline:
+                found.append(pid)
     return found
 
 
@@ -135,7 +151,9 @@ def test_two_node_job_runs_a_part_on_each_node_and_cancel_leaves_nothing(
     # The head listens on the node's address, not every interface, on the port it logged.
     assert head[0]["address"] != "0.0.0.0"
     # No token in any process's argv (what other users see in ps).
-    for pid in stand_in_pids():
+    running = stand_in_pids(stand_ins)
+    assert len(running) >= 3, running  # the head, the worker, vLLM's stand-in
+    for pid in running:
         proc = psutil.Process(pid)
         assert proc.environ().get("RAY_AUTH_MODE") == "token"
         token = proc.environ()["RAY_AUTH_TOKEN"]
@@ -147,7 +165,7 @@ def test_two_node_job_runs_a_part_on_each_node_and_cancel_leaves_nothing(
     assert cancelled["state"] == "gone"
     assert cluster.wait_job(int(job_id), timeout=60) in (None, "CANCELLED", "COMPLETED")
     wait_until("job steps left after cancel", lambda: not steps_of(cluster, job_id))
-    wait_until("stand-in processes left after cancel", lambda: not stand_in_pids())
+    wait_until("job processes left after cancel", lambda: not job_pids(stand_ins))
 
 
 def test_a_worker_that_cannot_join_fails_the_job_with_the_reason(
@@ -166,4 +184,4 @@ def test_a_worker_that_cannot_join_fails_the_job_with_the_reason(
     assert "workers' step exited" in done.stderr and "1 of 2 nodes joined" in done.stderr
     assert [e["reply"] for e in entries(stand_ins) if e["role"] == "worker"] == ["DENIED"]
     assert not [e for e in entries(stand_ins) if e["role"] == "vllm"]  # never started
-    wait_until("stand-in processes left", lambda: not stand_in_pids())
+    wait_until("job processes left", lambda: not job_pids(stand_ins))
