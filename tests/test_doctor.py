@@ -252,6 +252,22 @@ def test_cli_doctor_json_with_one_gpu(cluster: SlurmCluster, tmp_path: Path) -> 
     assert checks["registry (node)"]["ok"] is True
     assert checks["gateway → node"]["ok"] is None
     assert checks["accounting"]["ok"] is None  # sacct-less: noted, not failed
+    # What node-local staging, the time-limit warning and multi-node jobs need.
+    assert checks["sbatch --signal"]["ok"] is True, checks["sbatch --signal"]
+    assert "--signal=B:USR1@120 accepted" in checks["sbatch --signal"]["detail"]
+    staging = checks["staging dir (node)"]
+    assert (
+        staging["ok"] is True and "writable" in staging["detail"] and "GB free" in staging["detail"]
+    )
+    assert probe["report"]["staging"]["free_bytes"] > 0
+    # This machine's hostname resolves to loopback: said, with what to do, not failed.
+    address = probe["report"]["node_address"]
+    assert checks["node address (ray head)"]["ok"] is (None if address["loopback"] else True)
+    ray_ports = checks["ray ports (multi-node)"]
+    assert ray_ports["ok"] is None and "not checked" in ray_ports["detail"]
+    assert checks["squeue --json"]["ok"] is True
+    # 22.05 lists ended jobs too (the probe's, just finished): only live ones are counted.
+    assert "(Slurm 22.05.8, 0 queued or running jobs visible)" in checks["squeue --json"]["detail"]
     assert not active_jobs(cluster)
 
 
@@ -296,3 +312,87 @@ def test_rocm_check_reports_what_apptainer_rocm_needs() -> None:
     )
     assert missing.ok is None  # not applicable on NVIDIA or CPU-only nodes, not a failure
     assert missing.hint is not None and "/dev/kfd" in missing.hint
+
+
+# ---------------------------------------------------------------- what staging, the time-limit
+# warning and multi-node jobs need
+
+
+def test_node_probe_checks_the_staging_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    seen = node_probe(staging_dir="$TMPDIR")["staging"]
+    assert seen["path"] == str(tmp_path) and seen["writable"] is True
+    assert seen["free_bytes"] > 0 and seen["total_bytes"] >= seen["free_bytes"]
+    assert list(tmp_path.iterdir()) == []  # its test file is gone
+    missing = node_probe(staging_dir=str(tmp_path / "nope"))["staging"]
+    assert missing["writable"] is False and missing["exists"] is False
+    assert node_probe()["staging"] is None
+
+
+def test_staging_check_says_what_is_wrong() -> None:
+    from hpc.doctor.probe import _staging_check
+
+    base = {"setting": "/local", "path": "/local", "exists": True}
+    good = _staging_check({"staging": {**base, "writable": True, "free_bytes": 5 * 10**9}}, None)
+    assert good.ok is True and "5.0 GB free" in good.detail
+    bad = _staging_check({"staging": {**base, "writable": False, "error": "Read-only"}}, None)
+    assert bad.ok is False and "Read-only" in bad.detail
+    assert bad.hint is not None and "staging.dir" in bad.hint
+    small = {"staging": {**base, "writable": True, "free_bytes": 10**9}}
+    tight = _staging_check(small, 2 * 10**9)
+    assert tight.ok is None and "less than staging.max_bytes (2.0 GB)" in tight.detail
+
+
+def test_ray_head_address_check() -> None:
+    from hpc.doctor.probe import _ray_address_check
+
+    good = {"node_address": {"address": "10.1.2.3", "loopback": False, "bind_ok": True}}
+    assert _ray_address_check(good).ok is True
+    loop = _ray_address_check(
+        {"hostname": "n1", "node_address": {"address": "127.0.1.1", "loopback": True}}
+    )
+    assert loop.ok is None and "n1 resolves to 127.0.1.1" in loop.detail
+    assert loop.hint is not None and "/etc/hosts" in loop.hint
+    unbound = {"node_address": {"address": "10.1.2.3", "loopback": False, "bind_ok": False}}
+    assert _ray_address_check(unbound).ok is False
+
+
+def test_sbatch_refusing_signal_fails_the_check(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    # Stands for an sbatch that refuses the flag, with Slurm's own message for a bad --signal.
+    fake.write_text('#!/bin/sh\necho "sbatch: error: Invalid --signal specification" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    checks = {c.name: c for c in local_checks(load_site(None), environ={"PATH": str(bin_dir)})}
+    signal_check = checks["sbatch --signal"]
+    assert signal_check.ok is False
+    assert "Invalid --signal specification" in signal_check.detail
+    assert signal_check.hint is not None and "time limit" in signal_check.hint
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_squeue_check_with_the_controller_down_fails_on_22_05(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Slurm 22.05's ``squeue --json`` exits 0 when it cannot reach the controller (its
+    failure under "errors", no jobs): the check must say so, not "answers"."""
+    from hpc.doctor.checks import _squeue_check
+    from hpc.slurm.client import SlurmClient
+    from hpc.transport import LocalTransport
+
+    conf = tmp_path / "slurm.conf"
+    with socket.socket() as s:  # a loopback port nobody listens on: the controller is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lines = slurm_cluster.conf_path.read_text().splitlines()
+    conf.write_text(
+        "\n".join(f"SlurmctldPort={port}" if x.startswith("SlurmctldPort=") else x for x in lines)
+        + "\n"
+    )
+    env = {"PATH": os.environ["PATH"], "SLURM_CONF": str(conf)}
+    check = _squeue_check(SlurmClient(LocalTransport(env), timeout_s=120))
+    assert check.ok is False, check
+    assert check.detail.startswith("squeue failed: "), check
+    assert check.hint is not None and "scontrol ping" in check.hint

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
-from hpc.errors import BackendError
+from hpc.errors import BackendError, EngineError
 from hpc.job.plan import STOP_MARGIN_S, JobPlan, PoolPlan, write_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree, wait_gone
 from hpc.liveness import alive, create_time, judged_here, this_host
@@ -45,6 +45,13 @@ class LocalBackend:
 
     def submit(self, spec: ModelSpec, request: JobRequest) -> Submitted:
         """Write the plan, then start the wrapper detached."""
+        if spec.resources.nodes > 1:
+            raise EngineError(
+                f"{spec.name}: resources.nodes={spec.resources.nodes}: the local backend runs "
+                "a model on this one machine",
+                hint="submit it with --backend slurm (vLLM over the job's nodes), or set "
+                "resources.nodes: 1",
+            )
         plan = JobPlan(
             spec=spec,
             backend=self.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Submitted
 from hpc.errors import BackendError, ConfigError, ConfigIssue, MTError, SlurmError
+from hpc.job.multinode import check_nodes, check_pool_nodes
 from hpc.job.plan import JobPlan, PoolPlan, warning_drain_s
 from hpc.privatefile import make_private_dir
 from hpc.registry import new_nonce
@@ -114,6 +115,7 @@ class SlurmBackend:
     ) -> PreparedJob:
         """Render the script for ``spec`` (pure: `mt submit --dry-run` and `mt render`)."""
         self._check_python()
+        check_nodes(spec)  # a multi-node spec that cannot start on every node is refused here
         plan = JobPlan(
             spec=spec,
             backend=self.name,
@@ -135,6 +137,7 @@ class SlurmBackend:
     ) -> PreparedJob:
         """Render a swap pool's script (pure, like :meth:`prepare`)."""
         self._check_python()
+        check_pool_nodes(pool)
         plan = PoolPlan(
             pool=pool,
             catalogue=catalogue,

@@ -1,7 +1,9 @@
 """`mt doctor`'s checks of the machine mt runs on, and the report line every check makes.
 
 ``local_checks`` looks at this machine: the Slurm commands and whether ``squeue --json``
-answers (through ``SlurmClient``, like every Slurm command), accounting, Apptainer, the
+answers (through ``SlurmClient``, like every Slurm command), whether sbatch takes the
+``--signal=B:USR1@N`` every job asks for (``sbatch --test-only``: nothing is queued),
+accounting, Apptainer, the
 registry directory, whether the private files are private (``hpc.permissions``: reported
 here, refused by every other command), and the Python that jobs will run. What the probe
 job saw on a compute node becomes checks in ``hpc.doctor.probe``; ``hpc.doctor.diagnosis``
@@ -23,7 +25,13 @@ from hpc import __version__
 from hpc.errors import SlurmError
 from hpc.permissions import exposure, fixes
 from hpc.site import Site
-from hpc.slurm.client import SlurmClient, hint_for
+from hpc.slurm.client import (
+    PENDING_STATES,
+    RUNNING_STATES,
+    SlurmClient,
+    hint_for,
+    parse_squeue_json,
+)
 from hpc.transport import CommandTimeout, LocalTransport
 
 APPTAINER_HINT = (
@@ -65,6 +73,10 @@ def local_checks(
         checks.append(Check("squeue --json", None, "skipped: squeue is not installed here"))
     else:
         checks.append(_squeue_check(slurm))
+    if "sbatch" in missing:
+        checks.append(Check("sbatch --signal", None, "skipped: sbatch is not installed here"))
+    else:
+        checks.append(_signal_check(slurm, site.config.slurm.partition))
     if shutil.which("sacct", path=path) is None:
         checks.append(Check("accounting", None, "sacct is not installed: mt uses squeue only"))
     else:
@@ -113,15 +125,60 @@ def _squeue_check(client: SlurmClient) -> Check:
         )
     try:
         data = _json_object(result.stdout)
+        # Slurm 22.05 exits 0 when the controller does not answer, its failure under
+        # "errors" and no jobs: read as the client reads it (hpc.slurm.client), not as "ok".
+        jobs = parse_squeue_json(result)
     except ValueError as exc:
         return Check("squeue --json", False, f"squeue printed no JSON object: {exc}")
+    except SlurmError as exc:
+        return Check("squeue --json", False, exc.message, hint=exc.hint)
     meta = data.get("meta", {})
     release = meta.get("Slurm", {}).get("release") if isinstance(meta, dict) else None
-    jobs = data.get("jobs", [])
-    count = len(jobs) if isinstance(jobs, list) else 0
+    # 22.05's squeue --json also lists jobs that ended (until MinJobAge): count the pending
+    # and running ones, the number a user compares with plain squeue.
+    count = sum(1 for job in jobs.values() if job.state in PENDING_STATES | RUNNING_STATES)
     version = f"Slurm {release}, " if release else ""
-    jobs_seen = f"{count} job{'' if count == 1 else 's'} visible"
+    jobs_seen = f"{count} queued or running job{'' if count == 1 else 's'} visible"
     return Check("squeue --json", True, f"answers ({version}{jobs_seen})")
+
+
+# What every job's script asks for (hpc.slurm.sbatch): USR1 to the batch shell before the end.
+SIGNAL_FLAG = "--signal=B:USR1@120"
+
+
+def _signal_check(client: SlurmClient, partition: str | None) -> Check:
+    """Does sbatch take ``--signal=B:USR1@N``? ``--test-only`` validates without queueing."""
+    argv = ["sbatch", "--test-only", SIGNAL_FLAG, "--time=5", "--wrap=true"]
+    if partition:
+        argv.insert(2, f"--partition={partition}")
+    try:
+        result = client.run(argv, check=False)
+    except CommandTimeout as exc:
+        return Check("sbatch --signal", None, f"no answer within {exc.timeout_s:g}s")
+    except SlurmError as exc:
+        return Check("sbatch --signal", None, exc.message, hint=exc.hint)
+    said = " ".join(ln.strip() for ln in result.stderr.splitlines() if ln.strip())
+    if result.returncode == 0:
+        return Check(
+            "sbatch --signal",
+            True,
+            f"sbatch --test-only {SIGNAL_FLAG} accepted ({said or 'no output'}): jobs get USR1 "
+            "before their time limit and drain",
+        )
+    if "signal" in said.lower():
+        return Check(
+            "sbatch --signal",
+            False,
+            f"sbatch refused {SIGNAL_FLAG}: {said}",
+            hint="without it jobs are cut at the time limit without draining: ask your admin; "
+            "slurm.signal_grace_s in a model sets the lead time",
+        )
+    return Check(
+        "sbatch --signal",
+        None,
+        f"sbatch --test-only failed, not over --signal: {said or result.returncode}",
+        hint=hint_for(result.stderr) or "the squeue and probe checks say more",
+    )
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -75,4 +75,7 @@ def diagnose(
             else c
             for c in checks
         ]
-    return Diagnosis(checks + probe_checks(result, registry_dir=site.registry_dir), result)
+    found = probe_checks(
+        result, registry_dir=site.registry_dir, staging_max_bytes=site.config.staging.max_bytes
+    )
+    return Diagnosis(checks + found, result)

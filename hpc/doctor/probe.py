@@ -12,8 +12,11 @@ from hpc.doctor.checks import APPTAINER_HINT, Check
 from hpc.slurm.probejob import ProbeResult
 
 
-def probe_checks(result: ProbeResult, *, registry_dir: Path | None = None) -> list[Check]:
-    """The probe's outcome and what it saw, as report lines."""
+def probe_checks(
+    result: ProbeResult, *, registry_dir: Path | None = None, staging_max_bytes: int | None = None
+) -> list[Check]:
+    """The probe's outcome and what it saw, as report lines (``staging_max_bytes``: site.yaml's
+    staging.max_bytes, the room the cache may want)."""
     where = f" on partition {result.partition}" if result.partition else ""
     if result.outcome == "rejected":
         return [
@@ -62,6 +65,17 @@ def probe_checks(result: ProbeResult, *, registry_dir: Path | None = None) -> li
         ),
         _bind_check(r),
         _node_registry_check(r, registry_dir),
+        _staging_check(r, staging_max_bytes),
+        _ray_address_check(r),
+        Check(
+            "ray ports (multi-node)",
+            None,
+            "not checked: whether compute nodes reach each other's ports (Ray's head port, "
+            "node and object manager ports, worker ports 10002-19999) takes a job on two "
+            "nodes; neither this login node nor a one-node probe can see it",
+            hint="only for models with resources.nodes > 1: ask your admin whether compute "
+            "nodes may open TCP connections to each other on unprivileged ports",
+        ),
         Check("gateway → node", None, str(r.get("login_reachability", "not checked"))),
     ]
     return checks
@@ -203,3 +217,59 @@ def _node_registry_check(r: Mapping[str, Any], registry_dir: Path | None) -> Che
         hint="registry_dir must be on a filesystem shared by the login and compute nodes "
         "(set it in site.yaml)",
     )
+
+
+def _gb(n: object) -> str:
+    return f"{int(n) / 1e9:.1f} GB" if isinstance(n, int) else "? GB"
+
+
+def _staging_check(r: Mapping[str, Any], max_bytes: int | None) -> Check:
+    """weights.stage: node-local needs a writable node-local directory with room."""
+    seen = r.get("staging")
+    if seen is None:
+        return Check("staging dir (node)", None, "not checked (an older probe)")
+    where = f"{seen.get('path')} (staging.dir {seen.get('setting')})"
+    hint = "set staging.dir in site.yaml to a node-local directory you may write (e.g. /dev/shm)"
+    if not seen.get("writable"):
+        return Check(
+            "staging dir (node)", False, f"{where}: not writable: {seen.get('error')}", hint=hint
+        )
+    free = seen.get("free_bytes")
+    room = f"{_gb(free)} free of {_gb(seen.get('total_bytes'))}"
+    if max_bytes is not None and isinstance(free, int) and free < max_bytes:
+        return Check(
+            "staging dir (node)",
+            None,
+            f"{where}: writable, {room}: less than staging.max_bytes ({_gb(max_bytes)})",
+            hint="weights bigger than the free space are not staged (the engine reads them "
+            "from weights.source); lower staging.max_bytes or pick a larger staging.dir",
+        )
+    return Check("staging dir (node)", True, f"{where}: writable, {room}")
+
+
+def _ray_address_check(r: Mapping[str, Any]) -> Check:
+    """A multi-node job's Ray head binds the node's resolved hostname; loopback reaches no node."""
+    seen = r.get("node_address") or {}
+    address = seen.get("address")
+    hint = (
+        "the node's hostname must resolve to an address other nodes reach (/etc/hosts or DNS); "
+        "only models with resources.nodes > 1 need it"
+    )
+    if address is None:
+        return Check("node address (ray head)", None, f"unresolved: {seen.get('error')}", hint=hint)
+    if seen.get("loopback"):
+        return Check(
+            "node address (ray head)",
+            None,
+            f"{r.get('hostname')} resolves to {address}: a multi-node job's other nodes could "
+            "not reach its Ray head",
+            hint=hint,
+        )
+    if not seen.get("bind_ok"):
+        return Check(
+            "node address (ray head)",
+            False,
+            f"cannot bind {address}: {seen.get('error')}",
+            hint=hint,
+        )
+    return Check("node address (ray head)", True, f"{address}: a Ray head could listen there")

@@ -46,6 +46,16 @@ class Drained:
     in_flight: int | None  # the last count (None: the engine could not say)
     method: str  # how it was counted: an endpoint path, or "tcp"
 
+    def log_line(self) -> str:
+        """The job log's line for this drain."""
+        after = f"after {self.waited_s:.1f}s"
+        if self.why == "idle":
+            return f"drained {after}: nothing in flight ({self.method})"
+        if self.why == "exited":
+            return f"engine exited while draining ({after})"
+        left = "unknown" if self.in_flight is None else str(self.in_flight)
+        return f"drain budget spent {after}: {left} request(s) in flight ({self.method}); stopping"
+
 
 def drain(
     proc: _Process,

@@ -25,6 +25,7 @@ from typing import Literal
 from hpc.errors import EngineError
 from hpc.job.keypipe import ENV as KEYPIPE_ENV
 from hpc.job.keypipe import key_path, keypipe_argv
+from hpc.job.multinode import RayLayout
 from hpc.job.netns import netns_argv
 from hpc.spec import ModelSpec
 
@@ -128,7 +129,10 @@ def _vllm(spec: ModelSpec, listen: Path, api_key: str, gpus_granted: int) -> Eng
     argv += ["--served-model-name", spec.name]
     if spec.weights.revision:
         argv += ["--revision", spec.weights.revision]
-    if gpus_granted > 1 and not _has_flag(spec.engine_args, "--tensor-parallel-size", "-tp"):
+    layout = RayLayout.of(spec)
+    if layout is not None:  # over every node of the job: Ray (hpc.job.multinode)
+        argv += layout.vllm_args()
+    elif gpus_granted > 1 and not _has_flag(spec.engine_args, "--tensor-parallel-size", "-tp"):
         argv += ["--tensor-parallel-size", str(gpus_granted)]
     return EngineLaunch(
         argv=[*argv, *spec.engine_args],
@@ -152,6 +156,8 @@ def _network_reason(spec: ModelSpec) -> str | None:
     """Why the engine must share the node's network, or None if it can have its own."""
     if spec.engine_network == "shared":
         return None
+    if spec.resources.nodes > 1:
+        return f"{spec.resources.nodes} nodes: Ray joins them over the node's network"
     if spec.engine_network == "auto" and not Path(spec.weights.source).expanduser().exists():
         return (
             f"weights {spec.weights.source!r} are no local path: the engine may download "

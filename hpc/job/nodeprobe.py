@@ -2,7 +2,9 @@
 
 ``node_probe`` reports what a job sees on its node (hostname, the GPUs, CPUs and memory
 Slurm gave it, GPU drivers, Apptainer and what ``--nv`` needs, whether it can bind
-0.0.0.0, whether the registry directory is shared) as plain data. It is apart from the
+0.0.0.0, whether the registry directory is shared, whether the node-local staging directory
+is writable and how much room it has, the node's address as Ray's head would bind it) as
+plain data. It is apart from the
 doctor and the probe job because it runs inside a submitit job, under whatever Python
 ``slurm.python`` names: it imports only the standard library (and ``hpc.__version__``), so
 the node needs nothing beyond ModelTainer itself, and submitit unpickles it by reference
@@ -17,17 +19,21 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from hpc import __version__
 
 
-def node_probe(*, registry_dir: str | None = None) -> dict[str, Any]:
+def node_probe(
+    *, registry_dir: str | None = None, staging_dir: str | None = None
+) -> dict[str, Any]:
     """What a job sees on its node. Runs inside the Slurm job; never raises for a missing tool.
 
     Plain data only (it travels back as a pickle and is printed as JSON). ``registry_dir``:
     whether the login node's registry directory is visible here (it must be shared).
+    ``staging_dir``: site.yaml's ``staging.dir`` (``$TMPDIR`` or a path), checked here.
     """
     env = os.environ
     report: dict[str, Any] = {
@@ -53,6 +59,8 @@ def node_probe(*, registry_dir: str | None = None) -> dict[str, Any]:
         "login_reachability": "not checked: whether the login node's gateway can reach a "
         "port on this node is out of scope for the probe",
         "registry": _registry_on_node(registry_dir),
+        "staging": _staging_on_node(staging_dir),
+        "node_address": _node_address(),
     }
     return report
 
@@ -135,3 +143,47 @@ def _registry_on_node(registry_dir: str | None) -> dict[str, Any] | None:
         "exists": path.is_dir(),
         "writable": path.is_dir() and os.access(path, os.W_OK | os.X_OK),
     }
+
+
+def _staging_on_node(setting: str | None) -> dict[str, Any] | None:
+    """The staging directory (as hpc.job.staging.cache_root resolves ``$TMPDIR``): can a file
+    be made in it, and how much room is there."""
+    if setting is None:
+        return None
+    path = (
+        Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+        if setting == "$TMPDIR"
+        else Path(setting)
+    )
+    found: dict[str, Any] = {"setting": setting, "path": str(path), "exists": path.is_dir()}
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mt-doctor-", dir=path)
+        os.close(fd)
+        os.unlink(name)
+        found["writable"] = True
+    except OSError as exc:
+        found["writable"] = False
+        found["error"] = str(exc)
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(path)
+        found["free_bytes"] = usage.free
+        found["total_bytes"] = usage.total
+    return found
+
+
+def _node_address() -> dict[str, Any]:
+    """The address a multi-node job's Ray head binds (the hostname, resolved), and whether a
+    port can be bound on it (hpc.job.raycluster)."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError as exc:
+        return {"address": None, "error": str(exc)}
+    found: dict[str, Any] = {"address": address, "loopback": address.startswith("127.")}
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+            found["bind_ok"] = True
+    except OSError as exc:
+        found["bind_ok"] = False
+        found["error"] = str(exc)
+    return found

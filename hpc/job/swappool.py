@@ -31,7 +31,7 @@ from typing import IO
 from aiohttp import web
 
 from hpc.errors import MTError
-from hpc.hosts import is_wildcard
+from hpc.hosts import advertised_host, is_wildcard
 from hpc.job.drain import POLL_S, SETTLE_S
 from hpc.job.engines import build_launch
 from hpc.job.front import bind_node_port
@@ -41,7 +41,7 @@ from hpc.job.poolapp import create_app
 from hpc.job.record import JobRecord, RecordEnded
 from hpc.job.slots import Launcher, Slots
 from hpc.job.tlscert import make_cert
-from hpc.job.wrapper import STOP_SIGNALS, advertised_host
+from hpc.job.wrapper import STOP_SIGNALS
 
 
 class SwapPool:

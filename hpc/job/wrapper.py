@@ -20,24 +20,26 @@ import collections
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 from hpc.errors import MTError, RegistryError
-from hpc.hosts import is_wildcard
-from hpc.job.drain import Drained, drain
+from hpc.hosts import advertised_host, is_wildcard
+from hpc.job.drain import drain
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.front import Front, RoutePolicy, bind_node_port
 from hpc.job.jobdir import JobDir
+from hpc.job.multinode import RayLayout
 from hpc.job.plan import JobPlan, read_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
+from hpc.job.raycluster import RayCluster
 from hpc.job.record import JobRecord, RecordEnded
 from hpc.job.staging import stage_spec
 from hpc.job.tlscert import make_cert
@@ -52,13 +54,6 @@ TAIL_LINES = 40
 
 # build_launch's signature: tests pass another launcher (a fake engine) in its place.
 Launcher = Callable[..., EngineLaunch]
-
-
-def advertised_host(engine_host: str) -> str:
-    """The host other machines use to reach an engine bound to ``engine_host``."""
-    if is_wildcard(engine_host):
-        return socket.gethostname()
-    return engine_host
 
 
 class LogPump:
@@ -144,6 +139,7 @@ class JobWrapper:
         self._front: Front | None = None
         self._cert_sha256: str | None = None
         self._staging_use: IO[bytes] | None = None  # held while the engine reads the entry
+        self._ray: RayCluster | None = None  # a multi-node job's other nodes (hpc.job.multinode)
 
     # -- record keeping ---------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -248,6 +244,18 @@ class JobWrapper:
         front = self._open_front(launch, self._dir)
         # The port is the front's from here on: held before the engine starts, never free.
         record = self._set(record, "starting", port=front.port, phases=phases)
+        deadline = time.monotonic() + spec.startup_timeout_s
+        layout = RayLayout.of(spec)
+        if layout is not None:  # first Ray on every node of the job (hpc.job.raycluster)
+            self._ray = RayCluster(layout, self.environ, self._say, self.plan.stop_grace_s)
+            joined, why = self._ray.join(deadline, lambda: self.stop_signal is not None)
+            if joined != "joined":
+                state: State = "gone" if joined == "stopped" else "failed"
+                self._set(record, state, reason=why)
+                self._say(f"{state}: {why}")
+                return 0 if joined == "stopped" else 1
+            self._say(why)
+            launch = replace(launch, env={**launch.env, **self._ray.env()})
         try:
             proc, pump = self._start(launch)
         except OSError as exc:
@@ -261,7 +269,7 @@ class JobWrapper:
         record = self._set(
             record, "starting", engine_pid=proc.pid, engine_started_at=create_time(proc.pid)
         )
-        outcome = self._await_health(proc, launch, spec.startup_timeout_s)
+        outcome = self._await_health(proc, launch, max(0.0, deadline - time.monotonic()))
         if outcome == "stopped":
             return self._drain(record, proc)
         if outcome != "healthy":
@@ -322,6 +330,8 @@ class JobWrapper:
 
     def _close(self) -> None:
         """Release the port and remove the job's directory (its socket, keys, certificate)."""
+        if self._ray is not None:
+            self._ray.stop()  # after the engine (run's finally stopped it): vLLM first
         if self._front is not None:
             self._front.stop()
         if self._dir is not None:
@@ -362,24 +372,13 @@ class JobWrapper:
         if engine is not None and budget > 0:
             self._say(f"draining: requests in flight may finish for {budget:.1f}s")
             drained = drain(proc, engine, self._drain_deadline)
-            self._say(_drained_line(drained))
+            self._say(drained.log_line())
             if drained.why == "budget" and drained.in_flight != 0:
                 left = "?" if drained.in_flight is None else str(drained.in_flight)
                 reason += f": drain budget spent after {drained.waited_s:.0f}s, {left} in flight"
         self._stop(proc)
         self._set(record, "gone", reason=reason, engine_pid=None)
         return 0
-
-
-def _drained_line(drained: Drained) -> str:
-    """The job log's line for a drain that ended."""
-    after = f"after {drained.waited_s:.1f}s"
-    if drained.why == "idle":
-        return f"drained {after}: nothing in flight ({drained.method})"
-    if drained.why == "exited":
-        return f"engine exited while draining ({after})"
-    left = "unknown" if drained.in_flight is None else str(drained.in_flight)
-    return f"drain budget spent {after}: {left} request(s) in flight ({drained.method}); stopping"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,7 +192,7 @@ class SlurmClient:
             result = self.run(["squeue", "--json"], check=False)
             if result.returncode == 0:
                 self._json = True
-                found = _parse_squeue_json(result)
+                found = parse_squeue_json(result)
                 return {k: v for k, v in found.items() if wanted is None or k in wanted}
             if "json" not in result.stderr.lower() and "unrecognized" not in result.stderr.lower():
                 self.run(["squeue", "--json"])  # raise the real error
@@ -269,7 +269,8 @@ def _state_word(value: object) -> str:
     return str(value or "UNKNOWN")
 
 
-def _parse_squeue_json(result: CommandResult) -> dict[str, SlurmJob]:
+def parse_squeue_json(result: CommandResult) -> dict[str, SlurmJob]:
+    """The jobs in ``squeue --json``'s output; SlurmError for the failure it reports."""
     data = json.loads(result.stdout)
     # Slurm 22.05's squeue --json exits 0 when it cannot reach the controller, with an empty
     # job list and the failure under "errors": read as it is, every job would look ended.

@@ -77,7 +77,7 @@ def run_probe(
     done = run_function(
         site,
         node_probe,
-        {"registry_dir": registry},
+        {"registry_dir": registry, "staging_dir": site.config.staging.dir},
         spec=spec,
         timeout_s=timeout_s,
         folder=folder,

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
+from hpc.job.multinode import dry_run_note
 from hpc.job.plan import JobPlan, PoolPlan
 from hpc.site import SlurmSite
 from hpc.spec import Resources, Runtime, SlurmOptions
@@ -75,7 +76,9 @@ def sbatch_flags(
         "--requeue" if opts.requeue else "--no-requeue": None,
     }
     if res.gpus:
-        flags["--gres"] = f"gpu:{res.gpu_type}:{res.gpus}" if res.gpu_type else f"gpu:{res.gpus}"
+        # Slurm's --gres is per node; resources.gpus is the job's total (hpc.job.multinode).
+        per_node = res.gpus // res.nodes or res.gpus
+        flags["--gres"] = f"gpu:{res.gpu_type}:{per_node}" if res.gpu_type else f"gpu:{per_node}"
     for flag, value in (
         ("--partition", opts.partition or site.partition),
         ("--account", opts.account or site.account),
@@ -149,6 +152,8 @@ def render(
         "python": shlex.quote(python),
         "plan": plan.model_dump_json(indent=2, exclude_defaults=True),
     }
+    if isinstance(plan, JobPlan):
+        values["multinode"] = dry_run_note(plan.spec)  # each node's command (vllm.sbatch)
     if isinstance(plan, PoolPlan):
         values["catalogue"] = ", ".join(plan.pool.models)
         values["slots"] = str(plan.pool.slots)
