@@ -62,6 +62,7 @@ help:
 	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
 	@echo "make test   lint (ruff + mypy) and the whole test suite"
 	@echo "make lint   ruff + mypy only"
+	@echo "make openwebui  Open WebUI (own venv, no CUDA torch), playwright-core, LibreChat's schema (for make test)"
 	@echo "make bench  gateway overhead: direct vs. a bare aiohttp proxy vs. mt gateway vs. LiteLLM's proxy (docs/benchmarks.md)"
 	@echo "make soak   the chaos soak: faults while clients stream (MINUTES=60; root: private Slurm, tmpfs)"
 

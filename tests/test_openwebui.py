@@ -238,9 +238,7 @@ def test_openwebui_lists_the_gateways_models_and_streams_a_chat(
     ids = {m["id"] for m in models}
     assert {GEMMA, ON_DEMAND} <= ids, ids  # the on-demand model at zero is listed too
     before = len(gateway.requests("/v1/chat/completions"))
-    events = _stream(
-        openwebui, {"model": GEMMA, "messages": [{"role": "user", "content": PROMPT}]}
-    )
+    events = _stream(openwebui, {"model": GEMMA, "messages": [{"role": "user", "content": PROMPT}]})
     text = "".join(
         choice["delta"].get("content") or ""
         for event in events
@@ -254,6 +252,22 @@ def test_openwebui_lists_the_gateways_models_and_streams_a_chat(
     assert all(r["status"] == 200 and r["model"] == GEMMA for r in served), served
     # Open WebUI sent no max_tokens: the model's limits gave it the default.
     assert served[0]["output_limit"] == f"default {DEFAULT_MAX_TOKENS}", served[0]
+
+
+def _stored_answer(webui: OpenWebUI) -> dict[str, Any]:
+    """The browser chat's assistant message as Open WebUI saved it (the page saves the chat
+    just after the stream ends: polled, with a liveness bound)."""
+    deadline = time.monotonic() + 120
+    while True:
+        chats = _call(webui.url + "/api/v1/chats/", webui.token)
+        if chats:
+            chat = _call(webui.url + f"/api/v1/chats/{chats[0]['id']}", webui.token)["chat"]
+            history = chat.get("history", {})
+            message = history.get("messages", {}).get(history.get("currentId") or "", {})
+            if message.get("role") == "assistant" and message.get("done"):
+                return dict(message)
+        assert time.monotonic() < deadline, f"the browser's chat was not saved: {chats}"
+        time.sleep(1)
 
 
 def _screenshot_path(tmp_path: Path) -> Path:
@@ -292,13 +306,10 @@ def test_a_browser_picks_the_model_and_sees_the_answer(
     answer = json.loads(done.stdout.splitlines()[-1])["answer"]
     assert answer, done.stderr
     assert screenshot.stat().st_size > 0
-    # The answer on the page is the one Open WebUI stored for this chat, and that chat's
-    # completion went through the gateway to the model picked.
-    chats = _call(openwebui.url + "/api/v1/chats/", openwebui.token)
-    assert chats, "the browser's chat was not saved"
-    chat = _call(openwebui.url + f"/api/v1/chats/{chats[0]['id']}", openwebui.token)["chat"]
-    stored = [m for m in chat["messages"] if m["role"] == "assistant"]
-    assert stored and stored[-1]["model"] == GEMMA, chat["messages"]
-    assert " ".join(stored[-1]["content"].split()) == " ".join(answer.split())
+    # The answer on the page is the one Open WebUI stored for this chat (from the model
+    # picked), and that chat's completion went through the gateway.
+    stored = _stored_answer(openwebui)
+    assert stored["model"] == GEMMA, stored
+    assert " ".join(stored["content"].split()) == " ".join(answer.split())
     served = gateway.requests("/v1/chat/completions")[before:]
     assert any(r["status"] == 200 and r["model"] == GEMMA for r in served), served
