@@ -127,8 +127,21 @@ def _models_yaml(path: Path, gguf: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One real llama-server job, ready, an on-demand model at zero, and `mt gateway`."""
+def openwebui_command() -> Path:
+    """Open WebUI's command in its own venv: checked before any engine starts."""
+    command = Path(OPENWEBUI) if OPENWEBUI else None
+    if command is None or not os.access(command, os.X_OK):
+        missing_part("openwebui", f"MT_OPENWEBUI={OPENWEBUI!r} (make openwebui installs it)")
+        raise AssertionError("unreachable")
+    return command
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    openwebui_command: Path, gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One real llama-server job, ready, an on-demand model at zero, and `mt gateway` (for
+    Open WebUI: its command is checked first)."""
     binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
     if binary is None or not os.access(binary, os.X_OK):
         missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
@@ -158,12 +171,11 @@ def _exported_environment(gateway: Gateway, out: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def openwebui(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenWebUI]:
+def openwebui(
+    openwebui_command: Path, gateway: Gateway, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OpenWebUI]:
     """Open WebUI from its own venv, configured by `mt export openwebui`, signed in."""
-    command = Path(OPENWEBUI) if OPENWEBUI else None
-    if command is None or not os.access(command, os.X_OK):
-        missing_part("openwebui", f"MT_OPENWEBUI={OPENWEBUI!r} (make openwebui installs it)")
-        raise AssertionError("unreachable")
+    command = openwebui_command
     root = tmp_path_factory.mktemp("openwebui")
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
     env.update(_OPENWEBUI_ENV)
