@@ -55,19 +55,20 @@ async function main() {
         args.model, { timeout: 10000 },
       );
     });
+    const response = page.locator('#response-content-container');
     await step('send prompt', 3, async () => {
-      const input = page.locator('#chat-input');
-      await input.click();
+      if (await response.count()) return; // sent by an attempt that failed after the click
+      await page.locator('#chat-input').click();
       await page.keyboard.press('Control+A');
       await page.keyboard.press('Backspace');
       await page.keyboard.type(args.prompt);
       await page.locator('#send-message-button').click();
-      await page.locator('#response-content-container').first().waitFor({ state: 'attached' });
+      await response.first().waitFor({ state: 'attached' });
     });
     // Open WebUI shows a response's action buttons (Regenerate, …) once its stream has ended.
     await page.locator('button[aria-label="Regenerate"]:visible').first()
       .waitFor({ state: 'visible', timeout: ANSWER_TIMEOUT_MS });
-    const answer = (await page.locator('#response-content-container').first().innerText()).trim();
+    const answer = (await response.first().innerText()).trim();
     await page.screenshot({ path: args.screenshot });
     process.stdout.write(JSON.stringify({ answer, steps }) + '\n');
   } catch (err) {
