@@ -36,7 +36,15 @@ from typing import Any
 
 import pytest
 import yaml
-from mtcli import GEMMA, mt, owner_key, ready_job, running_gateway
+from mtcli import (
+    CLIENT_ENV_CLEARED,
+    GEMMA,
+    llama_server_home,
+    mt,
+    owner_key,
+    ready_job,
+    running_gateway,
+)
 from realparts import missing_part
 
 # Read at import, before tests/conftest.py's autouse fixture clears MT_*.
@@ -50,7 +58,6 @@ DRIVER = Path(__file__).parent / "clients" / "openwebui_browser.js"
 ON_DEMAND = "gemma-3-270m-on-demand"
 DEFAULT_MAX_TOKENS = 48
 PROMPT = "What is the capital of France?"
-_CLEARED = ("MT_", "SLURM_", "OPENAI_", "ANTHROPIC_")
 # Open WebUI's own settings for a test run: loopback only, nothing fetched or reported, no
 # local embedding model (so torch, left out of its venv, is never imported).
 _OPENWEBUI_ENV = {
@@ -110,19 +117,18 @@ def _call(url: str, token: str | None = None, body: object = None, timeout: floa
         return json.loads(response.read())
 
 
-def _models_yaml(path: Path, gguf: Path) -> None:
+def _models_yaml(gguf: Path) -> str:
     weights = f"{{source: {json.dumps(str(gguf))}}}"
     limits = f"{{max_tokens_default: {DEFAULT_MAX_TOKENS}, max_tokens_cap: 256}}"
-    path.write_text(
+    return (
         "models:\n"
         f"  - name: {GEMMA}\n    engine: llamacpp\n    weights: {weights}\n"
-        # --jinja: tool calls through the GGUF's template (Open WebUI sends tools); the
-        # context holds Open WebUI's prompt with its tools.
+        # --jinja: tool calls through the GGUF's template (Open WebUI sends its tools with
+        # native function calling); room for its prompt with them.
         '    engine_args: ["--jinja", "--ctx-size", "8192"]\n'
         f"    startup_timeout_s: 120\n    limits: {limits}\n"
         f"  - name: {ON_DEMAND}\n    engine: llamacpp\n    weights: {weights}\n"
-        "    on_demand: {idle_ttl_s: 60}\n",
-        encoding="utf-8",
+        "    on_demand: {idle_ttl_s: 60}\n"
     )
 
 
@@ -147,14 +153,7 @@ def gateway(
         missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
         raise AssertionError("unreachable")
     root = tmp_path_factory.mktemp("openwebui-gateway")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.startswith(_CLEARED) or name == "KUBECONFIG":
-                env.delenv(name)
-        env.setenv("MT_HOME", str(root / "mt-home"))
-        env.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
-        _models_yaml(root / "models.yaml", gemma_gguf)
-        env.setenv("MT_MODELS", str(root / "models.yaml"))
+    with llama_server_home(root, binary, _models_yaml(gemma_gguf)):
         log = root / "gateway.log"
         with ready_job(GEMMA), running_gateway(stderr_path=log) as url:
             yield Gateway(url, owner_key(), log)
@@ -177,7 +176,7 @@ def openwebui(
     """Open WebUI from its own venv, configured by `mt export openwebui`, signed in."""
     command = openwebui_command
     root = tmp_path_factory.mktemp("openwebui")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLIENT_ENV_CLEARED)}
     env.update(_OPENWEBUI_ENV)
     env.update(_exported_environment(gateway, root / "docker-compose.override.yml"))
     env.update(
