@@ -55,12 +55,30 @@ CLIENTS_ENV := MT_CODEX=$(NPM_CLIENTS)/node_modules/.bin/codex \
 	MT_CLAUDE=$(NPM_CLIENTS)/node_modules/.bin/claude \
 	MT_LLAMA_STACK=$(if $(PYTHON312),$(LLAMA_STACK_VENV)/bin/llama)
 
-.PHONY: help demo test lint fmt clean deps bench soak vllm clients
+
+# Open WebUI for the real-browser client test (tests/test_openwebui.py): its own venv, cached
+# per version, never in .venv. A plain install pulls a CUDA torch and ~19 nvidia wheels
+# (several GB): pip's resolved list (--dry-run --report) without torch, triton, nvidia-*,
+# cuda-* is installed with --no-deps (~1 min, ~2 GB); the test starts it with
+# RAG_EMBEDDING_ENGINE=openai so the local embedding code (and torch) is never imported.
+# The browser is Debian's chromium (.ci/run installs it) driven by npm's playwright-core,
+# and `mt export librechat` is validated against librechat-data-provider's own config schema:
+# both npm packages in caches per version. The tests find them through MT_OPENWEBUI,
+# MT_PLAYWRIGHT and MT_LIBRECHAT_PROVIDER.
+OPENWEBUI_VERSION := 0.12.4
+OPENWEBUI_VENV := $(HOME)/.cache/modeltainer/open-webui-$(OPENWEBUI_VERSION)
+PLAYWRIGHT_VERSION := 1.65.2
+PLAYWRIGHT_DIR := $(HOME)/.cache/modeltainer/playwright-core-$(PLAYWRIGHT_VERSION)
+LIBRECHAT_PROVIDER_VERSION := 0.8.524
+LIBRECHAT_PROVIDER_DIR := $(HOME)/.cache/modeltainer/librechat-data-provider-$(LIBRECHAT_PROVIDER_VERSION)
+
+.PHONY: help demo test lint fmt clean deps bench soak vllm clients openwebui
 
 help:
 	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
 	@echo "make test   lint (ruff + mypy) and the whole test suite"
 	@echo "make lint   ruff + mypy only"
+	@echo "make openwebui  Open WebUI (own venv, no CUDA torch), playwright-core, LibreChat's schema (for make test)"
 	@echo "make bench  gateway overhead: direct vs. a bare aiohttp proxy vs. mt gateway vs. LiteLLM's proxy (docs/benchmarks.md)"
 	@echo "make soak   the chaos soak: faults while clients stream (MINUTES=60; root: private Slurm, tmpfs)"
 
@@ -122,6 +140,29 @@ vllm: $(VLLM_VENV)/.stamp $(GEMMA_HF)/config.json
 	{ echo '#!$(VLLM_VENV)/bin/python'; cat hpc/dev/vllm_cpu.py; } > $(VLLM_VENV)/bin/vllm.tmp
 	chmod 755 $(VLLM_VENV)/bin/vllm.tmp && mv $(VLLM_VENV)/bin/vllm.tmp $(VLLM_VENV)/bin/vllm
 
+$(OPENWEBUI_VENV)/.stamp:
+	@echo "==> Open WebUI $(OPENWEBUI_VERSION) without torch/CUDA into its own venv $(OPENWEBUI_VENV) (once, about 2 minutes, ~2 GB)"
+	$(PYTHON) -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_VENV)/bin/pip install --quiet --upgrade pip
+	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	$(OPENWEBUI_VENV)/bin/pip install --quiet --dry-run --ignore-installed \
+		--report "$$work"/report.json 'open-webui==$(OPENWEBUI_VERSION)'; \
+	$(OPENWEBUI_VENV)/bin/python hpc/dev/without_cuda.py "$$work"/report.json > "$$work"/requirements.txt; \
+	$(OPENWEBUI_VENV)/bin/pip install --quiet --no-deps -r "$$work"/requirements.txt
+	touch $@
+
+$(PLAYWRIGHT_DIR)/.stamp:
+	@echo "==> playwright-core $(PLAYWRIGHT_VERSION) (npm) into $(PLAYWRIGHT_DIR); the browser is Debian's chromium"
+	npm install --silent --no-audit --no-fund --prefix $(PLAYWRIGHT_DIR) 'playwright-core@$(PLAYWRIGHT_VERSION)'
+	touch $@
+
+$(LIBRECHAT_PROVIDER_DIR)/.stamp:
+	@echo "==> librechat-data-provider $(LIBRECHAT_PROVIDER_VERSION) (npm: LibreChat's config schema) into $(LIBRECHAT_PROVIDER_DIR)"
+	npm install --silent --no-audit --no-fund --prefix $(LIBRECHAT_PROVIDER_DIR) 'librechat-data-provider@$(LIBRECHAT_PROVIDER_VERSION)'
+	touch $@
+
+openwebui: $(OPENWEBUI_VENV)/.stamp $(PLAYWRIGHT_DIR)/.stamp $(LIBRECHAT_PROVIDER_DIR)/.stamp
+
 $(LITELLM_VENV)/.stamp:
 	@echo "==> LiteLLM $(LITELLM_VERSION) into its own venv $(LITELLM_VENV) (once, about a minute)"
 	$(PYTHON) -m venv $(LITELLM_VENV)
@@ -157,8 +198,10 @@ lint: $(VENV)/.dev-stamp
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER) vllm clients
+test: lint $(VENV)/.llamacpp-stamp $(LITELLM_VENV)/.stamp $(LLAMA_SERVER) vllm clients openwebui
 	MT_LITELLM=$(LITELLM_VENV)/bin/litellm MT_LLAMA_SERVER=$(LLAMA_SERVER) $(CLIENTS_ENV) \
+	MT_OPENWEBUI=$(OPENWEBUI_VENV)/bin/open-webui MT_PLAYWRIGHT=$(PLAYWRIGHT_DIR)/node_modules/playwright-core \
+	MT_LIBRECHAT_PROVIDER=$(LIBRECHAT_PROVIDER_DIR)/node_modules/librechat-data-provider \
 	MT_VLLM_BIN=$(VLLM_VENV)/bin MT_GEMMA_HF=$(GEMMA_HF) $(BIN)/pytest -q -ra
 
 fmt: $(VENV)/.dev-stamp

@@ -25,6 +25,10 @@ TOOLS: tuple[Tool, ...] = ("litellm", "librechat", "openwebui", "llamastack", "o
 DEFAULT_KEY_ENV = "MT_API_KEY"
 DEFAULT_SECRET = "modeltainer-api-key"  # noqa: S105 - a Secret's name, not its value
 PROVIDER = "modeltainer"  # the provider/endpoint name each tool shows for the gateway
+# librechat.yaml's `version:`: the CONFIG_VERSION of the librechat-data-provider release its
+# schema test validates against (Makefile LIBRECHAT_PROVIDER_VERSION; LibreChat warns when a
+# file's version is older than its own).
+LIBRECHAT_CONFIG_VERSION = "1.3.17"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
@@ -145,7 +149,7 @@ def librechat_config(
     ``.env``); ``fetch`` lets models submitted later show up without editing the file."""
     names = _names(models)
     return {
-        "version": "1.2.1",
+        "version": LIBRECHAT_CONFIG_VERSION,
         "cache": True,
         "endpoints": {
             "custom": [

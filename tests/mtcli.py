@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import pytest
 
 GEMMA = "gemma-3-270m"
 
@@ -61,6 +62,28 @@ def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
         encoding="utf-8",
     )
     return path
+
+
+# What a client test clears from its environment: this machine's own settings for mt, Slurm
+# and the clients under test.
+CLIENT_ENV_CLEARED = ("MT_", "SLURM_", "OPENAI_", "ANTHROPIC_")
+
+
+@contextmanager
+def llama_server_home(root: Path, llama_server: Path, models_yaml: str) -> Iterator[None]:
+    """A fresh `mt` home under ``root`` whose jobs run ``llama_server``: MT_*, SLURM_*,
+    OPENAI_*, ANTHROPIC_* and KUBECONFIG cleared, ``models_yaml`` as MT_MODELS, llama-server
+    first on the PATH; all restored at the end (module fixtures cannot use ``monkeypatch``)."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in list(os.environ):
+            if name.startswith(CLIENT_ENV_CLEARED) or name == "KUBECONFIG":
+                env.delenv(name)
+        env.setenv("MT_HOME", str(root / "mt-home"))
+        env.setenv("PATH", f"{llama_server.parent}:{os.environ['PATH']}")
+        models = root / "models.yaml"
+        models.write_text(models_yaml, encoding="utf-8")
+        env.setenv("MT_MODELS", str(models))
+        yield
 
 
 @contextmanager
