@@ -12,6 +12,7 @@ from rich.table import Table
 
 from hpc import jobs
 from hpc.backends import JobHandle, JobStatus
+from hpc.chain import describe
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
 from hpc.cli.phasesview import print_phases
@@ -213,6 +214,9 @@ def status(
             state += f": {r.reason}"
         if unknown and view.scheduler.reason:  # what could not be asked, and why
             state += f" (unknown: {view.scheduler.reason})"
+        handover = describe(r)  # continuity: handover: this job's place in its chain
+        if handover is not None:
+            state += f", {handover}"
         table.add_row(r.model, r.backend, r.key, state, r.base_url or "-", age(r.created_at, now))
     stdout().print(table)
 
