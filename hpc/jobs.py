@@ -391,6 +391,17 @@ def find_record(site: Site, job: str) -> Record:
     return record
 
 
+def cancel_model(site: Site, model: str) -> list[Record]:
+    """Cancel every job of ``model`` that has not ended, each with its chain (as
+    :func:`cancel`): `mt cancel NAME` ends a handover chain without looking its current job
+    up first. JobNotFoundError if the model has no such job."""
+    registry = Registry(site.registry_dir)
+    live = [r for r in registry.records() if r.model == model and r.state not in FINAL_STATES]
+    if not live:
+        raise JobNotFoundError(model)
+    return [cancel(site, r.key) for r in live]
+
+
 def cancel(site: Site, job: str) -> Record:
     """Cancel a job by id or key, and the rest of its handover chain (hpc.chain: the jobs
     it took over from and handed over to, pending or running); returns its record afterwards.

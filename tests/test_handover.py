@@ -6,6 +6,7 @@ The real handover, on the private Slurm cluster under streaming, is tests/test_s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from test_sbatch import CASES, GOLDEN, SITE, UPDATE
 
 from hpc.chain import chain, describe
-from hpc.job.handover import Handover, end_from_env, lead_s
+from hpc.job.handover import LOOK_S, Handover, end_from_env, lead_s
 from hpc.job.plan import JobPlan, warning_drain_s
 from hpc.registry import Record, Registry, pending_record
 from hpc.slurm.client import SlurmClient
@@ -228,3 +229,40 @@ def test_chain_and_what_status_says(tmp_path: Path) -> None:
     assert describe(middle) == "took over from job 9; handover → job 11"
     lone = _record(registry, "20")
     assert describe(lone) is None
+
+
+def _step_until(handover: Handover, budget_s: float, looks: int) -> bool:
+    """``handover.step`` until it says drain, at most ``looks`` looks apart by LOOK_S."""
+    for _ in range(looks):
+        if handover.step(budget_s):
+            return True
+        time.sleep(LOOK_S)
+    return False
+
+
+def test_step_drains_once_the_successor_is_ready(tmp_path: Path) -> None:
+    registry = _registry(tmp_path)
+    _record(registry, "10")
+    fake = FakeSuccessors(end=time.time() + 3600)
+    handover = _handover(registry, fake)
+    handover.start(5.0, 60.0, None, 15.0, {})
+    assert handover.lead_s == 80.0 and handover.end_deadline is not None
+    assert not handover.step(100.0) and fake.submitted == 0  # not due for an hour
+    handover.warn()  # the warning starts it
+    assert not _step_until(handover, 100.0, 3)
+    assert fake.submitted == 1 and handover.successor == "101"
+    assert handover.reason() == "time limit near, no successor ready"
+    _record(registry, "101", predecessor="10")  # the successor is ready
+    assert _step_until(handover, 100.0, 12)  # after SWITCH_SETTLE_S
+    assert handover.reason() == "handed over to job 101" and fake.submitted == 1
+
+
+def test_step_without_a_successor_drains_halfway_through_the_warning(tmp_path: Path) -> None:
+    registry = _registry(tmp_path)
+    _record(registry, "10")
+    handover = _handover(registry, FakeSuccessors(end=None))
+    assert handover.start(5.0, 60.0, None, 15.0, {}) is None
+    handover.warn()
+    handover.over = True  # its successor failed
+    assert handover.warning_deadline(2.0) is not None
+    assert _step_until(handover, 2.0, 6)  # 1 s after the warning

@@ -123,6 +123,16 @@ class Soak:
             time.sleep(0.5)
 
 
+def _engines_left() -> list[int]:
+    """Engines of this model still running (``--alias`` names the model), however started."""
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if MODEL in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            left.append(proc.info["pid"])
+    return left
+
+
 def _wait_for(what: str, done: object, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():  # type: ignore[operator]
@@ -191,6 +201,7 @@ def test_two_handovers_under_streaming_drop_nothing(
     assert all(state not in ACTIVE for state in ends.values()), ends
     for engine in engines:
         assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+    assert _engines_left() == []
 
 
 def test_doctor_says_the_site_supports_handover(cluster: SlurmCluster) -> None:
@@ -201,3 +212,32 @@ def test_doctor_says_the_site_supports_handover(cluster: SlurmCluster) -> None:
     check = handover_check(SlurmClient(LocalTransport()))
     assert check.ok is True and "--signal" in check.detail
     assert [j for j in cluster.jobs() if j["name"] == "wrap"] == []  # --test-only queued nothing
+
+
+def test_the_warning_starts_a_handover_and_mt_cancel_name_ends_the_chain(
+    cluster: SlurmCluster, handover_models: Path
+) -> None:
+    """USR1 (what Slurm sends at --signal's time, sent now) submits the successor at once;
+    `mt cancel MODEL` while it is pending or starting leaves no job and no process."""
+    from hpc.slurm.client import SlurmClient
+    from hpc.transport import LocalTransport
+
+    first = json.loads(
+        mt("submit", MODEL, "--backend", "slurm", "--wait", "--json", "--timeout", "90").stdout
+    )
+    assert first["state"] == "ready", first
+    SlurmClient(LocalTransport()).scancel(first["job_id"], signal="USR1", batch_only=True)
+    _wait_for("a successor", lambda: len(_chain()) == 2, 60)
+    head, successor = _chain()
+    assert head.successor == successor.job_id and successor.predecessor == head.job_id
+    assert head.state == "ready"  # it serves until its successor is ready
+    engines = [psutil.Process(r.engine_pid) for r in _chain() if r.engine_pid is not None]
+
+    cancelled = json.loads(mt("cancel", MODEL, "--json").stdout)
+    assert {r["job_id"] for r in cancelled} <= {head.job_id, successor.job_id}
+    ends = {r.job_id: cluster.wait_job(int(r.job_id), timeout=30) for r in _chain()}
+    assert len(ends) == 2 and all(state not in ACTIVE for state in ends.values()), ends
+    assert all(r.state in ("gone", "failed") for r in _chain()), _chain()
+    for engine in engines:
+        assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+    assert _engines_left() == []

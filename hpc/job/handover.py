@@ -30,11 +30,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from hpc.errors import MTError
 from hpc.registry import FINAL_STATES, Record, Registry, new_nonce, record_key
 
 # Between the successor's `ready` and the predecessor's `draining`: the gateway re-reads
 # the registry every second, so it routes to the successor before it stops routing here.
 SWITCH_SETTLE_S = 2.0
+# How often the job looks (registry reads), and again after a Slurm command failed.
+LOOK_S = 0.5
+RETRY_S = 5.0
 
 
 class Successors(Protocol):
@@ -75,7 +79,8 @@ def end_from_env(environ: Mapping[str, str]) -> float | None:
 
 @dataclass
 class Handover:
-    """One job's handover: decides when it is due, submits the successor once, watches it."""
+    """One job's handover: decides when it is due, submits the successor once, watches it,
+    and tells the job wrapper when to drain (:meth:`step`)."""
 
     successors: Successors
     registry: Registry
@@ -84,6 +89,79 @@ class Handover:
     say: Callable[[str], None]
     end_at: float | None = None  # epoch seconds
     successor: str | None = None
+    warned_at: float | None = None  # monotonic: the warning signal came (it starts it)
+    over: bool = False  # no successor will come (it failed, or this job was cancelled)
+    end_deadline: float | None = None  # monotonic: this job's drain must end by then
+    _switch_at: float | None = None  # monotonic: drain then (the successor is ready)
+    _next_look: float = 0.0
+
+    def start(
+        self,
+        ready_s: float,
+        margin_s: float,
+        fixed_s: float | None,
+        stop_s: float,
+        environ: Mapping[str, str],
+    ) -> float | None:
+        """At ``ready``: size the lead (:func:`lead_s`), learn the end, and return when the
+        successor is due (None while the end is unknown: the warning signal starts it)."""
+        self.lead_s = lead_s(ready_s, margin_s, fixed_s, stop_s)
+        try:
+            at = self.schedule(environ)
+        except MTError as exc:
+            self.say(f"handover: cannot learn the job's end time: {exc.message}")
+            at = None
+        if self.end_at is not None:
+            self.end_deadline = time.monotonic() + (self.end_at - time.time()) - stop_s
+        return at
+
+    def warn(self) -> None:
+        """The time-limit warning came (a signal handler calls this: it only notes it)."""
+        if self.warned_at is None:
+            self.warned_at = time.monotonic()
+
+    def warning_deadline(self, budget_s: float) -> float | None:
+        """Without a known end, the drain must end ``budget_s`` after the warning."""
+        if self.end_deadline is None and self.warned_at is not None:
+            return self.warned_at + budget_s
+        return None
+
+    def step(self, warning_budget_s: float) -> bool:
+        """One look (at most every ``LOOK_S``): submit when due, watch the successor; True
+        when this job should drain now (its successor is ready and the gateway saw it, or
+        its end is near without one: half the warning's budget, or 2 s before the end
+        deadline)."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + LOOK_S
+        if not self.over and self.successor is None and self.due(warned=self.warned_at is not None):
+            try:
+                if self.submit() is None:  # this job was ended (mt cancel): no successor
+                    self.over = True
+            except MTError as exc:  # the nonce is reserved: the next look finds or submits
+                self.say(f"handover: cannot submit the successor yet: {exc.message}")
+                self._next_look = now + RETRY_S
+        state = self.successor_state()
+        if state == "ready":
+            if self._switch_at is None:
+                self.say(f"handover: job {self.successor} is ready; draining soon")
+                self._switch_at = now + SWITCH_SETTLE_S
+            elif now >= self._switch_at:
+                return True
+        elif state in FINAL_STATES and not self.over:
+            self.say(f"handover: job {self.successor} ended {state} before it was ready")
+            self.over = True
+        # No successor in time: stop taking requests while those in flight can still finish.
+        if self.end_deadline is None:
+            return self.warned_at is not None and now >= self.warned_at + warning_budget_s / 2
+        return now >= self.end_deadline - SWITCH_SETTLE_S
+
+    def reason(self) -> str:
+        """Why this job drains, for its record."""
+        if self.successor is not None and self.successor_state() == "ready":
+            return f"handed over to job {self.successor}"
+        return "time limit near, no successor ready"
 
     @property
     def key(self) -> str:

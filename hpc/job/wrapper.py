@@ -10,6 +10,9 @@ the plan's drain budget (hpc.job.plan, hpc.job.drain), then stop the engine's wh
 tree and mark the record ``gone``. The engine runs with TERM blocked, so Slurm's TERM to
 every process of the job does not cut what is being drained. An engine that dies
 or never becomes healthy is recorded ``failed`` with the reason and its last log lines.
+With ``continuity: handover`` and a scheduler that can submit (``successors``: Slurm's, from
+``python -m hpc.slurm.handover``), the warning signal, or the job's end drawing near, makes
+it submit a successor first (hpc.job.handover) and drain only once that one is ready.
 Engine output is copied to the wrapper's stdout (the job log) with the per-job key masked.
 """
 
@@ -35,7 +38,7 @@ from hpc.hosts import is_wildcard
 from hpc.job.drain import Drained, drain
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.front import Front, RoutePolicy, bind_node_port
-from hpc.job.handover import SWITCH_SETTLE_S, Handover, Successors, lead_s
+from hpc.job.handover import Handover, Successors
 from hpc.job.jobdir import JobDir
 from hpc.job.plan import STOP_MARGIN_S, JobPlan, read_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
@@ -46,13 +49,10 @@ from hpc.job.udshttp import probe
 from hpc.liveness import create_time
 from hpc.masking import Mask
 from hpc.permissions import InsecurePermissionsError
-from hpc.registry import FINAL_STATES, Record, State, new_api_key
+from hpc.registry import Record, State, new_api_key
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-# During a handover: how often the wrapper looks (registry reads), and after a Slurm failure.
-LOOK_S = 0.5
-RETRY_S = 5.0
 TAIL_LINES = 40
 
 # build_launch's signature: tests pass another launcher (a fake engine) in its place.
@@ -155,11 +155,6 @@ class JobWrapper:
         self._handover: Handover | None = None
         if plan.spec.continuity == "handover" and successors is not None:
             self._handover = Handover(successors, self.registry, self.job_id, 0.0, self._say)
-        self._warned_at: float | None = None  # a warning signal that starts the handover
-        self._handover_over = False  # the successor failed or could not be submitted
-        self._switch_at: float | None = None  # when to drain, the successor being ready
-        self._end_deadline: float | None = None  # monotonic: the drain must end by then
-        self._next_look = 0.0  # monotonic: the handover's next look
 
     # -- record keeping ---------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -182,12 +177,11 @@ class JobWrapper:
 
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self._handover is not None and signum in WARNING_SIGNALS and not self._handover_over:
+        if self._handover is not None and signum in WARNING_SIGNALS and not self._handover.over:
             # The time-limit warning starts the handover; the job drains once the successor
             # is ready, or by the job's end (Slurm may warn up to a minute early, so the end
             # squeue gave counts; unknown, the warning's own drain budget does).
-            if self._warned_at is None:
-                self._warned_at = time.monotonic()
+            self._handover.warn()
             return
         self._signals.append((signum, time.monotonic()))
         if self.stop_signal is None:
@@ -197,11 +191,14 @@ class JobWrapper:
         """When the drain must end: the earliest that any signal so far (or the job's end,
         during a handover) allows."""
         ends = [at + self.plan.drain_budget_s(sig) for sig, at in self._signals]
-        if self._end_deadline is not None:
-            ends.append(self._end_deadline)
-        elif self._warned_at is not None:
-            ends.append(self._warned_at + self.plan.drain_budget_s(signal.SIGUSR1))
+        if self._handover is not None:
+            warning_end = self._handover.warning_deadline(self._warning_budget_s)
+            ends += [end for end in (self._handover.end_deadline, warning_end) if end is not None]
         return min(ends)
+
+    @property
+    def _warning_budget_s(self) -> float:
+        return self.plan.drain_budget_s(signal.SIGUSR1)
 
     def _install_signals(self) -> None:
         for sig in STOP_SIGNALS:
@@ -318,13 +315,10 @@ class JobWrapper:
             phases=phases.model_copy(update={"engine_start_to_healthy_s": loaded_s}),
         )
         if self._handover is not None:
-            record = self._plan_handover(self._handover, record)
+            record = self._start_handover(self._handover, record)
         while self.stop_signal is None and proc.poll() is None:
-            if self._handover is not None and self._handover_step(self._handover):
-                why = f"handed over to job {self._handover.successor}"
-                if self._handover.successor is None:
-                    why = "time limit near, no successor ready"
-                return self._drain(record, proc, front, why=why)
+            if self._handover is not None and self._handover.step(self._warning_budget_s):
+                return self._drain(record, proc, front, why=self._handover.reason())
             time.sleep(0.2)
         if self.stop_signal is None:
             # scancel signals the engine and this wrapper at once: give our own signal a
@@ -339,52 +333,18 @@ class JobWrapper:
         return 1
 
     # -- continuity: handover ----------------------------------------------------------------
-    def _plan_handover(self, handover: Handover, record: Record) -> Record:
+    def _start_handover(self, handover: Handover, record: Record) -> Record:
         """Size the lead from this job's time-to-ready, learn its end, record when."""
         slurm = self.plan.spec.slurm
-        ready_s = time.monotonic() - self._began
         fixed = float(slurm.handover_lead_s) if slurm.handover_lead_s is not None else None
-        stop_s = self.plan.stop_grace_s + STOP_MARGIN_S
-        handover.lead_s = lead_s(ready_s, slurm.handover_margin_s, fixed, stop_s)
-        try:
-            at = handover.schedule(self.environ)
-        except MTError as exc:  # the warning signal still starts the handover
-            self._say(f"handover: cannot learn the job's end time: {exc.message}")
-            at = None
-        if handover.end_at is not None:
-            left_s = handover.end_at - time.time()
-            self._end_deadline = time.monotonic() + left_s - self.plan.stop_grace_s - STOP_MARGIN_S
+        at = handover.start(
+            time.monotonic() - self._began,
+            slurm.handover_margin_s,
+            fixed,
+            self.plan.stop_grace_s + STOP_MARGIN_S,
+            self.environ,
+        )
         return record if at is None else self._set(record, "ready", handover_at=at)
-
-    def _handover_step(self, handover: Handover) -> bool:
-        """One look at the handover; True when this job should drain now."""
-        now = time.monotonic()
-        if now < self._next_look:
-            return False
-        self._next_look = now + LOOK_S
-        warned = self._warned_at is not None
-        if not self._handover_over and handover.successor is None and handover.due(warned=warned):
-            try:
-                if handover.submit() is None:  # this job was ended (mt cancel): no successor
-                    self._handover_over = True
-            except MTError as exc:  # the nonce is reserved: the next look finds or submits
-                self._say(f"handover: cannot submit the successor yet: {exc.message}")
-                self._next_look = now + RETRY_S
-        state = handover.successor_state()
-        if state == "ready":
-            if self._switch_at is None:
-                self._say(f"handover: job {handover.successor} is ready; draining soon")
-                self._switch_at = now + SWITCH_SETTLE_S
-            elif now >= self._switch_at:
-                return True
-        elif state in FINAL_STATES and not self._handover_over:
-            self._say(f"handover: job {handover.successor} ended {state} before it was ready")
-            self._handover_over = True
-        # No successor in time: stop taking requests while those in flight can still finish.
-        if self._end_deadline is None and self._warned_at is not None:
-            budget = self.plan.drain_budget_s(signal.SIGUSR1)
-            return now >= self._warned_at + budget / 2
-        return self._end_deadline is not None and now >= self._end_deadline - SWITCH_SETTLE_S
 
     def _open_front(self, launch: EngineLaunch, home: JobDir) -> Front:
         """The job's TLS front on the node's port, started (see hpc.job.front)."""
@@ -448,11 +408,10 @@ class JobWrapper:
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
         record = self._set(record, "draining", reason=why or f"received {name}")
         reason = why or f"stopped by {name}"
-        budget = (
-            self._drain_deadline() - time.monotonic()
-            if self._signals or self._end_deadline is not None or self._warned_at is not None
-            else 0.0
+        handing_over = self._handover is not None and (
+            self._handover.end_deadline is not None or self._handover.warned_at is not None
         )
+        budget = self._drain_deadline() - time.monotonic() if self._signals or handing_over else 0.0
         if engine is not None and budget > 0:
             self._say(f"draining: requests in flight may finish for {budget:.1f}s")
             drained = drain(proc, engine, self._drain_deadline)
