@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -89,7 +90,15 @@ class Soak:
     def stream(self) -> None:
         import openai
 
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key=owner_key(), max_retries=0)
+        client = openai.OpenAI(
+            base_url=self.url + "/v1", api_key=owner_key(), max_retries=0, timeout=60
+        )
+        with client:
+            self._stream(client)
+
+    def _stream(self, client: Any) -> None:
+        import openai
+
         while not self.stop.is_set():
             try:
                 finish = None
@@ -133,6 +142,18 @@ def _engines_left() -> list[int]:
     return left
 
 
+def _in_flight(url: str) -> str:
+    """The gateway's own count of requests in flight (its /metrics)."""
+    import urllib.request
+
+    from mtcli import owner_headers
+
+    request = urllib.request.Request(url + "/metrics", headers=owner_headers())  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+        text = answer.read().decode()
+    return next(line for line in text.splitlines() if line.startswith("mt_gateway_in_flight "))
+
+
 def _wait_for(what: str, done: object, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():  # type: ignore[operator]
@@ -149,7 +170,7 @@ def test_two_handovers_under_streaming_drop_nothing(
         mt("submit", MODEL, "--backend", "slurm", "--wait", "--json", "--timeout", "90").stdout
     )
     assert first["state"] == "ready", first
-    with running_gateway() as url:
+    with running_gateway(stderr_path=handover_models.parent / "gateway.log") as url:
         soak = Soak(url, cluster)
         threads = [threading.Thread(target=soak.stream), threading.Thread(target=soak.sample)]
         for thread in threads:
@@ -169,7 +190,9 @@ def test_two_handovers_under_streaming_drop_nothing(
         finally:
             soak.stop.set()
             for thread in threads:
-                thread.join(60)
+                thread.join(90)
+            assert not [t for t in threads if t.is_alive()], "a stream or squeue hangs"
+            in_flight = _in_flight(url)
     status = mt("status", "--all").stdout
     chain = _chain()
     engines = [psutil.Process(r.engine_pid) for r in chain if r.engine_pid is not None]
@@ -182,6 +205,8 @@ def test_two_handovers_under_streaming_drop_nothing(
     )
 
     assert soak.failures == [], soak.failures
+    # Nothing left hanging in the gateway: the one in flight is that /metrics request.
+    assert in_flight == "mt_gateway_in_flight 1", in_flight
     # It streamed throughout: streams finished after each boundary, too.
     boundaries = [r.handover_at for r in chain[:2]]
     assert all(any(t > b for t in soak.finished_at) for b in boundaries if b), boundaries
