@@ -33,13 +33,13 @@ from bench.loadgen import Target
 from bench.pathcompare import compare, table
 from bench.workload import Workload
 from hpc import tlspin
+from hpc.job.engineproc import start_engine
 from hpc.job.engines import build_launch
 from hpc.job.front import Front, bind_node_port
 from hpc.job.jobdir import JobDir
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
 from hpc.job.tlscert import make_cert
 from hpc.job.udshttp import probe
-from hpc.job.wrapper import start_engine
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 

@@ -23,6 +23,7 @@ from hpc.backends import (
     Submitted,
     get_scheduler,
 )
+from hpc.chain import chain
 from hpc.errors import JobNotFoundError, MTError, RegistryError
 from hpc.orphan import end_orphan, wrapper_died
 from hpc.permissions import InsecurePermissionsError
@@ -390,9 +391,39 @@ def find_record(site: Site, job: str) -> Record:
     return record
 
 
+def cancel_model(site: Site, model: str) -> list[Record]:
+    """Cancel every job of ``model`` that has not ended, each with its chain (as
+    :func:`cancel`): `mt cancel NAME` ends a handover chain without looking its current job
+    up first. JobNotFoundError if the model has no such job."""
+    registry = Registry(site.registry_dir)
+    live = [r for r in registry.records() if r.model == model and r.state not in FINAL_STATES]
+    if not live:
+        raise JobNotFoundError(model)
+    return [cancel(site, r.key) for r in live]
+
+
 def cancel(site: Site, job: str) -> Record:
-    """Cancel a job by id or key; returns its record afterwards."""
+    """Cancel a job by id or key, and the rest of its handover chain (hpc.chain: the jobs
+    it took over from and handed over to, pending or running); returns its record afterwards.
+
+    Each job's chain is read again after it ended: a wrapper records its successor only
+    while its own record is not final, so a successor submitted meanwhile is found here,
+    or cancelled by that wrapper itself (hpc.job.handover).
+    """
     record = find_record(site, job)
     jobs = service(site, record.backend)
-    jobs.cancel(handle_of(record))
-    return jobs.registry.read(record.key) or record
+    in_chain = record.predecessor is not None or record.successor is not None
+    if not (in_chain and record.state in FINAL_STATES):  # a chain's ended head: the rest
+        jobs.cancel(handle_of(record))
+    done = {record.job_id}
+    while True:
+        current = jobs.registry.read(record.key) or record
+        todo = [link for link in chain(jobs.registry, current) if link.job_id not in done]
+        if not todo:
+            return current
+        for link in todo:
+            done.add(link.job_id)
+            if link.record is None:  # submitted, its pending record not written yet
+                jobs.cancel(JobHandle(record.backend, link.job_id, ""))
+            elif link.record.state not in FINAL_STATES:
+                jobs.cancel(handle_of(link.record))

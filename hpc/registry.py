@@ -98,6 +98,21 @@ class Record(BaseModel):
     phases: Phases | None = Field(
         default=None, description="start-up phases and their durations (the job wrapper's)"
     )
+    # continuity: handover (hpc.job.handover): the chain of jobs that serve one model in turn.
+    predecessor: str | None = Field(
+        default=None, description="the job id this job took over from (continuity: handover)"
+    )
+    successor: str | None = Field(
+        default=None, description="the job id submitted to take over from this one"
+    )
+    successor_nonce: str | None = Field(
+        default=None,
+        description="the successor's nonce, reserved under the record's lock before sbatch: "
+        "a wrapper signalled twice or restarted finds that job instead of submitting another",
+    )
+    handover_at: float | None = Field(
+        default=None, description="when this job submits its successor (epoch seconds)"
+    )
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     version: int = Field(default=0, ge=0, description="bumped by every write (check-and-set)")
@@ -128,6 +143,7 @@ def pending_record(
     engine: str,
     log_path: str | None,
     started_by: str | None = None,
+    predecessor: str | None = None,
 ) -> Record:
     """A new job's first record: ``pending``, with a fresh per-job key."""
     return Record(
@@ -140,6 +156,7 @@ def pending_record(
         api_key=SecretStr(new_api_key()),
         log_path=log_path,
         started_by=started_by,
+        predecessor=predecessor,
     )
 
 

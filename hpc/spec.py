@@ -97,6 +97,22 @@ class SlurmOptions(Strict):
     extra_directives: tuple[SbatchFlag, ...] = Field(
         default=(), description="more sbatch flags, e.g. --exclusive or --mail-type=END"
     )
+    # continuity: handover (docs/slurm.md, "Wall-time handover"): when the successor is sent.
+    handover_margin_s: int = Field(
+        default=120,
+        ge=10,
+        le=86400,
+        description="with continuity: handover, the successor is submitted this long plus "
+        "the job's own observed time-to-ready before the time limit: the predecessor's "
+        "streams finish within it",
+    )
+    handover_lead_s: int | None = Field(
+        default=None,
+        ge=10,
+        le=86400,
+        description="with continuity: handover, submit the successor exactly this long "
+        "before the time limit (instead of time-to-ready + handover_margin_s)",
+    )
 
 
 # Kubernetes object names and label values (DNS-1123 label; label values up to 63 chars).
@@ -192,6 +208,31 @@ class ModelSpec(Strict):
         default_factory=TokenLimits,
         description="the gateway's max_tokens default and cap for requests to this model",
     )
+    continuity: Literal["none", "handover"] = Field(
+        default="none",
+        description="handover (Slurm): before the time limit the job submits its successor, "
+        "which takes the new requests once ready while this one drains (docs/slurm.md)",
+    )
+
+    @model_validator(mode="after")
+    def _handover_fits(self) -> ModelSpec:
+        if self.continuity != "handover":
+            return self
+        if self.on_demand is not None:
+            raise ValueError(
+                "continuity: handover keeps a model served without end; on_demand stops it "
+                "when idle: choose one"
+            )
+        limit_s = self.resources.time_limit_min * 60
+        # The lead is at least the margin plus the engine's stop allowance (15 s).
+        lead_s = self.slurm.handover_lead_s or self.slurm.handover_margin_s + 15
+        if 2 * lead_s >= limit_s:
+            raise ValueError(
+                f"continuity: handover needs resources.time_limit_min ({limit_s}s) above twice "
+                f"the handover lead ({lead_s}s: slurm.handover_lead_s, or handover_margin_s "
+                "+ 15 s), so that a job's predecessor has ended before it hands over in turn"
+            )
+        return self
 
 
 class StaticBackend(Strict):

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from hpc.job.drain import drain
+from hpc.job.engineproc import start_engine
 from hpc.job.engines import EngineLaunch
 from hpc.job.plan import JobPlan, warning_drain_s
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
-from hpc.job.wrapper import start_engine
 from hpc.liveness import alive
 from hpc.spec import DEFAULT_DRAIN_S, ModelSpec
 

@@ -12,10 +12,12 @@ from rich.table import Table
 
 from hpc import jobs
 from hpc.backends import JobHandle, JobStatus
+from hpc.chain import describe
 from hpc.cli.context import CliContext
 from hpc.cli.output import age, print_json, stderr, stdout
 from hpc.cli.phasesview import print_phases
 from hpc.cli.remote import run_there
+from hpc.errors import JobNotFoundError
 from hpc.registry import Record, record_key
 from hpc.spec import ModelSpec, PoolSpec
 from hpc.toolcalls import missing_tool_flags
@@ -213,6 +215,9 @@ def status(
             state += f": {r.reason}"
         if unknown and view.scheduler.reason:  # what could not be asked, and why
             state += f" (unknown: {view.scheduler.reason})"
+        handover = describe(r)  # continuity: handover: this job's place in its chain
+        if handover is not None:
+            state += f", {handover}"
         table.add_row(r.model, r.backend, r.key, state, r.base_url or "-", age(r.created_at, now))
     stdout().print(table)
 
@@ -239,13 +244,28 @@ def logs(
 
 def cancel(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="Job id or key (see mt status).")],
+    job: Annotated[
+        str,
+        typer.Argument(
+            help="Job id or key (see mt status), or a model name: all its jobs. A job of a "
+            "handover chain ends with the whole chain."
+        ),
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Stop a job: its engine drains and stops, its record becomes gone."""
     run_there(ctx)
     cli: CliContext = ctx.obj
-    record = jobs.cancel(cli.site(), job)
+    try:
+        record = jobs.cancel(cli.site(), job)
+    except JobNotFoundError:
+        records = jobs.cancel_model(cli.site(), job)  # a model name: a list of its jobs
+        if as_json:
+            print_json([r.public() for r in records])
+        else:
+            for each in records:
+                stdout().print(f"{each.key}: {each.state}")
+        return
     if as_json:
         print_json(record.public())
     else:

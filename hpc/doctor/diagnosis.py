@@ -6,15 +6,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hpc.doctor.checks import Check, local_checks
+from hpc.doctor.handover import handover_check
 from hpc.doctor.probe import probe_checks
 from hpc.site import Site
 from hpc.slurm.client import SlurmClient
 from hpc.slurm.probejob import ProbeResult, run_probe
+from hpc.transport import LocalTransport
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ def diagnose(
     if not slurm_ok:
         checks.append(Check("probe job", None, "skipped: no Slurm commands here"))
         return Diagnosis(checks, None)
+    slurm = client or SlurmClient(
+        LocalTransport(dict(os.environ if environ is None else environ)),
+        timeout_s=site.config.slurm.command_timeout_s,
+    )
+    checks.append(handover_check(slurm))  # continuity: handover (hpc.doctor.handover)
     result = run_probe(
         site,
         gpus=gpus,

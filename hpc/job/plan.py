@@ -82,6 +82,11 @@ class JobPlan(_Ending):
         description="copy the weights into the node-local cache first (hpc.job.staging); "
         "None: the engine reads weights.source",
     )
+    predecessor: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="continuity: handover: the job id this job takes over from",
+    )
 
 
 class ClusterServe(BaseModel):

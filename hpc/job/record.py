@@ -59,6 +59,7 @@ class JobRecord:
         engine: str,
         serves: tuple[str, ...] = (),
         started_by: str | None = None,
+        predecessor: str | None = None,
     ) -> Record:
         """The backend's pending record (or a new one), now ``starting`` on this node."""
 
@@ -101,6 +102,7 @@ class JobRecord:
                     # The wrapper may run before the backend's pending record exists (a fast
                     # Slurm start): the plan carries who started the job all the same.
                     "started_by": record.started_by or started_by,
+                    "predecessor": record.predecessor or predecessor,
                 }
             )
 

@@ -25,11 +25,11 @@ from typing import IO, Literal
 import aiohttp
 
 from hpc.errors import EngineError, MTError, PoolLoadError
+from hpc.job.engineproc import LogPump, start_engine
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.jobdir import JobDir
 from hpc.job.plan import PoolPlan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
-from hpc.job.wrapper import LogPump, start_engine
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 

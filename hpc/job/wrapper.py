@@ -10,19 +10,20 @@ the plan's drain budget (hpc.job.plan, hpc.job.drain), then stop the engine's wh
 tree and mark the record ``gone``. The engine runs with TERM blocked, so Slurm's TERM to
 every process of the job does not cut what is being drained. An engine that dies
 or never becomes healthy is recorded ``failed`` with the reason and its last log lines.
+With ``continuity: handover`` and a scheduler that can submit (``successors``: Slurm's, from
+``python -m hpc.slurm.handover``), the warning signal, or the job's end drawing near, makes
+it submit a successor first (hpc.job.handover) and drain only once that one is ready.
 Engine output is copied to the wrapper's stdout (the job log) with the per-job key masked.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -33,76 +34,28 @@ from typing import IO
 from hpc.errors import MTError, RegistryError
 from hpc.hosts import advertised_host, is_wildcard
 from hpc.job.drain import drain
+from hpc.job.engineproc import LogPump, start_engine
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.front import Front, RoutePolicy, bind_node_port
+from hpc.job.handover import Handover, Successors
 from hpc.job.jobdir import JobDir
 from hpc.job.multinode import RayLayout
-from hpc.job.plan import JobPlan, read_plan
-from hpc.job.proctree import ENGINE_STOP_SIGNAL, die_with_parent, stop_tree, term_blocked
+from hpc.job.plan import STOP_MARGIN_S, JobPlan, read_plan
+from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree
 from hpc.job.raycluster import RayCluster
 from hpc.job.record import JobRecord, RecordEnded
 from hpc.job.staging import stage_spec
 from hpc.job.tlscert import make_cert
 from hpc.job.udshttp import probe
 from hpc.liveness import create_time
-from hpc.masking import Mask
 from hpc.permissions import InsecurePermissionsError
 from hpc.registry import Record, State, new_api_key
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-TAIL_LINES = 40
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 # build_launch's signature: tests pass another launcher (a fake engine) in its place.
 Launcher = Callable[..., EngineLaunch]
-
-
-class LogPump:
-    """Copies the engine's output to our stdout line by line, masks the key (in every form
-    hpc.masking knows: plain, percent-encoded, base64), keeps a tail."""
-
-    def __init__(self, stream: IO[bytes], out: IO[str], secret: str) -> None:
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._stream = stream
-        self._out = out
-        self._mask = Mask(secret)
-        self._thread = threading.Thread(target=self._run, name="engine-log", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for raw in iter(self._stream.readline, b""):
-            line = self._mask(raw.decode("utf-8", "replace").rstrip("\n"))
-            self.tail.append(line)
-            with contextlib.suppress(OSError, ValueError):
-                self._out.write(line + "\n")
-                self._out.flush()
-
-    def join(self, timeout_s: float = 2.0) -> list[str]:
-        self._thread.join(timeout_s)
-        return list(self.tail)
-
-
-def start_engine(
-    launch: EngineLaunch, environ: Mapping[str, str], out: IO[str], secret: str
-) -> tuple[subprocess.Popen[bytes], LogPump]:
-    """Start an engine in its own process group, its output pumped to ``out`` (key masked).
-
-    TERM is blocked in the engine (hpc.job.proctree): stop it with ``ENGINE_STOP_SIGNAL``.
-    The engine gets that signal too if this process dies (``die_with_parent``): a wrapper
-    killed while its engine loads leaves no engine behind. Call it from the main thread.
-    """
-    with term_blocked():
-        proc = subprocess.Popen(
-            launch.argv,
-            env={**environ, **launch.env},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group, so stopping it reaches every child
-            preexec_fn=die_with_parent(),  # noqa: PLW1509 - prctl only, built before the fork
-        )
-    if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
-        raise OSError("engine started without a stdout pipe")
-    return proc, LogPump(proc.stdout, out, secret)
 
 
 class JobWrapper:
@@ -114,8 +67,10 @@ class JobWrapper:
         environ: Mapping[str, str],
         out: IO[str],
         launcher: Launcher = build_launch,
+        successors: Successors | None = None,
     ) -> None:
         self.plan = plan
+        self._began = time.monotonic()  # the job's start, near enough: its time-to-ready
         self.launcher = launcher
         self._secret = ""
         self.environ = environ
@@ -140,6 +95,10 @@ class JobWrapper:
         self._cert_sha256: str | None = None
         self._staging_use: IO[bytes] | None = None  # held while the engine reads the entry
         self._ray: RayCluster | None = None  # a multi-node job's other nodes (hpc.job.multinode)
+        # continuity: handover (hpc.job.handover): set only where a scheduler can submit.
+        self._handover: Handover | None = None
+        if plan.spec.continuity == "handover" and successors is not None:
+            self._handover = Handover(successors, self.registry, self.job_id, 0.0, self._say)
 
     # -- record keeping ---------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -154,6 +113,7 @@ class JobWrapper:
             model=spec.name,
             engine=spec.engine,
             started_by=self.plan.started_by,
+            predecessor=self.plan.predecessor,
         )
 
     def _set(self, record: Record, state: State, **fields: object) -> Record:
@@ -161,13 +121,28 @@ class JobWrapper:
 
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._handover is not None and signum in WARNING_SIGNALS and not self._handover.over:
+            # The time-limit warning starts the handover; the job drains once the successor
+            # is ready, or by the job's end (Slurm may warn up to a minute early, so the end
+            # squeue gave counts; unknown, the warning's own drain budget does).
+            self._handover.warn()
+            return
+        self._signals.append((signum, time.monotonic()))
         if self.stop_signal is None:
             self.stop_signal = signum
-        self._signals.append((signum, time.monotonic()))
 
     def _drain_deadline(self) -> float:
-        """When the drain must end: the earliest that any signal so far allows."""
-        return min(at + self.plan.drain_budget_s(sig) for sig, at in self._signals)
+        """When the drain must end: the earliest that any signal so far (or the job's end,
+        during a handover) allows."""
+        ends = [at + self.plan.drain_budget_s(sig) for sig, at in self._signals]
+        if self._handover is not None:
+            warning_end = self._handover.warning_deadline(self._warning_budget_s)
+            ends += [end for end in (self._handover.end_deadline, warning_end) if end is not None]
+        return min(ends)
+
+    @property
+    def _warning_budget_s(self) -> float:
+        return self.plan.drain_budget_s(signal.SIGUSR1)
 
     def _install_signals(self) -> None:
         for sig in STOP_SIGNALS:
@@ -295,7 +270,11 @@ class JobWrapper:
             health_path=launch.probe_path or launch.health_path,
             phases=phases.model_copy(update={"engine_start_to_healthy_s": loaded_s}),
         )
+        if self._handover is not None:
+            record = self._start_handover(self._handover, record)
         while self.stop_signal is None and proc.poll() is None:
+            if self._handover is not None and self._handover.step(self._warning_budget_s):
+                return self._drain(record, proc, front, why=self._handover.reason())
             time.sleep(0.2)
         if self.stop_signal is None:
             # scancel signals the engine and this wrapper at once: give our own signal a
@@ -308,6 +287,20 @@ class JobWrapper:
         self._set(record, "failed", reason=reason, log_tail=tail)
         self._say(f"failed: {reason}")
         return 1
+
+    # -- continuity: handover ----------------------------------------------------------------
+    def _start_handover(self, handover: Handover, record: Record) -> Record:
+        """Size the lead from this job's time-to-ready, learn its end, record when."""
+        slurm = self.plan.spec.slurm
+        fixed = float(slurm.handover_lead_s) if slurm.handover_lead_s is not None else None
+        at = handover.start(
+            time.monotonic() - self._began,
+            slurm.handover_margin_s,
+            fixed,
+            self.plan.stop_grace_s + STOP_MARGIN_S,
+            self.environ,
+        )
+        return record if at is None else self._set(record, "ready", handover_at=at)
 
     def _open_front(self, launch: EngineLaunch, home: JobDir) -> Front:
         """The job's TLS front on the node's port, started (see hpc.job.front)."""
@@ -361,14 +354,22 @@ class JobWrapper:
         return "timeout"
 
     def _drain(
-        self, record: Record, proc: subprocess.Popen[bytes], engine: Front | None = None
+        self,
+        record: Record,
+        proc: subprocess.Popen[bytes],
+        engine: Front | None = None,
+        *,
+        why: str | None = None,
     ) -> int:
         """``draining``; requests in flight at the front finish (a serving ``engine`` only);
-        stop; ``gone``."""
+        stop; ``gone``. ``why``: a handover's reason, instead of the signal's."""
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
-        record = self._set(record, "draining", reason=f"received {name}")
-        reason = f"stopped by {name}"
-        budget = self._drain_deadline() - time.monotonic() if self._signals else 0.0
+        record = self._set(record, "draining", reason=why or f"received {name}")
+        reason = why or f"stopped by {name}"
+        handing_over = self._handover is not None and (
+            self._handover.end_deadline is not None or self._handover.warned_at is not None
+        )
+        budget = self._drain_deadline() - time.monotonic() if self._signals or handing_over else 0.0
         if engine is not None and budget > 0:
             self._say(f"draining: requests in flight may finish for {budget:.1f}s")
             drained = drain(proc, engine, self._drain_deadline)

@@ -21,6 +21,7 @@ from typing import Protocol
 from hpc.job.multinode import dry_run_note
 from hpc.job.plan import JobPlan, PoolPlan
 from hpc.site import SlurmSite
+from hpc.slurm.handoverjob import HandoverJob
 from hpc.spec import Resources, Runtime, SlurmOptions
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -150,10 +151,16 @@ def render(
             else "# (no `module load`: site.yaml slurm.modules sets them)"
         ),
         "python": shlex.quote(python),
+        "wrapper": "hpc.job.wrapper",
         "plan": plan.model_dump_json(indent=2, exclude_defaults=True),
     }
     if isinstance(plan, JobPlan):
         values["multinode"] = dry_run_note(plan.spec)  # each node's command (vllm.sbatch)
+    if isinstance(plan, JobPlan) and plan.spec.continuity == "handover":
+        # The job renders its successor's script on the node: it carries what that needs.
+        values["wrapper"] = "hpc.slurm.handover"
+        carried = HandoverJob(plan=plan, site=site, log_dir=log_dir, python=python)
+        values["plan"] = carried.model_dump_json(indent=2, exclude_defaults=True)
     if isinstance(plan, PoolPlan):
         values["catalogue"] = ", ".join(plan.pool.models)
         values["slots"] = str(plan.pool.slots)
