@@ -22,11 +22,12 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from hpc.backends.slurm import SlurmBackend
-from hpc.jobs import JobService, wait_ready
+from hpc.jobs import JobService
 from hpc.site import Site, SiteConfig
 from hpc.slurm.client import SlurmClient
 from hpc.spec import ModelSpec
 from hpc.transport import LocalTransport
+from hpc.waiting import wait_ready
 
 
 def _free_port() -> int:

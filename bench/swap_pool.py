@@ -26,11 +26,12 @@ from urllib.parse import urlsplit
 
 from hpc import tlspin
 from hpc.backends.slurm import SlurmBackend
-from hpc.jobs import JobService, wait_ready
+from hpc.jobs import JobService
 from hpc.poolstatus import fetch_pool_status
 from hpc.registry import Record
 from hpc.site import Site, SiteConfig
 from hpc.spec import ModelSpec, PoolSpec
+from hpc.waiting import wait_ready
 
 
 def first_token_s(record: Record, model: str) -> float:

@@ -5,7 +5,7 @@
     ├── RegistryError             the registry directory or a record cannot be used
     ├── InsecurePermissionsError  (hpc.permissions) a private path others can reach: mode, fix
     ├── JobNotFoundError          no record and no job with that id
-    ├── WaitFailed                (hpc.jobs) a job waited for ended before it was ready
+    ├── WaitFailed                (hpc.waiting) a job waited for ended before it was ready
     ├── UnknownBackendError       a backend name that is not registered
     ├── BackendError              a scheduler or process call failed (argv, stderr)
     │   ├── SlurmError            a Slurm command failed: argv, return code, stderr, hint

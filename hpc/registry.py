@@ -102,9 +102,7 @@ class Record(BaseModel):
     predecessor: str | None = Field(
         default=None, description="the job id this job took over from (continuity: handover)"
     )
-    successor: str | None = Field(
-        default=None, description="the job id submitted to take over from this one"
-    )
+    successor: str | None = Field(default=None, description="the job that takes over from it")
     successor_nonce: str | None = Field(
         default=None,
         description="the successor's nonce, reserved under the record's lock before sbatch: "

@@ -16,7 +16,7 @@ from fake_k8s_api import FakeKubeAPI
 from mtcli import mt
 
 from gateway.keys import create_key
-from hpc import jobs
+from hpc import jobs, waiting
 from hpc.backends.kubernetes import KubernetesBackend
 from hpc.errors import MTError
 from hpc.jobs import JobService
@@ -131,7 +131,7 @@ def test_submit_available_ready_cancel_gone(
     assert ready.base_url == f"http://{name}.{NS}.svc:8000/v1"
 
     # wait_ready (what `mt submit --wait` runs) sees it through the same status call.
-    assert jobs.wait_ready(site, handle, timeout_s=5).state == "ready"
+    assert waiting.wait_ready(site, handle, timeout_s=5).state == "ready"
 
     gone = jobs.cancel(site, name)
     assert gone.state == "gone"

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hpc import jobs
+from hpc import jobs, waiting
 from hpc.backends import JobHandle, JobStatus
 from hpc.chain import describe
 from hpc.cli.context import CliContext
@@ -132,7 +132,7 @@ def _wait(
                 last_line.append(line)
                 err.print(f"{time.monotonic() - started:6.1f}s  {line}")
 
-        return jobs.wait_ready(
+        return waiting.wait_ready(
             cli.site(),
             handle,
             timeout_s=timeout_s,
@@ -150,7 +150,7 @@ def _wait(
             spinner.update(f"{line}  [dim]{time.monotonic() - started:.0f}s elapsed[/]")
 
         try:
-            return jobs.wait_ready(
+            return waiting.wait_ready(
                 cli.site(),
                 handle,
                 timeout_s=timeout_s,
