@@ -61,7 +61,7 @@ def time_hand_sbatch(gguf: Path, log_dir: Path) -> float:
         "#!/bin/bash\n#SBATCH --job-name=hand-gemma\n#SBATCH --cpus-per-task=1\n"
         f"#SBATCH --mem=1024M\n#SBATCH --output={log_dir}/hand-%j.log\n"
         f"exec {sys.executable} -m llama_cpp.server --model {gguf} --host 127.0.0.1 "
-        f"--port {port} --chat_format alpaca --n_ctx 512\n"
+        f"--port {port} --ctx-size 512\n"
     )
     client = SlurmClient(LocalTransport())
     started = time.perf_counter()
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": "gemma-3-270m",
             "engine": "llamacpp",
             "weights": {"source": str(gguf)},
-            "engine_args": ["--chat_format", "alpaca", "--n_ctx", "512"],
+            "engine_args": ["--ctx-size", "512"],
             "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 10},
         }
     )

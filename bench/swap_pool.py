@@ -79,7 +79,7 @@ def specs(gguf: Path) -> tuple[ModelSpec, ModelSpec, PoolSpec]:
                 "name": name,
                 "engine": "llamacpp",
                 "weights": {"source": str(gguf)},
-                "engine_args": ["--chat_format", "alpaca", "--n_ctx", n_ctx],
+                "engine_args": ["--ctx-size", n_ctx],
                 "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 20},
             }
         )

@@ -49,13 +49,13 @@ def mt(
 
 
 def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
-    """A models.yaml serving the real Gemma GGUF (alpaca format suits this base model)."""
+    """A models.yaml serving the real Gemma GGUF on llama-server (with the flags users write)."""
     path.write_text(
         "models:\n"
         f"  - name: {GEMMA}\n"
         "    engine: llamacpp\n"
         f"    weights: {{source: {json.dumps(str(gguf))}}}\n"
-        '    engine_args: ["--chat_format", "alpaca", "--n_ctx", "1024"]\n'
+        '    engine_args: ["--ctx-size", "1024"]\n'
         "    startup_timeout_s: 120\n"
         "    resources: {cpus: 1, mem_gb: 1, time_limit_min: 30}\n" + extra,
         encoding="utf-8",
@@ -114,5 +114,12 @@ def engine_processes(engine_pid: int | None) -> list[psutil.Process]:
         running = proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
         return []
-    engine = "hpc.job.llamacpp_python" in cmdline or "llama_cpp.server" in cmdline
-    return [proc] if engine and running else []
+    return [proc] if is_llamacpp_engine(cmdline) and running else []
+
+
+def is_llamacpp_engine(cmdline: Sequence[str]) -> bool:
+    """Whether ``cmdline`` is a llama.cpp server a job started: llama-server (exec'd by
+    hpc.job.keypipe), or llama-cpp-python's server (the fallback)."""
+    if cmdline and Path(cmdline[0]).name == "llama-server":
+        return True
+    return "hpc.job.llamacpp_python" in cmdline or "llama_cpp.server" in cmdline

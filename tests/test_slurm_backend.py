@@ -41,7 +41,7 @@ def add_model(models: Path, name: str, **overrides: Any) -> None:
         "name": name,
         "engine": "llamacpp",
         "weights": {"source": _gguf(models)},
-        "engine_args": ["--chat_format", "alpaca", "--n_ctx", "512"],
+        "engine_args": ["--ctx-size", "512"],
         "startup_timeout_s": 120,
         "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -118,10 +119,11 @@ class JobWrapper:
         plan: JobPlan,
         environ: Mapping[str, str],
         out: IO[str],
-        launcher: Launcher = build_launch,
+        launcher: Launcher | None = None,
     ) -> None:
         self.plan = plan
-        self.launcher = launcher
+        # The llama.cpp server chosen at submit (hpc.llamacppserver), if the plan names one.
+        self.launcher = launcher or functools.partial(build_launch, llamacpp=plan.llamacpp)
         self._secret = ""
         self.environ = environ
         self.out = out

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hpc.job.plan import JobPlan, PoolPlan
+from hpc.llamacppserver import describe as describe_server
 from hpc.site import SlurmSite
 from hpc.spec import Resources, Runtime, SlurmOptions
 
@@ -149,6 +150,8 @@ def render(
         "python": shlex.quote(python),
         "plan": plan.model_dump_json(indent=2, exclude_defaults=True),
     }
+    if isinstance(plan, JobPlan) and plan.spec.engine == "llamacpp":
+        values["llamacpp_server"] = describe_server(plan.spec, plan.llamacpp)
     if isinstance(plan, PoolPlan):
         values["catalogue"] = ", ".join(plan.pool.models)
         values["slots"] = str(plan.pool.slots)
