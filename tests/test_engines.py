@@ -111,6 +111,8 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
         str(SOCK),
         "--alias",
         "test-model",
+        "--threads",
+        "1",
         "--api-key-file",
         "/dev/fd/3",
         "--ctx-size",
@@ -119,6 +121,15 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
     assert launch.env == {"MT_ENGINE_KEY": KEY}
     assert not any(KEY in arg for arg in launch.argv)
     assert (launch.health_path, launch.health_needs_key) == ("/health", False)
+
+
+def test_llama_server_runs_as_many_threads_as_the_job_has_cpus(
+    gguf: Path, llama_server_on_path: Path
+) -> None:
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"cpus": 8}))
+    assert _after(launch.argv, "--threads") == "8"
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"cpus": 8}, engine_args=["-t", "2"]))
+    assert "--threads" not in launch.argv and launch.argv[-2:] == ["-t", "2"]
 
 
 def test_llamacpp_offloads_to_gpus_unless_told_otherwise(

@@ -24,7 +24,7 @@ from jobclient import job_openai
 from mtcli import GEMMA, mt, owner_key, ready_job, running_gateway
 from otheruser import OtherUser
 from realparts import missing_part
-from test_crossuser import KNOWN_ROUTES, check_reach
+from test_crossuser import KNOWN_ROUTES, LLAMA_SERVER_ROUTES, check_reach
 
 from hpc.registry import Record, Registry
 
@@ -32,21 +32,6 @@ from hpc.registry import Record, Registry
 LLAMA_SERVER = os.environ.get("MT_LLAMA_SERVER", "")
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
-
-# llama-server's own routes besides the OpenAI ones (b11312): the other user gets 401 on each.
-LLAMA_SERVER_ROUTES = [
-    ("POST", "/completion"),
-    ("POST", "/completions"),
-    ("POST", "/embedding"),
-    ("POST", "/infill"),
-    ("POST", "/apply-template"),
-    ("GET", "/lora-adapters"),
-    ("POST", "/lora-adapters"),
-    ("POST", "/slots/0?action=save"),
-    ("POST", "/v1/messages"),
-    ("POST", "/v1/responses"),
-    ("POST", "/rerank"),
-]
 
 
 @pytest.fixture

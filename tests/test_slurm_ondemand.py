@@ -59,8 +59,8 @@ def gemma_entry(gemma_gguf: Path, **on_demand: object) -> dict[str, object]:
         "name": GEMMA,
         "engine": "llamacpp",
         "weights": {"source": str(gemma_gguf)},
-        # 20 concurrent clients must all get whole answers: the engine queues them
-        # (mt starts llama-cpp-python's server with --interrupt_requests False).
+        # 20 concurrent clients must all get whole answers: llama-server's slots take four
+        # at a time and queue the rest.
         "engine_args": ["--ctx-size", "1024"],
         "startup_timeout_s": 120,
         "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},

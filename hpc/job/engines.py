@@ -93,6 +93,10 @@ def _llamacpp(
     binary = "llama-server" if server is None else server.path
     if binary is not None:
         argv = [binary, "--model", gguf, "--host", str(listen), "--alias", spec.name]
+        if not _has_flag(spec.engine_args, "-t", "--threads"):
+            # The CPUs the job asked for (Slurm's --cpus-per-task), not every core of the
+            # node: its threads spin, and more of them than cores slows every one down.
+            argv += ["--threads", str(spec.resources.cpus)]
         if spec.resources.gpus and not _has_flag(
             spec.engine_args, "-ngl", "--n-gpu-layers", "--gpu-layers"
         ):
