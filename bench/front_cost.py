@@ -3,8 +3,8 @@
     python -m bench.front_cost [--gguf PATH] [--rounds 5] [--levels 1,8] [--requests 8]
                                [--max-tokens 64]
 
-One real llama.cpp engine (llama-cpp-python's server, on a Unix socket in a 0700 directory,
-started with the job wrapper's own launch) and one front (hpc.job.front: TLS with a pinned
+One real llama.cpp engine (llama-server, on a Unix socket in a 0700 directory, started
+with the job wrapper's own launch) and one front (hpc.job.front: TLS with a pinned
 certificate, the key on every path), composed as the job wrapper composes them. Each round
 runs every level on both paths, in alternating order, so drift in the engine's speed hits
 both alike; the table has the median over rounds of each level's output tokens/s and TTFT,
