@@ -162,7 +162,7 @@ def server_for_pool(
 
 
 def describe(spec: ModelSpec, server: LlamaCppServer | None) -> str:
-    """Which server ``spec`` runs, for ``mt submit --dry-run`` and ``mt doctor``."""
+    """Which server ``spec`` runs, for the job script's ``# Server:`` line (``--dry-run``)."""
     if spec.runtime.kind != "none":
         return f"the image's llama-server ({spec.runtime.image})"
     if server is None:
