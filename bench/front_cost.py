@@ -3,15 +3,16 @@
     python -m bench.front_cost [--gguf PATH] [--rounds 5] [--levels 1,8] [--requests 8]
                                [--max-tokens 64]
 
-One real llama.cpp engine (llama-cpp-python's server, on a Unix socket in a 0700 directory,
-started with the job wrapper's own launch) and one front (hpc.job.front: TLS with a pinned
+One real llama.cpp engine (llama-server, on a Unix socket in a 0700 directory, started
+with the job wrapper's own launch) and one front (hpc.job.front: TLS with a pinned
 certificate, the key on every path), composed as the job wrapper composes them. Each round
 runs every level on both paths, in alternating order, so drift in the engine's speed hits
 both alike; the table has the median over rounds of each level's output tokens/s and TTFT,
 and the front/direct ratio. The same session, the same engine, the same requests: only the
 path differs. Without ``--gguf``, the Gemma 3 270M GGUF from its PyPI package. The engine is
-what the job wrapper would run: ``llama-server`` when one is on the PATH (then pass its flags
-in ``--engine-args``), else llama-cpp-python's server.
+what the job wrapper would run (hpc.llamacppserver): llama-server, found on the PATH or
+built by ModelTainer, else llama-cpp-python's server (then pass its flags in
+``--engine-args``: ``--n_ctx 2048 --chat_format gemma``).
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="per answer")
     parser.add_argument(
         "--engine-args",
-        default="--chat_format gemma --n_ctx 2048",
-        help="the model's engine_args (llama-server, when first on PATH: --ctx-size 2048)",
+        default="--ctx-size 2048",
+        help="the model's engine_args (for llama-cpp-python's server: --n_ctx 2048)",
     )
     args = parser.parse_args(argv)
     gguf = args.gguf

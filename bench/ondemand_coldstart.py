@@ -126,7 +126,7 @@ def _models_yaml(path: Path, gguf: Path, idle_ttl_s: float) -> None:
         "name": MODEL,
         "engine": "llamacpp",
         "weights": {"source": str(gguf)},
-        "engine_args": ["--chat_format", "alpaca", "--n_ctx", "512"],
+        "engine_args": ["--ctx-size", "512"],
         "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 10},
         "on_demand": {"idle_ttl_s": idle_ttl_s, "start_deadline_s": 300},
     }

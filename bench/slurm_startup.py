@@ -3,15 +3,18 @@ engine to its first healthy answer, alternating in one session (same cluster, sa
 
     python -m bench.slurm_startup [--rounds 3] [--private-cluster]
 
-Both paths run llama-cpp-python's server with the Gemma 3 270M GGUF on a Slurm node. The
-hand-written job is what a user would write without ModelTainer: a fixed port, the server
-started directly, the submitting side polling /v1/models until it answers 200.
+Both paths run the llama.cpp server `engine: llamacpp` runs here (llama-server, else
+llama-cpp-python's) with the Gemma 3 270M GGUF on a Slurm node. The hand-written job is what
+a user would write without ModelTainer: a fixed port, the server started directly, the
+submitting side polling /v1/models until it answers 200.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import socket
 import statistics
 import sys
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from hpc.backends.slurm import SlurmBackend
 from hpc.jobs import JobService
+from hpc.llamacppserver import host_server
 from hpc.site import Site, SiteConfig
 from hpc.slurm.client import SlurmClient
 from hpc.spec import ModelSpec
@@ -55,14 +59,22 @@ def time_mt(site: Site, spec: ModelSpec) -> float:
     return elapsed
 
 
+def _hand_server(gguf: Path, port: int) -> str:
+    """The command a user would write for the server ``mt`` runs here (hpc.llamacppserver)."""
+    server = host_server(None, os.environ)
+    where = f"--model {shlex.quote(str(gguf))} --host 127.0.0.1 --port {port}"
+    if server.path is None:  # llama-cpp-python's server, the fallback
+        return f"{shlex.quote(sys.executable)} -m llama_cpp.server {where} --n_ctx 512"
+    return f"{shlex.quote(server.path)} {where} --ctx-size 512 --threads 1"
+
+
 def time_hand_sbatch(gguf: Path, log_dir: Path) -> float:
     """Seconds from sbatch of a hand-written script to the server's first 200."""
     port = _free_port()
     script = (
         "#!/bin/bash\n#SBATCH --job-name=hand-gemma\n#SBATCH --cpus-per-task=1\n"
         f"#SBATCH --mem=1024M\n#SBATCH --output={log_dir}/hand-%j.log\n"
-        f"exec {sys.executable} -m llama_cpp.server --model {gguf} --host 127.0.0.1 "
-        f"--port {port} --chat_format alpaca --n_ctx 512\n"
+        f"exec {_hand_server(gguf, port)}\n"
     )
     client = SlurmClient(LocalTransport())
     started = time.perf_counter()
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": "gemma-3-270m",
             "engine": "llamacpp",
             "weights": {"source": str(gguf)},
-            "engine_args": ["--chat_format", "alpaca", "--n_ctx", "512"],
+            "engine_args": ["--ctx-size", "512"],
             "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 10},
         }
     )

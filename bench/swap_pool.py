@@ -3,8 +3,8 @@ against submitting a new Slurm job for it (`mt submit` → ready → first token
 
     python -m bench.swap_pool [--rounds 3] [--private-cluster]
 
-Both paths serve the Gemma 3 270M GGUF with llama-cpp-python's server on a Slurm node,
-under two names with different settings (A: n_ctx 1024, B: n_ctx 512). The pool has one
+Both paths serve the Gemma 3 270M GGUF with llama-server on a Slurm node, under two
+names with different settings (A: --ctx-size 1024, B: --ctx-size 512). The pool has one
 slot, so every request for the other name is a swap: stop the loaded engine, start the
 asked-for one, wait for its health, answer. The new-job path submits B's own job, waits for
 its record to be ``ready``, asks it, and cancels it. Both ask the endpoint directly (with its
@@ -80,7 +80,7 @@ def specs(gguf: Path) -> tuple[ModelSpec, ModelSpec, PoolSpec]:
                 "name": name,
                 "engine": "llamacpp",
                 "weights": {"source": str(gguf)},
-                "engine_args": ["--chat_format", "alpaca", "--n_ctx", n_ctx],
+                "engine_args": ["--ctx-size", n_ctx],
                 "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 20},
             }
         )

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hpc.configfile import load_model
 from hpc.hosts import is_wildcard
 from hpc.k8s.settings import KubernetesSite
+from hpc.llamacppserver import LlamaCppSite
 from hpc.ondemandstate import default_path as ondemand_state_path
 from hpc.ownerkey import owner_key_path
 from hpc.permissions import records_in
@@ -133,6 +134,7 @@ class SiteConfig(_Strict):
     gateway: GatewaySite = Field(default_factory=GatewaySite)
     kubernetes: KubernetesSite = Field(default_factory=KubernetesSite)
     staging: StagingSite = Field(default_factory=StagingSite)
+    llamacpp: LlamaCppSite = Field(default_factory=LlamaCppSite)
 
 
 class Site:

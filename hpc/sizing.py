@@ -6,7 +6,7 @@
 
 The numbers are estimates for choosing ``resources.gpus`` and a GPU type, not promises: vLLM
 takes ``--gpu-memory-utilization`` of the card up front and fills the rest with KV cache,
-llama.cpp allocates ``--n_ctx`` tokens of cache when it starts. Sizes are GiB (2**30 bytes),
+llama.cpp allocates ``--ctx-size`` tokens of cache when it starts. Sizes are GiB (2**30 bytes),
 the unit ``nvidia-smi`` reports.
 
     python -m hpc.sizing        # print the doc's table

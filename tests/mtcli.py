@@ -49,14 +49,22 @@ def mt(
     return done
 
 
-def gemma_models_yaml(path: Path, gguf: Path, extra: str = "") -> Path:
-    """A models.yaml serving the real Gemma GGUF (alpaca format suits this base model)."""
+# The flags users write for llama-server, what `engine: llamacpp` runs; and the same setting
+# for llama-cpp-python's server, the fallback (tests/pythonserver.py forces it).
+LLAMA_SERVER_ARGS = ("--ctx-size", "1024")
+PYTHON_SERVER_ARGS = ("--n_ctx", "1024", "--chat_format", "alpaca")
+
+
+def gemma_models_yaml(
+    path: Path, gguf: Path, extra: str = "", engine_args: Sequence[str] = LLAMA_SERVER_ARGS
+) -> Path:
+    """A models.yaml serving the real Gemma GGUF (by default with llama-server's flags)."""
     path.write_text(
         "models:\n"
         f"  - name: {GEMMA}\n"
         "    engine: llamacpp\n"
         f"    weights: {{source: {json.dumps(str(gguf))}}}\n"
-        '    engine_args: ["--chat_format", "alpaca", "--n_ctx", "1024"]\n'
+        f"    engine_args: {json.dumps(list(engine_args))}\n"
         "    startup_timeout_s: 120\n"
         "    resources: {cpus: 1, mem_gb: 1, time_limit_min: 30}\n" + extra,
         encoding="utf-8",
@@ -137,5 +145,12 @@ def engine_processes(engine_pid: int | None) -> list[psutil.Process]:
         running = proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
         return []
-    engine = "hpc.job.llamacpp_python" in cmdline or "llama_cpp.server" in cmdline
-    return [proc] if engine and running else []
+    return [proc] if is_llamacpp_engine(cmdline) and running else []
+
+
+def is_llamacpp_engine(cmdline: Sequence[str]) -> bool:
+    """Whether ``cmdline`` is a llama.cpp server a job started: llama-server (exec'd by
+    hpc.job.keypipe), or llama-cpp-python's server (the fallback)."""
+    if cmdline and Path(cmdline[0]).name == "llama-server":
+        return True
+    return "hpc.job.llamacpp_python" in cmdline or "llama_cpp.server" in cmdline

@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 from jobclient import job_get
-from mtcli import owner_key
+from mtcli import is_llamacpp_engine, owner_key
 
 from hpc.registry import Record, Registry
 
@@ -31,7 +31,7 @@ def pool_models_yaml(
             "name": name,
             "engine": "llamacpp",
             "weights": {"source": str(gguf)},
-            "engine_args": ["--chat_format", "alpaca", "--n_ctx", n_ctx],
+            "engine_args": ["--ctx-size", n_ctx],
             "startup_timeout_s": 120,
         }
         for name, n_ctx in N_CTX.items()
@@ -89,14 +89,14 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 120) -> Any
 
 
 def engines_of(pool_pid: int, model: str) -> list[psutil.Process]:
-    """The pool's engine processes serving ``model`` (by their --model_alias)."""
+    """The pool's engine processes serving ``model`` (by their --alias)."""
     found = []
     for proc in psutil.Process(pool_pid).children(recursive=True):
         try:
             cmdline = proc.cmdline()
         except psutil.NoSuchProcess:
             continue
-        if "hpc.job.llamacpp_python" in cmdline and model in cmdline:
+        if is_llamacpp_engine(cmdline) and model in cmdline:
             found.append(proc)
     return found
 
@@ -137,7 +137,7 @@ def alternate_and_check(url: str, record: Record) -> dict[str, Any]:
         assert (slot["model"], slot["state"], slot["loads"]) == (model, "ready", turn + 1)
         # The engine that answered is the one started for this name, with its settings.
         cmdline = engine_cmdline(slot["engine_pid"])
-        assert cmdline[cmdline.index("--n_ctx") + 1] == N_CTX[model]
+        assert cmdline[cmdline.index("--ctx-size") + 1] == N_CTX[model]
         pids.append(slot["engine_pid"])
     assert len(set(pids)) == 3, pids  # every swap stopped one engine and started another
     assert not is_running(pids[0])

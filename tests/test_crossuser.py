@@ -72,6 +72,21 @@ KNOWN_ROUTES = [
     ("POST", "/v1/completions"),
 ]
 
+# llama-server's own routes besides the OpenAI ones (b11312): the other user gets 401 on each.
+LLAMA_SERVER_ROUTES = [
+    ("POST", "/completion"),
+    ("POST", "/completions"),
+    ("POST", "/embedding"),
+    ("POST", "/infill"),
+    ("POST", "/apply-template"),
+    ("GET", "/lora-adapters"),
+    ("POST", "/lora-adapters"),
+    ("POST", "/slots/0?action=save"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/responses"),
+    ("POST", "/rerank"),
+]
+
 # The attacker: every route on the job's port without a key and with a wrong one (TLS, no
 # verification: it does not care whom it talks to), plain HTTP, and the engine's socket.
 REACH = r"""
@@ -215,10 +230,13 @@ def check_reach(
 ) -> None:
     """The other user against a ready job: 401 everywhere, nothing else (module doc).
 
-    ``routes``: what to try; by default the engine's own /openapi.json and KNOWN_ROUTES."""
+    ``routes``: what to try; by default KNOWN_ROUTES and the engine's own: llama-server's
+    (LLAMA_SERVER_ROUTES), or those llama-cpp-python's /openapi.json lists."""
     assert record.state == "ready" and record.port is not None and record.engine_pid
     if routes is None:
-        routes = sorted(set(_openapi_routes(record)) | set(KNOWN_ROUTES))
+        argv = psutil.Process(record.engine_pid).cmdline()
+        own = LLAMA_SERVER_ROUTES if Path(argv[0]).name == "llama-server" else None
+        routes = sorted(set(own or _openapi_routes(record)) | set(KNOWN_ROUTES))
     host = "127.0.0.1"
     result = other.python(REACH, host, str(record.port), _engine_socket(log), json.dumps(routes))
     assert result.rc == 0, result.stderr

@@ -51,9 +51,8 @@ NOT_RUN_REASONS = {
     "peer": "runs another tool as a service (tests/test_export.py runs LiteLLM's for real)",
     "agent": "runs an agent or framework client (tests/test_agent_clients.py runs Codex CLI, "
     "Claude Code and LlamaStack for real)",
-    "engine": "needs an engine that serves this API (vLLM, or llama.cpp's own llama-server; "
-    "the demo runs llama-cpp-python's server): tests/test_client_apis.py makes the same "
-    "calls against a real llama-server",
+    "engine": "needs an engine that serves this API (vLLM, or llama.cpp's own llama-server, "
+    "which the demo runs; not llama-cpp-python's server, the fallback)",
 }
 
 _FENCE = re.compile(r"^```([A-Za-z0-9_-]*)\s*$")

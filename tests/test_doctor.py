@@ -58,6 +58,24 @@ def test_without_apptainer_or_slurm_checks_say_what_to_do(tmp_path: Path) -> Non
     assert checks["job python"].ok is True, checks["job python"]
 
 
+def test_the_llama_cpp_server_is_named(tmp_path: Path) -> None:
+    """Which server `engine: llamacpp` runs: llama-server where found, else the fallback."""
+    env = {**empty_path(tmp_path), "HOME": str(tmp_path / "home")}
+    line = next(c for c in local_checks(load_site(None), environ=env) if c.name.startswith("llama"))
+    assert line.ok is None and "llama-cpp-python" in line.detail
+    assert line.hint and "python -m hpc.dev.llama_server" in line.hint
+    server = tmp_path / "empty-bin" / "llama-server"
+    server.write_text("#!/bin/sh\n")
+    server.chmod(0o755)
+    line = next(c for c in local_checks(load_site(None), environ=env) if c.name.startswith("llama"))
+    assert line.ok is True and str(server) in line.detail
+    site = tmp_path / "site.yaml"
+    site.write_text(f"llamacpp: {{server: {tmp_path / 'missing'}}}\n")
+    checks = local_checks(load_site(site), environ=env)
+    line = next(c for c in checks if c.name.startswith("llama"))
+    assert line.ok is False and "llamacpp.server" in line.detail and line.hint
+
+
 def test_without_slurm_the_probe_is_skipped_not_crashed(tmp_path: Path) -> None:
     diagnosis = diagnose(load_site(None), probe=True, environ=empty_path(tmp_path))
     assert diagnosis.probe is None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pytest
 from jobclient import job_get
 from mtcli import mt, owner_headers, owner_key, ready_job, running_gateway
 from poolhelpers import wait_for
+from pythonserver import python_server_only  # noqa: F401 - the fixture
 from test_llama_server import llama_server_first  # noqa: F401 - the fixture
 from test_vllm import gemma_hf, vllm_spec  # noqa: F401 - the fixture
 
@@ -70,9 +70,8 @@ def served(
         request.getfixturevalue("llama_server_first")
         entry = _llamacpp_entry(request.getfixturevalue("gemma_gguf"), ["--ctx-size", "2048"])
     else:
-        if shutil.which("llama-server"):
-            pytest.fail("a llama-server on the PATH: llama-cpp-python's server would not run")
-        gguf = request.getfixturevalue("gemma_gguf")
+        gguf = request.getfixturevalue("gemma_gguf")  # first: assembled under the real HOME
+        request.getfixturevalue("python_server_only")
         entry = _llamacpp_entry(gguf, ["--n_ctx", "2048", "--chat_format", "gemma"])
     models = tmp_path / "models.yaml"
     models.write_text("models:\n" + entry, encoding="utf-8")

@@ -11,6 +11,7 @@ import pytest
 
 from hpc.errors import EngineError
 from hpc.job.engines import EngineLaunch, build_launch, gpus_granted, resolve_gguf
+from hpc.llamacppserver import LlamaCppServer, cached_build
 from hpc.registry import new_api_key
 from hpc.spec import ModelSpec
 
@@ -85,9 +86,11 @@ def llama_server_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 
 @pytest.fixture
 def no_llama_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No llama-server on the PATH, and a home without ModelTainer's own build."""
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("HOME", str(tmp_path / "no-build-home"))
 
 
 # -- llama.cpp ------------------------------------------------------------------------------
@@ -108,6 +111,8 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
         str(SOCK),
         "--alias",
         "test-model",
+        "--threads",
+        "1",
         "--api-key-file",
         "/dev/fd/3",
         "--ctx-size",
@@ -116,6 +121,15 @@ def test_llamacpp_uses_llama_server_when_it_is_on_path(
     assert launch.env == {"MT_ENGINE_KEY": KEY}
     assert not any(KEY in arg for arg in launch.argv)
     assert (launch.health_path, launch.health_needs_key) == ("/health", False)
+
+
+def test_llama_server_runs_as_many_threads_as_the_job_has_cpus(
+    gguf: Path, llama_server_on_path: Path
+) -> None:
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"cpus": 8}))
+    assert _after(launch.argv, "--threads") == "8"
+    launch = _launch(_spec("llamacpp", str(gguf), resources={"cpus": 8}, engine_args=["-t", "2"]))
+    assert "--threads" not in launch.argv and launch.argv[-2:] == ["-t", "2"]
 
 
 def test_llamacpp_offloads_to_gpus_unless_told_otherwise(
@@ -151,6 +165,40 @@ def test_llamacpp_falls_back_to_llama_cpp_python(gguf: Path, no_llama_server: No
     mine = ["--interrupt_requests", "True"]
     launch = _launch(_spec("llamacpp", str(gguf), engine_args=mine))
     assert launch.argv.count("--interrupt_requests") == 1 and launch.argv[-2:] == mine
+
+
+def test_llamacpp_runs_the_server_the_plan_names(gguf: Path, no_llama_server: None) -> None:
+    """The server chosen at submit (hpc.llamacppserver) is what the node runs."""
+    chosen = LlamaCppServer(kind="site", path="/shared/llama.cpp/llama-server")
+    spec = _spec("llamacpp", str(gguf), engine_args=["--ctx-size", "64"])
+    launch = build_launch(spec, listen=SOCK, api_key=KEY, environ={}, llamacpp=chosen)
+    assert "/shared/llama.cpp/llama-server" in launch.argv
+    python = LlamaCppServer(kind="python")
+    spec = _spec("llamacpp", str(gguf), engine_args=["--n_ctx", "64"])
+    launch = build_launch(spec, listen=SOCK, api_key=KEY, environ={}, llamacpp=python)
+    assert "hpc.job.llamacpp_python" in launch.argv
+
+
+def test_llamacpp_without_a_choice_finds_modeltainers_own_build(
+    gguf: Path, no_llama_server: None, tmp_path: Path
+) -> None:
+    """A plan without a choice (sbatch'd from a laptop over SSH, a pool's pod): the node looks
+    in the job's own PATH, then its home's cache."""
+    home = tmp_path / "node-home"
+    cached = cached_build(home)
+    cached.parent.mkdir(parents=True)
+    cached.write_text("#!/bin/sh\n")
+    cached.chmod(0o755)
+    launch = _launch(_spec("llamacpp", str(gguf)), {"HOME": str(home)})
+    assert launch.argv[6] == str(cached)
+
+
+def test_llamacpp_refuses_the_other_servers_flags_on_the_node(
+    gguf: Path, llama_server_on_path: Path
+) -> None:
+    """Checked again where the job starts: its record says why, not "unrecognized arguments"."""
+    with pytest.raises(EngineError, match="flag --n_ctx is llama-cpp-python's"):
+        _launch(_spec("llamacpp", str(gguf), engine_args=["--n_ctx", "64"]))
 
 
 @pytest.mark.parametrize("on_host", [True, False])

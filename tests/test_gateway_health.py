@@ -301,13 +301,16 @@ def test_engine_load_parsers() -> None:
 async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
     gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MT_MODELS", str(gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf)))
+    # llama-server with the flag users write for its Prometheus text (`--metrics`).
+    models = gemma_models_yaml(
+        tmp_path / "models.yaml", gemma_gguf, engine_args=("--ctx-size", "1024", "--metrics")
+    )
+    monkeypatch.setenv("MT_MODELS", str(models))
     record = json.loads((await asyncio.to_thread(mt, "submit", GEMMA, "--wait", "--json")).stdout)
     key, engine_pid = record["key"], record["engine_pid"]
     try:
-        # llama-cpp-python's server has no /health and its /v1/models waits behind a
-        # generation: the wrapper publishes /openapi.json for the gateway's probes.
-        assert record["health_path"] == "/openapi.json"
+        # llama-server's /health answers while it generates: the gateway probes it.
+        assert record["health_path"] == "/health"
         registry = Path(os.environ["MT_HOME"]) / "registry"
         settings = {"health_interval_s": 0.1, "health_timeout_s": 1, "health_failures_to_eject": 2}
         async with (
@@ -316,8 +319,12 @@ async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
         ):
             samples = await wait_for_metrics(client, url, lambda m: m.get(probe_ok(key)) == 1)
             assert samples[healthy(key)] == 1
-            # It exposes no load (no /metrics, no /slots): no engine_requests series.
-            assert engine_requests(key, "running") not in samples
+            # Its load, from its own /metrics (llamacpp:requests_processing/deferred).
+            samples = await wait_for_metrics(
+                client, url, lambda m: engine_requests(key, "running") in m
+            )
+            assert samples[engine_requests(key, "running")] == 0
+            assert samples[engine_requests(key, "waiting")] == 0
 
             # A frozen engine answers nothing: ejected after two probes, back once thawed.
             os.kill(engine_pid, signal.SIGSTOP)
@@ -331,8 +338,7 @@ async def test_the_real_llamacpp_engine_is_probed_through_its_own_endpoint(
             body = {**chat(GEMMA), "max_tokens": 4}
             async with client.post(url + CHAT, json=body) as resp:
                 assert resp.status == 200, await resp.text()
-            # Probes every 0.1 s never cut a stream short (the server's default would end
-            # it with [DONE] at the next request, and then break the HTTP body).
+            # Probes every 0.1 s never cut a stream short.
             body = {**chat(GEMMA, stream=True), "max_tokens": 48, "temperature": 0}
             async with client.post(url + CHAT, json=body) as resp:
                 data = await resp.read()

@@ -1,5 +1,7 @@
 """The real llama-cpp-python server (which sends no usage event) behind the gateway: the
-openai client still gets its usage chunk, and the model's max_tokens cap holds.
+openai client still gets its usage chunk, and the model's max_tokens cap holds. The server
+is the fallback of `engine: llamacpp` (tests/pythonserver.py forces it): llama-server sends
+its own usage chunk.
 
 A real local job (`mt submit` → wrapper → front → engine), the real `mt gateway`, the real
 ``openai`` client: the same path as tests/test_e2e_local.py.
@@ -11,20 +13,31 @@ import time
 from pathlib import Path
 
 import pytest
-from mtcli import GEMMA, gemma_models_yaml, owner_key, ready_job, running_gateway
+from mtcli import (
+    GEMMA,
+    PYTHON_SERVER_ARGS,
+    gemma_models_yaml,
+    owner_key,
+    ready_job,
+    running_gateway,
+)
+from pythonserver import python_server_only  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
 
 CAP = 6
 
 
+@pytest.mark.usefixtures("python_server_only")
 def test_usage_chunk_and_max_tokens_cap_with_the_real_engine(
     gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import openai
 
     limits = f"    limits: {{max_tokens_default: 4, max_tokens_cap: {CAP}}}\n"
-    models = gemma_models_yaml(tmp_path / "models.yaml", gemma_gguf, extra=limits)
+    models = gemma_models_yaml(
+        tmp_path / "models.yaml", gemma_gguf, extra=limits, engine_args=PYTHON_SERVER_ARGS
+    )
     monkeypatch.setenv("MT_MODELS", str(models))
     with running_gateway() as gateway_url, ready_job(GEMMA):
         client = openai.OpenAI(base_url=gateway_url + "/v1", api_key=owner_key())

@@ -81,7 +81,7 @@ def start_job(gemma_gguf: Path, tmp_path: Path) -> Iterator[Callable[..., Job]]:
                 "name": MODEL,
                 "engine": "llamacpp",
                 "weights": {"source": str(gemma_gguf)},
-                "engine_args": ["--n_ctx", "2048"],
+                "engine_args": ["--ctx-size", "2048"],
                 "startup_timeout_s": 120,
                 "drain_s": drain_s,
             }

@@ -51,7 +51,7 @@ def models(gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "name": name,
             "engine": "llamacpp",
             "weights": {"source": str(gemma_gguf)},
-            "engine_args": ["--chat_format", "alpaca", "--n_ctx", "1024"],
+            "engine_args": ["--ctx-size", "1024"],
             "startup_timeout_s": 120,
             "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
         }

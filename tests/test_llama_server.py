@@ -5,10 +5,11 @@ node without a container would: on a Unix socket in the job's 0700 directory
 (`--host …/engine.sock`), its key from `--api-key-file /dev/fd/3` (hpc.job.keypipe), behind
 the job's front.
 
-What it shows: the flags users write for llama-server (`--ctx-size`) work; the job becomes
-ready; the real `openai` client streams through the gateway (several chunks, `[DONE]`);
-another Unix user reaches nothing of it (every route 401, the socket refused, no TCP
-listener: tests/test_crossuser.py's checks); `mt cancel` leaves no process.
+What it shows: the flags users write for llama-server work (the job runs
+docs/examples/models.yaml's llama.cpp entry with its engine_args as written: `--ctx-size`);
+the job becomes ready; the real `openai` client streams through the gateway (several chunks,
+`[DONE]`); another Unix user reaches nothing of it (every route 401, the socket refused, no
+TCP listener: tests/test_crossuser.py's checks); `mt cancel` leaves no process.
 """
 
 from __future__ import annotations
@@ -17,36 +18,25 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import yaml
 from jobclient import job_openai
 from mtcli import GEMMA, mt, owner_key, ready_job, running_gateway
 from otheruser import OtherUser
 from realparts import missing_part
-from test_crossuser import KNOWN_ROUTES, check_reach
+from test_crossuser import KNOWN_ROUTES, LLAMA_SERVER_ROUTES, check_reach
 
 from hpc.registry import Record, Registry
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "models.yaml"
 
 # Read at import, before tests/conftest.py's autouse fixture clears MT_* (as MT_LITELLM).
 LLAMA_SERVER = os.environ.get("MT_LLAMA_SERVER", "")
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
-
-# llama-server's own routes besides the OpenAI ones (b11312): the other user gets 401 on each.
-LLAMA_SERVER_ROUTES = [
-    ("POST", "/completion"),
-    ("POST", "/completions"),
-    ("POST", "/embedding"),
-    ("POST", "/infill"),
-    ("POST", "/apply-template"),
-    ("GET", "/lora-adapters"),
-    ("POST", "/lora-adapters"),
-    ("POST", "/slots/0?action=save"),
-    ("POST", "/v1/messages"),
-    ("POST", "/v1/responses"),
-    ("POST", "/rerank"),
-]
 
 
 @pytest.fixture
@@ -60,14 +50,24 @@ def llama_server_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield binary
 
 
+def example_entry() -> dict[str, Any]:
+    """docs/examples/models.yaml's llama.cpp model, as the docs write it."""
+    example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    [entry] = [m for m in example["models"] if m["name"] == GEMMA]
+    return dict(entry)
+
+
 def _models(tmp_path: Path, gguf: Path) -> Path:
+    """The example's entry with its engine and engine_args as written, the real GGUF in it."""
+    entry = example_entry()
+    assert (entry["engine"], entry["engine_args"]) == ("llamacpp", ["--ctx-size", "4096"])
     path = tmp_path / "models.yaml"
     path.write_text(
         "models:\n"
         f"  - name: {GEMMA}\n"
-        "    engine: llamacpp\n"
+        f"    engine: {entry['engine']}\n"
         f"    weights: {{source: {json.dumps(str(gguf))}}}\n"
-        '    engine_args: ["--ctx-size", "2048"]\n'
+        f"    engine_args: {json.dumps(entry['engine_args'])}\n"
         "    startup_timeout_s: 120\n",
         encoding="utf-8",
     )

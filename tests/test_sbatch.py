@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from hpc.backends.slurm import SlurmBackend
 from hpc.job.plan import JobPlan, warning_drain_s
+from hpc.llamacppserver import LlamaCppServer
 from hpc.site import Site, SiteConfig, SlurmSite
 from hpc.slurm.sbatch import render
 from hpc.spec import ModelSpec
@@ -51,7 +52,7 @@ CASES: dict[str, dict[str, Any]] = {
         "name": "gemma-3-270m",
         "engine": "llamacpp",
         "weights": {"source": "/shared/models/gemma", "quant": "Q4_K_M"},
-        "engine_args": ["--chat_format", "alpaca"],
+        "engine_args": ["--ctx-size", "4096"],
         "resources": {"cpus": 4, "mem_gb": 8, "time_limit_min": 60},
         "slurm": {"partition": "cpu", "signal_grace_s": 30},
     },
@@ -65,6 +66,22 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 SITE = SlurmSite(account="default-acct", modules=("cuda/12.4", "apptainer/1.3"))
+# The llama.cpp server a site names (site.yaml llamacpp.server), as the Slurm backend puts it
+# into the plan at submit.
+SITE_SERVER = LlamaCppServer(kind="site", path="/shared/llama.cpp/bin/llama-server")
+LLAMA_BIN = "/opt/llama.cpp/bin"  # what the staged golden file shows for the PATH's llama-server
+
+
+@pytest.fixture
+def llama_server_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A llama-server on this machine's PATH, which the Slurm backend finds at submit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    server = bin_dir / "llama-server"
+    server.write_text("#!/bin/sh\nexit 0\n")
+    server.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
 
 
 def rendered(
@@ -83,6 +100,7 @@ def rendered(
         engine_host="0.0.0.0",
         drain_s=spec.drain_s,  # as the Slurm backend builds it
         warning_drain_s=warning_drain_s(spec.slurm.signal_grace_s),
+        llamacpp=SITE_SERVER if spec.engine == "llamacpp" and spec.runtime.kind == "none" else None,
     )
     script, _ = render(spec, plan, site, log_dir=log_dir, python=python)
     return script
@@ -193,11 +211,14 @@ def _staging_site(staging: dict[str, Any]) -> Site:
     return Site(config, Path("/home/ada/.mt"))
 
 
-def test_golden_staged_plan_from_the_site_default() -> None:
-    """site.yaml's staging.stage reaches the job's plan (what the wrapper on the node reads)."""
+def test_golden_staged_plan_from_the_site_default(llama_server_here: Path) -> None:
+    """site.yaml's staging.stage reaches the job's plan (what the wrapper on the node reads),
+    and so does the llama-server found on the PATH at submit."""
     site = _staging_site({"stage": "node-local", "dir": "/dev/shm", "max_bytes": 50_000_000_000})
     spec = ModelSpec.model_validate(CASES["llamacpp_cpu"])
     script = SlurmBackend(site).prepare(spec, nonce="0123abcd").script
+    assert str(llama_server_here) in script
+    script = script.replace(str(llama_server_here), LLAMA_BIN)
     path = GOLDEN / "llamacpp_staged.sbatch"
     if UPDATE:
         path.write_text(script, encoding="utf-8")
@@ -215,7 +236,7 @@ def test_golden_staged_plan_from_the_site_default() -> None:
     ],
 )
 def test_a_models_weights_stage_beats_the_sites(
-    site_stage: str, spec_stage: str | None, staged: bool
+    site_stage: str, spec_stage: str | None, staged: bool, llama_server_here: Path
 ) -> None:
     site = _staging_site({"stage": site_stage})
     weights = {**CASES["llamacpp_cpu"]["weights"], "stage": spec_stage}

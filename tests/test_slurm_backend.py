@@ -41,7 +41,7 @@ def add_model(models: Path, name: str, **overrides: Any) -> None:
         "name": name,
         "engine": "llamacpp",
         "weights": {"source": _gguf(models)},
-        "engine_args": ["--chat_format", "alpaca", "--n_ctx", "512"],
+        "engine_args": ["--ctx-size", "512"],
         "startup_timeout_s": 120,
         "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
     }
@@ -148,14 +148,14 @@ def test_bad_partition_is_a_clear_error_and_leaves_no_record(
 
 
 def test_never_healthy_is_failed_with_log_tail(cluster: SlurmCluster, models: Path) -> None:
-    # The engine is told another key than the one the wrapper probes its health with (a
-    # flag beats its environment): a real engine that loads, logs, and never becomes
-    # healthy. (A made-up key in argv, for this test only.)
+    # The engine is told to listen on a loopback port of its own rather than on the socket
+    # the wrapper probes (a later --host beats the wrapper's): a real engine that loads,
+    # logs, and never becomes healthy.
     add_model(
         models,
         "gemma-slow",
         startup_timeout_s=8,
-        engine_args=["--chat_format", "alpaca", "--api_key", "not-the-engines-key"],
+        engine_args=["--host", "127.0.0.1", "--port", "0"],
     )
     done = mt("submit", "gemma-slow", "--backend", "slurm", "--wait", check=False)
     assert done.returncode == 1

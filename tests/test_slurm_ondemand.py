@@ -59,9 +59,9 @@ def gemma_entry(gemma_gguf: Path, **on_demand: object) -> dict[str, object]:
         "name": GEMMA,
         "engine": "llamacpp",
         "weights": {"source": str(gemma_gguf)},
-        # 20 concurrent clients must all get whole answers: the engine queues them
-        # (mt starts llama-cpp-python's server with --interrupt_requests False).
-        "engine_args": ["--chat_format", "alpaca", "--n_ctx", "1024"],
+        # 20 concurrent clients must all get whole answers: llama-server's slots take four
+        # at a time and queue the rest.
+        "engine_args": ["--ctx-size", "1024"],
         "startup_timeout_s": 120,
         "resources": {"cpus": 1, "mem_gb": 1, "time_limit_min": 30},
         "on_demand": {"idle_ttl_s": 5, "start_deadline_s": 240, **on_demand},

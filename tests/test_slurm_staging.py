@@ -32,7 +32,7 @@ def _models_yaml(path: Path, gguf: Path) -> Path:
         f"  - name: {GEMMA}\n"
         "    engine: llamacpp\n"
         f"    weights: {{source: {json.dumps(str(gguf))}, stage: node-local}}\n"
-        '    engine_args: ["--chat_format", "alpaca", "--n_ctx", "1024"]\n'
+        '    engine_args: ["--ctx-size", "1024"]\n'
         "    startup_timeout_s: 120\n"
         "    resources: {cpus: 1, mem_gb: 1, time_limit_min: 30}\n"
         '    slurm: {extra_directives: ["--nodelist=gpu1"]}\n',

@@ -1,5 +1,5 @@
 """A swap pool as one job on the real private Slurm cluster, with the real Gemma model under
-two names (different n_ctx), the real gateway and the official openai client.
+two names (different --ctx-size), the real gateway and the official openai client.
 
 The second test makes a load deterministically slow without timing anything: it stops the
 freshly spawned engine of model B with SIGSTOP, shows that a request for the loaded model A

@@ -80,7 +80,7 @@ def _pool_yaml(tmp_path: Path, gguf: Path) -> Path:
         "name": BROKEN,
         "engine": "llamacpp",
         "weights": {"source": str(gguf)},
-        "engine_args": ["--no_such_flag", "1"],
+        "engine_args": ["--no-such-flag", "1"],
         "startup_timeout_s": 120,
     }
     pool = {

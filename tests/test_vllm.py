@@ -270,7 +270,7 @@ def test_a_swap_pool_swaps_between_vllm_and_llama_cpp(
         "  - name: gemma-llama\n"
         "    engine: llamacpp\n"
         f"    weights: {{source: {json.dumps(str(gemma_gguf))}}}\n"
-        '    engine_args: ["--chat_format", "alpaca", "--n_ctx", "1024"]\n'
+        '    engine_args: ["--ctx-size", "1024"]\n'
         "    startup_timeout_s: 120\n"
     )
     pool = '  - {"name": "mixed-pool", "models": ["gemma-vllm", "gemma-llama"], "slots": 1}\n'

@@ -103,7 +103,7 @@ class World:
             "name": MODEL,
             "engine": "llamacpp",
             "weights": {"source": str(self.gguf)},
-            "engine_args": ["--chat_format", "alpaca", "--n_ctx", "512"],
+            "engine_args": ["--ctx-size", "512"],
             "startup_timeout_s": 120,
             "resources": {
                 "cpus": 1,

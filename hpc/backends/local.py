@@ -23,6 +23,7 @@ from hpc.errors import BackendError, EngineError
 from hpc.job.plan import STOP_MARGIN_S, JobPlan, PoolPlan, write_plan
 from hpc.job.proctree import ENGINE_STOP_SIGNAL, stop_tree, wait_gone
 from hpc.liveness import alive, create_time, judged_here, this_host
+from hpc.llamacppserver import server_for, server_for_pool
 from hpc.privatefile import make_private_dir
 from hpc.registry import record_key
 from hpc.site import Site
@@ -62,6 +63,7 @@ class LocalBackend:
             started_by=request.started_by,
             drain_s=spec.drain_s,
             staging=self.site.config.staging.for_weights(spec.weights),
+            llamacpp=server_for((spec,), self.site.config.llamacpp.server, os.environ),
         )
         return self._launch(plan, "hpc.job.wrapper")
 
@@ -78,6 +80,7 @@ class LocalBackend:
             registry_dir=self.site.registry_dir,
             engine_host=self.site.config.engine_host or "127.0.0.1",
             drain_s=pool.drain_s,
+            llamacpp=server_for_pool(pool, catalogue, self.site.config.llamacpp.server, os.environ),
         )
         return self._launch(plan, "hpc.job.swappool")
 

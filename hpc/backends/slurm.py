@@ -12,6 +12,7 @@ for all jobs.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from hpc.backends.base import Capabilities, JobHandle, JobRequest, JobStatus, Su
 from hpc.errors import BackendError, ConfigError, ConfigIssue, MTError, SlurmError
 from hpc.job.multinode import check_nodes, check_pool_nodes
 from hpc.job.plan import JobPlan, PoolPlan, warning_drain_s
+from hpc.llamacppserver import server_for, server_for_pool
 from hpc.privatefile import make_private_dir
 from hpc.registry import new_nonce
 from hpc.site import Site
@@ -107,6 +109,10 @@ class SlurmBackend:
                 "absolute paths on the cluster's shared filesystem",
             )
 
+    def _here(self) -> bool:
+        """Whether this machine's PATH and home are what the nodes see (no ``ssh_host``)."""
+        return not self.site.config.slurm.ssh_host
+
     def _engine_host(self) -> str:
         return self.site.config.engine_host or "0.0.0.0"  # noqa: S104 - the gateway is elsewhere
 
@@ -126,6 +132,9 @@ class SlurmBackend:
             drain_s=spec.drain_s,
             staging=self.site.config.staging.for_weights(spec.weights),
             warning_drain_s=warning_drain_s(spec.slurm.signal_grace_s),
+            llamacpp=server_for(
+                (spec,), self.site.config.llamacpp.server, os.environ, here=self._here()
+            ),
         )
         script, job = render(
             spec, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python
@@ -147,6 +156,9 @@ class SlurmBackend:
             engine_host=self._engine_host(),
             drain_s=pool.drain_s,
             warning_drain_s=warning_drain_s(pool.slurm.signal_grace_s),
+            llamacpp=server_for_pool(
+                pool, catalogue, self.site.config.llamacpp.server, os.environ, here=self._here()
+            ),
         )
         script, job = render(
             pool, plan, self.site.config.slurm, log_dir=self.site.log_dir, python=self.python

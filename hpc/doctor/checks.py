@@ -5,7 +5,8 @@ answers (through ``SlurmClient``, like every Slurm command), whether sbatch take
 ``--signal=B:USR1@N`` every job asks for (``sbatch --test-only``: nothing is queued),
 accounting, Apptainer, the
 registry directory, whether the private files are private (``hpc.permissions``: reported
-here, refused by every other command), and the Python that jobs will run. What the probe
+here, refused by every other command), the Python that jobs will run, and which llama.cpp
+server ``engine: llamacpp`` runs outside a container (``hpc.llamacppserver``). What the probe
 job saw on a compute node becomes checks in ``hpc.doctor.probe``; ``hpc.doctor.diagnosis``
 runs both.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hpc import __version__
-from hpc.errors import SlurmError
+from hpc.errors import EngineError, SlurmError
+from hpc.llamacppserver import BUILD_HINT, host_server
 from hpc.permissions import exposure, fixes
 from hpc.site import Site
 from hpc.slurm.client import (
@@ -86,7 +88,25 @@ def local_checks(
     checks.append(_private_check(site))
     python = site.config.slurm.python or sys.executable
     checks.append(_python_check(transport, python, timeout_s))
+    checks.append(_llamacpp_check(site, env))
     return checks
+
+
+def _llamacpp_check(site: Site, environ: Mapping[str, str]) -> Check:
+    """Which server ``engine: llamacpp`` runs outside a container (hpc.llamacppserver)."""
+    name = "llama.cpp server"
+    try:
+        server = host_server(site.config.llamacpp.server, environ)
+    except EngineError as exc:
+        return Check(name, False, exc.message, hint=exc.hint)
+    if server.is_llama_server:
+        return Check(name, True, server.describe())
+    return Check(
+        name,
+        None,
+        server.describe() + ": it refuses llama-server's flags (--ctx-size, --metrics, …)",
+        hint=f"{BUILD_HINT}, or set llamacpp.server in site.yaml",
+    )
 
 
 def _slurm_commands_check(missing: list[str]) -> Check:

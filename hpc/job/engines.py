@@ -15,7 +15,6 @@ hpc.job.llamacpp_python, which gives it one.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from hpc.job.keypipe import ENV as KEYPIPE_ENV
 from hpc.job.keypipe import key_path, keypipe_argv
 from hpc.job.multinode import RayLayout
 from hpc.job.netns import netns_argv
+from hpc.llamacppserver import LlamaCppServer, check_engine_args, host_server
 from hpc.spec import ModelSpec
 
 
@@ -77,15 +77,30 @@ def _has_flag(args: tuple[str, ...], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in args for n in names)
 
 
-def _llamacpp(spec: ModelSpec, listen: Path, api_key: str) -> EngineLaunch:
+def _llamacpp(
+    spec: ModelSpec,
+    listen: Path,
+    api_key: str,
+    chosen: LlamaCppServer | None,
+    environ: Mapping[str, str],
+) -> EngineLaunch:
     gguf = resolve_gguf(spec)
     # In a container the server is the image's own, found on the image's PATH; this node's
-    # PATH and Python say nothing about what the image holds.
+    # PATH and Python say nothing about what the image holds. Outside one: the server the
+    # plan names (chosen at submit, hpc.llamacppserver), else the first found here.
     in_image = spec.runtime.kind != "none"
-    server = "llama-server" if in_image else shutil.which("llama-server")
-    if server is not None:
-        argv = [server, "--model", gguf, "--host", str(listen), "--alias", spec.name]
-        if spec.resources.gpus and not _has_flag(spec.engine_args, "-ngl", "--n-gpu-layers"):
+    server = None if in_image else (chosen or host_server(None, environ))
+    check_engine_args(spec, server)
+    binary = "llama-server" if server is None else server.path
+    if binary is not None:
+        argv = [binary, "--model", gguf, "--host", str(listen), "--alias", spec.name]
+        if not _has_flag(spec.engine_args, "-t", "--threads"):
+            # The CPUs the job asked for (Slurm's --cpus-per-task), not every core of the
+            # node: its threads spin, and more of them than cores slows every one down.
+            argv += ["--threads", str(spec.resources.cpus)]
+        if spec.resources.gpus and not _has_flag(
+            spec.engine_args, "-ngl", "--n-gpu-layers", "--gpu-layers"
+        ):
             argv += ["--n-gpu-layers", "999"]
         if in_image:
             # Apptainer's passing of descriptors into the image is not something we can
@@ -201,12 +216,21 @@ def _in_container(spec: ModelSpec, launch: EngineLaunch, listen: Path) -> Engine
 
 
 def build_launch(
-    spec: ModelSpec, *, listen: Path, api_key: str, environ: Mapping[str, str]
+    spec: ModelSpec,
+    *,
+    listen: Path,
+    api_key: str,
+    environ: Mapping[str, str],
+    llamacpp: LlamaCppServer | None = None,
 ) -> EngineLaunch:
     """The engine command for ``spec`` listening on the Unix socket ``listen`` and requiring
-    ``api_key`` (the engine's own key: the front's callers never see it)."""
+    ``api_key`` (the engine's own key: the front's callers never see it).
+
+    ``llamacpp``: the llama.cpp server the job's plan names (chosen at submit); None: the
+    first found in ``environ``'s PATH and HOME (hpc.llamacppserver).
+    """
     if spec.engine == "llamacpp":
-        launch = _llamacpp(spec, listen, api_key)
+        launch = _llamacpp(spec, listen, api_key, llamacpp, environ)
     else:
         launch = _vllm(spec, listen, api_key, gpus_granted(spec, environ))
     return _in_container(spec, _isolated(spec, launch), listen)

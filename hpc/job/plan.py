@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hpc.llamacppserver import LlamaCppServer
 from hpc.privatefile import write_private
 from hpc.spec import DEFAULT_DRAIN_S, ModelSpec, PoolSpec
 from hpc.stagingsite import StagingSite
@@ -87,6 +88,11 @@ class JobPlan(_Ending):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="continuity: handover: the job id this job takes over from",
     )
+    llamacpp: LlamaCppServer | None = Field(
+        default=None,
+        description="the llama.cpp server chosen at submit (hpc.llamacppserver); None: the "
+        "first found on the node, or no llama.cpp model outside a container",
+    )
 
 
 class ClusterServe(BaseModel):
@@ -113,6 +119,11 @@ class PoolPlan(_Ending):
     nonce: str
     registry_dir: Path | None = Field(default=None, description="None only with ``cluster``")
     engine_host: str = "127.0.0.1"
+    llamacpp: LlamaCppServer | None = Field(
+        default=None,
+        description="the llama.cpp server chosen at submit (hpc.llamacppserver); None: the "
+        "first found on the node, or no llama.cpp model outside a container",
+    )
     cluster: ClusterServe | None = Field(
         default=None, description="Kubernetes: serve in the pod (hpc.k8s.pool), no record"
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -112,13 +113,14 @@ class Slots:
         plan: PoolPlan,
         environ: Mapping[str, str],
         out: IO[str],
-        launcher: Launcher = build_launch,
+        launcher: Launcher | None = None,
     ) -> None:
         self.plan = plan
         self.specs = {spec.name: spec for spec in plan.catalogue}
         self.environ = environ
         self.out = out
-        self.launcher = launcher
+        # The llama.cpp server chosen at submit (hpc.llamacppserver), if the plan names one.
+        self.launcher = launcher or functools.partial(build_launch, llamacpp=plan.llamacpp)
         self.slots = [Slot(i, gpus) for i, gpus in enumerate(split_gpus(environ, plan.pool.slots))]
         self.model_loads: collections.Counter[str] = collections.Counter()
         self._loads: dict[str, asyncio.Task[Slot]] = {}

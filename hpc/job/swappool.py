@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -52,12 +53,13 @@ class SwapPool:
         plan: PoolPlan,
         environ: Mapping[str, str],
         out: IO[str],
-        launcher: Launcher = build_launch,
+        launcher: Launcher | None = None,
     ) -> None:
         self.plan = plan
         self.environ = environ
         self.out = out
-        self.launcher = launcher
+        # The llama.cpp server chosen at submit (hpc.llamacppserver), if the plan names one.
+        self.launcher = launcher or functools.partial(build_launch, llamacpp=plan.llamacpp)
         # No record in a Kubernetes pod (plan.cluster): the Deployment's status is its record.
         self.job = (
             JobRecord(

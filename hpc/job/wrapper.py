@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -66,12 +67,13 @@ class JobWrapper:
         plan: JobPlan,
         environ: Mapping[str, str],
         out: IO[str],
-        launcher: Launcher = build_launch,
+        launcher: Launcher | None = None,
         successors: Successors | None = None,
     ) -> None:
         self.plan = plan
         self._began = time.monotonic()  # the job's start, near enough: its time-to-ready
-        self.launcher = launcher
+        # The llama.cpp server chosen at submit (hpc.llamacppserver), if the plan names one.
+        self.launcher = launcher or functools.partial(build_launch, llamacpp=plan.llamacpp)
         self._secret = ""
         self.environ = environ
         self.out = out
@@ -122,9 +124,8 @@ class JobWrapper:
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._handover is not None and signum in WARNING_SIGNALS and not self._handover.over:
-            # The time-limit warning starts the handover; the job drains once the successor
-            # is ready, or by the job's end (Slurm may warn up to a minute early, so the end
-            # squeue gave counts; unknown, the warning's own drain budget does).
+            # The warning starts the handover; the job drains once the successor is ready, or
+            # by the job's end (squeue's, as Slurm may warn early; else the warning's budget).
             self._handover.warn()
             return
         self._signals.append((signum, time.monotonic()))
@@ -132,8 +133,7 @@ class JobWrapper:
             self.stop_signal = signum
 
     def _drain_deadline(self) -> float:
-        """When the drain must end: the earliest that any signal so far (or the job's end,
-        during a handover) allows."""
+        """When the drain must end: the earliest any signal (or a handover's end) allows."""
         ends = [at + self.plan.drain_budget_s(sig) for sig, at in self._signals]
         if self._handover is not None:
             warning_end = self._handover.warning_deadline(self._warning_budget_s)

@@ -29,6 +29,7 @@ from hpc.k8s.naming import (
     slug,
 )
 from hpc.k8s.settings import KubernetesSite
+from hpc.llamacppserver import check_engine_args
 from hpc.spec import ModelSpec
 
 WEIGHTS_ROOT = "/models/weights"
@@ -72,6 +73,7 @@ def engine_args(spec: ModelSpec) -> list[str]:
     port = str(spec.kubernetes.port)
     gpus = spec.resources.gpus
     if spec.engine == "llamacpp":
+        check_engine_args(spec, None)  # the image's llama-server: llama-cpp-python's flags fail
         args = ["--model", f"{WEIGHTS_ROOT}/model.gguf", "--host", "0.0.0.0", "--port", port]  # noqa: S104 - the Service is the way in; the key guards it
         args += ["--alias", spec.name]
         if not _has_flag(spec.engine_args, "--metrics"):

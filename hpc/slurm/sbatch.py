@@ -20,6 +20,7 @@ from typing import Protocol
 
 from hpc.job.multinode import dry_run_note
 from hpc.job.plan import JobPlan, PoolPlan
+from hpc.llamacppserver import describe as describe_server
 from hpc.site import SlurmSite
 from hpc.slurm.handoverjob import HandoverJob
 from hpc.spec import Resources, Runtime, SlurmOptions
@@ -161,6 +162,8 @@ def render(
         values["wrapper"] = "hpc.slurm.handover"
         carried = HandoverJob(plan=plan, site=site, log_dir=log_dir, python=python)
         values["plan"] = carried.model_dump_json(indent=2, exclude_defaults=True)
+    if isinstance(plan, JobPlan) and plan.spec.engine == "llamacpp":
+        values["llamacpp_server"] = describe_server(plan.spec, plan.llamacpp)
     if isinstance(plan, PoolPlan):
         values["catalogue"] = ", ".join(plan.pool.models)
         values["slots"] = str(plan.pool.slots)
