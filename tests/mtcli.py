@@ -77,14 +77,32 @@ def gemma_models_yaml(
 CLIENT_ENV_CLEARED = ("MT_", "SLURM_", "OPENAI_", "ANTHROPIC_")
 
 
+def llama_server_binary(value: str) -> Path:
+    """The llama-server MT_LLAMA_SERVER named (``value``, read at the test module's import,
+    before tests/conftest.py clears MT_*), or the missing part ``llamaserver``."""
+    from realparts import missing_part
+
+    binary = Path(value) if value else None
+    if binary is None or not os.access(binary, os.X_OK):
+        missing_part("llamaserver", f"MT_LLAMA_SERVER={value!r} (make test builds it)")
+        raise AssertionError("unreachable")
+    return binary
+
+
 @contextmanager
-def llama_server_home(root: Path, llama_server: Path, models_yaml: str) -> Iterator[None]:
-    """A fresh `mt` home under ``root`` whose jobs run ``llama_server``: MT_*, SLURM_*,
-    OPENAI_*, ANTHROPIC_* and KUBECONFIG cleared, ``models_yaml`` as MT_MODELS, llama-server
-    first on the PATH; all restored at the end (module fixtures cannot use ``monkeypatch``)."""
+def llama_server_home(
+    root: Path,
+    llama_server: Path,
+    models_yaml: str,
+    cleared: tuple[str, ...] = CLIENT_ENV_CLEARED,
+) -> Iterator[None]:
+    """A fresh `mt` home under ``root`` whose jobs run ``llama_server``: the ``cleared``
+    prefixes (MT_*, SLURM_*, OPENAI_*, ANTHROPIC_*) and KUBECONFIG cleared, ``models_yaml`` as
+    MT_MODELS, llama-server first on the PATH; all restored at the end (module fixtures cannot
+    use ``monkeypatch``)."""
     with pytest.MonkeyPatch.context() as env:
         for name in list(os.environ):
-            if name.startswith(CLIENT_ENV_CLEARED) or name == "KUBECONFIG":
+            if name.startswith(cleared) or name == "KUBECONFIG":
                 env.delenv(name)
         env.setenv("MT_HOME", str(root / "mt-home"))
         env.setenv("PATH", f"{llama_server.parent}:{os.environ['PATH']}")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mtcli import llama_server_binary
 from realparts import missing_part
 
 from hpc.registry import Record, Registry, new_nonce
@@ -111,11 +112,7 @@ def _mt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def llama_server() -> Path:
     """The llama-server binary ``make test`` built (MT_LLAMA_SERVER): skip, or fail in CI."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
-    return binary
+    return llama_server_binary(LLAMA_SERVER)
 
 
 def gemma_gguf_path() -> Path:

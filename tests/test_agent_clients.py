@@ -31,7 +31,15 @@ from typing import Any
 
 import openai
 import pytest
-from mtcli import GEMMA, mt, owner_key, ready_job, running_gateway
+from mtcli import (
+    GEMMA,
+    llama_server_binary,
+    llama_server_home,
+    mt,
+    owner_key,
+    ready_job,
+    running_gateway,
+)
 from realparts import missing_part
 
 # Read at import, before tests/conftest.py's autouse fixture clears MT_* (as MT_LITELLM).
@@ -73,32 +81,23 @@ class Served:
 def served(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One real llama-server job with the context the agents need, ready, and `mt gateway`
     in front of it writing its log to a file, for the module."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     root = tmp_path_factory.mktemp("agent-clients")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.startswith(_CLEARED) or name == "KUBECONFIG":
-                env.delenv(name)
-        home = root / "mt-home"
-        env.setenv("MT_HOME", str(home))
-        env.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
-        models = root / "models.yaml"
-        # One slot holds the whole context (llama-server splits --ctx-size among its slots).
-        models.write_text(
-            f"models:\n  - name: {GEMMA}\n    engine: llamacpp\n"
-            f"    weights: {{source: {json.dumps(str(gemma_gguf))}}}\n"
-            '    engine_args: ["--ctx-size", "24576", "--parallel", "1"]\n'
-            "    startup_timeout_s: 120\n"
-            f"    limits: {{max_tokens_default: {OUTPUT_CAP}, max_tokens_cap: {OUTPUT_CAP}}}\n",
-            encoding="utf-8",
-        )
-        env.setenv("MT_MODELS", str(models))
-        log = root / "gateway.log"
-        with ready_job(GEMMA), running_gateway(stderr_path=log) as url:
-            yield Served(url, owner_key(), home, models, log, root / "work")
+    # One slot holds the whole context (llama-server splits --ctx-size among its slots).
+    models_yaml = (
+        f"models:\n  - name: {GEMMA}\n    engine: llamacpp\n"
+        f"    weights: {{source: {json.dumps(str(gemma_gguf))}}}\n"
+        '    engine_args: ["--ctx-size", "24576", "--parallel", "1"]\n'
+        "    startup_timeout_s: 120\n"
+        f"    limits: {{max_tokens_default: {OUTPUT_CAP}, max_tokens_cap: {OUTPUT_CAP}}}\n"
+    )
+    log = root / "gateway.log"
+    with (
+        llama_server_home(root, binary, models_yaml, cleared=_CLEARED),
+        ready_job(GEMMA),
+        running_gateway(stderr_path=log) as url,
+    ):
+        yield Served(url, owner_key(), root / "mt-home", root / "models.yaml", log, root / "work")
 
 
 def _client(path: str, variable: str) -> Path:

@@ -23,8 +23,15 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from mtcli import GEMMA, owner_key, ready_job, running_gateway
-from realparts import missing_part
+from mtcli import (
+    GEMMA,
+    gemma_models_yaml,
+    llama_server_binary,
+    llama_server_home,
+    owner_key,
+    ready_job,
+    running_gateway,
+)
 from sshd import SSHServer
 from tunnelkit import open_tunnel, write_config
 
@@ -37,7 +44,6 @@ LLAMA_SERVER = os.environ.get("MT_LLAMA_SERVER", "")
 pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
 
 HI = [{"role": "user", "content": "Hello"}]
-_CLEARED = ("MT_", "SLURM_", "OPENAI_", "ANTHROPIC_")
 
 
 @dataclass(frozen=True)
@@ -52,27 +58,12 @@ class Served:
 @pytest.fixture(scope="module")
 def served(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One real llama-server job, ready, and `mt gateway` in front of it, for the module."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     root = tmp_path_factory.mktemp("client-apis")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.startswith(_CLEARED) or name == "KUBECONFIG":
-                env.delenv(name)
-        env.setenv("MT_HOME", str(root / "mt-home"))
-        env.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
-        models = root / "models.yaml"
-        models.write_text(
-            f"models:\n  - name: {GEMMA}\n    engine: llamacpp\n"
-            f"    weights: {{source: {json.dumps(str(gemma_gguf))}}}\n"
-            '    engine_args: ["--ctx-size", "2048"]\n    startup_timeout_s: 120\n',
-            encoding="utf-8",
-        )
-        env.setenv("MT_MODELS", str(models))
-        with ready_job(GEMMA), running_gateway() as url:
-            yield Served(url, owner_key(), mt_home())
+    models = gemma_models_yaml(root / "models.yaml", gemma_gguf, engine_args=["--ctx-size", "2048"])
+    home = llama_server_home(root, binary, models.read_text(encoding="utf-8"))
+    with home, ready_job(GEMMA), running_gateway() as url:
+        yield Served(url, owner_key(), mt_home())
 
 
 def _check_openai(base_url: str, key: str) -> None:

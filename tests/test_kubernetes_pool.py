@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from realparts import missing_part
+from mtcli import llama_server_binary
 from test_gateway_proxy import CHAT, chat
 from test_kubernetes_layout import _mapped, _pod_gateway, _resolve_env
 from test_kubernetes_manifests import (
@@ -200,10 +200,7 @@ def _free_port() -> int:
 @pytest.fixture
 def llama_server_first(monkeypatch: pytest.MonkeyPatch) -> Path:
     """The built llama-server, first on the PATH (the pool's image has it on its PATH)."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     monkeypatch.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
     return binary
 

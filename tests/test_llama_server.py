@@ -24,9 +24,8 @@ import psutil
 import pytest
 import yaml
 from jobclient import job_openai
-from mtcli import GEMMA, mt, owner_key, ready_job, running_gateway
+from mtcli import GEMMA, llama_server_binary, mt, owner_key, ready_job, running_gateway
 from otheruser import OtherUser
-from realparts import missing_part
 from test_crossuser import KNOWN_ROUTES, LLAMA_SERVER_ROUTES, check_reach
 
 from hpc.registry import Record, Registry
@@ -42,10 +41,7 @@ pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(300)]
 @pytest.fixture
 def llama_server_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The built llama-server, first on the PATH the job wrapper searches."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     monkeypatch.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
     yield binary
 

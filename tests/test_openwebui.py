@@ -39,6 +39,7 @@ import yaml
 from mtcli import (
     CLIENT_ENV_CLEARED,
     GEMMA,
+    llama_server_binary,
     llama_server_home,
     mt,
     owner_key,
@@ -148,10 +149,7 @@ def gateway(
 ) -> Iterator[Gateway]:
     """One real llama-server job, ready, an on-demand model at zero, and `mt gateway` (for
     Open WebUI: its command is checked first)."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     root = tmp_path_factory.mktemp("openwebui-gateway")
     with llama_server_home(root, binary, _models_yaml(gemma_gguf)):
         log = root / "gateway.log"

@@ -25,8 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
-from mtcli import mt, owner_key, running_gateway
-from realparts import missing_part
+from mtcli import llama_server_binary, mt, owner_key, running_gateway
 from slurmcluster import SlurmCluster
 
 from hpc.registry import Record, Registry
@@ -43,10 +42,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.llamacpp, pytest.mark.timeout(480)]
 def handover_models(
     gemma_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     monkeypatch.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")  # jobs inherit it
     path = tmp_path / "models.yaml"
     path.write_text(

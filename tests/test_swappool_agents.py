@@ -20,8 +20,7 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from mtcli import mt, owner_key, running_gateway
-from realparts import missing_part
+from mtcli import llama_server_binary, llama_server_home, mt, owner_key, running_gateway
 
 # Read at import, before tests/conftest.py's autouse fixture clears MT_* (as MT_LITELLM).
 LLAMA_SERVER = os.environ.get("MT_LLAMA_SERVER", "")
@@ -30,7 +29,6 @@ pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(600)]
 
 POOL, MODEL_A, MODEL_B = "agents-pool", "pooled-a", "pooled-b"
 HI = [{"role": "user", "content": "Hello"}]
-_CLEARED = ("MT_", "SLURM_", "OPENAI_", "ANTHROPIC_")
 
 
 @dataclass(frozen=True)
@@ -44,33 +42,22 @@ class Pooled:
 @pytest.fixture(scope="module")
 def pooled(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pooled]:
     """A ready one-slot pool of two llama-server models and `mt gateway` in front of it."""
-    binary = Path(LLAMA_SERVER) if LLAMA_SERVER else None
-    if binary is None or not os.access(binary, os.X_OK):
-        missing_part("llamaserver", f"MT_LLAMA_SERVER={LLAMA_SERVER!r} (make test builds it)")
-        raise AssertionError("unreachable")
+    binary = llama_server_binary(LLAMA_SERVER)
     root = tmp_path_factory.mktemp("pool-agents")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.startswith(_CLEARED) or name == "KUBECONFIG":
-                env.delenv(name)
-        env.setenv("MT_HOME", str(root / "mt-home"))
-        env.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
-        models = [
-            {
-                "name": name,
-                "engine": "llamacpp",
-                "weights": {"source": str(gemma_gguf)},
-                "engine_args": ["--ctx-size", "2048"],
-                "startup_timeout_s": 120,
-            }
-            for name in (MODEL_A, MODEL_B)
-        ]
-        pool = {"name": POOL, "models": [MODEL_A, MODEL_B], "slots": 1}
-        lines = ["models:", *(f"  - {json.dumps(m)}" for m in models)]
-        lines += ["pools:", f"  - {json.dumps(pool)}"]
-        path = root / "models.yaml"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")  # JSON lines are YAML
-        env.setenv("MT_MODELS", str(path))
+    models = [
+        {
+            "name": name,
+            "engine": "llamacpp",
+            "weights": {"source": str(gemma_gguf)},
+            "engine_args": ["--ctx-size", "2048"],
+            "startup_timeout_s": 120,
+        }
+        for name in (MODEL_A, MODEL_B)
+    ]
+    pool = {"name": POOL, "models": [MODEL_A, MODEL_B], "slots": 1}
+    lines = ["models:", *(f"  - {json.dumps(m)}" for m in models)]
+    lines += ["pools:", f"  - {json.dumps(pool)}"]
+    with llama_server_home(root, binary, "\n".join(lines) + "\n"):  # JSON lines are YAML
         record = json.loads(mt("submit", POOL, "--wait", "--json").stdout)
         try:
             assert record["state"] == "ready", record
