@@ -32,7 +32,10 @@ class Phases(BaseModel):
         default=None, ge=0, description="from the engine's start to its first good health probe"
     )
     first_token_s: float | None = Field(
-        default=None, ge=0, description="from ready to the first token served (if measured)"
+        default=None,
+        ge=0,
+        description="the job's first answer: its first generating request's arrival at the "
+        "job's front to the first bytes of the engine's 200 (hpc.job.front)",
     )
 
     def durations(self) -> dict[str, float]:

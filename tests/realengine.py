@@ -56,7 +56,14 @@ class RealEngine:
     """The session's llama-server job, as its wrapper recorded it."""
 
     job: str  # the job's key for `mt` (`mt cancel JOB`)
-    record: Record  # its registry record, as the job wrapper wrote it
+    record: Record  # its registry record, as the job wrapper wrote it when it was ready
+    registry_dir: Path  # the job's registry: its record as it is now (``current``)
+
+    def current(self) -> Record:
+        """The job's record as it is now (the wrapper keeps writing it while it serves)."""
+        record = Registry(self.registry_dir).read(self.job)
+        assert record is not None, self.job
+        return record
 
     @property
     def base_url(self) -> str:
@@ -146,7 +153,7 @@ def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealEngine
         record = Registry(root / "mt-home" / "registry").read(job)
         assert record is not None and record.state == "ready", record
         assert record.base_url is not None and record.tls_sha256 is not None, record
-        yield RealEngine(job=job, record=record)
+        yield RealEngine(job=job, record=record, registry_dir=root / "mt-home" / "registry")
     finally:
         _mt(env, "cancel", job)
 

@@ -293,3 +293,30 @@ async def test_the_gateway_sends_an_impostor_neither_key_nor_prompt(
         assert impostor.received == b""  # not one byte after the handshake
     else:
         assert b"Authorization" not in impostor.received and b"POST" not in impostor.received
+
+
+async def test_the_first_answer_is_timed_once_from_arrival_to_the_engines_first_bytes(
+    tmp_path: Path,
+) -> None:
+    """The "first token" start-up phase (hpc.phases): a GET, a probe or a refused POST does
+    not count; the first generating POST does, from its arrival, once."""
+    knobs = Knobs(tokens=5, ttft_s=0.3)
+    async with front_and_engine(tmp_path, knobs) as (front, sha, engine):
+        auth = {"Authorization": f"Bearer {JOB_KEY}", "Content-Type": "application/json"}
+        for method, path in (("GET", "/v1/models"), ("GET", "/health")):
+            await asyncio.to_thread(_request, front.port, sha, method, path, auth, None)
+        engine.knobs = Knobs(status=400)
+        status, _ = await asyncio.to_thread(
+            _request, front.port, sha, "POST", CHAT, auth, json.dumps(chat("m")).encode()
+        )
+        assert status == 400
+        assert front.first_token_s is None
+        engine.knobs = knobs
+        for _ in range(2):
+            status, _ = await asyncio.to_thread(
+                _request, front.port, sha, "POST", CHAT, auth, json.dumps(chat("m")).encode()
+            )
+            assert status == 200
+            first = front.first_token_s
+            assert first is not None and first >= 0.3  # the engine's own wait, at least
+        assert front.first_token_s == first  # the second answer changed nothing

@@ -2,19 +2,23 @@
 
 The real CLI reads a real registry; the records are written as a job wrapper writes them
 (a final state, so no scheduler is asked about them). The Slurm test with real jobs is
-tests/test_slurm_staging.py.
+tests/test_slurm_staging.py. The first-token phase is also measured on the session's real
+llama-server job (tests/realengine.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from mtcli import mt
 from pydantic import SecretStr
+from realengine import RealEngine
 
+from hpc import tlspin
 from hpc.phases import Phases
 from hpc.registry import Record, Registry
 
@@ -66,3 +70,24 @@ def test_status_phases_shows_each_phase_and_why_weights_were_not_staged(
     text = " ".join(mt("status", "--phases").stdout.split())
     assert "12.0s 2.5s (500.0 MB, 200 MB/s) 7.2s" in text
     assert "not staged: weights 'org/m' are no path" in text
+
+
+@pytest.mark.llamacpp
+@pytest.mark.timeout(300)
+def test_a_real_jobs_first_answer_becomes_its_first_token_phase(real_engine: RealEngine) -> None:
+    conn = tlspin.connection(real_engine.base_url, real_engine.tls_sha256, timeout=60)
+    try:
+        body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 2})
+        headers = {"Authorization": f"Bearer {real_engine.key}", "Content-Type": "application/json"}
+        conn.request("POST", "/v1/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 30  # the wrapper writes it within its next loop (0.2 s)
+    while (phases := real_engine.current().phases) is None or phases.first_token_s is None:
+        assert time.monotonic() < deadline, f"no first_token_s in {phases}"
+        time.sleep(0.1)
+    assert phases.first_token_s > 0
+    assert phases.engine_start_to_healthy_s is not None  # written at ready, still there

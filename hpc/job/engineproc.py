@@ -1,6 +1,7 @@
 """An engine's process: started in its own process group with TERM blocked, its output
 copied to the job log with the per-job key masked (hpc.masking), the last lines kept for
-the record of a failed engine. Used by the job wrapper and by a pool's slots.
+the record of a failed engine, and the wait for its health. Used by the job wrapper and by
+a pool's slots.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import collections
 import contextlib
 import subprocess
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import IO
 
 from hpc.job.engines import EngineLaunch
@@ -66,3 +68,28 @@ def start_engine(
     if proc.stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
         raise OSError("engine started without a stdout pipe")
     return proc, LogPump(proc.stdout, out, secret)
+
+
+def await_health(
+    proc: subprocess.Popen[bytes],
+    healthy: Callable[[], bool],
+    stopped: Callable[[], bool],
+    timeout_s: float,
+) -> str:
+    """'healthy', 'exited', 'stopped' (``stopped()`` said so) or 'timeout'.
+
+    Small models answer within a second or two, large ones take minutes: probe often at
+    first (a refused connect costs microseconds), then back off to 2 s.
+    """
+    deadline = time.monotonic() + timeout_s
+    interval = 0.05
+    while time.monotonic() < deadline:
+        if stopped():
+            return "stopped"
+        if proc.poll() is not None:
+            return "exited"
+        if healthy():
+            return "healthy"
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 1.25, 2.0)
+    return "timeout"

@@ -29,6 +29,7 @@ import hmac
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,9 @@ class Front:
     # Paths not counted in flight: the gateway's health probes come every few seconds.
     quiet_paths: frozenset[str] = frozenset()
     in_flight: int = 0
+    # The job's first answer: from the first counted POST's arrival to the first bytes of
+    # the engine's 200 (the "first token" start-up phase, hpc.phases); None until then.
+    first_token_s: float | None = None
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
     _stop: asyncio.Event | None = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -205,8 +209,10 @@ class Front:
             counted = request.path not in self.quiet_paths
             if counted:
                 self.in_flight += 1
+            # Only until the first answer: later requests pay nothing for this.
+            timed = counted and request.method == "POST" and self.first_token_s is None
             try:
-                return await self._forward(session, request)
+                return await self._forward(session, request, time.monotonic() if timed else None)
             finally:
                 if counted:
                     self.in_flight -= 1
@@ -214,7 +220,7 @@ class Front:
         return handle
 
     async def _forward(
-        self, session: aiohttp.ClientSession, request: web.Request
+        self, session: aiohttp.ClientSession, request: web.Request, timed_from: float | None
     ) -> web.StreamResponse:
         body = await request.read()
         headers = _kept(request.headers.items(), _REQUEST_DROPPED)
@@ -236,8 +242,13 @@ class Front:
             for name, value in _kept(upstream.headers.items(), _RESPONSE_DROPPED):
                 out.headers.add(name, value)
             await out.prepare(request)
+            if timed_from is not None and upstream.status != 200:
+                timed_from = None
             try:
                 async for chunk in upstream.content.iter_any():
+                    if timed_from is not None and self.first_token_s is None:
+                        self.first_token_s = round(time.monotonic() - timed_from, 3)
+                        timed_from = None
                     await out.write(chunk)
                 await out.write_eof()
             except aiohttp.ClientPayloadError:

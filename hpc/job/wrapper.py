@@ -35,7 +35,7 @@ from typing import IO
 from hpc.errors import MTError, RegistryError
 from hpc.hosts import advertised_host, is_wildcard
 from hpc.job.drain import drain
-from hpc.job.engineproc import LogPump, start_engine
+from hpc.job.engineproc import LogPump, await_health, start_engine
 from hpc.job.engines import EngineLaunch, build_launch
 from hpc.job.front import Front, RoutePolicy, bind_node_port
 from hpc.job.handover import Handover, Successors
@@ -275,6 +275,7 @@ class JobWrapper:
         while self.stop_signal is None and proc.poll() is None:
             if self._handover is not None and self._handover.step(self._warning_budget_s):
                 return self._drain(record, proc, front, why=self._handover.reason())
+            record = self._note_first_token(record, front)
             time.sleep(0.2)
         if self.stop_signal is None:
             # scancel signals the engine and this wrapper at once: give our own signal a
@@ -336,22 +337,21 @@ class JobWrapper:
         self, proc: subprocess.Popen[bytes], launch: EngineLaunch, timeout_s: float
     ) -> str:
         """'healthy', 'exited', 'stopped' (a signal came) or 'timeout'."""
-        deadline = time.monotonic() + timeout_s
         key = self._engine_key if launch.health_needs_key else None
         socket_path = self._dir.socket_path() if self._dir is not None else Path("/nonexistent")
-        # Small models answer within a second or two, large ones take minutes: probe often
-        # at first (a refused connect costs microseconds), then back off to 2 s.
-        interval = 0.05
-        while time.monotonic() < deadline:
-            if self.stop_signal is not None:
-                return "stopped"
-            if proc.poll() is not None:
-                return "exited"
-            if probe(socket_path, launch.health_path, key):
-                return "healthy"
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 1.25, 2.0)
-        return "timeout"
+        return await_health(
+            proc,
+            lambda: probe(socket_path, launch.health_path, key),
+            lambda: self.stop_signal is not None,
+            timeout_s,
+        )
+
+    def _note_first_token(self, record: Record, front: Front) -> Record:
+        """The job's first answer time into the record's phases, once (hpc.phases)."""
+        phases, first = record.phases, front.first_token_s
+        if first is None or phases is None or phases.first_token_s is not None:
+            return record
+        return self._set(record, "ready", phases=phases.model_copy(update={"first_token_s": first}))
 
     def _drain(
         self,
