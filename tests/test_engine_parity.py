@@ -13,8 +13,11 @@ through the job wrapper and its front, reached through `mt gateway`:
   ``vllm:num_requests_running`` back to 0 with far fewer tokens generated than the answer
   asked for (run to its end, it would have generated all of them first).
 
-Embeddings are not checked: Gemma 3 270M is a generation model (no engine serves embeddings
-from it without a pooling mode that changes what the server is).
+Embeddings are checked where an engine serves them: llama-server started with ``--embeddings
+--pooling mean`` (tests/realengine.py's session job) answers ``/v1/embeddings`` through the
+gateway in tests/test_gateway_proxy.py. vLLM 0.32 serves a generation model's embeddings only
+as another server (a pooling runner), and llama-cpp-python's only with ``--embedding``, which
+changes what the server is: neither is part of this parity run.
 """
 
 from __future__ import annotations
