@@ -301,3 +301,18 @@ def test_a_crd_kind_without_a_shipped_schema_fails() -> None:
     monitor = _golden_docs("gateway_openshift.yaml")["ServiceMonitor"]
     with pytest.raises(AssertionError, match=r"no schema for monitoring\.coreos\.com/v1 Probe"):
         validate({**monitor, "kind": "Probe"})
+
+
+def test_a_multi_node_model_is_refused_not_squeezed_into_one_pod() -> None:
+    spec = ModelSpec.model_validate(
+        {
+            "name": "big",
+            "engine": "vllm",
+            "weights": {"source": "org/big"},
+            "resources": {"gpus": 8, "nodes": 2},
+        }
+    )
+    with pytest.raises(MTError) as refused:
+        model_objects(spec, names_for(spec, namespace="ns", nonce=NONCE), api_key=KEY)
+    assert "resources.nodes=2" in refused.value.message
+    assert "--backend slurm" in (refused.value.hint or "")

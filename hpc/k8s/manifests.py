@@ -368,6 +368,13 @@ def model_objects(
 ) -> list[Manifest]:
     """The engine's own objects, in the order they are created (dependencies first)."""
     refuse_engine_route(spec)
+    if spec.resources.nodes > 1:  # one Deployment, one pod: never the GPUs of N nodes in one
+        raise MTError(
+            f"{spec.name}: resources.nodes={spec.resources.nodes}: on Kubernetes a model runs "
+            "in one pod, on one node",
+            hint="set resources.nodes: 1 (and the GPUs one node has), or submit it with "
+            "--backend slurm, which starts vLLM over every node of the job",
+        )
     objects = [secret(spec, names, api_key, nonce), configmap(spec, names, nonce)]
     if spec.kubernetes.pvc is None:  # an existing PVC is the user's, never ours to create
         objects.append(pvc(spec, names))
