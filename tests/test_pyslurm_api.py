@@ -332,10 +332,13 @@ def test_if_usable_without_pyslurm(no_pyslurm: None) -> None:
 
 
 def test_our_directives_become_explicit_attributes(tmp_path: Path) -> None:
+    # Two nodes: vLLM (llama.cpp serves from one node and is refused with nodes > 1).
     script, job = render_tiny(
         tmp_path,
+        engine="vllm",
+        weights={"source": "org/tiny"},
         resources={
-            "gpus": 1,
+            "gpus": 2,  # the job's total: one per node
             "gpu_type": "fake",
             "cpus": 2,
             "mem_gb": 1.5,
