@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from test_engines import llama_server_on_path  # noqa: F401 - the fixture
 
 from hpc.backends.slurm import SlurmBackend
 from hpc.job.plan import JobPlan, warning_drain_s
@@ -73,15 +74,11 @@ LLAMA_BIN = "/opt/llama.cpp/bin"  # what the staged golden file shows for the PA
 
 
 @pytest.fixture
-def llama_server_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A llama-server on this machine's PATH, which the Slurm backend finds at submit."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    server = bin_dir / "llama-server"
-    server.write_text("#!/bin/sh\nexit 0\n")
-    server.chmod(0o755)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    return bin_dir
+def llama_server_here(request: pytest.FixtureRequest) -> Path:
+    """A llama-server on this machine's PATH, which the Slurm backend finds at submit: its
+    directory (test_engines' fixture)."""
+    server: Path = request.getfixturevalue("llama_server_on_path")
+    return server.parent
 
 
 def rendered(
